@@ -1,0 +1,1 @@
+"""Database: ORM classes (models.py), engine and sessions (session.py), migrations (../migrations)."""

@@ -1,0 +1,186 @@
+"""ORM classes. The schema itself is owned by the Alembic migrations in ``api/migrations``.
+
+Every row that a user owns carries ``workspace_id``; queries always filter on
+it, so another tenant's object is indistinguishable from a missing one.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.engine import Dialect
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+from sqlalchemy.types import TypeDecorator
+
+
+def new_id() -> str:
+    return str(uuid.uuid4())
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """A timestamp that is always timezone-aware UTC in Python (SQLite drops the zone)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is not None and value.tzinfo is None:
+            raise ValueError("naive datetime; use datetime.now(UTC)")
+        return value.astimezone(UTC) if value is not None else None
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class User(Base):
+    __tablename__ = "users"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    name: Mapped[str] = mapped_column(String(150), unique=True)
+    workspace_id: Mapped[str] = mapped_column(String(36), unique=True, default=new_id)
+    created: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+    tokens: Mapped[list[ApiToken]] = relationship(back_populates="user", cascade="all, delete-orphan")
+
+
+class ApiToken(Base):
+    """An API token, stored as its SHA-256 (tokens are 256-bit random, so no salt/KDF is needed)."""
+
+    __tablename__ = "api_tokens"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    user_id: Mapped[str] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    prefix: Mapped[str] = mapped_column(String(8))
+    created: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+    user: Mapped[User] = relationship(back_populates="tokens")
+
+
+class TaskLabel(Base):
+    __tablename__ = "task_labels"
+
+    task_id: Mapped[str] = mapped_column(ForeignKey("tasks.id", ondelete="CASCADE"), primary_key=True)
+    label_id: Mapped[str] = mapped_column(
+        ForeignKey("labels.id", ondelete="CASCADE"), primary_key=True, index=True
+    )
+    created: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class Task(Base):
+    __tablename__ = "tasks"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    workspace_id: Mapped[str] = mapped_column(String(36), index=True)
+    name: Mapped[str] = mapped_column(String(255))
+    type: Mapped[str] = mapped_column(String(20))
+    description: Mapped[str] = mapped_column(Text, default="")
+    production_version: Mapped[int] = mapped_column(Integer, default=-1)
+    last_train_status: Mapped[str] = mapped_column(String(32), default="NOT_TRAINED")
+    created: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+    labels: Mapped[list[Label]] = relationship(
+        secondary="task_labels", order_by="TaskLabel.created", viewonly=True
+    )
+
+
+class Label(Base):
+    __tablename__ = "labels"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    workspace_id: Mapped[str] = mapped_column(String(36), index=True)
+    name: Mapped[str] = mapped_column(String(255))
+    type: Mapped[str] = mapped_column(String(20))
+    description: Mapped[str] = mapped_column(Text, default="")
+    output_name: Mapped[str] = mapped_column(String(255), default="")
+    negative_for_task: Mapped[str | None] = mapped_column(
+        ForeignKey("tasks.id", ondelete="CASCADE"), nullable=True, index=True
+    )
+    created: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+    tasks: Mapped[list[Task]] = relationship(secondary="task_labels", viewonly=True)
+
+
+class TrainingImage(Base):
+    """A stored image. ``sha256`` is of the stored bytes; one row per content per workspace."""
+
+    __tablename__ = "training_images"
+    __table_args__ = (UniqueConstraint("workspace_id", "sha256", name="uq_training_images_workspace_sha256"),)
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    workspace_id: Mapped[str] = mapped_column(String(36), index=True)
+    sha256: Mapped[str] = mapped_column(String(64))
+    blob_key: Mapped[str] = mapped_column(String(255))
+    thumb_key: Mapped[str] = mapped_column(String(255))
+    content_type: Mapped[str] = mapped_column(String(64))
+    size_bytes: Mapped[int] = mapped_column(Integer)
+    width: Mapped[int] = mapped_column(Integer)
+    height: Mapped[int] = mapped_column(Integer)
+    meta_data: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    test_image: Mapped[bool] = mapped_column(Boolean, default=False)
+    real: Mapped[bool] = mapped_column(Boolean, default=False)
+    verify_count: Mapped[int] = mapped_column(Integer, default=0)
+    created: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, index=True)
+
+    label_links: Mapped[list[ImageLabel]] = relationship(
+        back_populates="image", cascade="all, delete-orphan", order_by="ImageLabel.created"
+    )
+
+
+class ImageLabel(Base):
+    """A label on an image; ``value`` is set for regression (value) labels."""
+
+    __tablename__ = "image_labels"
+
+    image_id: Mapped[str] = mapped_column(
+        ForeignKey("training_images.id", ondelete="CASCADE"), primary_key=True
+    )
+    label_id: Mapped[str] = mapped_column(
+        ForeignKey("labels.id", ondelete="CASCADE"), primary_key=True, index=True
+    )
+    value: Mapped[float | None] = mapped_column(Float, nullable=True)
+    created: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+    image: Mapped[TrainingImage] = relationship(back_populates="label_links")
+    label: Mapped[Label] = relationship(lazy="joined")
+
+
+class Model(Base):
+    """A trained model version of a task (filled by the training pipeline's run watcher)."""
+
+    __tablename__ = "models"
+    __table_args__ = (UniqueConstraint("task_id", "version", name="uq_models_task_version"),)
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    workspace_id: Mapped[str] = mapped_column(String(36), index=True)
+    task_id: Mapped[str] = mapped_column(ForeignKey("tasks.id", ondelete="CASCADE"), index=True)
+    version: Mapped[int] = mapped_column(Integer)
+    train_status: Mapped[str] = mapped_column(String(32), default="TRAINED")
+    metrics: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    bundle_uri: Mapped[str] = mapped_column(String(1024), default="")
+    created: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+    task: Mapped[Task] = relationship(lazy="joined")

@@ -1,0 +1,118 @@
+"""ORM rows to the public JSON shapes (``schemas.*Public``), in one place."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from fastapi import Request
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from api.db.models import ImageLabel, Label, Model, Task, TaskLabel, TrainingImage
+from api.schemas import (
+    ImageLabelPublic,
+    ImagePublic,
+    LabelBrief,
+    LabelPublic,
+    ModelPublic,
+    TaskPublic,
+    TaskRef,
+)
+
+
+def label_brief(label: Label) -> LabelBrief:
+    return LabelBrief(
+        id=label.id,
+        name=label.name,
+        type=label.type,
+        output_name=label.output_name or label.name,
+        negative_for_task=label.negative_for_task is not None,
+    )
+
+
+def task_public(task: Task) -> dict[str, Any]:
+    return TaskPublic(
+        id=task.id,
+        name=task.name,
+        type=task.type,
+        description=task.description,
+        production_version=task.production_version,
+        last_train_status=task.last_train_status,
+        labels=[label_brief(label) for label in task.labels],
+        workspace=task.workspace_id,
+        created=task.created,
+    ).model_dump(mode="json")
+
+
+def labels_public(session: Session, labels: Sequence[Label], *, with_counts: bool) -> list[dict[str, Any]]:
+    """Serialize labels with their tasks (and image counts), in two queries for the whole page."""
+    ids = [label.id for label in labels]
+    tasks_by_label: dict[str, list[TaskRef]] = {i: [] for i in ids}
+    if ids:
+        rows = session.execute(
+            select(TaskLabel.label_id, Task.id, Task.name)
+            .join(Task, Task.id == TaskLabel.task_id)
+            .where(TaskLabel.label_id.in_(ids))
+            .order_by(TaskLabel.created)
+        ).all()
+        for label_id, task_id, task_name in rows:
+            tasks_by_label[label_id].append(TaskRef(id=task_id, name=task_name))
+    counts: dict[str, int] = {}
+    if with_counts and ids:
+        counts = dict(
+            session.execute(  # type: ignore[arg-type]
+                select(ImageLabel.label_id, func.count())
+                .where(ImageLabel.label_id.in_(ids))
+                .group_by(ImageLabel.label_id)
+            ).all()
+        )
+    return [
+        LabelPublic(
+            id=label.id,
+            name=label.name,
+            type=label.type,
+            description=label.description,
+            output_name=label.output_name or label.name,
+            negative_for_task=label.negative_for_task is not None,
+            recognition_tasks=tasks_by_label[label.id],
+            tasks_count=len(tasks_by_label[label.id]),
+            images_count=counts.get(label.id, 0) if with_counts else None,
+            workspace=label.workspace_id,
+            created=label.created,
+        ).model_dump(mode="json", exclude_none=True)
+        for label in labels
+    ]
+
+
+def image_public(image: TrainingImage, request: Request) -> dict[str, Any]:
+    return ImagePublic(
+        id=image.id,
+        created=image.created,
+        img_path=str(request.url_for("download_training_image", image_id=image.id)),
+        thumb_img_path=str(request.url_for("download_training_image_thumbnail", image_id=image.id)),
+        img_width=image.width,
+        img_height=image.height,
+        meta_data=image.meta_data or {},
+        test_image=image.test_image,
+        real=image.real,
+        verifyCount=image.verify_count,
+        labels=[
+            ImageLabelPublic(**label_brief(link.label).model_dump(), value=link.value)
+            for link in image.label_links
+        ],
+        workspace=image.workspace_id,
+    ).model_dump(mode="json")
+
+
+def model_public(model: Model) -> dict[str, Any]:
+    return ModelPublic(
+        id=model.id,
+        task=model.task_id,
+        task_name=model.task.name,
+        version=model.version,
+        train_status=model.train_status,
+        production=model.task.production_version == model.version,
+        metrics=model.metrics or {},
+        created=model.created,
+    ).model_dump(mode="json")

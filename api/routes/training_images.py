@@ -1,0 +1,316 @@
+"""/recognition/v2/training-image: upload, label, filter, download and delete training images."""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+from fastapi import Request, Response, UploadFile
+from sqlalchemy import ColumnElement, exists, select
+from sqlalchemy.orm import Session, selectinload
+
+from api.body import parse
+from api.db.models import ImageLabel, Label, TaskLabel, TrainingImage, User
+from api.deps import BlobsDep, BodyDep, CurrentUser, SessionDep, SettingsDep, check_body_workspace
+from api.ingest import delete_image_blobs, prepare_image, store_image
+from api.lookups import get_image, get_label, get_task
+from api.pagination import paginate
+from api.presenters import image_public
+from api.routing import SlashAgnosticRouter
+from api.schemas import BulkImageUpdate, ImageCreate, ImageLabelBody, ImageMetaUpdate
+from api.url_fetch import FetchPolicy, fetch_image_bytes
+from taskvision.errors import BadRequestError, NotFoundError
+from taskvision.imaging import decode_base64
+from taskvision.task_types import LabelType
+
+router = SlashAgnosticRouter(prefix="/recognition/v2/training-image", tags=["training images"])
+
+_VALUE_FILTER = re.compile(r"^label_value_(?P<label>[^_].*?)__(?P<op>gte|lte)$")
+_TRUE = {"true", "1", "yes", "on"}
+_FALSE = {"false", "0", "no", "off"}
+
+
+def _bool_param(name: str, raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise BadRequestError(f"'{name}' must be true or false, not {raw!r}.", code="invalid_filter")
+
+
+def _id_list(request: Request, *names: str) -> list[str]:
+    ids: list[str] = []
+    for name in names:
+        for raw in request.query_params.getlist(name):
+            ids.extend(part.strip() for part in raw.split(",") if part.strip())
+    return ids
+
+
+def _has_label(*conditions: ColumnElement[bool]) -> ColumnElement[bool]:
+    return exists().where(ImageLabel.image_id == TrainingImage.id, *conditions)
+
+
+@router.get("/")
+def list_images(request: Request, session: SessionDep, user: CurrentUser, settings: SettingsDep) -> Any:
+    """Images of the workspace, oldest first.
+
+    Filters: ``labels`` (any of these label ids; also ``label``), ``not_labels`` (none of them),
+    ``task`` (has a label of this task), ``label_value_<id>__gte`` / ``__lte`` (regression value
+    bounds), ``test``, ``real`` (true/false), ``verified`` (exact number of verifications).
+    """
+    stmt = (
+        select(TrainingImage)
+        .options(selectinload(TrainingImage.label_links))
+        .where(TrainingImage.workspace_id == user.workspace_id)
+    )
+    labels = _id_list(request, "labels", "label")
+    if labels:
+        stmt = stmt.where(_has_label(ImageLabel.label_id.in_(labels)))
+    not_labels = _id_list(request, "not_labels")
+    if not_labels:
+        stmt = stmt.where(~_has_label(ImageLabel.label_id.in_(not_labels)))
+    task_id = request.query_params.get("task")
+    if task_id:
+        task = get_task(session, user, task_id)
+        task_labels = select(TaskLabel.label_id).where(TaskLabel.task_id == task.id)
+        stmt = stmt.where(_has_label(ImageLabel.label_id.in_(task_labels)))
+    for key, raw in request.query_params.multi_items():
+        match = _VALUE_FILTER.match(key)
+        if not match:
+            continue
+        try:
+            bound = float(raw)
+        except ValueError as exc:
+            raise BadRequestError(f"'{key}' must be a number, not {raw!r}.", code="invalid_filter") from exc
+        column_test = ImageLabel.value >= bound if match["op"] == "gte" else ImageLabel.value <= bound
+        stmt = stmt.where(_has_label(ImageLabel.label_id == match["label"], column_test))
+    if (raw_test := request.query_params.get("test")) is not None:
+        stmt = stmt.where(TrainingImage.test_image.is_(_bool_param("test", raw_test)))
+    if (raw_real := request.query_params.get("real")) is not None:
+        stmt = stmt.where(TrainingImage.real.is_(_bool_param("real", raw_real)))
+    if (raw_verified := request.query_params.get("verified")) is not None:
+        try:
+            stmt = stmt.where(TrainingImage.verify_count == int(raw_verified))
+        except ValueError as exc:
+            raise BadRequestError("'verified' must be an integer.", code="invalid_filter") from exc
+    stmt = stmt.order_by(TrainingImage.created, TrainingImage.id)
+    return paginate(
+        session,
+        stmt,
+        request=request,
+        settings=settings,
+        serialize=lambda rows: [image_public(image, request) for image in rows],
+    )
+
+
+def _upload_bytes(body: dict[str, Any], data: ImageCreate, settings: SettingsDep) -> bytes:
+    upload = body.get("img_path")
+    sources = [name for name, present in (("img_path", isinstance(upload, UploadFile)),
+                                          ("base64", bool(data.base64)), ("url", bool(data.url))) if present]
+    if not sources:
+        raise BadRequestError(
+            "Send the image as a multipart file 'img_path', as JSON 'base64', or as JSON 'url'.",
+            code="no_image",
+        )
+    if len(sources) > 1:
+        raise BadRequestError(f"Send exactly one image source, not {', '.join(sources)}.", code="no_image")
+    if isinstance(upload, UploadFile):
+        if upload.size is not None and upload.size > settings.max_upload_bytes:
+            from taskvision.errors import PayloadTooLargeError
+
+            raise PayloadTooLargeError(
+                f"The image is {upload.size} bytes; at most {settings.max_upload_bytes} bytes are accepted."
+            )
+        return upload.file.read(settings.max_upload_bytes + 1)
+    if data.base64:
+        return decode_base64(data.base64)
+    policy = FetchPolicy(
+        timeout_s=settings.url_fetch_timeout_s,
+        max_bytes=settings.max_upload_bytes,
+        max_redirects=settings.url_fetch_max_redirects,
+        blocked_networks=settings.blocked_networks,
+    )
+    return fetch_image_bytes(str(data.url), policy)
+
+
+@router.post("/", status_code=201)
+def create_image(
+    request: Request,
+    session: SessionDep, user: CurrentUser, body: BodyDep, settings: SettingsDep, blobs: BlobsDep
+) -> Any:
+    """Upload one training image (multipart ``img_path``, JSON ``base64`` or JSON ``url``)."""
+    check_body_workspace(user, body)
+    if isinstance(body.get("meta_data"), str):  # form fields carry JSON as text
+        try:
+            body["meta_data"] = json.loads(body["meta_data"]) if body["meta_data"].strip() else {}
+        except json.JSONDecodeError as exc:
+            raise BadRequestError("'meta_data' must be a JSON object.", code="invalid_meta_data") from exc
+    data = parse(ImageCreate, body)
+    raw = _upload_bytes(body, data, settings)
+    prepared = prepare_image(raw, noresize=data.noresize, settings=settings)
+    image = store_image(
+        session, blobs, user, prepared, test_image=data.test_image, real=data.real, meta_data=data.meta_data
+    )
+    return image_public(get_image(session, user, image.id), request)
+
+
+@router.post("/update")
+def bulk_update(session: SessionDep, user: CurrentUser, body: BodyDep) -> Any:
+    """Change many images at once: select by ``images`` and/or ``labels``, then add/remove labels
+    and set or clear the test and real flags."""
+    check_body_workspace(user, body)
+    data = parse(BulkImageUpdate, body)
+    if not data.images and not data.labels:
+        raise BadRequestError("Select images by 'images' (ids) and/or 'labels' (label ids).", code="no_selection")
+    if data.mark_test and data.unmark_test or data.mark_real and data.unmark_real:
+        raise BadRequestError("mark and unmark of the same flag contradict each other.", code="conflicting_flags")
+    add = [get_label(session, user, lid) for lid in data.labels_add]
+    remove = [get_label(session, user, lid) for lid in data.labels_remove]
+    for label in add:
+        if label.type == LabelType.VALUE:
+            raise BadRequestError(
+                f"Label '{label.name}' is a value label; set values with add-label and a 'value'.",
+                code="value_required",
+            )
+    stmt = select(TrainingImage).where(TrainingImage.workspace_id == user.workspace_id)
+    if data.images:
+        stmt = stmt.where(TrainingImage.id.in_(data.images))
+    if data.labels:
+        stmt = stmt.where(_has_label(ImageLabel.label_id.in_(data.labels)))
+    images = session.scalars(stmt.options(selectinload(TrainingImage.label_links))).all()
+    if data.images:
+        missing = set(data.images) - {image.id for image in images} if not data.labels else set()
+        if missing:
+            raise NotFoundError(f"Training image {sorted(missing)[0]} not found.")
+    remove_ids = {label.id for label in remove}
+    for image in images:
+        present = {link.label_id for link in image.label_links}
+        for label in add:
+            if label.id not in present:
+                image.label_links.append(ImageLabel(label_id=label.id))
+        image.label_links[:] = [link for link in image.label_links if link.label_id not in remove_ids]
+        if data.mark_test or data.unmark_test:
+            image.test_image = data.mark_test
+        if data.mark_real or data.unmark_real:
+            image.real = data.mark_real
+    session.commit()
+    return {"updated": len(images), "images": [image.id for image in images]}
+
+
+@router.get("/{image_id}")
+def get_image_detail(image_id: str, request: Request, session: SessionDep, user: CurrentUser) -> Any:
+    return image_public(get_image(session, user, image_id), request)
+
+
+def _update(image_id: str, request: Request, session: Session, user: User, body: dict[str, Any]) -> Any:
+    check_body_workspace(user, body)
+    data = parse(ImageMetaUpdate, body)
+    image = get_image(session, user, image_id)
+    if data.meta_data is not None:
+        image.meta_data = data.meta_data  # replaced, as ximilar-client merges on its side
+    if data.test_image is not None:
+        image.test_image = data.test_image
+    if data.real is not None:
+        image.real = data.real
+    session.commit()
+    return image_public(get_image(session, user, image_id), request)
+
+
+@router.put("/{image_id}")
+def put_image(image_id: str, request: Request, session: SessionDep, user: CurrentUser, body: BodyDep) -> Any:
+    return _update(image_id, request, session, user, body)
+
+
+@router.patch("/{image_id}")
+def patch_image(image_id: str, request: Request, session: SessionDep, user: CurrentUser, body: BodyDep) -> Any:
+    return _update(image_id, request, session, user, body)
+
+
+@router.delete("/{image_id}", status_code=204)
+def delete_image(image_id: str, session: SessionDep, user: CurrentUser, blobs: BlobsDep) -> Response:
+    image = get_image(session, user, image_id)
+    workspace, sha = image.workspace_id, image.sha256
+    session.delete(image)
+    session.commit()
+    delete_image_blobs(session, blobs, workspace, sha)
+    return Response(status_code=204)
+
+
+def _download(session: Session, user: User, blobs: BlobsDep, image_id: str, *, thumb: bool) -> Response:
+    image = get_image(session, user, image_id)
+    key = image.thumb_key if thumb else image.blob_key
+    return Response(
+        content=blobs.get(key),
+        media_type="image/jpeg" if thumb else image.content_type,
+        headers={"Cache-Control": "private, max-age=86400", "ETag": f'"{image.sha256}{"-t" if thumb else ""}"'},
+    )
+
+
+@router.get("/{image_id}/file", name="download_training_image")
+def download_image(image_id: str, session: SessionDep, user: CurrentUser, blobs: BlobsDep) -> Response:
+    """The stored image bytes (needs the same token as the rest of the API)."""
+    return _download(session, user, blobs, image_id, thumb=False)
+
+
+@router.get("/{image_id}/thumb", name="download_training_image_thumbnail")
+def download_thumbnail(image_id: str, session: SessionDep, user: CurrentUser, blobs: BlobsDep) -> Response:
+    return _download(session, user, blobs, image_id, thumb=True)
+
+
+def _label_for_image(session: Session, user: User, data: ImageLabelBody) -> Label:
+    label = get_label(session, user, data.label_id)
+    if label.type == LabelType.VALUE and data.value is None:
+        raise BadRequestError(f"Label '{label.name}' is a value label: send a 'value'.", code="value_required")
+    if label.type != LabelType.VALUE and data.value is not None:
+        raise BadRequestError(
+            f"Label '{label.name}' is a {label.type}; only value labels take a 'value'.", code="unexpected_value"
+        )
+    return label
+
+
+@router.post("/{image_id}/add-label")
+def add_label(image_id: str, request: Request, session: SessionDep, user: CurrentUser, body: BodyDep) -> Any:
+    """Attach a label (with ``value`` for a regression label). Attaching it again sets the value."""
+    check_body_workspace(user, body)
+    data = parse(ImageLabelBody, body)
+    image = get_image(session, user, image_id)
+    label = _label_for_image(session, user, data)
+    link = next((link for link in image.label_links if link.label_id == label.id), None)
+    if link is None:
+        image.label_links.append(ImageLabel(label_id=label.id, value=data.value))
+    else:
+        link.value = data.value
+    session.commit()
+    return image_public(get_image(session, user, image_id), request)
+
+
+@router.post("/{image_id}/update-label")
+def update_label(image_id: str, request: Request, session: SessionDep, user: CurrentUser, body: BodyDep) -> Any:
+    """Change the value of a regression label already on the image."""
+    check_body_workspace(user, body)
+    data = parse(ImageLabelBody, body)
+    image = get_image(session, user, image_id)
+    label = _label_for_image(session, user, data)
+    link = next((link for link in image.label_links if link.label_id == label.id), None)
+    if link is None:
+        raise NotFoundError(f"Label '{label.name}' is not on image {image.id}; add it first.")
+    link.value = data.value
+    session.commit()
+    return image_public(get_image(session, user, image_id), request)
+
+
+# The public docs name the same operation "update-value".
+router.add_api_route("/{image_id}/update-value", update_label, methods=["POST"])
+
+
+@router.post("/{image_id}/remove-label")
+def remove_label(image_id: str, request: Request, session: SessionDep, user: CurrentUser, body: BodyDep) -> Any:
+    check_body_workspace(user, body)
+    data = parse(ImageLabelBody, body)
+    image = get_image(session, user, image_id)
+    label = get_label(session, user, data.label_id)
+    image.label_links[:] = [link for link in image.label_links if link.label_id != label.id]
+    session.commit()
+    return image_public(get_image(session, user, image_id), request)

@@ -1,0 +1,90 @@
+"""The one settings object of the control plane.
+
+Every option can be set by an environment variable ``TASKVISION_<NAME>``
+(for example ``TASKVISION_DATABASE_URL``). Defaults give the embedded mode:
+SQLite at ``<data_dir>/taskvision.db`` and blobs under ``<data_dir>/blobs``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from functools import cached_property
+from pathlib import Path
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# Where a server-side URL fetch must never go unless the operator allows it:
+# loopback, private (RFC 1918, ULA), link-local (cloud metadata lives there),
+# carrier-grade NAT, "this network", multicast and reserved ranges.
+DEFAULT_BLOCKED_NETWORKS = (
+    "0.0.0.0/8",
+    "10.0.0.0/8",
+    "100.64.0.0/10",
+    "127.0.0.0/8",
+    "169.254.0.0/16",
+    "172.16.0.0/12",
+    "192.0.0.0/24",
+    "192.168.0.0/16",
+    "198.18.0.0/15",
+    "224.0.0.0/4",
+    "240.0.0.0/4",
+    "::/128",
+    "::1/128",
+    "::ffff:0:0/96",
+    "fc00::/7",
+    "fe80::/10",
+    "ff00::/8",
+)
+
+
+class Settings(BaseSettings):
+    """Configuration of the control plane (read once, at start-up)."""
+
+    model_config = SettingsConfigDict(env_prefix="TASKVISION_", extra="ignore")
+
+    data_dir: Path = Field(default=Path("var"), description="Where embedded mode keeps its DB and blobs.")
+    database_url: str | None = Field(default=None, description="SQLAlchemy URL; default SQLite in data_dir.")
+    storage_url: str | None = Field(
+        default=None, description="Blob store: a directory, file:///dir or s3://bucket?endpoint=http://host:port"
+    )
+    s3_access_key: str | None = None
+    s3_secret_key: SecretStr | None = None
+
+    # Uploads
+    max_upload_bytes: int = Field(default=20 * 1024 * 1024, gt=0, description="Cap on one image's bytes.")
+    max_image_pixels: int = Field(default=80_000_000, gt=0, description="Cap on declared width*height.")
+    resize_shorter_side: int = Field(
+        default=1024, gt=0, description="Uploads without noresize are downscaled to this shorter side."
+    )
+    thumbnail_size: int = Field(default=256, gt=0)
+
+    # Server-side fetching of image URLs
+    url_fetch_timeout_s: float = Field(default=10.0, gt=0)
+    url_fetch_max_redirects: int = Field(default=3, ge=0)
+    url_blocked_networks: list[str] = Field(default=list(DEFAULT_BLOCKED_NETWORKS))
+
+    # Listing
+    page_size: int = Field(default=20, gt=0)
+    max_page_size: int = Field(default=100, gt=0)
+
+    @field_validator("url_blocked_networks")
+    @classmethod
+    def _check_networks(cls, value: list[str]) -> list[str]:
+        for net in value:
+            ipaddress.ip_network(net, strict=False)
+        return value
+
+    @cached_property
+    def blocked_networks(self) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+        return tuple(ipaddress.ip_network(n, strict=False) for n in self.url_blocked_networks)
+
+    @property
+    def effective_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.data_dir / 'taskvision.db').resolve()}"
+
+    @property
+    def effective_storage_url(self) -> str:
+        return self.storage_url or str((self.data_dir / "blobs").resolve())
