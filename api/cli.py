@@ -11,10 +11,9 @@ from api.settings import Settings
 
 
 def _settings(args: argparse.Namespace) -> Settings:
-    overrides = {}
     if getattr(args, "data_dir", None):
-        overrides["data_dir"] = Path(args.data_dir)
-    return Settings(**overrides)
+        return Settings(data_dir=Path(args.data_dir))
+    return Settings()
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -71,7 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # Logs go to stderr, so `users create` prints nothing but the token on stdout.
-    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=args.log_level.upper(), stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s"
+    )
     logging.getLogger("alembic").setLevel(logging.WARNING)
     return int(args.func(args))
 

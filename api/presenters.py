@@ -61,7 +61,7 @@ def labels_public(session: Session, labels: Sequence[Label], *, with_counts: boo
     counts: dict[str, int] = {}
     if with_counts and ids:
         counts = dict(
-            session.execute(  # type: ignore[arg-type]
+            session.execute(
                 select(ImageLabel.label_id, func.count())
                 .where(ImageLabel.label_id.in_(ids))
                 .group_by(ImageLabel.label_id)

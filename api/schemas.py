@@ -174,7 +174,7 @@ class ImagePublic(BaseModel):
     meta_data: dict[str, Any]
     test_image: bool
     real: bool
-    verifyCount: int  # noqa: N815 - the wire name
+    verifyCount: int
     labels: list[ImageLabelPublic]
     workspace: str
 

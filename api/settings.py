@@ -8,7 +8,6 @@ SQLite at ``<data_dir>/taskvision.db`` and blobs under ``<data_dir>/blobs``.
 from __future__ import annotations
 
 import ipaddress
-from functools import cached_property
 from pathlib import Path
 
 from pydantic import Field, SecretStr, field_validator
@@ -46,7 +45,8 @@ class Settings(BaseSettings):
     data_dir: Path = Field(default=Path("var"), description="Where embedded mode keeps its DB and blobs.")
     database_url: str | None = Field(default=None, description="SQLAlchemy URL; default SQLite in data_dir.")
     storage_url: str | None = Field(
-        default=None, description="Blob store: a directory, file:///dir or s3://bucket?endpoint=http://host:port"
+        default=None,
+        description="Blob store: a directory, file:///dir or s3://bucket?endpoint=http://host:port",
     )
     s3_access_key: str | None = None
     s3_secret_key: SecretStr | None = None
@@ -75,7 +75,7 @@ class Settings(BaseSettings):
             ipaddress.ip_network(net, strict=False)
         return value
 
-    @cached_property
+    @property
     def blocked_networks(self) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
         return tuple(ipaddress.ip_network(n, strict=False) for n in self.url_blocked_networks)
 

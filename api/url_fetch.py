@@ -133,7 +133,9 @@ def _header(headers: list[tuple[bytes, bytes]], name: bytes) -> str | None:
     return None
 
 
-def _read_capped(response: httpcore.Response, max_bytes: int, deadline: float, url: str, timeout: float) -> bytes:
+def _read_capped(
+    response: httpcore.Response, max_bytes: int, deadline: float, url: str, timeout: float
+) -> bytes:
     chunks: list[bytes] = []
     size = 0
     for chunk in response.iter_stream():

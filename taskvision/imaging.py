@@ -28,6 +28,9 @@ from taskvision.errors import ImageTooLargeError, InvalidImageError
 # and some of those parse in risky ways, so the list is explicit.
 ALLOWED_FORMATS = frozenset({"JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF"})
 
+# Modes Pillow can write as PNG (what ``downscale`` re-encodes non-JPEG images to).
+_PNG_MODES = frozenset({"1", "L", "LA", "I;16", "I;16B", "P", "RGB", "RGBA"})
+
 _DATA_URI = re.compile(r"^data:[\w/+.-]*;base64,", re.IGNORECASE)
 
 
@@ -70,7 +73,8 @@ def _open(data: bytes) -> Image.Image:
         raise InvalidImageError("The data is not an image in a supported format.") from exc
     if image.format not in ALLOWED_FORMATS:
         raise InvalidImageError(
-            f"Image format {image.format!r} is not supported; use one of {', '.join(sorted(ALLOWED_FORMATS))}."
+            f"Image format {image.format!r} is not supported; "
+            f"use one of {', '.join(sorted(ALLOWED_FORMATS))}."
         )
     return image
 
@@ -181,5 +185,8 @@ def downscale(data: bytes, *, max_shorter_side: int, max_pixels: int) -> bytes |
     if info.format == "JPEG":
         image.convert("RGB").save(out, format="JPEG", quality=95)
     else:
+        if image.mode not in _PNG_MODES:
+            # PNG cannot hold CMYK, 32-bit integer/float and other TIFF modes.
+            image = _to_rgb(image)
         image.save(out, format="PNG", optimize=False)
     return out.getvalue()

@@ -39,6 +39,8 @@ class BlobStore(Protocol):
 
     def delete_prefix(self, prefix: str) -> int: ...
 
+    def list_keys(self, prefix: str = "") -> list[str]: ...
+
     def uri(self, key: str) -> str: ...
 
 
@@ -105,6 +107,17 @@ class LocalBlobStore:
                     path.rmdir()
             base.rmdir()
         return count
+
+    def list_keys(self, prefix: str = "") -> list[str]:
+        """Keys under ``prefix`` (a folder-like prefix such as ``images/``), sorted."""
+        base = self.root / prefix if prefix else self.root
+        if not base.is_dir():
+            return []
+        return sorted(
+            p.relative_to(self.root).as_posix()
+            for p in base.rglob("*")
+            if p.is_file() and not p.name.startswith(".tmp-")
+        )
 
     def uri(self, key: str) -> str:
         return self._path(key).as_uri()
@@ -213,6 +226,15 @@ class S3BlobStore:
         if errors:
             raise OSError(f"Could not delete {len(errors)} objects under {prefix!r}: {errors[0]}")
         return len(objects)
+
+    def list_keys(self, prefix: str = "") -> list[str]:
+        """Keys under ``prefix``, sorted, relative to the store's own prefix."""
+        base = f"{self.location.prefix}/" if self.location.prefix else ""
+        names = (
+            str(obj.object_name)
+            for obj in self.client.list_objects(self.location.bucket, prefix=base + prefix, recursive=True)
+        )
+        return sorted(name[len(base) :] for name in names)
 
     def uri(self, key: str) -> str:
         return f"s3://{self.location.bucket}/{self._name(key)}"

@@ -27,7 +27,11 @@ def list_models(request: Request, session: SessionDep, user: CurrentUser, settin
         stmt = stmt.where(Model.task_id == get_task(session, user, task_id).id)
     stmt = stmt.order_by(Model.task_id, Model.version.desc())
     return paginate(
-        session, stmt, request=request, settings=settings, serialize=lambda rows: [model_public(m) for m in rows]
+        session,
+        stmt,
+        request=request,
+        settings=settings,
+        serialize=lambda rows: [model_public(m) for m in rows],
     )
 
 

@@ -31,7 +31,11 @@ def list_tasks(request: Request, session: SessionDep, user: CurrentUser, setting
         .order_by(Task.created, Task.id)
     )
     return paginate(
-        session, stmt, request=request, settings=settings, serialize=lambda rows: [task_public(t) for t in rows]
+        session,
+        stmt,
+        request=request,
+        settings=settings,
+        serialize=lambda rows: [task_public(t) for t in rows],
     )
 
 

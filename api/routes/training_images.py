@@ -6,9 +6,10 @@ import json
 import re
 from typing import Any
 
-from fastapi import Request, Response, UploadFile
+from fastapi import Request, Response
 from sqlalchemy import ColumnElement, exists, select
 from sqlalchemy.orm import Session, selectinload
+from starlette.datastructures import UploadFile
 
 from api.body import parse
 from api.db.models import ImageLabel, Label, TaskLabel, TrainingImage, User
@@ -107,8 +108,15 @@ def list_images(request: Request, session: SessionDep, user: CurrentUser, settin
 
 def _upload_bytes(body: dict[str, Any], data: ImageCreate, settings: SettingsDep) -> bytes:
     upload = body.get("img_path")
-    sources = [name for name, present in (("img_path", isinstance(upload, UploadFile)),
-                                          ("base64", bool(data.base64)), ("url", bool(data.url))) if present]
+    sources = [
+        name
+        for name, present in (
+            ("img_path", isinstance(upload, UploadFile)),
+            ("base64", bool(data.base64)),
+            ("url", bool(data.url)),
+        )
+        if present
+    ]
     if not sources:
         raise BadRequestError(
             "Send the image as a multipart file 'img_path', as JSON 'base64', or as JSON 'url'.",
@@ -138,7 +146,11 @@ def _upload_bytes(body: dict[str, Any], data: ImageCreate, settings: SettingsDep
 @router.post("/", status_code=201)
 def create_image(
     request: Request,
-    session: SessionDep, user: CurrentUser, body: BodyDep, settings: SettingsDep, blobs: BlobsDep
+    session: SessionDep,
+    user: CurrentUser,
+    body: BodyDep,
+    settings: SettingsDep,
+    blobs: BlobsDep,
 ) -> Any:
     """Upload one training image (multipart ``img_path``, JSON ``base64`` or JSON ``url``)."""
     check_body_workspace(user, body)
@@ -163,9 +175,13 @@ def bulk_update(session: SessionDep, user: CurrentUser, body: BodyDep) -> Any:
     check_body_workspace(user, body)
     data = parse(BulkImageUpdate, body)
     if not data.images and not data.labels:
-        raise BadRequestError("Select images by 'images' (ids) and/or 'labels' (label ids).", code="no_selection")
-    if data.mark_test and data.unmark_test or data.mark_real and data.unmark_real:
-        raise BadRequestError("mark and unmark of the same flag contradict each other.", code="conflicting_flags")
+        raise BadRequestError(
+            "Select images by 'images' (ids) and/or 'labels' (label ids).", code="no_selection"
+        )
+    if (data.mark_test and data.unmark_test) or (data.mark_real and data.unmark_real):
+        raise BadRequestError(
+            "mark and unmark of the same flag contradict each other.", code="conflicting_flags"
+        )
     add = [get_label(session, user, lid) for lid in data.labels_add]
     remove = [get_label(session, user, lid) for lid in data.labels_remove]
     for label in add:
@@ -224,7 +240,9 @@ def put_image(image_id: str, request: Request, session: SessionDep, user: Curren
 
 
 @router.patch("/{image_id}")
-def patch_image(image_id: str, request: Request, session: SessionDep, user: CurrentUser, body: BodyDep) -> Any:
+def patch_image(
+    image_id: str, request: Request, session: SessionDep, user: CurrentUser, body: BodyDep
+) -> Any:
     return _update(image_id, request, session, user, body)
 
 
@@ -244,7 +262,10 @@ def _download(session: Session, user: User, blobs: BlobsDep, image_id: str, *, t
     return Response(
         content=blobs.get(key),
         media_type="image/jpeg" if thumb else image.content_type,
-        headers={"Cache-Control": "private, max-age=86400", "ETag": f'"{image.sha256}{"-t" if thumb else ""}"'},
+        headers={
+            "Cache-Control": "private, max-age=86400",
+            "ETag": f'"{image.sha256}{"-t" if thumb else ""}"',
+        },
     )
 
 
@@ -262,10 +283,13 @@ def download_thumbnail(image_id: str, session: SessionDep, user: CurrentUser, bl
 def _label_for_image(session: Session, user: User, data: ImageLabelBody) -> Label:
     label = get_label(session, user, data.label_id)
     if label.type == LabelType.VALUE and data.value is None:
-        raise BadRequestError(f"Label '{label.name}' is a value label: send a 'value'.", code="value_required")
+        raise BadRequestError(
+            f"Label '{label.name}' is a value label: send a 'value'.", code="value_required"
+        )
     if label.type != LabelType.VALUE and data.value is not None:
         raise BadRequestError(
-            f"Label '{label.name}' is a {label.type}; only value labels take a 'value'.", code="unexpected_value"
+            f"Label '{label.name}' is a {label.type}; only value labels take a 'value'.",
+            code="unexpected_value",
         )
     return label
 
@@ -287,7 +311,9 @@ def add_label(image_id: str, request: Request, session: SessionDep, user: Curren
 
 
 @router.post("/{image_id}/update-label")
-def update_label(image_id: str, request: Request, session: SessionDep, user: CurrentUser, body: BodyDep) -> Any:
+def update_label(
+    image_id: str, request: Request, session: SessionDep, user: CurrentUser, body: BodyDep
+) -> Any:
     """Change the value of a regression label already on the image."""
     check_body_workspace(user, body)
     data = parse(ImageLabelBody, body)
@@ -306,7 +332,9 @@ router.add_api_route("/{image_id}/update-value", update_label, methods=["POST"])
 
 
 @router.post("/{image_id}/remove-label")
-def remove_label(image_id: str, request: Request, session: SessionDep, user: CurrentUser, body: BodyDep) -> Any:
+def remove_label(
+    image_id: str, request: Request, session: SessionDep, user: CurrentUser, body: BodyDep
+) -> Any:
     check_body_workspace(user, body)
     data = parse(ImageLabelBody, body)
     image = get_image(session, user, image_id)

@@ -16,8 +16,8 @@ branch_labels = None
 depends_on = None
 
 
-def _ts(name: str = "created", **kw: object) -> sa.Column:
-    return sa.Column(name, sa.DateTime(timezone=True), nullable=False, **kw)
+def _ts(name: str = "created") -> sa.Column:
+    return sa.Column(name, sa.DateTime(timezone=True), nullable=False)
 
 
 def upgrade() -> None:
@@ -67,7 +67,9 @@ def upgrade() -> None:
     op.create_table(
         "task_labels",
         sa.Column("task_id", sa.String(36), sa.ForeignKey("tasks.id", ondelete="CASCADE"), primary_key=True),
-        sa.Column("label_id", sa.String(36), sa.ForeignKey("labels.id", ondelete="CASCADE"), primary_key=True),
+        sa.Column(
+            "label_id", sa.String(36), sa.ForeignKey("labels.id", ondelete="CASCADE"), primary_key=True
+        ),
         _ts(),
     )
     op.create_index("ix_task_labels_label_id", "task_labels", ["label_id"])
@@ -99,7 +101,9 @@ def upgrade() -> None:
             sa.ForeignKey("training_images.id", ondelete="CASCADE"),
             primary_key=True,
         ),
-        sa.Column("label_id", sa.String(36), sa.ForeignKey("labels.id", ondelete="CASCADE"), primary_key=True),
+        sa.Column(
+            "label_id", sa.String(36), sa.ForeignKey("labels.id", ondelete="CASCADE"), primary_key=True
+        ),
         sa.Column("value", sa.Float(), nullable=True),
         _ts(),
     )
