@@ -13,6 +13,7 @@ from api.db.session import make_engine, make_session_factory
 from api.errors import register_error_handlers
 from api.routes import account, health, labels, models, tasks, training_images
 from api.settings import Settings
+from api.signing import UrlSigner, load_signing_key
 from taskvision import __version__
 from taskvision.storage import open_blob_store
 
@@ -46,6 +47,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.engine = engine
     app.state.session_factory = make_session_factory(engine)
+    app.state.url_signer = UrlSigner(
+        load_signing_key(app.state.session_factory), ttl_s=settings.download_url_ttl_s
+    )
     app.state.blobs = blobs
     register_error_handlers(app)
     for module in (health, account, tasks, labels, training_images, models):

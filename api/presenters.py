@@ -85,12 +85,45 @@ def labels_public(session: Session, labels: Sequence[Label], *, with_counts: boo
     ]
 
 
+_EXTENSIONS = {
+    "image/jpeg": "jpg",
+    "image/png": "png",
+    "image/webp": "webp",
+    "image/gif": "gif",
+    "image/bmp": "bmp",
+    "image/tiff": "tiff",
+}
+
+
+class ImageLinks:
+    """Builds signed download links; made once per request (url_for per row is slow)."""
+
+    def __init__(self, request: Request) -> None:
+        self.base = str(request.base_url).rstrip("/") + "/recognition/v2/training-image/"
+        self.signer = request.app.state.url_signer
+        self.expires = self.signer.expiry()
+
+    def url(self, image: TrainingImage, kind: str) -> str:
+        ext = "jpg" if kind == "thumb" else _EXTENSIONS.get(image.content_type, "bin")
+        signature = self.signer.sign(image.id, kind, self.expires)
+        # The last path segment is a real file name: ximilar-client names downloads after it.
+        return f"{self.base}{image.id}/{kind}/{image.id}.{ext}?expires={self.expires}&signature={signature}"
+
+
+def _links(request: Request) -> ImageLinks:
+    links = getattr(request.state, "image_links", None)
+    if links is None:
+        links = request.state.image_links = ImageLinks(request)
+    return links
+
+
 def image_public(image: TrainingImage, request: Request) -> dict[str, Any]:
+    links = _links(request)
     return ImagePublic(
         id=image.id,
         created=image.created,
-        img_path=str(request.url_for("download_training_image", image_id=image.id)),
-        thumb_img_path=str(request.url_for("download_training_image_thumbnail", image_id=image.id)),
+        img_path=links.url(image, "file"),
+        thumb_img_path=links.url(image, "thumb"),
         img_width=image.width,
         img_height=image.height,
         meta_data=image.meta_data or {},

@@ -58,6 +58,9 @@ class Settings(BaseSettings):
         default=1024, gt=0, description="Uploads without noresize are downscaled to this shorter side."
     )
     thumbnail_size: int = Field(default=256, gt=0)
+    download_url_ttl_s: int = Field(
+        default=24 * 3600, gt=0, description="How long the signed img_path/thumb_img_path links work."
+    )
 
     # Server-side fetching of image URLs
     url_fetch_timeout_s: float = Field(default=10.0, gt=0)

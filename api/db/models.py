@@ -16,6 +16,7 @@ from sqlalchemy import (
     DateTime,
     Float,
     ForeignKey,
+    Index,
     Integer,
     String,
     Text,
@@ -80,6 +81,16 @@ class ApiToken(Base):
     user: Mapped[User] = relationship(back_populates="tokens")
 
 
+class InstanceSecret(Base):
+    """Secrets the service generates for itself (e.g. the download-link signing key)."""
+
+    __tablename__ = "instance_secrets"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[str] = mapped_column(String(256))
+    created: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
 class TaskLabel(Base):
     __tablename__ = "task_labels"
 
@@ -128,10 +139,14 @@ class TrainingImage(Base):
     """A stored image. ``sha256`` is of the stored bytes; one row per content per workspace."""
 
     __tablename__ = "training_images"
-    __table_args__ = (UniqueConstraint("workspace_id", "sha256", name="uq_training_images_workspace_sha256"),)
+    __table_args__ = (
+        UniqueConstraint("workspace_id", "sha256", name="uq_training_images_workspace_sha256"),
+        # Listing pages walk this index in order instead of sorting the workspace's rows.
+        Index("ix_training_images_workspace_created", "workspace_id", "created", "id"),
+    )
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
-    workspace_id: Mapped[str] = mapped_column(String(36), index=True)
+    workspace_id: Mapped[str] = mapped_column(String(36))
     sha256: Mapped[str] = mapped_column(String(64))
     blob_key: Mapped[str] = mapped_column(String(255))
     thumb_key: Mapped[str] = mapped_column(String(255))
@@ -143,7 +158,7 @@ class TrainingImage(Base):
     test_image: Mapped[bool] = mapped_column(Boolean, default=False)
     real: Mapped[bool] = mapped_column(Boolean, default=False)
     verify_count: Mapped[int] = mapped_column(Integer, default=0)
-    created: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, index=True)
+    created: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
     label_links: Mapped[list[ImageLabel]] = relationship(
         back_populates="image", cascade="all, delete-orphan", order_by="ImageLabel.created"

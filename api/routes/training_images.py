@@ -11,6 +11,7 @@ from sqlalchemy import ColumnElement, exists, select
 from sqlalchemy.orm import Session, selectinload
 from starlette.datastructures import UploadFile
 
+from api.auth import authenticate
 from api.body import parse
 from api.db.models import ImageLabel, Label, TaskLabel, TrainingImage, User
 from api.deps import BlobsDep, BodyDep, CurrentUser, SessionDep, SettingsDep, check_body_workspace
@@ -20,9 +21,11 @@ from api.pagination import paginate
 from api.presenters import image_public
 from api.routing import SlashAgnosticRouter
 from api.schemas import BulkImageUpdate, ImageCreate, ImageLabelBody, ImageMetaUpdate
+from api.signing import UrlSigner
 from api.url_fetch import FetchPolicy, fetch_image_bytes
-from taskvision.errors import BadRequestError, NotFoundError
+from taskvision.errors import AuthenticationError, BadRequestError, NotFoundError
 from taskvision.imaging import decode_base64
+from taskvision.storage import BlobStore
 from taskvision.task_types import LabelType
 
 router = SlashAgnosticRouter(prefix="/recognition/v2/training-image", tags=["training images"])
@@ -256,28 +259,42 @@ def delete_image(image_id: str, session: SessionDep, user: CurrentUser, blobs: B
     return Response(status_code=204)
 
 
-def _download(session: Session, user: User, blobs: BlobsDep, image_id: str, *, thumb: bool) -> Response:
-    image = get_image(session, user, image_id)
-    key = image.thumb_key if thumb else image.blob_key
+def _download(request: Request, session: Session, blobs: BlobStore, image_id: str, kind: str) -> Response:
+    """Serve an image to its owner's token, or to anyone holding an unexpired signed link."""
+    expires, signature = request.query_params.get("expires"), request.query_params.get("signature")
+    if expires and signature and "authorization" not in request.headers:
+        signer: UrlSigner = request.app.state.url_signer
+        if not expires.isdigit() or not signer.verify(image_id, kind, int(expires), signature):
+            raise AuthenticationError("The download link is invalid or has expired; list the image again.")
+        image = session.scalar(select(TrainingImage).where(TrainingImage.id == image_id))
+        if image is None:
+            raise NotFoundError(f"Training image {image_id} not found.")
+    else:
+        user = authenticate(session, request.headers.get("authorization"))
+        image = get_image(session, user, image_id)
+    thumb = kind == "thumb"
     return Response(
-        content=blobs.get(key),
+        content=blobs.get(image.thumb_key if thumb else image.blob_key),
         media_type="image/jpeg" if thumb else image.content_type,
         headers={
-            "Cache-Control": "private, max-age=86400",
+            "Cache-Control": "private, max-age=3600",
             "ETag": f'"{image.sha256}{"-t" if thumb else ""}"',
         },
     )
 
 
-@router.get("/{image_id}/file", name="download_training_image")
-def download_image(image_id: str, session: SessionDep, user: CurrentUser, blobs: BlobsDep) -> Response:
-    """The stored image bytes (needs the same token as the rest of the API)."""
-    return _download(session, user, blobs, image_id, thumb=False)
+@router.get("/{image_id}/file")
+@router.get("/{image_id}/file/{filename}")
+def download_image(image_id: str, request: Request, session: SessionDep, blobs: BlobsDep) -> Response:
+    """The stored image bytes: with the API token, or through the signed ``img_path`` link."""
+    return _download(request, session, blobs, image_id, "file")
 
 
-@router.get("/{image_id}/thumb", name="download_training_image_thumbnail")
-def download_thumbnail(image_id: str, session: SessionDep, user: CurrentUser, blobs: BlobsDep) -> Response:
-    return _download(session, user, blobs, image_id, thumb=True)
+@router.get("/{image_id}/thumb")
+@router.get("/{image_id}/thumb/{filename}")
+def download_thumbnail(image_id: str, request: Request, session: SessionDep, blobs: BlobsDep) -> Response:
+    """The JPEG thumbnail: with the API token, or through the signed ``thumb_img_path`` link."""
+    return _download(request, session, blobs, image_id, "thumb")
 
 
 def _label_for_image(session: Session, user: User, data: ImageLabelBody) -> Label:

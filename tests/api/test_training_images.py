@@ -384,10 +384,28 @@ def test_delete_removes_row_and_blobs(app: FastAPI, client: TestClient) -> None:
     assert client.post(IMAGES, json={"base64": b64(image_bytes(80))}).status_code == 201
 
 
-def test_download_needs_the_token(client: TestClient, anonymous: TestClient) -> None:
-    image = upload(client, image_bytes(90))
-    assert anonymous.get(image["img_path"]).status_code == 401
-    assert anonymous.get(image["thumb_img_path"]).status_code == 401
+def test_downloads_need_the_token_or_a_valid_signed_link(
+    app: FastAPI, client: TestClient, other_client: TestClient, anonymous: TestClient
+) -> None:
+    data = image_bytes(90)
+    image = upload(client, data)
+    # The listed links are signed: a plain GET works, and the file name is <id>.<ext>.
+    assert image["img_path"].split("?")[0].endswith(f"/{image['id']}/file/{image['id']}.png")
+    assert anonymous.get(image["img_path"]).content == data
+    assert anonymous.get(image["thumb_img_path"]).headers["content-type"] == "image/jpeg"
+    bare = f"{IMAGES}/{image['id']}/file"
+    assert anonymous.get(bare).status_code == 401
+    assert client.get(bare).content == data
+    assert other_client.get(bare).status_code == 404
+    # A tampered, re-targeted or expired link is refused.
+    path, query = image["img_path"].split("?")
+    assert anonymous.get(path + "?" + query.replace("signature=", "signature=0")).status_code == 401
+    assert anonymous.get(path.replace("/file/", "/thumb/") + "?" + query).status_code == 401
+    signer = app.state.url_signer
+    past = 1_000_000
+    stale = f"{path}?expires={past}&signature={signer.sign(image['id'], 'file', past)}"
+    assert anonymous.get(stale).status_code == 401
+    assert "expired" in anonymous.get(stale).json()["detail"]
 
 
 def test_base64_helpers_accept_wrapped_lines(client: TestClient) -> None:

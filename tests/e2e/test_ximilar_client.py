@@ -318,8 +318,9 @@ def test_upload_images_every_way(
     thumb = _download(small.thumb_img_path, token)
     assert thumb.status_code == 200 and thumb.content[:3] == b"\xff\xd8\xff"
     assert _label_ids_on(client, small.id) == {cat.id: None}
-    # The download URL needs the token, and answers JSON without it.
-    anonymous = requests.get(small.img_path, timeout=10)
+    # img_path is a signed link: it works without the token; the bare path needs the token.
+    assert requests.get(small.img_path, timeout=10).content == png
+    anonymous = requests.get(small.img_path.split("?")[0], timeout=10)
     assert anonymous.status_code == 401 and "detail" in anonymous.json()
 
     # _file over 0.1 MB: the client shrinks it (shorter side 512) and sends a data-URI JPEG.
@@ -635,21 +636,16 @@ def test_explicit_workspace_and_label_side_calls(
     assert [label.name for label in client.get_all_labels()[0]] == ["tulip"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "Known incompatibility: img_path needs the API token, but ximilar-client's Image.download() "
-        "(and extract_object_data) fetch it with a bare requests.get(url); and every img_path ends in "
-        "'/file', so the client names every download 'file.jpg' and returns the first one for all images."
-    ),
-)
 def test_image_download_with_the_client(fresh_client: Callable[[], tuple[Any, str]], tmp_path: Path) -> None:
     client, _ = fresh_client()
     first_png, second_png = _png_bytes(), _png_bytes()
     first = _upload_one(client, {"_base64": base64.b64encode(first_png)})
     second = _upload_one(client, {"_base64": base64.b64encode(second_png)})
-    assert Path(first.download(str(tmp_path))).read_bytes() == first_png
-    assert Path(second.download(str(tmp_path))).read_bytes() == second_png
+    # Image.download() sends no token and names the file after the URL's last segment.
+    first_file, second_file = Path(first.download(str(tmp_path))), Path(second.download(str(tmp_path)))
+    assert first_file.name == f"{first.id}.png" and second_file.name == f"{second.id}.png"
+    assert first_file.read_bytes() == first_png
+    assert second_file.read_bytes() == second_png
 
 
 # ---- last: the server is still up ----------------------------------------------------

@@ -29,6 +29,12 @@ def upgrade() -> None:
         _ts(),
     )
     op.create_table(
+        "instance_secrets",
+        sa.Column("name", sa.String(64), primary_key=True),
+        sa.Column("value", sa.String(256), nullable=False),
+        _ts(),
+    )
+    op.create_table(
         "api_tokens",
         sa.Column("id", sa.String(36), primary_key=True),
         sa.Column("user_id", sa.String(36), sa.ForeignKey("users.id", ondelete="CASCADE"), nullable=False),
@@ -91,8 +97,9 @@ def upgrade() -> None:
         _ts(),
         sa.UniqueConstraint("workspace_id", "sha256", name="uq_training_images_workspace_sha256"),
     )
-    op.create_index("ix_training_images_workspace_id", "training_images", ["workspace_id"])
-    op.create_index("ix_training_images_created", "training_images", ["created"])
+    op.create_index(
+        "ix_training_images_workspace_created", "training_images", ["workspace_id", "created", "id"]
+    )
     op.create_table(
         "image_labels",
         sa.Column(
@@ -128,4 +135,5 @@ def downgrade() -> None:
     for table in ("models", "image_labels", "training_images", "task_labels", "labels", "tasks"):
         op.drop_table(table)
     op.drop_table("api_tokens")
+    op.drop_table("instance_secrets")
     op.drop_table("users")
