@@ -89,5 +89,7 @@ def read_snapshot(store: BlobStore, prefix: str) -> tuple[DatasetInfo, list[Mani
 def read_manifest_records(store: BlobStore, prefix: str) -> list[dict[str, Any]]:
     """The manifest as plain dicts (what the data-validation suite checks, before any parsing)."""
     return [
-        json.loads(line) for line in store.get(f"{prefix}/manifest.jsonl").decode().splitlines() if line.strip()
+        json.loads(line)
+        for line in store.get(f"{prefix}/manifest.jsonl").decode().splitlines()
+        if line.strip()
     ]

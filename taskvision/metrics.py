@@ -42,7 +42,7 @@ def classification_metrics(y_true: IntArray, probs: FloatArray, label_names: lis
         "f1": macro["f1"],
         "per_label": per_label,
         "confusion_matrix": {"labels": label_names, "matrix": confusion.tolist()},
-        "test_images": int(len(y_true)),
+        "test_images": len(y_true),
     }
 
 
@@ -102,7 +102,7 @@ def tagging_metrics(
         "recall": macro["recall"],
         "f1": macro["f1"],
         "per_label": per_label,
-        "test_images": int(len(y_true)),
+        "test_images": len(y_true),
     }
 
 
@@ -123,5 +123,5 @@ def regression_metrics(y_true: FloatArray, y_pred: FloatArray, label_names: list
         "rmse": float(np.mean([m["rmse"] for m in per_label.values()])),
         "r2": float(np.mean([m["r2"] for m in per_label.values()])),
         "per_label": per_label,
-        "test_images": int(len(y_true)),
+        "test_images": len(y_true),
     }

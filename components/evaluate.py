@@ -1,0 +1,51 @@
+"""KFP component: the evaluate step (its work is ``components.lib.evaluate``)."""
+
+from kfp import dsl
+
+from components.lib.runtime import TRAINING_IMAGE
+
+
+@dsl.component(base_image=TRAINING_IMAGE, install_kfp_package=False)
+def evaluate(
+    storage_url: str,
+    run_prefix: str,
+    model: dsl.Input[dsl.Model],
+    evaluation: dsl.Output[dsl.Dataset],
+    metrics: dsl.Output[dsl.Metrics],
+    confusion: dsl.Output[dsl.ClassificationMetrics],
+    report: dsl.Output[dsl.Markdown],
+) -> None:
+    """Evaluate the trained model on the test split.
+
+    Args:
+        storage_url: Blob store (for progress and failure reports).
+        run_prefix: Key prefix where this run reports progress and failures.
+        model: The train step's model folder.
+        evaluation: metrics.json with every metric (read by the register step).
+        metrics: Headline scalar metrics for the Kubeflow UI.
+        confusion: The confusion matrix (multi_class), drawn by the Kubeflow UI.
+        report: A short Markdown report.
+    """
+    import json
+    from pathlib import Path
+
+    from components.lib.evaluate import evaluate_model, markdown_report
+    from components.lib.runtime import run_step
+    from taskvision.bundle import BundleMeta
+
+    def work(progress: object) -> None:
+        model_dir = Path(model.path)
+        meta = BundleMeta.from_json((model_dir / "bundle.json").read_text())
+        values = evaluate_model(model_dir)
+        with open(evaluation.path, "w") as fh:
+            json.dump(values, fh, indent=2)
+        for key, value in values.items():
+            if isinstance(value, (int, float)):
+                metrics.log_metric(key, float(value))
+        matrix = values.get("confusion_matrix")
+        if matrix:
+            confusion.log_confusion_matrix(matrix["labels"], matrix["matrix"])
+        with open(report.path, "w") as fh:
+            fh.write(markdown_report(meta.task_type, values))
+
+    run_step(storage_url, run_prefix, "evaluate", work)

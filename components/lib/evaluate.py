@@ -1,0 +1,69 @@
+"""Evaluate step: metrics of the trained model on the test split.
+
+multi_class: accuracy, macro and per-label precision/recall/F1, confusion
+matrix (also logged as a KFP ClassificationMetrics artifact, which the
+Kubeflow UI draws). multi_label: per-label precision/recall/F1 at the
+thresholds the train step chose on the training split, and mAP. regression:
+MAE, RMSE, R². Probabilities come from :class:`taskvision.inference.BundleModel`,
+the same code path serving uses.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from taskvision.inference import BundleModel
+from taskvision.metrics import classification_metrics, regression_metrics, tagging_metrics
+from taskvision.task_types import TaskType
+
+
+def evaluate_model(model_dir: Path) -> dict[str, Any]:
+    """Metrics of the model folder written by the train step, on its test inputs."""
+    model = BundleModel.load(model_dir)
+    data = np.load(model_dir / "test_inputs.npz")
+    if model.meta.frozen_backbone:
+        logits = model.logits_from_embeddings(data["embeddings"])
+    else:
+        logits = model.logits_from_arrays(data["images"])
+    outputs = model.outputs(logits)
+    names = [label["name"] for label in model.meta.labels]
+    y = data["targets"]
+    task_type = model.meta.task_type
+    if len(y) == 0:
+        return {"test_images": 0}
+    if task_type is TaskType.MULTI_CLASS:
+        return classification_metrics(y.astype(np.int64), outputs, names)
+    if task_type is TaskType.MULTI_LABEL:
+        return tagging_metrics(y.astype(np.int64), outputs, names, model.meta.thresholds)
+    return regression_metrics(y, outputs, names)
+
+
+def markdown_report(task_type: TaskType, metrics: dict[str, Any]) -> str:
+    """A short report for the Kubeflow UI."""
+    headline = {
+        TaskType.MULTI_CLASS: ("accuracy", "precision", "recall", "f1"),
+        TaskType.MULTI_LABEL: ("mAP", "precision", "recall", "f1"),
+        TaskType.REGRESSION: ("mae", "rmse", "r2"),
+    }[task_type]
+    lines = [f"# Evaluation ({task_type}, {metrics.get('test_images', 0)} test images)", ""]
+    lines += ["| metric | value |", "|---|---:|"] + [f"| {k} | {metrics.get(k, 0):.4f} |" for k in headline]
+    per_label = metrics.get("per_label", {})
+    if per_label:
+        columns = [c for c in next(iter(per_label.values())) if c != "support"] + ["support"]
+        lines += [
+            "",
+            "## Per label",
+            "",
+            "| label | " + " | ".join(columns) + " |",
+            "|---|" + "---:|" * len(columns),
+        ]
+        for name, values in per_label.items():
+            cells = [
+                f"{values[c]:.3f}" if isinstance(values.get(c), float) else str(values.get(c, ""))
+                for c in columns
+            ]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,72 @@
+"""KFP component: the train step (its work is ``components.lib.train``)."""
+
+from kfp import dsl
+
+from components.lib.runtime import TRAINING_IMAGE
+
+
+@dsl.component(base_image=TRAINING_IMAGE, install_kfp_package=False)
+def train(
+    storage_url: str,
+    snapshot_prefix: str,
+    run_prefix: str,
+    run_id: str,
+    split_in: dsl.Input[dsl.Dataset],
+    mode: str,
+    augment: str,
+    epochs: int,
+    learning_rate: float,
+    batch_size: int,
+    seed: int,
+    model: dsl.Output[dsl.Model],
+) -> None:
+    """Train a model over the pretrained EfficientNet-Lite0 backbone.
+
+    Args:
+        storage_url: Blob store holding the snapshot (directory, file:// or s3://).
+        snapshot_prefix: Key prefix of the dataset snapshot.
+        run_prefix: Key prefix where this run reports progress and failures.
+        run_id: The control plane's id of this training run.
+        split_in: The split step's train/test image ids.
+        mode: "embed" (frozen backbone + linear head), "finetune" (end to end) or "auto" (finetune on GPU).
+        augment: "flip" adds mirrored training images, "none" does not.
+        epochs: Fine-tuning epochs.
+        learning_rate: Fine-tuning learning rate (SGD with momentum 0.9, cosine schedule).
+        batch_size: Fine-tuning batch size.
+        seed: Seed for cross-validation folds and fine-tuning.
+        model: The model folder: bundle.json, head.onnx or model.onnx, test_inputs.npz.
+    """
+    from pathlib import Path
+
+    from components.lib.runtime import open_store, run_step
+    from components.lib.split import SplitResult
+    from components.lib.train import TrainConfig, train_model
+    from taskvision.dataset import read_snapshot
+
+    def work(progress: object) -> None:
+        store = open_store(storage_url)
+        info, rows = read_snapshot(store, snapshot_prefix)
+        with open(split_in.path) as fh:
+            split = SplitResult.from_json(fh.read())
+        config = TrainConfig(
+            mode=mode,
+            augment=augment,
+            epochs=epochs,
+            learning_rate=learning_rate,
+            batch_size=batch_size,
+            seed=seed,
+        )
+        meta = train_model(
+            info,
+            rows,
+            split,
+            store,
+            Path(model.path),
+            config,
+            snapshot=snapshot_prefix,
+            run_id=run_id,
+            progress=progress,
+        )  # type: ignore[arg-type]
+        model.metadata.update({"task_type": str(meta.task_type), "mode": meta.training["mode"]})
+
+    run_step(storage_url, run_prefix, "train", work)

