@@ -11,9 +11,11 @@ from fastapi import FastAPI
 from api.db.migrate import upgrade
 from api.db.session import make_engine, make_session_factory
 from api.errors import register_error_handlers
-from api.routes import account, health, labels, models, tasks, training_images
+from api.routes import account, health, labels, models, tasks, training_images, training_runs
 from api.settings import Settings
 from api.signing import UrlSigner, load_signing_key
+from api.training import TrainingService
+from pipelines.runners import KubeflowRunner, LocalRunner, PipelineRunner
 from taskvision import __version__
 from taskvision.storage import open_blob_store
 
@@ -32,9 +34,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         secret_key=settings.s3_secret_key.get_secret_value() if settings.s3_secret_key else None,
     )
 
+    session_factory = make_session_factory(engine)
+    training = TrainingService(settings, session_factory, blobs, *_runner(settings))
+
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        training.start()
         yield
+        training.stop()
         engine.dispose()
 
     app = FastAPI(
@@ -46,12 +53,27 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     app.state.engine = engine
-    app.state.session_factory = make_session_factory(engine)
+    app.state.session_factory = session_factory
+    app.state.training = training
     app.state.url_signer = UrlSigner(
         load_signing_key(app.state.session_factory), ttl_s=settings.download_url_ttl_s
     )
     app.state.blobs = blobs
     register_error_handlers(app)
-    for module in (health, account, tasks, labels, training_images, models):
+    for module in (health, account, tasks, labels, training_images, models, training_runs):
         app.include_router(module.router)
     return app
+
+
+def _runner(settings: Settings) -> tuple[PipelineRunner, str]:
+    """Kubeflow when TASKVISION_KFP_HOST is set, else kfp.local in child processes."""
+    if settings.kfp_host:
+        return KubeflowRunner(
+            settings.kfp_host, namespace=settings.kfp_namespace, gpu_count=settings.train_gpu_count
+        ), "kubeflow"
+    env = {}
+    if settings.s3_access_key:
+        env["TASKVISION_S3_ACCESS_KEY"] = settings.s3_access_key
+    if settings.s3_secret_key:
+        env["TASKVISION_S3_SECRET_KEY"] = settings.s3_secret_key.get_secret_value()
+    return LocalRunner(settings.data_dir.resolve() / "pipeline-runs", env=env), "local"

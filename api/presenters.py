@@ -9,7 +9,7 @@ from fastapi import Request
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from api.db.models import ImageLabel, Label, Model, Task, TaskLabel, TrainingImage
+from api.db.models import ImageLabel, Label, Model, Task, TaskLabel, TrainingImage, TrainingRun
 from api.schemas import (
     ImageLabelPublic,
     ImagePublic,
@@ -18,6 +18,7 @@ from api.schemas import (
     ModelPublic,
     TaskPublic,
     TaskRef,
+    TrainingRunPublic,
 )
 
 
@@ -39,6 +40,7 @@ def task_public(task: Task) -> dict[str, Any]:
         description=task.description,
         production_version=task.production_version,
         last_train_status=task.last_train_status,
+        last_train_error=task.last_train_error,
         labels=[label_brief(label) for label in task.labels],
         workspace=task.workspace_id,
         created=task.created,
@@ -148,4 +150,21 @@ def model_public(model: Model) -> dict[str, Any]:
         production=model.task.production_version == model.version,
         metrics=model.metrics or {},
         created=model.created,
+    ).model_dump(mode="json")
+
+
+def run_public(run: TrainingRun) -> dict[str, Any]:
+    return TrainingRunPublic(
+        id=run.id,
+        task=run.task_id,
+        status=run.status,
+        step=run.step,
+        progress=run.progress,
+        message=run.message,
+        error=run.error,
+        version=run.model_version,
+        params=run.params or {},
+        created=run.created,
+        started=run.started,
+        finished=run.finished,
     ).model_dump(mode="json")

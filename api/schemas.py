@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -62,6 +62,35 @@ class LabelBrief(BaseModel):
     negative_for_task: bool
 
 
+class TrainRequest(_In):
+    """Optional training parameters (ximilar-client sends none)."""
+
+    mode: Literal["auto", "embed", "finetune"] | None = None
+    augment: Literal["none", "flip"] | None = None
+    epochs: int | None = Field(default=None, ge=1, le=500)
+    learning_rate: float | None = Field(default=None, gt=0, le=10)
+    batch_size: int | None = Field(default=None, ge=1, le=1024)
+    min_images_per_label: int | None = Field(default=None, ge=1, le=100_000)
+    test_fraction: float | None = Field(default=None, gt=0, lt=1)
+    seed: int | None = None
+    production: bool = Field(default=True, description="Put the new version in production when it is ready.")
+
+
+class TrainingRunPublic(BaseModel):
+    id: str
+    task: str
+    status: str
+    step: str
+    progress: float
+    message: str
+    error: str
+    version: int | None
+    params: dict[str, Any]
+    created: datetime
+    started: datetime | None
+    finished: datetime | None
+
+
 class TaskPublic(BaseModel):
     id: str
     name: str
@@ -69,6 +98,7 @@ class TaskPublic(BaseModel):
     description: str
     production_version: int
     last_train_status: str
+    last_train_error: str
     labels: list[LabelBrief]
     workspace: str
     created: datetime

@@ -67,6 +67,22 @@ class Settings(BaseSettings):
     url_fetch_max_redirects: int = Field(default=3, ge=0)
     url_blocked_networks: list[str] = Field(default=list(DEFAULT_BLOCKED_NETWORKS))
 
+    # Training
+    kfp_host: str | None = Field(
+        default=None, description="Kubeflow Pipelines API; unset = run with kfp.local."
+    )
+    kfp_namespace: str | None = None
+    train_workers: int = Field(default=1, ge=1, description="Pipelines run at the same time; the rest queue.")
+    train_poll_interval_s: float = Field(default=1.0, gt=0)
+    train_gpu_count: int = Field(default=0, ge=0, description="GPUs the train step requests on Kubeflow.")
+    train_mode: str = "auto"
+    train_augment: str = "flip"
+    train_epochs: int = Field(default=25, ge=1)
+    train_learning_rate: float = Field(default=0.001, gt=0)
+    train_batch_size: int = Field(default=32, ge=1)
+    min_images_per_label: int = Field(default=20, ge=1)
+    test_fraction: float = Field(default=0.2, gt=0, lt=1)
+
     # Listing
     page_size: int = Field(default=20, gt=0)
     max_page_size: int = Field(default=100, gt=0)
@@ -81,6 +97,19 @@ class Settings(BaseSettings):
     @property
     def blocked_networks(self) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
         return tuple(ipaddress.ip_network(n, strict=False) for n in self.url_blocked_networks)
+
+    def training_defaults(self) -> dict[str, object]:
+        """Pipeline parameters a train request does not set itself."""
+        return {
+            "mode": self.train_mode,
+            "augment": self.train_augment,
+            "epochs": self.train_epochs,
+            "learning_rate": self.train_learning_rate,
+            "batch_size": self.train_batch_size,
+            "min_images_per_label": self.min_images_per_label,
+            "test_fraction": self.test_fraction,
+            "seed": 0,
+        }
 
     @property
     def effective_database_url(self) -> str:

@@ -1,5 +1,7 @@
 """KFP component: the evaluate step (its work is ``components.lib.evaluate``)."""
 
+from typing import Any
+
 from kfp import dsl
 
 from components.lib.runtime import TRAINING_IMAGE
@@ -33,7 +35,7 @@ def evaluate(
     from components.lib.runtime import run_step
     from taskvision.bundle import BundleMeta
 
-    def work(progress: object) -> None:
+    def work(progress: Any) -> None:
         model_dir = Path(model.path)
         meta = BundleMeta.from_json((model_dir / "bundle.json").read_text())
         values = evaluate_model(model_dir)

@@ -1,5 +1,7 @@
 """KFP component: the register step (its work is ``components.lib.register``)."""
 
+from typing import Any
+
 from kfp import dsl
 
 from components.lib.runtime import TRAINING_IMAGE
@@ -28,7 +30,7 @@ def register(
     from components.lib.register import register_bundle
     from components.lib.runtime import open_store, run_step
 
-    def work(progress: object) -> str:
+    def work(progress: Any) -> str:
         with open(evaluation.path) as fh:
             metrics = json.load(fh)
         return register_bundle(Path(model.path), metrics, open_store(storage_url), bundle_prefix)

@@ -1,5 +1,7 @@
 """KFP component: the split step (its work is ``components.lib.split``)."""
 
+from typing import Any
+
 from kfp import dsl
 
 from components.lib.runtime import TRAINING_IMAGE
@@ -28,7 +30,7 @@ def split(
     from components.lib.split import split_dataset
     from taskvision.dataset import read_snapshot
 
-    def work(progress: object) -> None:
+    def work(progress: Any) -> None:
         info, rows = read_snapshot(open_store(storage_url), snapshot_prefix)
         result = split_dataset(info, rows, test_fraction=test_fraction, seed=seed)
         with open(split_out.path, "w") as fh:

@@ -1,5 +1,7 @@
 """KFP component: the train step (its work is ``components.lib.train``)."""
 
+from typing import Any
+
 from kfp import dsl
 
 from components.lib.runtime import TRAINING_IMAGE
@@ -43,7 +45,7 @@ def train(
     from components.lib.train import TrainConfig, train_model
     from taskvision.dataset import read_snapshot
 
-    def work(progress: object) -> None:
+    def work(progress: Any) -> None:
         store = open_store(storage_url)
         info, rows = read_snapshot(store, snapshot_prefix)
         with open(split_in.path) as fh:
@@ -66,7 +68,7 @@ def train(
             snapshot=snapshot_prefix,
             run_id=run_id,
             progress=progress,
-        )  # type: ignore[arg-type]
+        )
         model.metadata.update({"task_type": str(meta.task_type), "mode": meta.training["mode"]})
 
     run_step(storage_url, run_prefix, "train", work)

@@ -1,5 +1,7 @@
 """KFP component: the validate step (its work is ``components.lib.validate``)."""
 
+from typing import Any
+
 from kfp import dsl
 
 from components.lib.runtime import TRAINING_IMAGE
@@ -29,7 +31,7 @@ def validate(
     from components.lib.validate import validate_dataset
     from taskvision.dataset import read_snapshot
 
-    def work(progress: object) -> None:
+    def work(progress: Any) -> None:
         store = open_store(storage_url)
         info, rows = read_snapshot(store, snapshot_prefix)
         result = validate_dataset(info, rows, store, min_images_per_label=min_images_per_label)

@@ -64,7 +64,7 @@ def build_torch_model(*, num_classes: int = 0) -> torch.nn.Module:
         mapped[dst_key] = tensor
     model.load_state_dict(mapped)
     if num_classes != 1000:
-        model.reset_classifier(num_classes)
+        model.reset_classifier(num_classes)  # type: ignore[operator]  # timm's method, typed as Module
     return model.eval()
 
 

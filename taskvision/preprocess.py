@@ -47,9 +47,10 @@ def resize_and_crop(image: Image.Image, config: PreprocessConfig = DEFAULT) -> I
 
 def to_array(image: Image.Image, config: PreprocessConfig = DEFAULT) -> npt.NDArray[np.float32]:
     """RGB picture -> normalised float32 CHW array."""
-    array = np.asarray(image, dtype=np.float32) / 255.0
-    array = (array - np.asarray(config.mean, dtype=np.float32)) / np.asarray(config.std, dtype=np.float32)
-    return np.ascontiguousarray(array.transpose(2, 0, 1))
+    pixels = np.asarray(image, dtype=np.float32) / np.float32(255.0)
+    mean, std = np.asarray(config.mean, dtype=np.float32), np.asarray(config.std, dtype=np.float32)
+    normalized: npt.NDArray[np.float32] = ((pixels - mean) / std).astype(np.float32)
+    return np.ascontiguousarray(normalized.transpose(2, 0, 1))
 
 
 def preprocess_bytes(

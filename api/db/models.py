@@ -111,6 +111,7 @@ class Task(Base):
     description: Mapped[str] = mapped_column(Text, default="")
     production_version: Mapped[int] = mapped_column(Integer, default=-1)
     last_train_status: Mapped[str] = mapped_column(String(32), default="NOT_TRAINED")
+    last_train_error: Mapped[str] = mapped_column(Text, default="")
     created: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
     labels: Mapped[list[Label]] = relationship(
@@ -199,3 +200,26 @@ class Model(Base):
     created: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
     task: Mapped[Task] = relationship(lazy="joined")
+
+
+class TrainingRun(Base):
+    """One training of a task: queued, running the pipeline, then succeeded (a version) or failed (why)."""
+
+    __tablename__ = "training_runs"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    workspace_id: Mapped[str] = mapped_column(String(36), index=True)
+    task_id: Mapped[str] = mapped_column(ForeignKey("tasks.id", ondelete="CASCADE"), index=True)
+    status: Mapped[str] = mapped_column(String(16), default="QUEUED", index=True)
+    runner: Mapped[str] = mapped_column(String(16))
+    handle: Mapped[str] = mapped_column(String(255), default="")  # the runner's id (a KFP run id)
+    snapshot_prefix: Mapped[str] = mapped_column(String(255))
+    params: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    step: Mapped[str] = mapped_column(String(32), default="")
+    progress: Mapped[float] = mapped_column(Float, default=0.0)
+    message: Mapped[str] = mapped_column(Text, default="")
+    error: Mapped[str] = mapped_column(Text, default="")
+    model_version: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    created: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    started: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    finished: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)

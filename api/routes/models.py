@@ -8,7 +8,7 @@ from fastapi import Request, Response
 from sqlalchemy import select
 
 from api.db.models import Model
-from api.deps import CurrentUser, SessionDep, SettingsDep
+from api.deps import BlobsDep, CurrentUser, SessionDep, SettingsDep
 from api.lookups import get_model, get_task
 from api.pagination import paginate
 from api.presenters import model_public
@@ -41,13 +41,16 @@ def get_model_detail(model_id: str, session: SessionDep, user: CurrentUser) -> A
 
 
 @router.delete("/{model_id}", status_code=204)
-def delete_model(model_id: str, session: SessionDep, user: CurrentUser) -> Response:
+def delete_model(model_id: str, session: SessionDep, user: CurrentUser, blobs: BlobsDep) -> Response:
     model = get_model(session, user, model_id)
     if model.task.production_version == model.version:
         raise ConflictError(
             f"Version {model.version} is in production for task '{model.task.name}'; "
             "switch production to another version first."
         )
+    prefix = model.bundle_uri
     session.delete(model)
     session.commit()
+    if prefix:
+        blobs.delete_prefix(prefix)
     return Response(status_code=204)

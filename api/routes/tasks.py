@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from fastapi import Request, Response
@@ -10,14 +11,16 @@ from sqlalchemy.orm import selectinload
 
 from api.body import parse
 from api.db.models import Label, Model, Task, TaskLabel
-from api.deps import BodyDep, CurrentUser, SessionDep, SettingsDep, check_body_workspace
+from api.deps import BlobsDep, BodyDep, CurrentUser, SessionDep, SettingsDep, check_body_workspace
 from api.lookups import get_label, get_task
 from api.pagination import paginate
-from api.presenters import task_public
+from api.presenters import run_public, task_public
 from api.routing import SlashAgnosticRouter
-from api.schemas import LabelIdBody, TaskCreate, TaskUpdate
+from api.schemas import LabelIdBody, TaskCreate, TaskUpdate, TrainRequest
 from taskvision.errors import BadRequestError, ConflictError
 from taskvision.task_types import LABEL_TYPE_FOR_TASK, LabelType, TaskType, label_fits_task
+
+logger = logging.getLogger(__name__)
 
 router = SlashAgnosticRouter(prefix="/recognition/v2/task", tags=["tasks"])
 
@@ -102,12 +105,31 @@ def put_task(task_id: str, session: SessionDep, user: CurrentUser, body: BodyDep
 
 
 @router.delete("/{task_id}", status_code=204)
-def delete_task(task_id: str, session: SessionDep, user: CurrentUser) -> Response:
+def delete_task(
+    task_id: str, request: Request, session: SessionDep, user: CurrentUser, blobs: BlobsDep
+) -> Response:
+    """Delete the task with its negative label, label links, models, runs, snapshots and bundles."""
     task = get_task(session, user, task_id)
-    # The negative label, the task's label links and its models go with it (FK cascades).
-    session.delete(task)
+    request.app.state.training.cancel_task_runs(session, task.id)
+    session.delete(task)  # FK cascades: negative label, label links, models, runs
     session.commit()
+    for prefix in (f"datasets/{task.id}", f"runs/{task.id}", f"models/{task.id}"):
+        try:
+            blobs.delete_prefix(prefix)
+        except Exception:
+            logger.warning("could not delete %s of task %s", prefix, task.id, exc_info=True)
     return Response(status_code=204)
+
+
+@router.post("/{task_id}/train", status_code=202)
+def train_task(task_id: str, request: Request, session: SessionDep, user: CurrentUser, body: BodyDep) -> Any:
+    """Start a training (answers at once). Optional body: training parameters (``TrainRequest``)."""
+    check_body_workspace(user, body)
+    data = parse(TrainRequest, body)
+    task = get_task(session, user, task_id, for_update=True)
+    params = data.model_dump(exclude_none=True)
+    run = request.app.state.training.request_training(session, user, task, params)
+    return {**run_public(run), "task_status": task.last_train_status}
 
 
 @router.post("/{task_id}/add-label")

@@ -70,7 +70,8 @@ def _table_suite(info: DatasetInfo, rows: list[ManifestRow], report: ValidationR
             record[f"value:{lid}"] = row.values.get(lid)
         records.append(record)
     table = pd.DataFrame.from_records(records)
-    labels = pd.DataFrame({"label_id": [lid for row in rows for lid in row.labels] or [None]})
+    label_ids: list[str | None] = [lid for row in rows for lid in row.labels]
+    labels = pd.DataFrame({"label_id": label_ids or [None]})
 
     context = gx.get_context(mode="ephemeral")
     source = context.data_sources.add_pandas("snapshot")
@@ -114,6 +115,8 @@ def _table_suite(info: DatasetInfo, rows: list[ManifestRow], report: ValidationR
         result = batch.validate(suite, result_format="SUMMARY")
         for item in result.results:
             config = item.expectation_config
+            if config is None:
+                continue
             column = config.kwargs.get("column", "")
             report.checks.append({"check": config.type, "column": column, "success": bool(item.success)})
             if not item.success:

@@ -1,0 +1,223 @@
+"""Training through the API with the real local KFP runner (kfp.local), for each task type."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import select
+
+from api.auth import create_user
+from api.db.models import TrainingRun
+from api.main import create_app
+from api.settings import Settings
+from tests.factories import b64
+from tests.training import datasets
+
+pytestmark = pytest.mark.slow
+
+TASKS = "/recognition/v2/task"
+IMAGES = "/recognition/v2/training-image"
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    return Settings(data_dir=tmp_path, train_poll_interval_s=0.2)
+
+
+@pytest.fixture
+def client(settings: Settings) -> Iterator[TestClient]:
+    """A signed-in user of a running service (the training watcher is started by the app's lifespan)."""
+    app = create_app(settings)
+    with app.state.session_factory() as session:
+        _, token = create_user(session, "trainer")
+    with TestClient(app, headers={"Authorization": f"Token {token}"}) as client:
+        yield client
+
+
+def _label(client: TestClient, task_id: str, name: str, label_type: str) -> str:
+    label = client.post("/recognition/v2/label", json={"name": name, "type": label_type}).json()
+    assert client.post(f"{TASKS}/{task_id}/add-label", json={"label_id": label["id"]}).status_code == 200
+    return str(label["id"])
+
+
+def _upload(client: TestClient, data: bytes, labels: list[str], values: dict[str, float] | None = None) -> str:
+    image = client.post(IMAGES, json={"base64": b64(data)}).json()
+    for label_id in labels:
+        body: dict[str, Any] = {"label_id": label_id}
+        if values and label_id in values:
+            body["value"] = values[label_id]
+        assert client.post(f"{IMAGES}/{image['id']}/add-label", json=body).status_code == 200
+    return str(image["id"])
+
+
+def make_task(client: TestClient, task_type: str, per_label: int = 24) -> dict[str, Any]:
+    task = client.post(TASKS, json={"name": f"gen-{task_type}", "type": task_type}).json()
+    if task_type == "multi_class":
+        circle, square = _label(client, task["id"], "circle", "category"), _label(client, task["id"], "square", "category")
+        for i in range(per_label):
+            _upload(client, datasets.shape_image("circle", i), [circle])
+            _upload(client, datasets.shape_image("square", i), [square])
+    elif task_type == "multi_label":
+        negative = next(label["id"] for label in task["labels"] if label["negative_for_task"])
+        red, striped = _label(client, task["id"], "red", "tag"), _label(client, task["id"], "striped", "tag")
+        for i in range(per_label // 2 + 2):
+            _upload(client, datasets.tag_image(True, False, i), [red])
+            _upload(client, datasets.tag_image(False, True, i), [striped])
+            _upload(client, datasets.tag_image(True, True, i), [red, striped])
+            _upload(client, datasets.tag_image(False, False, i), [negative])
+    else:
+        size = _label(client, task["id"], "radius", "value")
+        for i in range(per_label * 2):
+            radius = 6 + (i * 7) % 36
+            _upload(client, datasets.size_image(radius, i), [size], {size: float(radius)})
+    return task
+
+
+def train(client: TestClient, task_id: str, **params: Any) -> dict[str, Any]:
+    response = client.post(f"{TASKS}/{task_id}/train", json=params or None)
+    assert response.status_code == 202, response.text
+    return dict(response.json())
+
+
+def wait(client: TestClient, run_id: str, timeout: float = 180) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        run = client.get(f"/recognition/v2/training-run/{run_id}").json()
+        if run["status"] in ("SUCCEEDED", "FAILED", "CANCELED"):
+            return dict(run)
+        time.sleep(0.3)
+    raise AssertionError(f"run {run_id} did not finish in {timeout} s: {run}")
+
+
+def _check_metrics(task_type: str, metrics: dict[str, Any]) -> None:
+    assert metrics["test_images"] >= 8
+    if task_type == "multi_class":
+        assert 0.9 <= metrics["accuracy"] <= 1.0
+        assert set(metrics["per_label"]) == {"circle", "square"}
+        matrix = metrics["confusion_matrix"]["matrix"]
+        assert sum(map(sum, matrix)) == metrics["test_images"]
+    elif task_type == "multi_label":
+        assert 0.8 <= metrics["mAP"] <= 1.0
+        assert set(metrics["per_label"]) == {"red", "striped"}  # the negative label is "no tag", not an output
+        assert all(0 < m["threshold"] < 1 for m in metrics["per_label"].values())
+    else:
+        assert metrics["r2"] > 0.5  # the disc's radius is learnable from the frozen features
+        assert 0 < metrics["mae"] < 8  # radii span 6..41
+        assert metrics["rmse"] >= metrics["mae"]
+
+
+@pytest.mark.parametrize("task_type", ["multi_class", "multi_label", "regression"])
+def test_train_retrain_and_switch_production(client: TestClient, task_type: str) -> None:
+    task = make_task(client, task_type)
+    run = train(client, task["id"])
+    assert run["status"] == "QUEUED" and run["task"] == task["id"]
+    assert client.get(f"{TASKS}/{task['id']}").json()["last_train_status"] == "IN_TRAINING"
+    assert client.post(f"{TASKS}/{task['id']}/train").status_code == 409  # already training
+
+    done = wait(client, run["id"])
+    assert done["status"] == "SUCCEEDED", done
+    assert (done["version"], done["step"], done["progress"]) == (1, "register", 1.0)
+    state = client.get(f"{TASKS}/{task['id']}").json()
+    assert (state["production_version"], state["last_train_status"]) == (1, "TRAINED")
+    models = client.get(f"/recognition/v2/model/?task={task['id']}").json()["results"]
+    assert [m["version"] for m in models] == [1]
+    _check_metrics(task_type, models[0]["metrics"])
+
+    second = wait(client, train(client, task["id"])["id"])
+    assert second["status"] == "SUCCEEDED" and second["version"] == 2
+    assert client.get(f"{TASKS}/{task['id']}").json()["production_version"] == 2
+    versions = [m["version"] for m in client.get(f"/recognition/v2/model/?task={task['id']}").json()["results"]]
+    assert versions == [2, 1]
+
+    switched = client.patch(f"{TASKS}/{task['id']}", json={"production_version": 1})
+    assert switched.status_code == 200 and switched.json()["production_version"] == 1
+    production = [m for m in client.get(f"/recognition/v2/model/?task={task['id']}").json()["results"] if m["production"]]
+    assert [m["version"] for m in production] == [1]
+
+
+def test_validation_failure_explains_itself_and_the_task_stays_usable(client: TestClient) -> None:
+    task = client.post(TASKS, json={"name": "flowers", "type": "multi_class"}).json()
+    rose, tulip = _label(client, task["id"], "rose", "category"), _label(client, task["id"], "tulip", "category")
+    for i in range(12):
+        _upload(client, datasets.shape_image("circle", i), [rose])
+    for i in range(20):
+        _upload(client, datasets.shape_image("square", i), [tulip])
+    failed = wait(client, train(client, task["id"])["id"])
+    assert failed["status"] == "FAILED" and failed["step"] == "validate"
+    assert "label 'rose' has 12 images; at least 20 are needed" in failed["error"]
+    state = client.get(f"{TASKS}/{task['id']}").json()
+    assert state["last_train_status"] == "TRAINING_FAILED"
+    assert "label 'rose' has 12 images" in state["last_train_error"]
+    assert state["production_version"] == -1
+    assert client.get(f"/recognition/v2/model/?task={task['id']}").json()["count"] == 0
+
+    for i in range(12, 20):
+        _upload(client, datasets.shape_image("circle", i), [rose])
+    fixed = wait(client, train(client, task["id"])["id"])
+    assert fixed["status"] == "SUCCEEDED" and fixed["version"] == 1
+    assert client.get(f"{TASKS}/{task['id']}").json()["last_train_error"] == ""
+
+
+def test_a_killed_run_fails_cleanly_and_the_task_can_train_again(client: TestClient, settings: Settings) -> None:
+    task = make_task(client, "multi_class", per_label=20)
+    run = train(client, task["id"])
+    deadline = time.monotonic() + 60
+    pid = None
+    while pid is None and time.monotonic() < deadline:
+        children = client.app.state.training.runner._children  # type: ignore[attr-defined]
+        if run["id"] in children:
+            pid = children[run["id"]].pid
+        time.sleep(0.1)
+    assert pid is not None
+    os.killpg(pid, signal.SIGKILL)
+    killed = wait(client, run["id"])
+    assert killed["status"] == "FAILED"
+    assert "killed" in killed["error"]
+    assert client.get(f"{TASKS}/{task['id']}").json()["last_train_status"] == "TRAINING_FAILED"
+    assert client.get(f"/recognition/v2/model/?task={task['id']}").json()["count"] == 0
+    again = wait(client, train(client, task["id"])["id"])
+    assert again["status"] == "SUCCEEDED" and again["version"] == 1
+
+
+def test_a_run_interrupted_by_a_restart_is_marked_failed(settings: Settings) -> None:
+    app = create_app(settings)
+    with app.state.session_factory() as session:
+        _, token = create_user(session, "restarter")
+    headers = {"Authorization": f"Token {token}"}
+    with TestClient(app, headers=headers) as client:
+        task = make_task(client, "multi_class", per_label=20)
+        run = train(client, task["id"])
+        app.state.training.stop()  # the old process's watcher is gone...
+        with app.state.session_factory() as session:  # ...while its run was running
+            row = session.get(TrainingRun, run["id"])
+            assert row is not None
+            row.status = "RUNNING"
+            session.commit()
+        app.state.training.runner.cancel(run["id"])
+    restarted = create_app(settings)
+    with TestClient(restarted, headers=headers) as client:
+        failed = client.get(f"/recognition/v2/training-run/{run['id']}").json()
+        assert failed["status"] == "FAILED" and "restart" in failed["error"]
+        assert client.get(f"{TASKS}/{task['id']}").json()["last_train_status"] == "TRAINING_FAILED"
+        assert wait(client, train(client, task["id"])["id"])["status"] == "SUCCEEDED"
+
+
+def test_deleting_a_task_removes_runs_snapshots_and_bundles(client: TestClient) -> None:
+    task = make_task(client, "multi_class", per_label=20)
+    assert wait(client, train(client, task["id"])["id"])["status"] == "SUCCEEDED"
+    blobs = client.app.state.blobs  # type: ignore[attr-defined]
+    for prefix in ("datasets", "runs", "models"):
+        assert blobs.list_keys(f"{prefix}/{task['id']}/"), prefix
+    assert client.delete(f"{TASKS}/{task['id']}/").status_code == 204
+    for prefix in ("datasets", "runs", "models"):
+        assert blobs.list_keys(f"{prefix}/{task['id']}/") == [], prefix
+    assert client.get(f"/recognition/v2/training-run/?task={task['id']}").status_code == 404
+    with client.app.state.session_factory() as session:  # type: ignore[attr-defined]
+        assert session.scalars(select(TrainingRun)).all() == []
