@@ -48,6 +48,14 @@ def _users_create(args: argparse.Namespace) -> int:
     return 0
 
 
+def _pipeline_compile(args: argparse.Namespace) -> int:
+    from pipelines.training import compile_pipeline
+
+    path = compile_pipeline(Path(args.output), gpu_count=args.gpus, gpu_type=args.gpu_type)
+    print(path)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="taskvision", description=__doc__)
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
@@ -64,6 +72,15 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("name")
     create.add_argument("--data-dir", help="as for serve")
     create.set_defaults(func=_users_create)
+
+    pipeline = sub.add_parser("pipeline", help="the Kubeflow training pipeline").add_subparsers(
+        dest="pipeline_command", required=True
+    )
+    compile_ = pipeline.add_parser("compile", help="write the pipeline's KFP IR YAML (for the Kubeflow UI or kfp.Client)")
+    compile_.add_argument("output", help="the YAML file to write")
+    compile_.add_argument("--gpus", type=int, default=0, help="GPUs the train step requests (default 0)")
+    compile_.add_argument("--gpu-type", default="nvidia.com/gpu", help="accelerator resource name")
+    compile_.set_defaults(func=_pipeline_compile)
     return parser
 
 

@@ -30,9 +30,13 @@ def shape_image(kind: str, seed: int) -> bytes:
     x, y, r = rng.randrange(25, 71), rng.randrange(25, 71), rng.randrange(12, 24)
     jitter = [rng.randrange(-30, 30) for _ in range(3)]
     if kind == "circle":
-        draw.ellipse((x - r, y - r, x + r, y + r), fill=(200 + jitter[0] // 3, 30 + jitter[1], 30 + jitter[2]))
+        draw.ellipse(
+            (x - r, y - r, x + r, y + r), fill=(200 + jitter[0] // 3, 30 + jitter[1], 30 + jitter[2])
+        )
     else:
-        draw.rectangle((x - r, y - r, x + r, y + r), fill=(30 + jitter[0], 40 + jitter[1], 200 + jitter[2] // 3))
+        draw.rectangle(
+            (x - r, y - r, x + r, y + r), fill=(30 + jitter[0], 40 + jitter[1], 200 + jitter[2] // 3)
+        )
     return _png(image)
 
 

@@ -17,13 +17,12 @@ from api.auth import create_user
 from api.db.models import TrainingRun
 from api.main import create_app
 from api.settings import Settings
-from tests.factories import b64
 from tests.training import datasets
+from tests.training.helpers import add_label, make_task, train, upload, wait
 
 pytestmark = pytest.mark.slow
 
 TASKS = "/recognition/v2/task"
-IMAGES = "/recognition/v2/training-image"
 
 
 @pytest.fixture
@@ -41,61 +40,6 @@ def client(settings: Settings) -> Iterator[TestClient]:
         yield client
 
 
-def _label(client: TestClient, task_id: str, name: str, label_type: str) -> str:
-    label = client.post("/recognition/v2/label", json={"name": name, "type": label_type}).json()
-    assert client.post(f"{TASKS}/{task_id}/add-label", json={"label_id": label["id"]}).status_code == 200
-    return str(label["id"])
-
-
-def _upload(client: TestClient, data: bytes, labels: list[str], values: dict[str, float] | None = None) -> str:
-    image = client.post(IMAGES, json={"base64": b64(data)}).json()
-    for label_id in labels:
-        body: dict[str, Any] = {"label_id": label_id}
-        if values and label_id in values:
-            body["value"] = values[label_id]
-        assert client.post(f"{IMAGES}/{image['id']}/add-label", json=body).status_code == 200
-    return str(image["id"])
-
-
-def make_task(client: TestClient, task_type: str, per_label: int = 24) -> dict[str, Any]:
-    task = client.post(TASKS, json={"name": f"gen-{task_type}", "type": task_type}).json()
-    if task_type == "multi_class":
-        circle, square = _label(client, task["id"], "circle", "category"), _label(client, task["id"], "square", "category")
-        for i in range(per_label):
-            _upload(client, datasets.shape_image("circle", i), [circle])
-            _upload(client, datasets.shape_image("square", i), [square])
-    elif task_type == "multi_label":
-        negative = next(label["id"] for label in task["labels"] if label["negative_for_task"])
-        red, striped = _label(client, task["id"], "red", "tag"), _label(client, task["id"], "striped", "tag")
-        for i in range(per_label // 2 + 2):
-            _upload(client, datasets.tag_image(True, False, i), [red])
-            _upload(client, datasets.tag_image(False, True, i), [striped])
-            _upload(client, datasets.tag_image(True, True, i), [red, striped])
-            _upload(client, datasets.tag_image(False, False, i), [negative])
-    else:
-        size = _label(client, task["id"], "radius", "value")
-        for i in range(per_label * 2):
-            radius = 6 + (i * 7) % 36
-            _upload(client, datasets.size_image(radius, i), [size], {size: float(radius)})
-    return task
-
-
-def train(client: TestClient, task_id: str, **params: Any) -> dict[str, Any]:
-    response = client.post(f"{TASKS}/{task_id}/train", json=params or None)
-    assert response.status_code == 202, response.text
-    return dict(response.json())
-
-
-def wait(client: TestClient, run_id: str, timeout: float = 180) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        run = client.get(f"/recognition/v2/training-run/{run_id}").json()
-        if run["status"] in ("SUCCEEDED", "FAILED", "CANCELED"):
-            return dict(run)
-        time.sleep(0.3)
-    raise AssertionError(f"run {run_id} did not finish in {timeout} s: {run}")
-
-
 def _check_metrics(task_type: str, metrics: dict[str, Any]) -> None:
     assert metrics["test_images"] >= 8
     if task_type == "multi_class":
@@ -105,7 +49,10 @@ def _check_metrics(task_type: str, metrics: dict[str, Any]) -> None:
         assert sum(map(sum, matrix)) == metrics["test_images"]
     elif task_type == "multi_label":
         assert 0.8 <= metrics["mAP"] <= 1.0
-        assert set(metrics["per_label"]) == {"red", "striped"}  # the negative label is "no tag", not an output
+        assert set(metrics["per_label"]) == {
+            "red",
+            "striped",
+        }  # the negative label is "no tag", not an output
         assert all(0 < m["threshold"] < 1 for m in metrics["per_label"].values())
     else:
         assert metrics["r2"] > 0.5  # the disc's radius is learnable from the frozen features
@@ -133,22 +80,31 @@ def test_train_retrain_and_switch_production(client: TestClient, task_type: str)
     second = wait(client, train(client, task["id"])["id"])
     assert second["status"] == "SUCCEEDED" and second["version"] == 2
     assert client.get(f"{TASKS}/{task['id']}").json()["production_version"] == 2
-    versions = [m["version"] for m in client.get(f"/recognition/v2/model/?task={task['id']}").json()["results"]]
+    versions = [
+        m["version"] for m in client.get(f"/recognition/v2/model/?task={task['id']}").json()["results"]
+    ]
     assert versions == [2, 1]
 
     switched = client.patch(f"{TASKS}/{task['id']}", json={"production_version": 1})
     assert switched.status_code == 200 and switched.json()["production_version"] == 1
-    production = [m for m in client.get(f"/recognition/v2/model/?task={task['id']}").json()["results"] if m["production"]]
+    production = [
+        m
+        for m in client.get(f"/recognition/v2/model/?task={task['id']}").json()["results"]
+        if m["production"]
+    ]
     assert [m["version"] for m in production] == [1]
 
 
 def test_validation_failure_explains_itself_and_the_task_stays_usable(client: TestClient) -> None:
     task = client.post(TASKS, json={"name": "flowers", "type": "multi_class"}).json()
-    rose, tulip = _label(client, task["id"], "rose", "category"), _label(client, task["id"], "tulip", "category")
+    rose, tulip = (
+        add_label(client, task["id"], "rose", "category"),
+        add_label(client, task["id"], "tulip", "category"),
+    )
     for i in range(12):
-        _upload(client, datasets.shape_image("circle", i), [rose])
+        upload(client, datasets.shape_image("circle", i), [rose])
     for i in range(20):
-        _upload(client, datasets.shape_image("square", i), [tulip])
+        upload(client, datasets.shape_image("square", i), [tulip])
     failed = wait(client, train(client, task["id"])["id"])
     assert failed["status"] == "FAILED" and failed["step"] == "validate"
     assert "label 'rose' has 12 images; at least 20 are needed" in failed["error"]
@@ -159,13 +115,15 @@ def test_validation_failure_explains_itself_and_the_task_stays_usable(client: Te
     assert client.get(f"/recognition/v2/model/?task={task['id']}").json()["count"] == 0
 
     for i in range(12, 20):
-        _upload(client, datasets.shape_image("circle", i), [rose])
+        upload(client, datasets.shape_image("circle", i), [rose])
     fixed = wait(client, train(client, task["id"])["id"])
     assert fixed["status"] == "SUCCEEDED" and fixed["version"] == 1
     assert client.get(f"{TASKS}/{task['id']}").json()["last_train_error"] == ""
 
 
-def test_a_killed_run_fails_cleanly_and_the_task_can_train_again(client: TestClient, settings: Settings) -> None:
+def test_a_killed_run_fails_cleanly_and_the_task_can_train_again(
+    client: TestClient, settings: Settings
+) -> None:
     task = make_task(client, "multi_class", per_label=20)
     run = train(client, task["id"])
     deadline = time.monotonic() + 60
