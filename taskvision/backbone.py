@@ -17,6 +17,7 @@ import hashlib
 import logging
 import os
 import threading
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -90,7 +91,10 @@ def export_onnx(model: Any, path: Path, *, input_size: int = 224) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}")
     example = torch.zeros(1, 3, input_size, input_size)
-    with torch.inference_mode():
+    # The TorchScript-based exporter (dynamo=False) needs no extra packages and gives a graph
+    # ONNX Runtime runs well; torch marks it deprecated in favour of torch.export.
+    with torch.inference_mode(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
         torch.onnx.export(
             model,
             (example,),

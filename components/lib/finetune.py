@@ -99,7 +99,7 @@ def finetune(
             loss.backward()
             optimizer.step()
             scheduler.step()
-            total += float(loss) * len(batch)
+            total += float(loss.detach()) * len(batch)
         logger.info("epoch %d/%d: loss %.4f", epoch + 1, config.epochs, total / len(images))
         report(0.9 * (epoch + 1) / config.epochs, f"fine-tuning: epoch {epoch + 1}/{config.epochs}")
 

@@ -40,6 +40,18 @@ def client(settings: Settings) -> Iterator[TestClient]:
         yield client
 
 
+def _running_snapshot(client: TestClient, run_id: str, timeout: float = 60) -> dict[str, Any]:
+    """The run as seen while it runs, once a step has reported."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        run = client.get(f"/recognition/v2/training-run/{run_id}").json()
+        if run["status"] == "RUNNING" and run["step"]:
+            return dict(run)
+        assert run["status"] in ("QUEUED", "RUNNING"), run
+        time.sleep(0.05)
+    raise AssertionError("the run never reported a step")
+
+
 def _check_metrics(task_type: str, metrics: dict[str, Any]) -> None:
     assert metrics["test_images"] >= 8
     if task_type == "multi_class":
@@ -67,6 +79,9 @@ def test_train_retrain_and_switch_production(client: TestClient, task_type: str)
     assert run["status"] == "QUEUED" and run["task"] == task["id"]
     assert client.get(f"{TASKS}/{task['id']}").json()["last_train_status"] == "IN_TRAINING"
     assert client.post(f"{TASKS}/{task['id']}/train").status_code == 409  # already training
+    seen = _running_snapshot(client, run["id"])
+    assert seen["step"] in {"validate", "split", "train", "evaluate", "register"}
+    assert 0.0 <= seen["progress"] <= 1.0 and seen["started"]
 
     done = wait(client, run["id"])
     assert done["status"] == "SUCCEEDED", done
@@ -179,3 +194,41 @@ def test_deleting_a_task_removes_runs_snapshots_and_bundles(client: TestClient) 
     assert client.get(f"/recognition/v2/training-run/?task={task['id']}").status_code == 404
     with client.app.state.session_factory() as session:  # type: ignore[attr-defined]
         assert session.scalars(select(TrainingRun)).all() == []
+
+
+@pytest.mark.postgres
+@pytest.mark.s3
+def test_training_with_postgres_and_s3(postgres_url: str, s3_server: Any, tmp_path: Path) -> None:
+    """The cluster-mode stores: the pipeline steps read the snapshot from and write the bundle to S3."""
+    from tests.conftest import s3_storage_settings
+
+    settings = Settings(
+        data_dir=tmp_path,
+        database_url=postgres_url,
+        train_poll_interval_s=0.2,
+        **s3_storage_settings(s3_server, "training"),
+    )
+    app = create_app(settings)
+    with app.state.session_factory() as session:
+        _, token = create_user(session, "s3-trainer")
+    with TestClient(app, headers={"Authorization": f"Token {token}"}) as client:
+        task = make_task(client, "multi_class", per_label=20)
+        done = wait(client, train(client, task["id"])["id"])
+        assert done["status"] == "SUCCEEDED", done
+        assert app.state.blobs.list_keys(f"models/{task['id']}/{done['id']}/") == [
+            f"models/{task['id']}/{done['id']}/bundle.json",
+            f"models/{task['id']}/{done['id']}/head.onnx",
+        ]
+
+
+def test_runs_queue_one_at_a_time(client: TestClient) -> None:
+    first_task, second_task = make_task(client, "multi_class", per_label=20), make_task(client, "regression", 12)
+    first = train(client, first_task["id"])
+    second = train(client, second_task["id"])
+    _running_snapshot(client, first["id"])
+    assert client.get(f"/recognition/v2/training-run/{second['id']}").json()["status"] == "QUEUED"
+    assert wait(client, first["id"])["status"] == "SUCCEEDED"
+    finished = wait(client, second["id"])
+    assert finished["status"] == "SUCCEEDED" and finished["started"] >= wait(client, first["id"])["finished"]
+    listed = client.get(f"/recognition/v2/training-run/?task={second_task['id']}").json()
+    assert [run["id"] for run in listed["results"]] == [second["id"]]

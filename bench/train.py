@@ -1,0 +1,1155 @@
+"""Training benchmark of the control plane on real photos, against a fine-tuning baseline.
+
+What is measured, per data set (``../shared/datasets/<name>/`` next to the repo):
+
+* **ours**: the real service (``taskvision serve`` as a subprocess, fresh data
+  directory) with its default CPU training (the KFP pipeline validate -> split
+  -> train -> evaluate -> register run by kfp.local; ``embed`` mode:
+  EfficientNet-Lite0 embeddings with ONNX Runtime + a linear head). The wall
+  time runs from sending ``POST /recognition/v2/task/{id}/train`` to the moment
+  ``GET /recognition/v2/task/{id}`` shows the new version as
+  ``production_version`` (polled every 0.1 s). The images are uploaded and
+  labelled through the API first (4 client threads); that is not timed. The
+  metrics are the ones the run registered with the version (on its test
+  split). Peak memory is sampled every 0.2 s over the server process and all
+  its descendants (the pipeline process and its step processes): the peak of
+  the summed RSS and the largest single process.
+* **baseline**: the same backbone fully fine-tuned end to end (the PyTorch
+  transfer-learning tutorial's method: SGD with momentum, random resized crops
+  and flips; ``components.lib.train`` in ``finetune`` mode) for 25 epochs,
+  learning rate 0.001, batch 32, on the very snapshot the service froze for
+  its run and the same deterministic split (``split_dataset(test_fraction=0.2,
+  seed=0)``, as the pipeline), evaluated by the same evaluate code. It runs in
+  a child process of the benchmark (torch on 2 threads) so its time and
+  memory are its own; the server is idle meanwhile.
+
+Before the timed runs the service trains once on a tiny generated task (not
+timed): the data directory, and the ONNX export cache
+(``TASKVISION_CACHE_DIR``, inside it), start empty like on a fresh machine, and
+that first training pays the one-off ONNX export of the backbone. Embeddings
+are cached per image hash in the blob store, so every timed run embeds its
+images from scratch (each data set's images are new to the service).
+
+Targets (printed as PASS/FAIL): flowers trained in < 30 s request->production
+with accuracy >= the baseline's; scenes mAP >= 0.90; ages MAE <= 9 years.
+
+Run it by hand (not collected by pytest)::
+
+    .venv/bin/python bench/train.py [--datasets flowers,scenes,ages]
+        [--baseline-datasets flowers,scenes,ages] [--baseline-epochs 25]
+        [--out bench/results/train.json]
+
+A 25-epoch fine-tune on a 2-core CPU takes tens of minutes per data set;
+``--baseline-epochs 1`` makes a quick end-to-end check and
+``--baseline-datasets ''`` skips the baseline. The results are printed as
+Markdown on stdout and written as JSON to ``--out``; progress goes to stderr.
+The exit status is 1 when a run failed or a target was missed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import csv
+import io
+import json
+import logging
+import math
+import os
+import platform
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import requests
+
+logger = logging.getLogger("bench.train")
+
+API = "/recognition/v2"
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DATASETS_ROOT = REPO_ROOT.parent / "shared" / "datasets"
+DEFAULT_OUT = REPO_ROOT / "bench" / "results" / "train.json"
+ALL_DATASETS = ("flowers", "scenes", "ages")
+STARTUP_TIMEOUT_S = 60.0
+REQUEST_TIMEOUT_S = 120.0
+POLL_S = 0.1  # how often the task is polled for its production version
+MEMORY_SAMPLE_S = 0.2
+TRAIN_TIMEOUT_S = 1800.0  # one API training (the default CPU mode needs well under a minute)
+UPLOAD_CONCURRENCY = 4
+BASELINE_THREADS = 2
+MIB = 1024
+
+# Targets: flowers fast and at least as accurate as fine-tuning; scenes and ages good enough.
+TARGET_FLOWERS_SECONDS = 30.0
+TARGET_SCENES_MAP = 0.90
+TARGET_AGES_MAE = 9.0
+
+TAG_COLUMNS = ("desert", "mountains", "sea", "sunset", "trees")
+
+
+# ---- the data sets ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Item:
+    path: Path
+    labels: tuple[str, ...]  # label names (empty for a multi_label image without tags: the negative label)
+    value: float | None = None  # regression
+
+
+@dataclass(frozen=True)
+class Dataset:
+    name: str
+    task_type: str  # multi_class | multi_label | regression
+    label_type: str  # category | tag | value
+    label_names: tuple[str, ...]
+    items: list[Item]
+
+
+def load_dataset(name: str) -> Dataset:
+    """Read ``labels.csv`` of one data set (the photos stay where they are)."""
+    root = DATASETS_ROOT / name
+    with (root / "labels.csv").open(newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    if name == "flowers":
+        items = [Item(root / row["path"], (row["label"].strip(),)) for row in rows]
+        names = tuple(sorted({item.labels[0] for item in items}))
+        dataset = Dataset(name, "multi_class", "category", names, items)
+    elif name == "scenes":
+        items = [
+            Item(root / row["path"], tuple(tag for tag in TAG_COLUMNS if row[tag].strip() == "1"))
+            for row in rows
+        ]
+        dataset = Dataset(name, "multi_label", "tag", TAG_COLUMNS, items)
+    elif name == "ages":
+        items = [Item(root / row["path"], ("age",), float(row["age"])) for row in rows]
+        dataset = Dataset(name, "regression", "value", ("age",), items)
+    else:
+        raise ValueError(f"unknown data set {name!r}")
+    missing = [item.path for item in items if not item.path.is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"{name}: {len(missing)} images listed in labels.csv are missing, e.g. {missing[0]}"
+        )
+    return dataset
+
+
+def dataset_available(name: str) -> str | None:
+    """None when the data set can be read, else why not."""
+    if not (DATASETS_ROOT / name / "labels.csv").is_file():
+        return f"{DATASETS_ROOT / name / 'labels.csv'} not found"
+    return None
+
+
+def tiny_warmup_images(per_label: int = 20) -> list[tuple[bytes, str]]:
+    """A generated two-class task (discs and squares) for the untimed warm-up training."""
+    import random
+
+    from PIL import Image, ImageDraw
+
+    rng = random.Random(7)
+    images: list[tuple[bytes, str]] = []
+    for shape in ("disc", "square"):
+        for _ in range(per_label):
+            img = Image.new("RGB", (96, 96), tuple(rng.randrange(256) for _ in range(3)))
+            draw = ImageDraw.Draw(img)
+            x, y, r = rng.randint(25, 70), rng.randint(25, 70), rng.randint(10, 24)
+            colour = tuple(rng.randrange(256) for _ in range(3))
+            if shape == "disc":
+                draw.ellipse((x - r, y - r, x + r, y + r), fill=colour)
+            else:
+                draw.rectangle((x - r, y - r, x + r, y + r), fill=colour)
+            out = io.BytesIO()
+            img.save(out, format="PNG")
+            images.append((out.getvalue(), shape))
+    return images
+
+
+# ---- memory of a process tree ----------------------------------------------------
+
+
+def _children(pid: int) -> list[int]:
+    kids: list[int] = []
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return kids
+    for tid in tasks:
+        try:
+            kids += [int(x) for x in Path(f"/proc/{pid}/task/{tid}/children").read_text().split()]
+        except OSError:
+            pass
+    return kids
+
+
+def _children_by_ppid(pid: int) -> list[int]:
+    """Fallback where /proc/<pid>/task/<tid>/children does not exist: scan every process's parent."""
+    kids: list[int] = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        if int(stat[stat.rindex(")") + 2 :].split()[1]) == pid:
+            kids.append(int(entry))
+    return kids
+
+
+_HAS_CHILDREN_FILE = Path(f"/proc/{os.getpid()}/task/{os.getpid()}/children").exists()
+
+
+def process_tree(root: int) -> list[int]:
+    """``root`` and all its descendants (alive now)."""
+    find = _children if _HAS_CHILDREN_FILE else _children_by_ppid
+    seen, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        if pid in seen:
+            continue
+        seen.append(pid)
+        todo += find(pid)
+    return seen
+
+
+def proc_memory(pid: int) -> tuple[int, int, str] | None:
+    """(VmRSS kB, VmHWM kB, command name) of a process, or None when it is gone (or a zombie)."""
+    try:
+        text = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return None
+    fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
+    if "VmRSS" not in fields:  # kernel threads and zombies have no memory
+        return None
+    name = fields.get("Name", "?").strip()
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        words = [a.decode(errors="replace") for a in argv if a]
+        # "python -m pipelines.local_run" or the KFP step's "-m kfp.dsl.executor_main" say more than "python".
+        if "-m" in words:
+            name = words[words.index("-m") + 1]
+        elif len(words) > 1 and "python" in Path(words[0]).name:
+            name = Path(words[1]).name
+        elif words:
+            name = Path(words[0]).name
+    except OSError:
+        pass
+    return int(fields["VmRSS"].split()[0]), int(fields.get("VmHWM", "0 kB").split()[0]), name
+
+
+class MemorySampler:
+    """Samples the summed RSS of a process tree every ``interval`` seconds on a thread."""
+
+    def __init__(self, root: int, interval: float = MEMORY_SAMPLE_S) -> None:
+        self.root, self.interval = root, interval
+        self.peak_sum_kb = 0
+        self.peak_single_kb = 0
+        self.peak_single_name = ""
+        self.peak_processes = 0
+        self.samples = 0
+        self.hwm_kb: dict[int, tuple[int, str]] = {}  # VmHWM of every process seen (its own lifetime peak)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="memory-sampler", daemon=True)
+
+    def __enter__(self) -> MemorySampler:
+        self.sample()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self.sample()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.sample()
+
+    def sample(self) -> None:
+        total, count = 0, 0
+        for pid in process_tree(self.root):
+            figures = proc_memory(pid)
+            if figures is None:
+                continue
+            rss, hwm, name = figures
+            total += rss
+            count += 1
+            if rss > self.peak_single_kb:
+                self.peak_single_kb, self.peak_single_name = rss, name
+            if hwm > self.hwm_kb.get(pid, (0, ""))[0]:
+                self.hwm_kb[pid] = (hwm, name)
+        self.samples += 1
+        self.peak_sum_kb = max(self.peak_sum_kb, total)
+        self.peak_processes = max(self.peak_processes, count)
+
+    def summary(self) -> dict[str, Any]:
+        hwm = sorted(self.hwm_kb.values(), reverse=True)
+        return {
+            "peak_rss_sum_mib": round(self.peak_sum_kb / MIB, 1),
+            "peak_rss_single_mib": round(self.peak_single_kb / MIB, 1),
+            "peak_rss_single_process": self.peak_single_name,
+            "max_processes": self.peak_processes,
+            "samples": self.samples,
+            "sample_interval_s": self.interval,
+            # Each process's own lifetime peak (VmHWM); the server's includes what it did before this phase.
+            "vmhwm_mib_by_process": [{"process": name, "mib": round(kb / MIB, 1)} for kb, name in hwm[:8]],
+        }
+
+
+# ---- the server under test ----------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@dataclass
+class Server:
+    """A running ``taskvision serve`` and what the benchmark needs to talk to it."""
+
+    process: subprocess.Popen[bytes]
+    base_url: str
+    token: str
+    data_dir: Path
+    cache_dir: Path
+    log_path: Path
+    env: dict[str, str]
+
+
+def _server_env(cache_dir: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env["OMP_WAIT_POLICY"] = "PASSIVE"  # no busy-waiting OpenMP threads eating the other processes' CPU
+    env["TASKVISION_CACHE_DIR"] = str(cache_dir)  # a cold ONNX export cache, like a fresh machine
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+@contextmanager
+def running_server(workdir: Path, *, log_level: str) -> Iterator[Server]:
+    """Start the service on a fresh data dir under ``workdir``; always stop it."""
+    executable = Path(sys.executable).with_name("taskvision")
+    if not executable.exists():
+        raise SystemExit(f"{executable} not found: install the project into this venv (make venv).")
+    data_dir = workdir / "data"
+    cache_dir = data_dir / "cache"
+    cache_dir.mkdir(parents=True)
+    log_path = workdir / "server.log"
+    env = _server_env(cache_dir)
+    process: subprocess.Popen[bytes] | None = None
+    try:
+        created = subprocess.run(
+            [str(executable), "users", "create", "bench", "--data-dir", str(data_dir)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=STARTUP_TIMEOUT_S,
+            check=False,
+        )
+        if created.returncode != 0:
+            raise RuntimeError(f"'taskvision users create' failed: {created.stderr.strip()}")
+        token = created.stdout.strip()
+        port = free_port()
+        with log_path.open("wb") as log_file:  # a file, not a pipe: a full pipe would stall the server
+            process = subprocess.Popen(
+                [
+                    str(executable),
+                    "--log-level",
+                    log_level,
+                    "serve",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(port),
+                    "--data-dir",
+                    str(data_dir),
+                ],
+                env=env,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+            )
+        server = Server(process, f"http://127.0.0.1:{port}", token, data_dir, cache_dir, log_path, env)
+        _wait_healthy(server)
+        logger.info("server pid %d listening on %s (data dir %s)", process.pid, server.base_url, data_dir)
+        yield server
+    finally:
+        if process is not None:
+            _stop(process)
+
+
+def _wait_healthy(server: Server) -> None:
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if server.process.poll() is not None:
+            tail = server.log_path.read_text(errors="replace")[-3000:]
+            raise RuntimeError(f"the server exited with {server.process.returncode}:\n{tail}")
+        try:
+            if requests.get(f"{server.base_url}/healthz", timeout=2).status_code == 200:
+                return
+        except requests.ConnectionError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"the server did not answer /healthz within {STARTUP_TIMEOUT_S:.0f}s")
+
+
+def _stop(process: subprocess.Popen[Any], what: str = "server") -> None:
+    if process.poll() is not None:
+        return
+    process.terminate()
+    try:
+        process.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        logger.warning("%s pid %d ignored SIGTERM; killing it", what, process.pid)
+        process.kill()
+        process.wait(timeout=15)
+
+
+def server_log_summary(log_path: Path) -> dict[str, Any]:
+    """Count problems the server logged (tracebacks, ERROR/WARNING lines, 5xx answers)."""
+    text = log_path.read_text(errors="replace") if log_path.exists() else ""
+    lines = text.splitlines()
+    return {
+        "lines": len(lines),
+        "error_lines": sum(" ERROR " in line or line.startswith(("ERROR", "CRITICAL")) for line in lines),
+        "tracebacks": text.count("Traceback (most recent call last)"),
+        "http_5xx": sum(1 for line in lines if '" 5' in line and "HTTP/1.1" in line),
+    }
+
+
+# ---- HTTP client --------------------------------------------------------------
+
+
+class Client:
+    """One ``requests.Session`` per thread, all with the benchmark user's token."""
+
+    def __init__(self, server: Server) -> None:
+        self.base_url = server.base_url
+        self._headers = {"Authorization": f"Token {server.token}"}
+        self._local = threading.local()
+
+    @property
+    def session(self) -> requests.Session:
+        session: requests.Session | None = getattr(self._local, "session", None)
+        if session is None:
+            session = requests.Session()
+            session.trust_env = False  # never route 127.0.0.1 through a proxy from the environment
+            session.headers.update(self._headers)
+            self._local.session = session
+        return session
+
+    def post(self, path: str, payload: dict[str, Any] | None = None) -> requests.Response:
+        return self.session.post(f"{self.base_url}{path}", json=payload, timeout=REQUEST_TIMEOUT_S)
+
+    def get(self, path: str, params: dict[str, Any] | None = None) -> requests.Response:
+        return self.session.get(f"{self.base_url}{path}", params=params, timeout=REQUEST_TIMEOUT_S)
+
+
+def _expect(response: requests.Response, status: int, what: str) -> dict[str, Any]:
+    if response.status_code != status:
+        raise RuntimeError(f"{what}: HTTP {response.status_code}: {response.text[:500]}")
+    data: dict[str, Any] = response.json()
+    return data
+
+
+# ---- building a task through the API --------------------------------------------------
+
+
+@dataclass
+class BuiltTask:
+    task_id: str
+    label_ids: dict[str, str]  # name -> id (the negative label under its own name)
+    negative_id: str | None
+    uploaded: int
+    duplicates: int
+    upload_wall_s: float
+
+
+def create_task(
+    client: Client, name: str, task_type: str, label_type: str, labels: Sequence[str]
+) -> BuiltTask:
+    task = _expect(client.post(f"{API}/task/", {"name": name, "type": task_type}), 201, f"create task {name}")
+    label_ids: dict[str, str] = {}
+    for label_name in labels:
+        label = _expect(
+            client.post(f"{API}/label/", {"name": label_name, "type": label_type}),
+            201,
+            f"create label {label_name}",
+        )
+        _expect(
+            client.post(f"{API}/task/{task['id']}/add-label", {"label_id": label["id"]}), 200, "attach label"
+        )
+        label_ids[label_name] = label["id"]
+    task = _expect(client.get(f"{API}/task/{task['id']}"), 200, "read task")
+    negative = next((lb["id"] for lb in task.get("labels", []) if lb.get("negative_for_task")), None)
+    return BuiltTask(task["id"], label_ids, negative, 0, 0, 0.0)
+
+
+_DUPLICATE_ID = re.compile(r"image ID: ([0-9a-fA-F-]{8,})")
+
+
+def _upload_one(
+    client: Client, built: BuiltTask, data: bytes, labels: Sequence[str], value: float | None
+) -> bool:
+    """Upload one image and attach its labels; True when the service already had it (duplicate)."""
+    body = {"base64": base64.b64encode(data).decode("ascii")}
+    response = client.post(f"{API}/training-image/", body)
+    duplicate = False
+    if response.status_code == 201:
+        image_id = response.json()["id"]
+    else:
+        match = _DUPLICATE_ID.search(response.text) if response.status_code == 400 else None
+        if match is None:
+            raise RuntimeError(f"upload: HTTP {response.status_code}: {response.text[:300]}")
+        image_id, duplicate = match.group(1), True  # what ximilar-client does: reuse the existing image
+    label_ids = [built.label_ids[name] for name in labels] if labels else [built.negative_id]
+    for label_id in label_ids:
+        if label_id is None:
+            raise RuntimeError("an image without tags, but the task has no negative label")
+        payload: dict[str, Any] = {"label_id": label_id}
+        if value is not None:
+            payload["value"] = value
+        _expect(client.post(f"{API}/training-image/{image_id}/add-label", payload), 200, "add label to image")
+    return duplicate
+
+
+def upload_all(
+    client: Client, built: BuiltTask, jobs: Sequence[tuple[Path | bytes, Sequence[str], float | None]]
+) -> None:
+    """Upload ``(file or bytes, label names, value)`` jobs with a few client threads."""
+
+    def one(job: tuple[Path | bytes, Sequence[str], float | None]) -> bool:
+        source, labels, value = job
+        data = source.read_bytes() if isinstance(source, Path) else source
+        return _upload_one(client, built, data, labels, value)
+
+    start = time.perf_counter()
+    done = 0
+    duplicates = 0
+    pool = ThreadPoolExecutor(max_workers=UPLOAD_CONCURRENCY, thread_name_prefix="upload")
+    try:
+        for duplicate in pool.map(one, jobs):
+            done += 1
+            duplicates += duplicate
+            if done % 250 == 0:
+                logger.info("  uploaded %d/%d images", done, len(jobs))
+    except BaseException:
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown()
+    built.uploaded, built.duplicates = done, duplicates
+    built.upload_wall_s = round(time.perf_counter() - start, 2)
+
+
+# ---- one timed training through the API -----------------------------------------------
+
+
+@dataclass
+class TrainOutcome:
+    run: dict[str, Any]
+    seconds: float  # request -> production_version is the new version
+    version: int | None
+    metrics: dict[str, Any]
+    memory: dict[str, Any]
+    steps: list[dict[str, Any]] = field(default_factory=list)  # step changes the run showed, with their time
+    log_steps: dict[str, Any] = field(default_factory=dict)
+    run_log_tail: list[str] = field(default_factory=list)
+    bundle_training: dict[str, Any] = field(default_factory=dict)
+
+
+def _read_run_log(server: Server, run_id: str) -> str | None:
+    """The pipeline run's log; it exists only while the run does (the runner deletes it afterwards)."""
+    try:
+        return (server.data_dir / "pipeline-runs" / run_id / "run.log").read_text(errors="replace")
+    except OSError:
+        return None
+
+
+_LOG_TIME = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) ")
+
+
+def log_step_timings(log: str) -> dict[str, Any]:
+    """Per pipeline step: seconds from its first to its last timestamped log line (kfp.local and step logs)."""
+    steps: dict[str, list[datetime]] = {}
+    first: datetime | None = None
+    last: datetime | None = None
+    current = ""
+    for line in log.splitlines():
+        match = _LOG_TIME.match(line)
+        # kfp.local announces each task: "Executing task 'train'" / "Task 'train' finished with status SUCCESS".
+        named = re.search(r"[Tt]ask '([\w-]+)'", line)
+        if named:
+            current = named.group(1)
+        if not match:
+            continue
+        when = datetime.strptime(match.group(1), "%Y-%m-%d %H:%M:%S,%f")
+        first = first or when
+        last = when
+        if current:
+            steps.setdefault(current, []).append(when)
+    out: dict[str, Any] = {
+        name: round((times[-1] - times[0]).total_seconds(), 2) for name, times in steps.items() if times
+    }
+    if first and last:
+        out["_logged_span_s"] = round((last - first).total_seconds(), 2)
+    return out
+
+
+def train_and_wait(
+    client: Client, server: Server, task_id: str, *, params: dict[str, Any] | None = None, timed: bool = True
+) -> TrainOutcome:
+    """Ask for a training and wait until the new version is the task's production version."""
+    before = _expect(client.get(f"{API}/task/{task_id}"), 200, "read task")["production_version"]
+    steps: list[dict[str, Any]] = []
+    last_log = ""
+    with MemorySampler(server.process.pid) as memory:
+        start = time.perf_counter()
+        response = client.post(f"{API}/task/{task_id}/train", params)
+        run = _expect(response, 202, "train")
+        run_id = run["id"]
+        deadline = time.monotonic() + TRAIN_TIMEOUT_S
+        next_run_poll = 0.0
+        production = before
+        while True:
+            production = _expect(client.get(f"{API}/task/{task_id}"), 200, "poll task")["production_version"]
+            elapsed = time.perf_counter() - start
+            if production != before:
+                break
+            if elapsed >= next_run_poll:  # the run (for its step and failures) and its log, twice a second
+                next_run_poll = elapsed + 0.5
+                run = _expect(client.get(f"{API}/training-run/{run_id}"), 200, "poll run")
+                if not steps or (steps[-1]["step"], steps[-1]["status"]) != (run["step"], run["status"]):
+                    steps.append({"at_s": round(elapsed, 2), "step": run["step"], "status": run["status"]})
+                    logger.info(
+                        "  %6.1f s  %s %s %s", elapsed, run["status"], run["step"], run.get("message", "")
+                    )
+                if run["status"] in ("FAILED", "CANCELED"):
+                    raise RuntimeError(
+                        f"run {run_id} {run['status']} at step {run['step']!r}: {run['error']}"
+                    )
+                log = _read_run_log(server, run_id)
+                if log:
+                    last_log = log
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"run {run_id} not in production after {TRAIN_TIMEOUT_S:.0f} s: {run}")
+            time.sleep(POLL_S)
+        seconds = time.perf_counter() - start
+    run = _expect(client.get(f"{API}/training-run/{run_id}"), 200, "read run")
+    if run["status"] != "SUCCEEDED" or run["version"] != production:
+        raise RuntimeError(f"production is version {production} but the run says {run}")
+    models = _expect(client.get(f"{API}/model/", {"task": task_id}), 200, "list models")["results"]
+    model = next(m for m in models if m["version"] == production)
+    bundle_training: dict[str, Any] = {}
+    bundle = server.data_dir / "blobs" / "models" / task_id / run_id / "bundle.json"
+    if bundle.is_file():
+        bundle_training = json.loads(bundle.read_text()).get("training", {})
+    if timed:
+        logger.info("  version %d in production %.2f s after the train request", production, seconds)
+    return TrainOutcome(
+        run=run,
+        seconds=round(seconds, 3),
+        version=production,
+        metrics=model["metrics"],
+        memory=memory.summary(),
+        steps=steps,
+        log_steps=log_step_timings(last_log),
+        run_log_tail=last_log.splitlines()[-40:],
+        bundle_training=bundle_training,
+    )
+
+
+# ---- the baseline (a child process) ------------------------------------------------------
+
+
+def baseline_worker(spec_path: Path) -> int:
+    """In the child: fine-tune on the snapshot and split the service used; write the result JSON."""
+    spec = json.loads(spec_path.read_text())
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s baseline %(message)s")
+    started = time.perf_counter()
+    import torch
+
+    torch.set_num_threads(BASELINE_THREADS)
+    from components.lib.evaluate import evaluate_model
+    from components.lib.split import split_dataset
+    from components.lib.train import TrainConfig, train_model
+    from taskvision.dataset import read_snapshot
+    from taskvision.storage import LocalBlobStore
+
+    store = LocalBlobStore(Path(spec["blobs_root"]))
+    info, rows = read_snapshot(store, spec["snapshot_prefix"])
+    split = split_dataset(info, rows, test_fraction=0.2, seed=0)
+    config = TrainConfig(
+        mode="finetune", epochs=spec["epochs"], learning_rate=0.001, batch_size=32, augment="flip"
+    )
+    out_dir = Path(spec["out_dir"])
+    last = [0.0]
+
+    def progress(fraction: float, message: str) -> None:
+        now = time.perf_counter()
+        if message.startswith("fine-tuning") and now - last[0] > 1.0:
+            last[0] = now
+            logging.info("%s (%.0f s since start)", message, now - started)
+
+    logging.info(
+        "%s: fine-tuning %d train / %d test images for %d epochs",
+        spec["name"],
+        len(split.train),
+        len(split.test),
+        config.epochs,
+    )
+    train_start = time.perf_counter()
+    train_model(info, rows, split, store, out_dir, config, progress=progress)
+    train_s = time.perf_counter() - train_start
+    eval_start = time.perf_counter()
+    metrics = evaluate_model(out_dir)
+    eval_s = time.perf_counter() - eval_start
+    result = {
+        "train_images": len(split.train),
+        "test_images": len(split.test),
+        "test_ids": split.test,
+        "setup_s": round(train_start - started, 2),  # imports, snapshot, split
+        "train_s": round(train_s, 2),
+        "evaluate_s": round(eval_s, 2),
+        "torch_threads": torch.get_num_threads(),
+        "config": {
+            "mode": config.mode,
+            "epochs": config.epochs,
+            "learning_rate": config.learning_rate,
+            "batch_size": config.batch_size,
+            "augment": config.augment,
+            "optimizer": "SGD momentum 0.9",
+        },
+        "metrics": metrics,
+    }
+    Path(spec["result"]).write_text(json.dumps(result))
+    return 0
+
+
+def run_baseline(
+    server: Server, workdir: Path, name: str, task_id: str, run_id: str, epochs: int
+) -> dict[str, Any]:
+    """Fine-tune in a child process on the service's snapshot of ``run_id``; time and memory."""
+    prefix = f"datasets/{task_id}/{run_id}"
+    blobs = server.data_dir / "blobs"
+    if not (blobs / prefix / "dataset.json").is_file():
+        raise RuntimeError(f"the run's snapshot {blobs / prefix} is missing")
+    spec_path = workdir / f"baseline-{name}.json"
+    result_path = workdir / f"baseline-{name}-result.json"
+    spec = {
+        "name": name,
+        "blobs_root": str(blobs),
+        "snapshot_prefix": prefix,
+        "out_dir": str(workdir / f"baseline-{name}-model"),
+        "epochs": epochs,
+        "result": str(result_path),
+    }
+    spec_path.write_text(json.dumps(spec))
+    env = {**server.env, "OMP_NUM_THREADS": str(BASELINE_THREADS), "PYTHONPATH": str(REPO_ROOT)}
+    command = [sys.executable, str(Path(__file__).resolve()), "--baseline-worker", str(spec_path)]
+    logger.info("baseline %s: fine-tuning for %d epochs in a child process", name, epochs)
+    process = subprocess.Popen(command, env=env, cwd=REPO_ROOT)  # its log goes to our stderr
+    try:
+        with MemorySampler(process.pid) as memory:
+            start = time.perf_counter()
+            code = process.wait()
+            seconds = time.perf_counter() - start
+    finally:
+        _stop(process, "baseline")
+    if code != 0 or not result_path.is_file():
+        raise RuntimeError(f"the baseline child for {name} exited with {code}")
+    result: dict[str, Any] = json.loads(result_path.read_text())
+    shutil.rmtree(spec["out_dir"], ignore_errors=True)
+    result["wall_s"] = round(seconds, 2)
+    result["memory"] = memory.summary()
+    logger.info("baseline %s: %.1f s (train %.1f s)", name, seconds, result["train_s"])
+    return result
+
+
+# ---- per data set --------------------------------------------------------------------------
+
+
+def headline(task_type: str, metrics: dict[str, Any]) -> dict[str, float]:
+    keys = {
+        "multi_class": ("accuracy", "precision", "recall", "f1"),
+        "multi_label": ("mAP", "precision", "recall", "f1"),
+        "regression": ("mae", "rmse", "r2"),
+    }[task_type]
+    return {k: round(float(metrics[k]), 4) for k in keys if k in metrics}
+
+
+def bench_dataset(
+    client: Client, server: Server, dataset: Dataset
+) -> tuple[dict[str, Any], BuiltTask, TrainOutcome]:
+    logger.info(
+        "%s: creating the %s task and uploading %d images",
+        dataset.name,
+        dataset.task_type,
+        len(dataset.items),
+    )
+    built = create_task(
+        client, f"bench {dataset.name}", dataset.task_type, dataset.label_type, dataset.label_names
+    )
+    upload_all(client, built, [(item.path, item.labels, item.value) for item in dataset.items])
+    logger.info(
+        "%s: %d images uploaded in %.1f s (not timed); training",
+        dataset.name,
+        built.uploaded,
+        built.upload_wall_s,
+    )
+    outcome = train_and_wait(client, server, built.task_id)
+    load = list(os.getloadavg())
+    result = {
+        "dataset": dataset.name,
+        "task_type": dataset.task_type,
+        "images": len(dataset.items),
+        "labels": list(dataset.label_names),
+        "untagged_images": sum(not item.labels for item in dataset.items),
+        "task_id": built.task_id,
+        "upload": {
+            "images": built.uploaded,
+            "duplicates": built.duplicates,
+            "wall_s": built.upload_wall_s,
+            "concurrency": UPLOAD_CONCURRENCY,
+        },
+        "ours": {
+            "request_to_production_s": outcome.seconds,
+            "version": outcome.version,
+            "run": outcome.run,
+            "train_images": outcome.bundle_training.get("train_images"),
+            "test_images": outcome.metrics.get("test_images", outcome.bundle_training.get("test_images")),
+            "training": outcome.bundle_training,
+            "headline": headline(dataset.task_type, outcome.metrics),
+            "metrics": outcome.metrics,
+            "memory": outcome.memory,
+            "run_steps_seen": outcome.steps,
+            "run_log_step_seconds": outcome.log_steps,
+            "run_log_tail": outcome.run_log_tail,
+            "load_average_after": load,
+        },
+    }
+    return result, built, outcome
+
+
+# ---- report -------------------------------------------------------------------------------
+
+
+def machine_info() -> dict[str, Any]:
+    cpu_model = ""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                cpu_model = line.split(":", 1)[1].strip()
+                break
+    mem_kb = 0
+    meminfo = Path("/proc/meminfo")
+    if meminfo.exists():
+        for line in meminfo.read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                mem_kb = int(line.split()[1])
+    git = ["git", "-C", str(REPO_ROOT), "rev-parse", "--short", "HEAD"]
+    commit = subprocess.run(git, capture_output=True, text=True, check=False).stdout.strip()
+    changes = ["git", "-C", str(REPO_ROOT), "status", "--porcelain", "--untracked-files=no"]
+    dirty = bool(subprocess.run(changes, capture_output=True, text=True, check=False).stdout.strip())
+    return {
+        "nproc": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "cpu_model": cpu_model,
+        "memory_gib": round(mem_kb / 1024 / 1024, 1),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "git_commit": commit or None,
+        "git_dirty": dirty,  # uncommitted changes to tracked files: the commit alone does not say what ran
+        "load_average_at_start": list(os.getloadavg()),
+    }
+
+
+def evaluate_targets(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """PASS/FAIL (or n/a) per target."""
+    by_name = {row["dataset"]: row for row in report["datasets"]}
+    targets: list[dict[str, Any]] = []
+
+    def add(name: str, ok: bool | None, detail: str) -> None:
+        targets.append(
+            {"target": name, "status": "n/a" if ok is None else ("PASS" if ok else "FAIL"), "detail": detail}
+        )
+
+    flowers = by_name.get("flowers")
+    if flowers and "ours" in flowers:
+        seconds = flowers["ours"]["request_to_production_s"]
+        add(
+            f"flowers request->production < {TARGET_FLOWERS_SECONDS:.0f} s",
+            seconds < TARGET_FLOWERS_SECONDS,
+            f"{seconds:.2f} s",
+        )
+        ours = flowers["ours"]["headline"]["accuracy"]
+        base = flowers.get("baseline")
+        if base and "metrics" in base:
+            theirs = round(float(base["metrics"]["accuracy"]), 4)
+            add(
+                "flowers accuracy >= baseline's",
+                ours >= theirs,
+                f"{ours:.4f} vs {theirs:.4f} ({base['config']['epochs']}-epoch fine-tune)",
+            )
+        else:
+            add("flowers accuracy >= baseline's", None, f"{ours:.4f}; no baseline run")
+    else:
+        add(f"flowers request->production < {TARGET_FLOWERS_SECONDS:.0f} s", None, "flowers not run")
+        add("flowers accuracy >= baseline's", None, "flowers not run")
+    scenes = by_name.get("scenes")
+    if scenes and "ours" in scenes:
+        value = scenes["ours"]["headline"]["mAP"]
+        add(f"scenes mAP >= {TARGET_SCENES_MAP:.2f}", value >= TARGET_SCENES_MAP, f"{value:.4f}")
+    else:
+        add(f"scenes mAP >= {TARGET_SCENES_MAP:.2f}", None, "scenes not run")
+    ages = by_name.get("ages")
+    if ages and "ours" in ages:
+        value = ages["ours"]["headline"]["mae"]
+        add(f"ages MAE <= {TARGET_AGES_MAE:.0f} years", value <= TARGET_AGES_MAE, f"{value:.2f} years")
+    else:
+        add(f"ages MAE <= {TARGET_AGES_MAE:.0f} years", None, "ages not run")
+    return targets
+
+
+def _metrics_cell(task_type: str, values: dict[str, float]) -> str:
+    if not values:
+        return "-"
+    if task_type == "multi_class":
+        return f"acc {values['accuracy']:.3f}; P/R/F1 {values['precision']:.3f}/{values['recall']:.3f}/{values['f1']:.3f}"
+    if task_type == "multi_label":
+        return f"mAP {values['mAP']:.3f}; P/R/F1 {values['precision']:.3f}/{values['recall']:.3f}/{values['f1']:.3f}"
+    return f"MAE {values['mae']:.2f}; RMSE {values['rmse']:.2f}; R² {values['r2']:.3f}"
+
+
+def _memory_cell(memory: dict[str, Any] | None) -> str:
+    if not memory:
+        return "-"
+    return f"{memory['peak_rss_sum_mib']:.0f} / {memory['peak_rss_single_mib']:.0f}"
+
+
+def markdown(report: dict[str, Any]) -> str:
+    machine, cfg = report["machine"], report["config"]
+    commit = f"{machine['git_commit']}{' (dirty)' if machine['git_dirty'] else ''}"
+    load = ", ".join(f"{x:.2f}" for x in machine["load_average_at_start"])
+    warm = report.get("warmup", {})
+    out = [
+        f"## Training benchmark ({report['date']})",
+        "",
+        f"{machine['nproc']} CPUs ({machine['cpu_model']}), {machine['memory_gib']} GiB, load average at start "
+        f"{load}, Python {machine['python']}, commit {commit}. Ours: the service's default CPU training "
+        f"(kfp.local pipeline, {cfg['our_mode']} mode), timed from the train request until the new version is "
+        f"production (polled every {POLL_S} s); an untimed warm-up training on a tiny generated task ran first "
+        f"({warm.get('seconds', 0):.1f} s, it paid the one-off ONNX export of the backbone into the cold cache). "
+        f"Baseline: the same backbone fully fine-tuned (SGD, lr 0.001, batch 32, random crops + flips, "
+        f"{cfg['baseline_epochs']} epochs, torch on {BASELINE_THREADS} threads) on the same snapshot and split. "
+        "Peak RSS: sampled every 0.2 s, summed over the process tree / largest single process, MiB.",
+        "",
+        "| dataset | type | images | train/test | ours: request->production | ours: metrics | ours: peak RSS "
+        "| baseline: wall time | baseline: metrics | baseline: peak RSS |",
+        "|---|---|---:|---:|---:|---|---:|---:|---|---:|",
+    ]
+    for row in report["datasets"]:
+        if "ours" not in row:
+            out.append(
+                f"| {row['dataset']} | - | - | - | {row.get('skipped') or row.get('error', '-')} | | | | | |"
+            )
+            continue
+        ours = row["ours"]
+        base = row.get("baseline") or {}
+        if "metrics" in base:
+            base_time = f"{base['wall_s']:.0f} s ({base['config']['epochs']} ep.)"
+            base_metrics = _metrics_cell(row["task_type"], headline(row["task_type"], base["metrics"]))
+        else:
+            base_time, base_metrics = base.get("error", "not run"), "-"
+        out.append(
+            f"| {row['dataset']} | {row['task_type']} | {row['images']} | {ours['train_images']}/{ours['test_images']} "
+            f"| {ours['request_to_production_s']:.1f} s | {_metrics_cell(row['task_type'], ours['headline'])} "
+            f"| {_memory_cell(ours['memory'])} | {base_time} | {base_metrics} | {_memory_cell(base.get('memory'))} |"
+        )
+    out += ["", "| our run, per step (from the pipeline log) | seconds |", "|---|---|"]
+    for row in report["datasets"]:
+        steps = row.get("ours", {}).get("run_log_step_seconds")
+        if steps:
+            cells = ", ".join(f"{k} {v}" for k, v in steps.items() if not k.startswith("_"))
+            out.append(f"| {row['dataset']} | {cells} |")
+    out += [""] + [f"- **{t['status']}** {t['target']}: {t['detail']}" for t in report["targets"]]
+    out += ["", f"Total benchmark time {report['total_s'] / 60:.1f} min."]
+    return "\n".join(out)
+
+
+# ---- main -------------------------------------------------------------------
+
+
+def _names(value: str, parser: argparse.ArgumentParser, option: str) -> list[str]:
+    names = [part.strip() for part in value.split(",") if part.strip()]
+    unknown = [n for n in names if n not in ALL_DATASETS]
+    if unknown:
+        parser.error(
+            f"{option}: unknown data set(s) {', '.join(unknown)}; choose from {', '.join(ALL_DATASETS)}"
+        )
+    return names
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--datasets", default=",".join(ALL_DATASETS), help="data sets trained through the API"
+    )
+    parser.add_argument(
+        "--baseline-datasets",
+        default=",".join(ALL_DATASETS),
+        help="data sets also fine-tuned as the baseline",
+    )
+    parser.add_argument("--baseline-epochs", type=int, default=25, help="fine-tuning epochs of the baseline")
+    parser.add_argument("--server-log-level", default="info", choices=["debug", "info", "warning", "error"])
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="where to write the JSON results")
+    parser.add_argument("--baseline-worker", type=Path, help=argparse.SUPPRESS)  # internal: the child process
+    args = parser.parse_args(argv)
+    if args.baseline_worker:
+        return args
+    args.dataset_names = _names(args.datasets, parser, "--datasets")
+    args.baseline_names = [n for n in _names(args.baseline_datasets, parser, "--baseline-datasets")]
+    not_trained = [n for n in args.baseline_names if n not in args.dataset_names]
+    if not_trained:
+        parser.error(f"--baseline-datasets {', '.join(not_trained)} need the API run too (--datasets)")
+    if args.baseline_epochs < 1:
+        parser.error("--baseline-epochs must be 1 or more")
+    return args
+
+
+def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    begin = time.perf_counter()
+    report: dict[str, Any] = {
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": machine_info(),
+        "config": {
+            "datasets": args.dataset_names,
+            "baseline_datasets": args.baseline_names,
+            "baseline_epochs": args.baseline_epochs,
+            "datasets_root": str(DATASETS_ROOT),
+            "our_mode": "embed (the CPU default: train request without parameters)",
+            "poll_interval_s": POLL_S,
+            "memory_sample_interval_s": MEMORY_SAMPLE_S,
+            "upload_concurrency": UPLOAD_CONCURRENCY,
+            "cold_onnx_cache": True,
+            "warmup": "one untimed training of a tiny generated task (40 images) first, paying the ONNX export",
+        },
+        "datasets": [],
+    }
+    datasets: list[Dataset] = []
+    for name in args.dataset_names:
+        why = dataset_available(name)
+        if why:
+            logger.warning("skipping %s: %s (the photos live in %s)", name, why, DATASETS_ROOT)
+            report["datasets"].append({"dataset": name, "skipped": why})
+            continue
+        datasets.append(load_dataset(name))
+    if not datasets:
+        logger.warning("no data set found under %s: nothing to benchmark", DATASETS_ROOT)
+        report["total_s"] = round(time.perf_counter() - begin, 1)
+        report["targets"] = evaluate_targets(report)
+        return report
+
+    with running_server(workdir, log_level=args.server_log_level) as server:
+        client = Client(server)
+        logger.info("warm-up: a tiny generated task, trained once (not timed) to pay the ONNX export")
+        warm = create_task(client, "bench warm-up", "multi_class", "category", ("disc", "square"))
+        upload_all(client, warm, [(data, (label,), None) for data, label in tiny_warmup_images()])
+        warm_start = time.perf_counter()
+        warm_outcome = train_and_wait(client, server, warm.task_id, timed=False)
+        report["warmup"] = {
+            "images": warm.uploaded,
+            "seconds": round(time.perf_counter() - warm_start, 2),
+            "metrics": headline("multi_class", warm_outcome.metrics),
+            "onnx_cache_files": sorted(p.name for p in server.cache_dir.rglob("*") if p.is_file()),
+        }
+        logger.info("warm-up done in %.1f s", report["warmup"]["seconds"])
+
+        runs: dict[str, tuple[dict[str, Any], BuiltTask, TrainOutcome]] = {}
+        for dataset in datasets:
+            try:
+                row, built, outcome = bench_dataset(client, server, dataset)
+            except (RuntimeError, requests.RequestException) as exc:
+                logger.error("%s failed: %s", dataset.name, exc)
+                report["datasets"].append(
+                    {"dataset": dataset.name, "task_type": dataset.task_type, "error": str(exc)}
+                )
+                continue
+            report["datasets"].append(row)
+            runs[dataset.name] = (row, built, outcome)
+
+        # The baselines after every API run, so they never share the CPU with a timed run.
+        for name in args.baseline_names:
+            if name not in runs:
+                continue
+            row, built, outcome = runs[name]
+            try:
+                base = run_baseline(
+                    server, workdir, name, built.task_id, outcome.run["id"], args.baseline_epochs
+                )
+            except RuntimeError as exc:
+                logger.error("baseline %s failed: %s", name, exc)
+                row["baseline"] = {"error": str(exc)}
+                continue
+            ours_test = row["ours"]["test_images"]
+            base["same_split_size_as_ours"] = (
+                base["train_images"] == row["ours"]["train_images"] and base["test_images"] == ours_test
+            )
+            del base["test_ids"]
+            row["baseline"] = base
+            logger.info(
+                "baseline %s: %s",
+                name,
+                _metrics_cell(row["task_type"], headline(row["task_type"], base["metrics"])),
+            )
+        report["server_log"] = server_log_summary(server.log_path)
+    report["machine"]["load_average_at_end"] = list(os.getloadavg())
+    report["targets"] = evaluate_targets(report)
+    report["total_s"] = round(time.perf_counter() - begin, 1)
+    return report
+
+
+def _exit_on_sigterm(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)  # unwinds like Ctrl-C, so the server is stopped and its dir deleted
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.baseline_worker:
+        return baseline_worker(args.baseline_worker)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(message)s")
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    workdir = Path(tempfile.mkdtemp(prefix="taskvision-train-bench-"))
+    try:
+        report = run(args, workdir)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(markdown(report))
+    logger.info("results written to %s", args.out)
+    failed = any("error" in row for row in report["datasets"])
+    failed |= any("error" in row.get("baseline", {}) for row in report["datasets"])
+    failed |= any(t["status"] == "FAIL" for t in report["targets"])
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,48 @@
+"""The train step's finetune mode (the GPU default) end to end on a tiny dataset, on the CPU."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from components.lib.evaluate import evaluate_model
+from components.lib.split import split_dataset
+from components.lib.train import TrainConfig, train_model
+from taskvision.bundle import BundleMeta
+from taskvision.dataset import DatasetInfo, LabelInfo, ManifestRow
+from taskvision.inference import BundleModel
+from taskvision.preprocess import preprocess_bytes
+from taskvision.storage import LocalBlobStore
+from taskvision.task_types import TaskType
+from tests.training import datasets
+
+
+@pytest.mark.slow
+def test_finetune_exports_a_full_network_that_evaluates(tmp_path: Path) -> None:
+    store = LocalBlobStore(tmp_path / "blobs")
+    rows = []
+    for kind, label in (("circle", "L0"), ("square", "L1")):
+        for i in range(10):
+            data = datasets.shape_image(kind, i)
+            sha = hashlib.sha256(data).hexdigest()
+            store.put(f"images/{sha}", data)
+            rows.append(ManifestRow(image_id=f"{kind}{i}", blob_key=f"images/{sha}", sha256=sha, labels=[label]))
+    info = DatasetInfo("t", TaskType.MULTI_CLASS, [LabelInfo("L0", "circle"), LabelInfo("L1", "square")], "s", "", 20)
+    split = split_dataset(info, rows)
+    out = tmp_path / "model"
+    config = TrainConfig(mode="finetune", epochs=1, batch_size=8, learning_rate=0.01)
+    meta = train_model(info, rows, split, store, out, config)
+
+    assert meta.frozen_backbone is False and meta.training["mode"] == "finetune"
+    assert (out / "model.onnx").exists() and not (out / "head.onnx").exists()
+    assert BundleMeta.from_json((out / "bundle.json").read_text()).weights_file == "model.onnx"
+    metrics = evaluate_model(out)
+    assert metrics["test_images"] == len(split.test) and 0.0 <= metrics["accuracy"] <= 1.0
+    # The exported network answers images directly, with probabilities that sum to one.
+    model = BundleModel.load(out)
+    array, _ = preprocess_bytes(datasets.shape_image("circle", 99), max_pixels=10**7)
+    probs = model.outputs(model.logits_from_arrays(array[None]))
+    assert probs.shape == (1, 2) and np.isclose(probs.sum(), 1.0, atol=1e-5)
