@@ -76,7 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     pipeline = sub.add_parser("pipeline", help="the Kubeflow training pipeline").add_subparsers(
         dest="pipeline_command", required=True
     )
-    compile_ = pipeline.add_parser("compile", help="write the pipeline's KFP IR YAML (for the Kubeflow UI or kfp.Client)")
+    compile_ = pipeline.add_parser(
+        "compile", help="write the pipeline's KFP IR YAML (for the Kubeflow UI or kfp.Client)"
+    )
     compile_.add_argument("output", help="the YAML file to write")
     compile_.add_argument("--gpus", type=int, default=0, help="GPUs the train step requests (default 0)")
     compile_.add_argument("--gpu-type", default="nvidia.com/gpu", help="accelerator resource name")

@@ -166,11 +166,13 @@ def _standardize(x: Array) -> tuple[Array, Array]:
 
 
 def fit_linear(
-    x: Array, y: Array, task_type: TaskType, weight_decay: float, *, max_iter: int = 100
+    x: Array, y: Array, task_type: TaskType, weight_decay: float, *, n_outputs: int, max_iter: int = 100
 ) -> tuple[Array, Array]:
     """Fit ``logits = x @ W.T + b`` on raw embeddings (standardization is folded into W and b).
 
-    Regression ``y`` must already be standardized; classification uses LBFGS in torch.
+    ``n_outputs`` is the number of model outputs (the task's labels), which the targets of a
+    fold may not show. Regression ``y`` (n, outputs) must already be standardized;
+    classification uses LBFGS in torch.
     """
     mean, std = _standardize(x)
     xs = (x - mean) / std
@@ -185,8 +187,7 @@ def fit_linear(
 
         torch.manual_seed(0)
         xt = torch.from_numpy(xs)
-        k = int(y.max()) + 1 if task_type is TaskType.MULTI_CLASS else y.shape[1]
-        linear = torch.nn.Linear(xs.shape[1], k)
+        linear = torch.nn.Linear(xs.shape[1], n_outputs)
         torch.nn.init.zeros_(linear.weight)
         torch.nn.init.zeros_(linear.bias)
         if task_type is TaskType.MULTI_CLASS:
@@ -234,7 +235,13 @@ def _folds(n: int, k: int, seed: int) -> list[npt.NDArray[np.int64]]:
 
 
 def cross_validate(
-    x: Array, y: Array, task_type: TaskType, config: TrainConfig, groups: npt.NDArray[np.int64] | None = None
+    x: Array,
+    y: Array,
+    task_type: TaskType,
+    config: TrainConfig,
+    *,
+    n_outputs: int,
+    groups: npt.NDArray[np.int64] | None = None,
 ) -> tuple[float, Array]:
     """Pick the weight decay by k-fold CV; return it and the out-of-fold logits at that value.
 
@@ -245,16 +252,10 @@ def cross_validate(
     folds = _folds(n_groups, max(2, min(config.cv_folds, n_groups)), config.seed)
     best: tuple[float, float, Array] | None = None
     for wd in grid:
-        oof = np.zeros(
-            (
-                len(x),
-                *(() if task_type is TaskType.REGRESSION and y.ndim == 1 else (_out_dim(task_type, y),)),
-            ),
-            dtype=np.float32,
-        )
+        oof = np.zeros((len(x), n_outputs), dtype=np.float32)
         for fold in folds:
             in_fold = np.isin(groups, fold) if groups is not None else np.isin(np.arange(len(x)), fold)
-            w, b = fit_linear(x[~in_fold], y[~in_fold], task_type, wd)
+            w, b = fit_linear(x[~in_fold], y[~in_fold], task_type, wd, n_outputs=n_outputs)
             oof[in_fold] = _predict(x[in_fold], w, b)
         score = _score(task_type, y, oof)
         logger.info("weight decay %g: cross-validated score %.4f", wd, score)
@@ -262,12 +263,6 @@ def cross_validate(
             best = (score, wd, oof)
     assert best is not None
     return best[1], best[2]
-
-
-def _out_dim(task_type: TaskType, y: Array) -> int:
-    if task_type is TaskType.MULTI_CLASS:
-        return int(y.max()) + 1
-    return int(y.shape[1])
 
 
 # ---- the step ------------------------------------------------------------------------
@@ -370,8 +365,9 @@ def _train_head(
     y_fit = y_train
     if task_type is TaskType.REGRESSION:
         y_fit = ((y_train - np.asarray(meta.target_mean)) / np.asarray(meta.target_std)).astype(np.float32)
-    weight_decay, oof = cross_validate(x_train, y_fit, task_type, config, groups=groups)
-    w, b = fit_linear(x_train, y_fit, task_type, weight_decay)
+    n_outputs = len(meta.labels)
+    weight_decay, oof = cross_validate(x_train, y_fit, task_type, config, n_outputs=n_outputs, groups=groups)
+    w, b = fit_linear(x_train, y_fit, task_type, weight_decay, n_outputs=n_outputs)
     if task_type is TaskType.MULTI_LABEL:
         # Thresholds from out-of-fold scores on the training split: never from the test split.
         probs = 1.0 / (1.0 + np.exp(-oof))

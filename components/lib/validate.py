@@ -162,12 +162,17 @@ def validate_dataset(
     _table_suite(info, rows, report)
 
     per_label = Counter(lid for row in rows for lid in row.labels)
+    trainable = Counter(lid for row in rows if not row.test_image for lid in row.labels)
     for label in info.labels:
         count = per_label.get(label.id, 0)
         report.counts[label.name] = count
         if label.negative:
             continue
-        if count < min_images_per_label:
+        if count and not trainable.get(label.id):
+            report.problems.append(
+                f"label '{label.name}' has no training images: all {count} are marked as test images"
+            )
+        elif count < min_images_per_label:
             what = "images" if classification else "images with a value"
             report.problems.append(
                 f"label '{label.name}' has {count} {what}; at least {min_images_per_label} are needed"

@@ -21,7 +21,9 @@ def png(seed: int, size: tuple[int, int] = (32, 32)) -> bytes:
     image = Image.new("RGB", size, tuple(rng.randrange(256) for _ in range(3)))
     draw = ImageDraw.Draw(image)
     x, y = rng.randrange(size[0]), rng.randrange(size[1])
-    draw.rectangle((x, y, x + size[0] // 3, y + size[1] // 3), fill=tuple(rng.randrange(256) for _ in range(3)))
+    draw.rectangle(
+        (x, y, x + size[0] // 3, y + size[1] // 3), fill=tuple(rng.randrange(256) for _ in range(3))
+    )
     out = io.BytesIO()
     image.save(out, format="PNG")
     return out.getvalue()

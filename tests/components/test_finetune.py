@@ -29,8 +29,12 @@ def test_finetune_exports_a_full_network_that_evaluates(tmp_path: Path) -> None:
             data = datasets.shape_image(kind, i)
             sha = hashlib.sha256(data).hexdigest()
             store.put(f"images/{sha}", data)
-            rows.append(ManifestRow(image_id=f"{kind}{i}", blob_key=f"images/{sha}", sha256=sha, labels=[label]))
-    info = DatasetInfo("t", TaskType.MULTI_CLASS, [LabelInfo("L0", "circle"), LabelInfo("L1", "square")], "s", "", 20)
+            rows.append(
+                ManifestRow(image_id=f"{kind}{i}", blob_key=f"images/{sha}", sha256=sha, labels=[label])
+            )
+    info = DatasetInfo(
+        "t", TaskType.MULTI_CLASS, [LabelInfo("L0", "circle"), LabelInfo("L1", "square")], "s", "", 20
+    )
     split = split_dataset(info, rows)
     out = tmp_path / "model"
     config = TrainConfig(mode="finetune", epochs=1, batch_size=8, learning_rate=0.01)

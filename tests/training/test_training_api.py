@@ -222,7 +222,10 @@ def test_training_with_postgres_and_s3(postgres_url: str, s3_server: Any, tmp_pa
 
 
 def test_runs_queue_one_at_a_time(client: TestClient) -> None:
-    first_task, second_task = make_task(client, "multi_class", per_label=20), make_task(client, "regression", 12)
+    first_task, second_task = (
+        make_task(client, "multi_class", per_label=20),
+        make_task(client, "regression", 12),
+    )
     first = train(client, first_task["id"])
     second = train(client, second_task["id"])
     _running_snapshot(client, first["id"])

@@ -1,0 +1,192 @@
+"""The evaluate and register steps, and what every step shares (progress and failure reports)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from components.lib.evaluate import evaluate_model, markdown_report
+from components.lib.register import register_bundle
+from components.lib.runtime import Progress, StepFailed, run_step
+from taskvision.bundle import HEAD_FILE, BundleMeta, linear_head_onnx
+from taskvision.metrics import classification_metrics
+from taskvision.storage import LocalBlobStore
+from taskvision.task_types import TaskType
+
+
+def head_bundle(
+    folder: Path, task_type: TaskType, weight: np.ndarray, bias: np.ndarray, **fields: Any
+) -> BundleMeta:
+    """A frozen-backbone model folder as the train step writes it (without test inputs)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    meta = BundleMeta(
+        task_id="task-1",
+        task_type=task_type,
+        labels=[{"id": f"l{i}", "name": f"label {i}"} for i in range(len(weight))],
+        backbone="test-backbone",
+        frozen_backbone=True,
+        input_size=224,
+        preprocess={},
+        **fields,
+    )
+    (folder / HEAD_FILE).write_bytes(linear_head_onnx(weight.astype(np.float32), bias.astype(np.float32)))
+    (folder / "bundle.json").write_text(meta.to_json())
+    return meta
+
+
+# ---- evaluate ------------------------------------------------------------------------------------
+
+
+def test_evaluate_scores_the_test_inputs_through_the_bundle(tmp_path: Path) -> None:
+    # Identity head: the class is the argmax of the embedding itself.
+    head_bundle(tmp_path, TaskType.MULTI_CLASS, np.eye(3), np.zeros(3))
+    embeddings = np.array([[5, 0, 0], [0, 5, 0], [0, 0, 5], [5, 0, 0], [0, 5, 0]], dtype=np.float32)
+    truth = np.array([0, 1, 2, 1, 1], dtype=np.float32)
+    np.savez(
+        tmp_path / "test_inputs.npz", image_ids=np.array(list("abcde")), embeddings=embeddings, targets=truth
+    )
+
+    metrics = evaluate_model(tmp_path)
+
+    assert metrics["accuracy"] == pytest.approx(0.8)
+    assert metrics["test_images"] == 5
+    assert metrics["confusion_matrix"] == {
+        "labels": ["label 0", "label 1", "label 2"],
+        "matrix": [[1, 0, 0], [1, 2, 0], [0, 0, 1]],
+    }
+    assert metrics["per_label"]["label 1"]["recall"] == pytest.approx(2 / 3)
+
+
+def test_evaluate_multi_label_uses_the_bundle_thresholds(tmp_path: Path) -> None:
+    # sigmoid(embedding) are the probabilities; a threshold of 0.9 makes 0.88 a "no".
+    head_bundle(tmp_path, TaskType.MULTI_LABEL, np.eye(2), np.zeros(2), thresholds=[0.9, 0.5])
+    probs = np.array([[0.95, 0.6], [0.88, 0.4], [0.1, 0.7]])
+    logits = np.log(probs / (1 - probs))
+    truth = np.array([[1, 1], [1, 0], [0, 1]], dtype=np.float32)
+    np.savez(tmp_path / "test_inputs.npz", embeddings=logits.astype(np.float32), targets=truth)
+    metrics = evaluate_model(tmp_path)
+    assert metrics["per_label"]["label 0"]["recall"] == pytest.approx(0.5)
+    assert metrics["per_label"]["label 1"]["f1"] == pytest.approx(1.0)
+    assert metrics["per_label"]["label 0"]["threshold"] == 0.9
+    assert metrics["mAP"] == pytest.approx(1.0)
+
+
+def test_evaluate_regression_de_standardizes(tmp_path: Path) -> None:
+    head_bundle(
+        tmp_path, TaskType.REGRESSION, np.ones((1, 1)), np.zeros(1), target_mean=[10.0], target_std=[2.0]
+    )
+    np.savez(
+        tmp_path / "test_inputs.npz",
+        embeddings=np.array([[0.0], [1.0], [-1.0]], dtype=np.float32),
+        targets=np.array([[10.0], [12.0], [9.0]], dtype=np.float32),
+    )
+    metrics = evaluate_model(tmp_path)
+    assert metrics["mae"] == pytest.approx(1 / 3)  # predictions 10, 12, 8
+
+
+def test_evaluate_without_test_images(tmp_path: Path) -> None:
+    head_bundle(tmp_path, TaskType.MULTI_CLASS, np.eye(2), np.zeros(2))
+    np.savez(
+        tmp_path / "test_inputs.npz",
+        embeddings=np.zeros((0, 2), dtype=np.float32),
+        targets=np.zeros((0,), dtype=np.float32),
+    )
+    assert evaluate_model(tmp_path) == {"test_images": 0}
+
+
+def test_markdown_report_shows_headline_and_per_label_metrics() -> None:
+    metrics = classification_metrics(
+        np.array([0, 1, 1]), np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4]]), ["rose", "tulip"]
+    )
+    text = markdown_report(TaskType.MULTI_CLASS, metrics)
+    assert text.startswith("# Evaluation (multi_class, 3 test images)")
+    assert "| accuracy | 0.6667 |" in text
+    assert "| rose | 0.500 | 1.000 | 0.667 | 1 |" in text  # precision, recall, f1, support
+    assert "| tulip | 1.000 | 0.500 | 0.667 | 2 |" in text
+
+
+# ---- register ------------------------------------------------------------------------------------
+
+
+def test_register_writes_weights_and_bundle_json_with_metrics(tmp_path: Path) -> None:
+    model_dir = tmp_path / "model"
+    head_bundle(model_dir, TaskType.MULTI_CLASS, np.eye(2), np.zeros(2))
+    store = LocalBlobStore(tmp_path / "blobs")
+
+    uri = register_bundle(model_dir, {"accuracy": 0.75, "test_images": 4}, store, "models/task-1/run-1")
+
+    assert uri == (tmp_path / "blobs" / "models/task-1/run-1/bundle.json").resolve().as_uri()
+    assert store.list_keys("models/task-1/run-1") == [
+        "models/task-1/run-1/bundle.json",
+        "models/task-1/run-1/head.onnx",
+    ]
+    assert store.get("models/task-1/run-1/head.onnx") == (model_dir / "head.onnx").read_bytes()
+    registered = BundleMeta.from_json(store.get("models/task-1/run-1/bundle.json"))
+    assert registered.metrics == {"accuracy": 0.75, "test_images": 4}
+    assert registered.labels == [{"id": "l0", "name": "label 0"}, {"id": "l1", "name": "label 1"}]
+
+
+# ---- runtime -------------------------------------------------------------------------------------
+
+
+def test_run_step_reports_progress_and_returns_the_result(tmp_path: Path) -> None:
+    store = LocalBlobStore(tmp_path / "blobs")
+    seen: list[dict[str, Any]] = []
+
+    def work(progress: Progress) -> str:
+        seen.append(json.loads(store.get("runs/r1/progress.json")))
+        return "done!"
+
+    assert run_step(str(tmp_path / "blobs"), "runs/r1", "train", work) == "done!"
+    assert (seen[0]["step"], seen[0]["progress"], seen[0]["message"]) == ("train", 0.0, "train started")
+    final = json.loads(store.get("runs/r1/progress.json"))
+    assert (final["step"], final["progress"], final["message"]) == ("train", 1.0, "train done")
+    assert not store.exists("runs/r1/failure.json")
+
+
+def test_run_step_records_a_step_failure_verbatim_and_re_raises(tmp_path: Path) -> None:
+    store = LocalBlobStore(tmp_path / "blobs")
+    message = "label 'rose' has 12 images; at least 20 are needed"
+
+    def work(progress: Progress) -> None:
+        raise StepFailed(message)
+
+    with pytest.raises(StepFailed, match=message):
+        run_step(f"file://{tmp_path / 'blobs'}", "runs/r1", "validate", work)
+    failure = json.loads(store.get("runs/r1/failure.json"))
+    assert (failure["step"], failure["message"]) == ("validate", message)
+
+
+def test_run_step_names_the_step_and_error_of_an_unexpected_failure(tmp_path: Path) -> None:
+    store = LocalBlobStore(tmp_path / "blobs")
+
+    def work(progress: Progress) -> None:
+        raise RuntimeError("out of memory")
+
+    with pytest.raises(RuntimeError):
+        run_step(str(tmp_path / "blobs"), "runs/r1", "train", work)
+    failure = json.loads(store.get("runs/r1/failure.json"))
+    assert failure["message"] == "The train step failed: RuntimeError: out of memory"
+
+
+def test_progress_is_clamped_and_written_at_most_once_a_second(tmp_path: Path) -> None:
+    store = LocalBlobStore(tmp_path / "blobs")
+    progress = Progress(store, "runs/r1", "train")
+
+    def current() -> tuple[float, str]:
+        body = json.loads(store.get("runs/r1/progress.json"))
+        return body["progress"], body["message"]
+
+    progress(0.25, "a quarter", force=True)
+    progress(0.5, "half")  # within a second of the last write: skipped
+    assert current() == (0.25, "a quarter")
+    progress(0.5, "half", force=True)
+    assert current() == (0.5, "half")
+    progress(1.7, "finished")  # completion is always written, and clamped to 1
+    assert current() == (1.0, "finished")
+    progress(-1.0, "rewound", force=True)
+    assert current() == (0.0, "rewound")
