@@ -11,7 +11,8 @@ from fastapi import FastAPI
 from api.db.migrate import upgrade
 from api.db.session import make_engine, make_session_factory
 from api.errors import register_error_handlers
-from api.routes import account, health, labels, models, tasks, training_images, training_runs
+from api.routes import account, classify, health, labels, models, tasks, training_images, training_runs
+from api.serving import EmbeddedServing
 from api.settings import Settings
 from api.signing import UrlSigner, load_signing_key
 from api.training import TrainingService
@@ -55,12 +56,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.engine = engine
     app.state.session_factory = session_factory
     app.state.training = training
+    app.state.serving = EmbeddedServing(
+        blobs,
+        settings.data_dir.resolve() / "serving-cache",
+        capacity=settings.serving_cache_size,
+        max_image_pixels=settings.max_image_pixels,
+    )
     app.state.url_signer = UrlSigner(
         load_signing_key(app.state.session_factory), ttl_s=settings.download_url_ttl_s
     )
     app.state.blobs = blobs
     register_error_handlers(app)
-    for module in (health, account, tasks, labels, training_images, models, training_runs):
+    for module in (health, account, tasks, labels, training_images, models, training_runs, classify):
         app.include_router(module.router)
     return app
 

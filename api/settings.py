@@ -83,6 +83,9 @@ class Settings(BaseSettings):
     min_images_per_label: int = Field(default=20, ge=1)
     test_fraction: float = Field(default=0.2, gt=0, lt=1)
 
+    # Serving
+    serving_cache_size: int = Field(default=8, ge=1, description="Model versions kept loaded (LRU).")
+
     # Listing
     page_size: int = Field(default=20, gt=0)
     max_page_size: int = Field(default=100, gt=0)

@@ -18,6 +18,7 @@ import logging
 import os
 import threading
 import warnings
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -129,36 +130,74 @@ def onnx_session(path: Path, *, threads: int | None = None) -> onnxruntime.Infer
 
 
 class Embedder:
-    """Batched image -> 1280-d embedding with ONNX Runtime (thread-safe: ORT sessions are)."""
+    """Batched image -> 1280-d embedding with ONNX Runtime (thread-safe: ORT sessions are).
+
+    With ``cache_size`` > 0, embeddings are remembered by the content of the
+    preprocessed image (an LRU), so an image asked about for several tasks or
+    versions goes through the backbone once.
+    """
 
     def __init__(
-        self, *, session: onnxruntime.InferenceSession | None = None, config: PreprocessConfig = DEFAULT
-    ):
+        self,
+        *,
+        session: onnxruntime.InferenceSession | None = None,
+        config: PreprocessConfig = DEFAULT,
+        cache_size: int = 0,
+    ) -> None:
         self.session = session or onnx_session(backbone_onnx_path())
         self.config = config
         self.input_name = self.session.get_inputs()[0].name
+        self.cache_size = cache_size
+        self._cache: OrderedDict[bytes, npt.NDArray[np.float32]] = OrderedDict()
+        self._lock = threading.Lock()
+        self.images_embedded = 0  # images that actually went through the backbone
 
-    def embed_arrays(
-        self, arrays: npt.NDArray[np.float32], *, batch_size: int = 32
-    ) -> npt.NDArray[np.float32]:
+    def _run(self, arrays: npt.NDArray[np.float32], batch_size: int) -> npt.NDArray[np.float32]:
         outputs = [
             self.session.run(None, {self.input_name: arrays[i : i + batch_size]})[0]
             for i in range(0, len(arrays), batch_size)
         ]
+        self.images_embedded += len(arrays)
         if not outputs:
             return np.zeros((0, EMBEDDING_DIM), dtype=np.float32)
         return np.concatenate(outputs).astype(np.float32)
+
+    def embed_arrays(
+        self, arrays: npt.NDArray[np.float32], *, batch_size: int = 32
+    ) -> npt.NDArray[np.float32]:
+        if not self.cache_size:
+            return self._run(arrays, batch_size)
+        keys = [hashlib.blake2b(np.ascontiguousarray(a).tobytes(), digest_size=16).digest() for a in arrays]
+        result = np.zeros((len(arrays), EMBEDDING_DIM), dtype=np.float32)
+        missing = []
+        with self._lock:
+            for i, key in enumerate(keys):
+                hit = self._cache.get(key)
+                if hit is None:
+                    missing.append(i)
+                else:
+                    self._cache.move_to_end(key)
+                    result[i] = hit
+        if missing:
+            computed = self._run(arrays[missing], batch_size)
+            with self._lock:
+                for i, vector in zip(missing, computed, strict=True):
+                    result[i] = vector
+                    self._cache[keys[i]] = vector
+                while len(self._cache) > self.cache_size:
+                    self._cache.popitem(last=False)
+        return result
 
 
 _SHARED: dict[str, Embedder] = {}
 _LOCK = threading.Lock()
 
 
-def shared_embedder() -> Embedder:
-    """One embedder per process (loading the session costs ~0.3 s)."""
+def shared_embedder(*, cache_size: int = 2048) -> Embedder:
+    """One embedder per process (loading the session costs ~0.3 s), with an embedding cache."""
     with _LOCK:
         if BACKBONE_ID not in _SHARED:
-            _SHARED[BACKBONE_ID] = Embedder()
+            _SHARED[BACKBONE_ID] = Embedder(cache_size=cache_size)
         return _SHARED[BACKBONE_ID]
 
 

@@ -13,6 +13,7 @@ from api.lookups import get_model, get_task
 from api.pagination import paginate
 from api.presenters import model_public
 from api.routing import SlashAgnosticRouter
+from api.serving import model_name
 from taskvision.errors import ConflictError
 
 router = SlashAgnosticRouter(prefix="/recognition/v2/model", tags=["models"])
@@ -41,7 +42,9 @@ def get_model_detail(model_id: str, session: SessionDep, user: CurrentUser) -> A
 
 
 @router.delete("/{model_id}", status_code=204)
-def delete_model(model_id: str, session: SessionDep, user: CurrentUser, blobs: BlobsDep) -> Response:
+def delete_model(
+    model_id: str, request: Request, session: SessionDep, user: CurrentUser, blobs: BlobsDep
+) -> Response:
     model = get_model(session, user, model_id)
     if model.task.production_version == model.version:
         raise ConflictError(
@@ -49,6 +52,9 @@ def delete_model(model_id: str, session: SessionDep, user: CurrentUser, blobs: B
             "switch production to another version first."
         )
     prefix = model.bundle_uri
+    name = model_name(model.task_id, model.version)
+    if name in request.app.state.serving.repository.get_models():
+        request.app.state.serving.repository.unload(name)
     session.delete(model)
     session.commit()
     if prefix:

@@ -111,6 +111,7 @@ def delete_task(
     """Delete the task with its negative label, label links, models, runs, snapshots and bundles."""
     task = get_task(session, user, task_id)
     request.app.state.training.cancel_task_runs(session, task.id)
+    request.app.state.serving.unload_task(task.id)
     session.delete(task)  # FK cascades: negative label, label links, models, runs
     session.commit()
     for prefix in (f"datasets/{task.id}", f"runs/{task.id}", f"models/{task.id}"):

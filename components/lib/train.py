@@ -117,6 +117,17 @@ def _decode(store: BlobStore, row: ManifestRow, config: TrainConfig, *, flip: bo
     return to_array(image)
 
 
+_EMBEDDER: backbone.Embedder | None = None
+
+
+def _embedder() -> backbone.Embedder:
+    """One backbone session per training process (no cache: each image is embedded once anyway)."""
+    global _EMBEDDER
+    if _EMBEDDER is None:
+        _EMBEDDER = backbone.Embedder()
+    return _EMBEDDER
+
+
 def embed_rows(
     store: BlobStore,
     rows: list[ManifestRow],
@@ -140,7 +151,7 @@ def embed_rows(
         computed = backbone.embed_many(
             lambda k: _decode(store, rows[missing[k]], config, flip=flip),
             len(missing),
-            backbone.shared_embedder(),
+            _embedder(),
             batch_size=8,
             progress=progress,
         )

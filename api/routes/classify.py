@@ -1,0 +1,147 @@
+"""POST /recognition/v2/classify: answers from a task's production (or a chosen) model version.
+
+Request (Ximilar shape): ``{"task_id" | "task": id, "version": int | null,
+"records": [{"_url": ...} | {"_base64": ...}, ...], "store_images": bool}``.
+Each record is answered on its own: a bad record gets ``_status`` 400 with
+the reason, and the others still succeed. Records echo their own fields
+(except the bulky ``_base64``) and gain ``_status``, ``best_label``,
+``labels``, ``_width``, ``_height`` (and ``_stored_image_id``).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+from fastapi import Request
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from sqlalchemy import select
+
+from api.body import parse
+from api.db.models import Model
+from api.deps import BlobsDep, BodyDep, CurrentUser, SessionDep, SettingsDep, check_body_workspace
+from api.ingest import prepare_image, store_image
+from api.lookups import get_task
+from api.routing import SlashAgnosticRouter
+from api.settings import Settings
+from api.url_fetch import FetchPolicy, fetch_image_bytes
+from taskvision.errors import BadRequestError, DuplicateImageError, NotFoundError, TaskVisionError
+from taskvision.imaging import decode_base64
+
+router = SlashAgnosticRouter(prefix="/recognition/v2/classify", tags=["classify"])
+
+MAX_RECORDS = 10
+OK = {"code": 200, "text": "OK"}
+
+
+class ClassifyRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    task_id: str | None = None
+    task: str | None = None
+    version: int | None = None
+    records: list[dict[str, Any]] = Field(default_factory=list)
+    store_images: bool = False
+
+    @field_validator("records", mode="before")
+    @classmethod
+    def _records_are_objects(cls, value: Any) -> Any:
+        if isinstance(value, list) and not all(isinstance(r, dict) for r in value):
+            raise ValueError("every record must be a JSON object")
+        return value
+
+
+def _record_bytes(record: dict[str, Any], settings: Settings) -> bytes:
+    if isinstance(record.get("_base64"), str) and record["_base64"]:
+        data = decode_base64(record["_base64"])
+    elif isinstance(record.get("_url"), str) and record["_url"]:
+        policy = FetchPolicy(
+            timeout_s=settings.url_fetch_timeout_s,
+            max_bytes=settings.max_upload_bytes,
+            max_redirects=settings.url_fetch_max_redirects,
+            blocked_networks=settings.blocked_networks,
+        )
+        data = fetch_image_bytes(record["_url"], policy)
+    else:
+        raise BadRequestError("The record has neither '_url' nor '_base64'.", code="no_image")
+    if len(data) > settings.max_upload_bytes:
+        raise BadRequestError(
+            f"The image is larger than {settings.max_upload_bytes} bytes.", code="too_large"
+        )
+    return data
+
+
+@router.post("")
+def classify(
+    request: Request,
+    session: SessionDep,
+    user: CurrentUser,
+    body: BodyDep,
+    settings: SettingsDep,
+    blobs: BlobsDep,
+) -> Any:
+    started = time.perf_counter()
+    check_body_workspace(user, body)
+    data = parse(ClassifyRequest, body)
+    task_id = data.task_id or data.task
+    if not task_id:
+        raise BadRequestError("Name the task: 'task_id' (or 'task').", code="no_task")
+    if not data.records:
+        raise BadRequestError("Send 1 to 10 records to classify.", code="no_records")
+    if len(data.records) > MAX_RECORDS:
+        raise BadRequestError(
+            f"At most {MAX_RECORDS} records per request; this one has {len(data.records)}.",
+            code="too_many_records",
+        )
+    task = get_task(session, user, task_id)
+    version = data.version if data.version is not None else task.production_version
+    if version is None or version < 1:
+        raise BadRequestError(
+            f"Task '{task.name}' has no trained model version yet; train it first.", code="not_trained"
+        )
+    model = session.scalar(select(Model).where(Model.task_id == task.id, Model.version == version))
+    if model is None or model.train_status != "TRAINED":
+        raise NotFoundError(f"Task '{task.name}' has no trained version {version}.")
+    predictor = request.app.state.serving.predictor(task.id, version, model.bundle_uri)
+
+    results: list[dict[str, Any]] = [{k: v for k, v in r.items() if k != "_base64"} for r in data.records]
+    raw: dict[int, bytes] = {}
+    arrays: dict[int, Any] = {}
+    for i, record in enumerate(data.records):
+        try:
+            raw[i] = _record_bytes(record, settings)
+            arrays[i], (width, height) = predictor.decode(raw[i])
+            results[i].update({"_width": width, "_height": height})
+        except TaskVisionError as exc:
+            results[i]["_status"] = {"code": exc.status if exc.status < 500 else 400, "text": exc.detail}
+    good = sorted(arrays)
+    if good:
+        outputs = predictor.outputs_for_arrays(np.stack([arrays[i] for i in good]))
+        for i, row in zip(good, outputs, strict=True):
+            results[i].update(predictor.describe(row))
+            results[i]["_status"] = dict(OK)
+    if data.store_images:
+        for i in good:
+            results[i]["_stored_image_id"] = _store(session, blobs, user, raw[i], settings, data.records[i])
+    return {
+        "task_id": task.id,
+        "version": version,
+        "records": results,
+        "status": dict(OK),
+        "statistics": {"processing time": round(time.perf_counter() - started, 5)},
+    }
+
+
+def _store(
+    session: Any, blobs: Any, user: Any, data: bytes, settings: Settings, record: dict[str, Any]
+) -> str:
+    """Keep a classified image as an (unlabelled) training image for later review."""
+    meta = record.get("meta_data") if isinstance(record.get("meta_data"), dict) else {}
+    try:
+        image = store_image(
+            session, blobs, user, prepare_image(data, noresize=False, settings=settings), meta_data=meta
+        )
+    except DuplicateImageError as exc:
+        return exc.image_id
+    return image.id
