@@ -122,7 +122,7 @@ def test_served_probabilities_equal_the_evaluation_steps(trained: Trained) -> No
     blobs = app.state.blobs
     runs = client.get(f"/recognition/v2/training-run/?task={task['id']}").json()["results"]
     run = next(r for r in runs if r["version"] == 1)
-    info, rows = read_snapshot(blobs, f"datasets/{task['id']}/{run['id']}")
+    _info, rows = read_snapshot(blobs, f"datasets/{task['id']}/{run['id']}")
     rows = rows[:10]
     bundle = BundleModel.load(blobs.root / f"models/{task['id']}/{run['id']}")
     evaluated = bundle.outputs(
