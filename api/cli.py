@@ -56,6 +56,13 @@ def _pipeline_compile(args: argparse.Namespace) -> int:
     return 0
 
 
+def _config_show(args: argparse.Namespace) -> int:
+    import json
+
+    print(json.dumps(_settings(args).public_view(), indent=2, sort_keys=True, default=str))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="taskvision", description=__doc__)
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
@@ -83,6 +90,11 @@ def build_parser() -> argparse.ArgumentParser:
     compile_.add_argument("--gpus", type=int, default=0, help="GPUs the train step requests (default 0)")
     compile_.add_argument("--gpu-type", default="nvidia.com/gpu", help="accelerator resource name")
     compile_.set_defaults(func=_pipeline_compile)
+
+    config = sub.add_parser("config", help="configuration").add_subparsers(dest="config_command", required=True)
+    show = config.add_parser("show", help="print the effective configuration (secrets masked)")
+    show.add_argument("--data-dir", help="as for serve")
+    show.set_defaults(func=_config_show)
     return parser
 
 

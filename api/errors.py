@@ -61,7 +61,11 @@ def register_error_handlers(app: FastAPI) -> None:
         image_id = getattr(exc, "image_id", None)
         if image_id:
             extra["id"] = image_id
-        return error_response(exc.status, exc.detail, exc.code, **extra)
+        response = error_response(exc.status, exc.detail, exc.code, **extra)
+        retry_after = getattr(exc, "retry_after", None)
+        if retry_after:
+            response.headers["Retry-After"] = str(retry_after)
+        return response
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:

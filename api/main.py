@@ -10,7 +10,9 @@ from fastapi import FastAPI
 
 from api.db.migrate import upgrade
 from api.db.session import make_engine, make_session_factory
+from api.deployments import ServingReconciler
 from api.errors import register_error_handlers
+from api.inference_services import InferenceServiceManager
 from api.routes import account, classify, health, labels, models, tasks, training_images, training_runs
 from api.serving import EmbeddedServing
 from api.settings import Settings
@@ -36,7 +38,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
 
     session_factory = make_session_factory(engine)
-    training = TrainingService(settings, session_factory, blobs, *_runner(settings))
+    reconciler = None
+    if settings.serving_backend == "kserve":
+        manager = InferenceServiceManager(
+            namespace=settings.k8s_namespace,
+            runtime=settings.isvc_runtime,
+            min_replicas=settings.isvc_min_replicas,
+            max_replicas=settings.isvc_max_replicas,
+            kubeconfig=settings.kubeconfig,
+        )
+        reconciler = ServingReconciler(session_factory, blobs, manager)
+    training = TrainingService(settings, session_factory, blobs, *_runner(settings), reconciler=reconciler)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -56,6 +68,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.engine = engine
     app.state.session_factory = session_factory
     app.state.training = training
+    app.state.reconciler = reconciler
     app.state.serving = EmbeddedServing(
         blobs,
         settings.data_dir.resolve() / "serving-cache",

@@ -41,6 +41,8 @@ def task_public(task: Task) -> dict[str, Any]:
         production_version=task.production_version,
         last_train_status=task.last_train_status,
         last_train_error=task.last_train_error,
+        canary_percent=task.canary_percent,
+        serving_error=task.serving_error,
         labels=[label_brief(label) for label in task.labels],
         workspace=task.workspace_id,
         created=task.created,

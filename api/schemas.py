@@ -44,6 +44,9 @@ class TaskUpdate(_In):
     name: str | None = Field(default=None, min_length=1, max_length=255)
     description: str | None = Field(default=None, max_length=10_000)
     production_version: int | None = None
+    # Cluster mode: send a new production version to only this share of traffic first;
+    # null promotes it to all traffic.
+    canary_percent: int | None = Field(default=None, ge=1, le=99)
 
 
 class LabelIdBody(_In):
@@ -99,6 +102,8 @@ class TaskPublic(BaseModel):
     production_version: int
     last_train_status: str
     last_train_error: str
+    canary_percent: int | None = None
+    serving_error: str = ""
     labels: list[LabelBrief]
     workspace: str
     created: datetime

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -85,6 +86,17 @@ class Settings(BaseSettings):
 
     # Serving
     serving_cache_size: int = Field(default=8, ge=1, description="Model versions kept loaded (LRU).")
+    serving_backend: Literal["embedded", "kserve"] = Field(
+        default="embedded", description="kserve: one InferenceService per task (cluster mode)."
+    )
+    k8s_namespace: str = "default"
+    kubeconfig: str | None = Field(
+        default=None, description="Path of a kubeconfig; unset: in-cluster config."
+    )
+    isvc_runtime: str = "taskvision-predictor"
+    isvc_min_replicas: int = Field(default=0, ge=0, description="0 lets KServe scale an idle task to zero.")
+    isvc_max_replicas: int = Field(default=1, ge=1)
+    isvc_timeout_s: float = Field(default=30.0, gt=0)
 
     # Listing
     page_size: int = Field(default=20, gt=0)
@@ -113,6 +125,24 @@ class Settings(BaseSettings):
             "test_fraction": self.test_fraction,
             "seed": 0,
         }
+
+    def public_view(self) -> dict[str, object]:
+        """The effective configuration with every secret masked (for ``taskvision config show``)."""
+        from sqlalchemy.engine import make_url
+
+        data: dict[str, object] = {}
+        for name in type(self).model_fields:
+            value = getattr(self, name)
+            if isinstance(value, SecretStr):
+                value = "********" if value.get_secret_value() else ""
+            elif isinstance(value, Path):
+                value = str(value)
+            data[name] = value
+        data["s3_access_key"] = "********" if self.s3_access_key else None
+        data["database_url"] = make_url(self.effective_database_url).render_as_string(hide_password=True)
+        data["storage_url"] = self.effective_storage_url
+        data["pipeline_runner"] = "kubeflow" if self.kfp_host else "kfp.local"
+        return data
 
     @property
     def effective_database_url(self) -> str:

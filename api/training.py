@@ -25,6 +25,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from api.db.models import Model, Task, TrainingRun, User
+from api.deployments import ServingReconciler
 from api.settings import Settings
 from api.snapshots import create_snapshot
 from pipelines.runners import FAILED, RUNNING, SUCCEEDED, PipelineRunner
@@ -60,12 +61,14 @@ class TrainingService:
         blobs: BlobStore,
         runner: PipelineRunner,
         runner_name: str,
+        reconciler: ServingReconciler | None = None,
     ) -> None:
         self.settings = settings
         self.session_factory = session_factory
         self.blobs = blobs
         self.runner = runner
         self.runner_name = runner_name
+        self.reconciler = reconciler
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
@@ -137,12 +140,20 @@ class TrainingService:
                 )
             session.commit()
 
+    def wake(self) -> None:
+        self._wake.set()
+
     def _loop(self) -> None:
         while not self._stop.is_set():
             try:
                 self.tick()
             except Exception:
                 logger.exception("training watcher iteration failed; retrying")
+            if self.reconciler is not None:
+                try:
+                    self.reconciler.tick()
+                except Exception:
+                    logger.exception("serving reconciliation failed; retrying")
             self._wake.wait(self.settings.train_poll_interval_s)
             self._wake.clear()
 

@@ -92,7 +92,11 @@ class ImageTooLargeError(PayloadTooLargeError):
 
 
 class ServiceUnavailableError(TaskVisionError):
-    """503: a dependency (model, storage) is not ready; retry later."""
+    """503: a dependency (model, storage) is not ready; retry later (``retry_after`` seconds)."""
 
     status = 503
     code = "unavailable"
+
+    def __init__(self, detail: str, *, retry_after: int = 10) -> None:
+        super().__init__(detail)
+        self.retry_after = retry_after

@@ -52,3 +52,31 @@ def test_database_url_comes_from_the_environment(tmp_path: Path) -> None:
         timeout=60,
     )
     assert db.exists() and not (tmp_path / "data" / "taskvision.db").exists()
+
+
+def test_config_show_prints_the_effective_configuration_without_secrets(tmp_path: Path) -> None:
+    import json
+
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "TASKVISION_DATABASE_URL": "postgresql+psycopg://tv:hunter2@db.internal/taskvision",
+        "TASKVISION_STORAGE_URL": "s3://models?endpoint=http://minio:9000",
+        "TASKVISION_S3_ACCESS_KEY": "AKIAEXAMPLE",
+        "TASKVISION_S3_SECRET_KEY": "wJalrXUtnFEMI",
+        "TASKVISION_KFP_HOST": "http://ml-pipeline.kubeflow:8888",
+        "TASKVISION_SERVING_BACKEND": "kserve",
+    }
+    result = subprocess.run(
+        [TASKVISION, "config", "show", "--data-dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        check=True,
+        env=env,
+        timeout=60,
+    )
+    for secret in ("hunter2", "AKIAEXAMPLE", "wJalrXUtnFEMI"):
+        assert secret not in result.stdout
+    shown = json.loads(result.stdout)
+    assert shown["database_url"] == "postgresql+psycopg://tv:***@db.internal/taskvision"
+    assert shown["storage_url"] == "s3://models?endpoint=http://minio:9000"
+    assert (shown["pipeline_runner"], shown["serving_backend"]) == ("kubeflow", "kserve")

@@ -112,6 +112,11 @@ class Task(Base):
     production_version: Mapped[int] = mapped_column(Integer, default=-1)
     last_train_status: Mapped[str] = mapped_column(String(32), default="NOT_TRAINED")
     last_train_error: Mapped[str] = mapped_column(Text, default="")
+    # Cluster mode: the share of traffic a new production version gets before promotion (None: all),
+    # what the task's InferenceService was last set to ("<version>:<canary>"), and the last error.
+    canary_percent: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    served_spec: Mapped[str] = mapped_column(String(64), default="")
+    serving_error: Mapped[str] = mapped_column(Text, default="")
     created: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
     labels: Mapped[list[Label]] = relationship(

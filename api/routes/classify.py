@@ -10,9 +10,11 @@ the reason, and the others still succeed. Records echo their own fields
 
 from __future__ import annotations
 
+import base64
 import time
 from typing import Any
 
+import httpx
 import numpy as np
 from fastapi import Request
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -21,12 +23,20 @@ from sqlalchemy import select
 from api.body import parse
 from api.db.models import Model
 from api.deps import BlobsDep, BodyDep, CurrentUser, SessionDep, SettingsDep, check_body_workspace
+from api.inference_services import KubernetesUnavailable
 from api.ingest import prepare_image, store_image
 from api.lookups import get_task
 from api.routing import SlashAgnosticRouter
 from api.settings import Settings
 from api.url_fetch import FetchPolicy, fetch_image_bytes
-from taskvision.errors import BadRequestError, DuplicateImageError, NotFoundError, TaskVisionError
+from taskvision import imaging
+from taskvision.errors import (
+    BadRequestError,
+    DuplicateImageError,
+    NotFoundError,
+    ServiceUnavailableError,
+    TaskVisionError,
+)
 from taskvision.imaging import decode_base64
 
 router = SlashAgnosticRouter(prefix="/recognition/v2/classify", tags=["classify"])
@@ -103,27 +113,24 @@ def classify(
     model = session.scalar(select(Model).where(Model.task_id == task.id, Model.version == version))
     if model is None or model.train_status != "TRAINED":
         raise NotFoundError(f"Task '{task.name}' has no trained version {version}.")
-    predictor = request.app.state.serving.predictor(task.id, version, model.bundle_uri)
-
     results: list[dict[str, Any]] = [{k: v for k, v in r.items() if k != "_base64"} for r in data.records]
     raw: dict[int, bytes] = {}
-    arrays: dict[int, Any] = {}
     for i, record in enumerate(data.records):
         try:
             raw[i] = _record_bytes(record, settings)
-            arrays[i], (width, height) = predictor.decode(raw[i])
-            results[i].update({"_width": width, "_height": height})
         except TaskVisionError as exc:
-            results[i]["_status"] = {"code": exc.status if exc.status < 500 else 400, "text": exc.detail}
-    good = sorted(arrays)
-    if good:
-        outputs = predictor.outputs_for_arrays(np.stack([arrays[i] for i in good]))
-        for i, row in zip(good, outputs, strict=True):
-            results[i].update(predictor.describe(row))
-            results[i]["_status"] = dict(OK)
+            results[i]["_status"] = _error_status(exc)
+    reconciler = request.app.state.reconciler
+    if reconciler is not None and version == task.production_version:
+        _classify_on_cluster(reconciler, task, raw, results, settings)
+    else:
+        _classify_in_process(request, task.id, version, model.bundle_uri, raw, results)
     if data.store_images:
-        for i in good:
-            results[i]["_stored_image_id"] = _store(session, blobs, user, raw[i], settings, data.records[i])
+        for i, data_bytes in raw.items():
+            if results[i].get("_status", {}).get("code") == 200:
+                results[i]["_stored_image_id"] = _store(
+                    session, blobs, user, data_bytes, settings, data.records[i]
+                )
     return {
         "task_id": task.id,
         "version": version,
@@ -131,6 +138,79 @@ def classify(
         "status": dict(OK),
         "statistics": {"processing time": round(time.perf_counter() - started, 5)},
     }
+
+
+def _classify_in_process(
+    request: Request,
+    task_id: str,
+    version: int,
+    bundle_prefix: str,
+    raw: dict[int, bytes],
+    results: list[dict[str, Any]],
+) -> None:
+    """Embedded serving: the version's KServe predictor, hosted by this process."""
+    predictor = request.app.state.serving.predictor(task_id, version, bundle_prefix)
+    arrays: dict[int, Any] = {}
+    for i, data in raw.items():
+        try:
+            arrays[i], (width, height) = predictor.decode(data)
+            results[i].update({"_width": width, "_height": height})
+        except TaskVisionError as exc:
+            results[i]["_status"] = _error_status(exc)
+    good = sorted(arrays)
+    if good:
+        outputs = predictor.outputs_for_arrays(np.stack([arrays[i] for i in good]))
+        for i, row in zip(good, outputs, strict=True):
+            results[i].update(predictor.describe(row))
+            results[i]["_status"] = dict(OK)
+
+
+def _classify_on_cluster(
+    reconciler: Any, task: Any, raw: dict[int, bytes], results: list[dict[str, Any]], settings: Settings
+) -> None:
+    """Cluster serving: the task's InferenceService, over KServe's V1 protocol."""
+    try:
+        endpoint = reconciler.endpoint(task.id)
+    except KubernetesUnavailable as exc:
+        raise ServiceUnavailableError(f"Serving of task '{task.name}' is unavailable: {exc}") from exc
+    if not endpoint.ready:
+        raise ServiceUnavailableError(
+            f"The model of task '{task.name}' is starting (deploying, or scaled to zero); "
+            "retry in a few seconds."
+        )
+    encoded: dict[int, str] = {}
+    for i, data in raw.items():
+        try:
+            width, height = imaging.upright_size(data, max_pixels=settings.max_image_pixels)
+            results[i].update({"_width": width, "_height": height})
+            encoded[i] = base64.b64encode(data).decode()
+        except TaskVisionError as exc:
+            results[i]["_status"] = _error_status(exc)
+    good = sorted(encoded)
+    if not good:
+        return
+    url = f"{str(endpoint.url).rstrip('/')}/v1/models/{endpoint.model_name}:predict"
+    try:
+        response = httpx.post(
+            url, json={"instances": [{"b64": encoded[i]} for i in good]}, timeout=settings.isvc_timeout_s
+        )
+    except httpx.HTTPError as exc:
+        raise ServiceUnavailableError(f"The model of task '{task.name}' did not answer: {exc}") from exc
+    if response.status_code == 400:  # the predictor refused an image (e.g. corrupt pixel data)
+        for i in good:
+            results[i]["_status"] = {"code": 400, "text": str(response.json().get("error", "invalid image"))}
+        return
+    if response.status_code != 200:
+        raise ServiceUnavailableError(
+            f"The model of task '{task.name}' answered HTTP {response.status_code}."
+        )
+    for i, prediction in zip(good, response.json()["predictions"], strict=True):
+        results[i].update(prediction)
+        results[i]["_status"] = dict(OK)
+
+
+def _error_status(exc: TaskVisionError) -> dict[str, Any]:
+    return {"code": exc.status if exc.status < 500 else 400, "text": exc.detail}
 
 
 def _store(

@@ -72,7 +72,9 @@ def get_task_detail(task_id: str, session: SessionDep, user: CurrentUser) -> Any
     return task_public(get_task(session, user, task_id))
 
 
-def _update(task_id: str, session: SessionDep, user: CurrentUser, body: dict[str, Any]) -> Any:
+def _update(
+    task_id: str, request: Request, session: SessionDep, user: CurrentUser, body: dict[str, Any]
+) -> Any:
     check_body_workspace(user, body)
     data = parse(TaskUpdate, body)
     task = get_task(session, user, task_id, for_update=True)
@@ -80,6 +82,8 @@ def _update(task_id: str, session: SessionDep, user: CurrentUser, body: dict[str
         task.name = data.name
     if data.description is not None:
         task.description = data.description
+    if "canary_percent" in data.model_fields_set:
+        task.canary_percent = data.canary_percent
     if data.production_version is not None and data.production_version != task.production_version:
         model = session.scalar(
             select(Model).where(Model.task_id == task.id, Model.version == data.production_version)
@@ -91,17 +95,18 @@ def _update(task_id: str, session: SessionDep, user: CurrentUser, body: dict[str
         task.production_version = data.production_version
     session.commit()
     session.refresh(task)
+    request.app.state.training.wake()  # a new production version or canary share: update serving now
     return task_public(task)
 
 
 @router.patch("/{task_id}")
-def patch_task(task_id: str, session: SessionDep, user: CurrentUser, body: BodyDep) -> Any:
-    return _update(task_id, session, user, body)
+def patch_task(task_id: str, request: Request, session: SessionDep, user: CurrentUser, body: BodyDep) -> Any:
+    return _update(task_id, request, session, user, body)
 
 
 @router.put("/{task_id}")
-def put_task(task_id: str, session: SessionDep, user: CurrentUser, body: BodyDep) -> Any:
-    return _update(task_id, session, user, body)
+def put_task(task_id: str, request: Request, session: SessionDep, user: CurrentUser, body: BodyDep) -> Any:
+    return _update(task_id, request, session, user, body)
 
 
 @router.delete("/{task_id}", status_code=204)
@@ -112,6 +117,8 @@ def delete_task(
     task = get_task(session, user, task_id)
     request.app.state.training.cancel_task_runs(session, task.id)
     request.app.state.serving.unload_task(task.id)
+    if request.app.state.reconciler is not None:
+        request.app.state.reconciler.delete(task.id)
     session.delete(task)  # FK cascades: negative label, label links, models, runs
     session.commit()
     for prefix in (f"datasets/{task.id}", f"runs/{task.id}", f"models/{task.id}"):
