@@ -56,6 +56,41 @@ def _pipeline_compile(args: argparse.Namespace) -> int:
     return 0
 
 
+def _import_bundle(args: argparse.Namespace) -> int:
+    from api.bundles import import_bundle
+    from api.db.migrate import upgrade
+    from api.db.models import Task
+    from api.db.session import make_engine, make_session_factory
+    from taskvision.errors import TaskVisionError
+    from taskvision.storage import open_blob_store
+
+    settings = _settings(args)
+    engine = make_engine(settings.effective_database_url)
+    upgrade(engine)
+    blobs = open_blob_store(
+        settings.effective_storage_url,
+        access_key=settings.s3_access_key,
+        secret_key=settings.s3_secret_key.get_secret_value() if settings.s3_secret_key else None,
+    )
+    try:
+        with make_session_factory(engine)() as session:
+            task = session.get(Task, args.task)
+            if task is None:
+                print(f"error: task {args.task} not found", file=sys.stderr)
+                return 1
+            model = import_bundle(session, blobs, task, Path(args.path), production=args.production)
+            print(
+                f"task {task.id}: version {model.version}"
+                + (" (production)" if task.production_version == model.version else "")
+            )
+    except TaskVisionError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        engine.dispose()
+    return 0
+
+
 def _config_show(args: argparse.Namespace) -> int:
     import json
 
@@ -91,7 +126,16 @@ def build_parser() -> argparse.ArgumentParser:
     compile_.add_argument("--gpu-type", default="nvidia.com/gpu", help="accelerator resource name")
     compile_.set_defaults(func=_pipeline_compile)
 
-    config = sub.add_parser("config", help="configuration").add_subparsers(dest="config_command", required=True)
+    imported = sub.add_parser("import-bundle", help="register a model bundle as the next version of a task")
+    imported.add_argument("path", help="the bundle folder (bundle.json + head.onnx or model.onnx)")
+    imported.add_argument("--task", required=True, help="the task id")
+    imported.add_argument("--production", action="store_true", help="make it the production version")
+    imported.add_argument("--data-dir", help="as for serve")
+    imported.set_defaults(func=_import_bundle)
+
+    config = sub.add_parser("config", help="configuration").add_subparsers(
+        dest="config_command", required=True
+    )
     show = config.add_parser("show", help="print the effective configuration (secrets masked)")
     show.add_argument("--data-dir", help="as for serve")
     show.set_defaults(func=_config_show)

@@ -45,6 +45,7 @@ class InferenceServiceManager:
         *,
         namespace: str,
         runtime: str = "taskvision-predictor",
+        service_account: str | None = "taskvision-predictor",
         min_replicas: int = 0,
         max_replicas: int = 1,
         kubeconfig: dict[str, Any] | str | None = None,
@@ -52,6 +53,7 @@ class InferenceServiceManager:
     ) -> None:
         self.namespace = namespace
         self.runtime = runtime
+        self.service_account = service_account
         self.min_replicas = min_replicas
         self.max_replicas = max_replicas
         self._kubeconfig = kubeconfig
@@ -83,6 +85,9 @@ class InferenceServiceManager:
                 "protocolVersion": "v1",
             },
         }
+        if self.service_account:
+            # Carries the S3 credentials KServe's storage initializer uses to fetch the bundle.
+            predictor["serviceAccountName"] = self.service_account
         if canary_percent is not None:
             predictor["canaryTrafficPercent"] = canary_percent
         return {

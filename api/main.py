@@ -43,6 +43,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         manager = InferenceServiceManager(
             namespace=settings.k8s_namespace,
             runtime=settings.isvc_runtime,
+            service_account=settings.isvc_service_account,
             min_replicas=settings.isvc_min_replicas,
             max_replicas=settings.isvc_max_replicas,
             kubeconfig=settings.kubeconfig,

@@ -94,6 +94,7 @@ class Settings(BaseSettings):
         default=None, description="Path of a kubeconfig; unset: in-cluster config."
     )
     isvc_runtime: str = "taskvision-predictor"
+    isvc_service_account: str | None = "taskvision-predictor"
     isvc_min_replicas: int = Field(default=0, ge=0, description="0 lets KServe scale an idle task to zero.")
     isvc_max_replicas: int = Field(default=1, ge=1)
     isvc_timeout_s: float = Field(default=30.0, gt=0)

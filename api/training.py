@@ -21,7 +21,7 @@ import threading
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from api.db.models import Model, Task, TrainingRun, User
@@ -36,7 +36,8 @@ from taskvision.storage import BlobStore
 logger = logging.getLogger(__name__)
 
 QUEUED = "QUEUED"
-ACTIVE = (QUEUED, RUNNING)
+# STARTING and FINISHING are held while one control-plane replica submits or registers a run.
+ACTIVE = (QUEUED, "STARTING", RUNNING, "FINISHING")
 
 
 def run_prefix(task_id: str, run_id: str) -> str:
@@ -134,7 +135,7 @@ class TrainingService:
         if self.runner_name != "local":
             return
         with self.session_factory() as session:
-            for run in session.scalars(select(TrainingRun).where(TrainingRun.status == RUNNING)):
+            for run in session.scalars(select(TrainingRun).where(TrainingRun.status.in_(ACTIVE[1:]))):
                 self._fail(
                     session, run, "The training was interrupted by a restart of the service; train again."
                 )
@@ -172,7 +173,22 @@ class TrainingService:
                     .limit(self.settings.train_workers - busy)
                 ).all()
                 for run in queued:
-                    self._start(session, run)
+                    if self._claim(session, run, QUEUED, "STARTING"):
+                        self._start(session, run)
+
+    def _claim(self, session: Session, run: TrainingRun, expected: str, new: str) -> bool:
+        """Move a run from ``expected`` to ``new`` only if no other replica did first."""
+        result = session.execute(
+            update(TrainingRun)
+            .where(TrainingRun.id == run.id, TrainingRun.status == expected)
+            .values(status=new)
+            .execution_options(synchronize_session=False)
+        )
+        session.commit()
+        if getattr(result, "rowcount", 0) != 1:
+            return False
+        session.refresh(run)
+        return True
 
     def _arguments(self, run: TrainingRun) -> dict[str, Any]:
         params = {
@@ -218,6 +234,8 @@ class TrainingService:
         if status.state == RUNNING:
             session.commit()
             return
+        if not self._claim(session, run, RUNNING, "FINISHING"):
+            return  # another replica is registering this run
         if status.state == SUCCEEDED:
             self._register(session, run)
         else:

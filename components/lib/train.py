@@ -138,7 +138,7 @@ def embed_rows(
 ) -> Array:
     """Backbone embeddings of ``rows``, reusing cached ones (keyed by image hash and variant)."""
     variant = "flip" if flip else "center"
-    prefix = f"embeddings/{backbone.BACKBONE_ID}/{variant}"
+    prefix = f"embeddings/{backbone.EMBEDDING_ID}/{variant}"
     result = np.zeros((len(rows), backbone.EMBEDDING_DIM), dtype=np.float32)
     missing: list[int] = []
     for i, row in enumerate(rows):
@@ -258,7 +258,12 @@ def cross_validate(
 
     ``groups`` keeps rows of one image together (an image and its mirrored copy).
     """
-    grid = [config.weight_decay] if config.weight_decay is not None else [1e-3, 1e-2, 1e-1]
+    if config.weight_decay is not None:
+        grid = [config.weight_decay]
+    elif task_type is TaskType.REGRESSION:
+        grid = [0.1, 0.3, 1.0, 3.0]  # closed-form ridge: each value costs one solve per fold
+    else:
+        grid = [1e-2, 1e-1, 1.0]
     n_groups = int(groups.max()) + 1 if groups is not None else len(x)
     folds = _folds(n_groups, max(2, min(config.cv_folds, n_groups)), config.seed)
     best: tuple[float, float, Array] | None = None

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from taskvision.backbone import EMBEDDING_DIM, Embedder, build_torch_model
+from taskvision.backbone import EMBEDDING_DIM, Embedder, build_embedding_model
 from taskvision.preprocess import preprocess_bytes
 from tests.training import datasets
 
@@ -24,7 +24,7 @@ def images() -> np.ndarray:
 def test_onnx_runtime_channels_last_and_torchscript_match_eager_torch(images: np.ndarray) -> None:
     import torch
 
-    model = build_torch_model(num_classes=0)
+    model = build_embedding_model()
     x = torch.from_numpy(images)
     with torch.inference_mode():
         eager = model(x).numpy()

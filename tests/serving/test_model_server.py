@@ -16,8 +16,10 @@ from pathlib import Path
 import pytest
 import requests
 
+from components.lib.evaluate import evaluate_model
 from components.lib.split import split_dataset
 from components.lib.train import TrainConfig, train_model
+from taskvision.bundle import BundleMeta
 from taskvision.dataset import DatasetInfo, LabelInfo, ManifestRow
 from taskvision.storage import LocalBlobStore
 from taskvision.task_types import TaskType
@@ -47,6 +49,9 @@ def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     train_model(
         info, rows, split_dataset(info, rows), store, out, TrainConfig(mode="embed", cache_embeddings=False)
     )
+    meta = BundleMeta.from_json((out / "bundle.json").read_text())
+    meta.metrics = evaluate_model(out)  # what the register step adds
+    (out / "bundle.json").write_text(meta.to_json())
     (out / "test_inputs.npz").unlink()
     return out
 
