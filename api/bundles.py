@@ -21,6 +21,11 @@ from taskvision.storage import BlobStore
 from taskvision.task_types import TaskType
 
 
+def next_version(session: Session, task_id: str) -> int:
+    """The task's next model version: the highest so far plus one (1 for the first)."""
+    return (session.scalar(select(func.max(Model.version)).where(Model.task_id == task_id)) or 0) + 1
+
+
 def import_bundle(
     session: Session, blobs: BlobStore, task: Task, bundle_dir: Path, *, production: bool
 ) -> Model:
@@ -51,7 +56,7 @@ def import_bundle(
     prefix = f"models/{task.id}/imported-{uuid.uuid4()}"
     blobs.put(f"{prefix}/{meta.weights_file}", weights.read_bytes())
     blobs.put(f"{prefix}/bundle.json", meta.to_json().encode(), content_type="application/json")
-    version = (session.scalar(select(func.max(Model.version)).where(Model.task_id == task.id)) or 0) + 1
+    version = next_version(session, task.id)
     model = Model(
         workspace_id=task.workspace_id,
         task_id=task.id,

@@ -62,16 +62,11 @@ def _import_bundle(args: argparse.Namespace) -> int:
     from api.db.models import Task
     from api.db.session import make_engine, make_session_factory
     from taskvision.errors import TaskVisionError
-    from taskvision.storage import open_blob_store
 
     settings = _settings(args)
     engine = make_engine(settings.effective_database_url)
     upgrade(engine)
-    blobs = open_blob_store(
-        settings.effective_storage_url,
-        access_key=settings.s3_access_key,
-        secret_key=settings.s3_secret_key.get_secret_value() if settings.s3_secret_key else None,
-    )
+    blobs = settings.open_blob_store()
     try:
         with make_session_factory(engine)() as session:
             task = session.get(Task, args.task)

@@ -20,7 +20,6 @@ from api.signing import UrlSigner, load_signing_key
 from api.training import TrainingService
 from pipelines.runners import KubeflowRunner, LocalRunner, PipelineRunner
 from taskvision import __version__
-from taskvision.storage import open_blob_store
 
 logger = logging.getLogger(__name__)
 
@@ -31,11 +30,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     engine = make_engine(settings.effective_database_url)
     upgrade(engine)
-    blobs = open_blob_store(
-        settings.effective_storage_url,
-        access_key=settings.s3_access_key,
-        secret_key=settings.s3_secret_key.get_secret_value() if settings.s3_secret_key else None,
-    )
+    blobs = settings.open_blob_store()
 
     session_factory = make_session_factory(engine)
     reconciler = None

@@ -9,10 +9,15 @@ from __future__ import annotations
 
 import ipaddress
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from taskvision.storage import BlobStore, open_blob_store
+
+if TYPE_CHECKING:
+    from api.url_fetch import FetchPolicy
 
 # Where a server-side URL fetch must never go unless the operator allows it:
 # loopback, private (RFC 1918, ULA), link-local (cloud metadata lives there),
@@ -144,6 +149,25 @@ class Settings(BaseSettings):
         data["storage_url"] = self.effective_storage_url
         data["pipeline_runner"] = "kubeflow" if self.kfp_host else "kfp.local"
         return data
+
+    def open_blob_store(self) -> BlobStore:
+        """The configured blob store (a directory, or S3 with the configured keys)."""
+        return open_blob_store(
+            self.effective_storage_url,
+            access_key=self.s3_access_key,
+            secret_key=self.s3_secret_key.get_secret_value() if self.s3_secret_key else None,
+        )
+
+    def fetch_policy(self) -> FetchPolicy:
+        """Limits for fetching a user-given image URL."""
+        from api.url_fetch import FetchPolicy
+
+        return FetchPolicy(
+            timeout_s=self.url_fetch_timeout_s,
+            max_bytes=self.max_upload_bytes,
+            max_redirects=self.url_fetch_max_redirects,
+            blocked_networks=self.blocked_networks,
+        )
 
     @property
     def effective_database_url(self) -> str:

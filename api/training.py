@@ -24,6 +24,7 @@ from typing import Any
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
+from api.bundles import next_version
 from api.db.models import Model, Task, TrainingRun, User
 from api.deployments import ServingReconciler
 from api.settings import Settings
@@ -271,7 +272,7 @@ class TrainingService:
         task = session.scalar(select(Task).where(Task.id == run.task_id).with_for_update())
         if task is None:
             return
-        version = (session.scalar(select(func.max(Model.version)).where(Model.task_id == task.id)) or 0) + 1
+        version = next_version(session, task.id)
         session.add(
             Model(
                 workspace_id=task.workspace_id,

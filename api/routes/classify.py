@@ -28,7 +28,7 @@ from api.ingest import prepare_image, store_image
 from api.lookups import get_task
 from api.routing import SlashAgnosticRouter
 from api.settings import Settings
-from api.url_fetch import FetchPolicy, fetch_image_bytes
+from api.url_fetch import fetch_image_bytes
 from taskvision import imaging
 from taskvision.errors import (
     BadRequestError,
@@ -66,13 +66,7 @@ def _record_bytes(record: dict[str, Any], settings: Settings) -> bytes:
     if isinstance(record.get("_base64"), str) and record["_base64"]:
         data = decode_base64(record["_base64"])
     elif isinstance(record.get("_url"), str) and record["_url"]:
-        policy = FetchPolicy(
-            timeout_s=settings.url_fetch_timeout_s,
-            max_bytes=settings.max_upload_bytes,
-            max_redirects=settings.url_fetch_max_redirects,
-            blocked_networks=settings.blocked_networks,
-        )
-        data = fetch_image_bytes(record["_url"], policy)
+        data = fetch_image_bytes(record["_url"], settings.fetch_policy())
     else:
         raise BadRequestError("The record has neither '_url' nor '_base64'.", code="no_image")
     if len(data) > settings.max_upload_bytes:

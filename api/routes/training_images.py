@@ -22,7 +22,7 @@ from api.presenters import image_public
 from api.routing import SlashAgnosticRouter
 from api.schemas import BulkImageUpdate, ImageCreate, ImageLabelBody, ImageMetaUpdate
 from api.signing import UrlSigner
-from api.url_fetch import FetchPolicy, fetch_image_bytes
+from api.url_fetch import fetch_image_bytes
 from taskvision.errors import AuthenticationError, BadRequestError, NotFoundError
 from taskvision.imaging import decode_base64
 from taskvision.storage import BlobStore
@@ -137,13 +137,7 @@ def _upload_bytes(body: dict[str, Any], data: ImageCreate, settings: SettingsDep
         return upload.file.read(settings.max_upload_bytes + 1)
     if data.base64:
         return decode_base64(data.base64)
-    policy = FetchPolicy(
-        timeout_s=settings.url_fetch_timeout_s,
-        max_bytes=settings.max_upload_bytes,
-        max_redirects=settings.url_fetch_max_redirects,
-        blocked_networks=settings.blocked_networks,
-    )
-    return fetch_image_bytes(str(data.url), policy)
+    return fetch_image_bytes(str(data.url), settings.fetch_policy())
 
 
 @router.post("/", status_code=201)
