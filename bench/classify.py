@@ -1,0 +1,1170 @@
+"""Classify benchmark: ``POST /recognition/v2/classify`` of the real service, against a naive baseline.
+
+What is measured, with 512x512 JPEG images sent as ``_base64`` records:
+
+* **latency** (client sends the request -> the JSON answer is parsed), p50/p95/p99
+  over ``--requests`` sequential requests (one client, one connection), with 1
+  and with 10 records per request. Every answer must be 200 with every record's
+  ``_status.code`` 200 (else it counts as an error). These runs are **cold**:
+  each request carries images the server has not seen (the service keeps an
+  LRU cache of 2048 embeddings keyed on the preprocessed image; the images are
+  taken in turn from a pool larger than that cache, so a cyclic walk through
+  it never hits). The **cached** case is measured separately: the same image
+  (or the same 10 images) in every request;
+* **throughput** (images/s): ``--clients`` threads, each with its own
+  ``requests.Session``, sending single-record requests (fresh images, as above)
+  for ``--duration`` seconds; errors, latency under load, and the CPU seconds
+  the server and the client process used per image;
+* **memory** (service only): ``--memory-requests`` single-record requests (the
+  pool's images in turn) from ``--clients`` threads, the server's ``VmRSS``
+  sampled before and after every ``--memory-every`` requests (the server
+  process alone: training runs in its children, which are not counted). The
+  slope is the least-squares fit of RSS against requests;
+* a **naive baseline** in the same run: a minimal FastAPI app in a subprocess
+  of this script (``--naive-server``) serving the same trained bundle the
+  textbook way: PIL open + full decode, torchvision ``Resize(256, bicubic)`` +
+  ``CenterCrop(224)`` + ``ToTensor`` + ``Normalize``, the eager torch backbone
+  (``build_embedding_model()``, NCHW, ``torch.no_grad``, torch's
+  default threads, OMP_WAIT_POLICY unset unless ``--naive-omp-wait-policy``
+  says otherwise: PASSIVE would halve its speed), the bundle's head with ONNX Runtime and a numpy softmax; no
+  caching. Same request and answer shape; the same latency and throughput runs.
+  The best labels of both servers are compared on the 1-record images.
+
+The service runs as ``taskvision serve`` (a subprocess, free 127.0.0.1 port,
+fresh temporary data directory, ``OMP_WAIT_POLICY=PASSIVE``; the ONNX export
+cache is the user's usual one). The benchmark creates a user, a multi_class
+task on ``../shared/datasets/flowers`` (600 photos, 5 labels; generated images
+when absent), uploads and labels the images through the API, trains through
+the API and waits until the version is in production (none of that is timed).
+The test images are photos from ``../shared/datasets`` (flowers 128 px,
+scenes ~384x256, ages 200 px), resized to cover 512x512 (bicubic) and
+JPEG-encoded at quality 90 beforehand (not timed); generated 512x512 images
+when the data sets are absent. Before the timed runs, the pieces of one
+request are timed in this process on the trained bundle (base64, decode,
+resize, normalise, embed, head, answer) to show where the time goes.
+The service is measured first and stopped before the baseline starts.
+Client and server share the machine (2 CPUs here): the client's CPU counts.
+
+Targets (printed as PASS/FAIL): p50 <= 30 ms for one 512 px image (cold);
+>= 60 images/s with 8 clients; no errors under load; memory flat over 5,000
+requests (fitted growth <= 5 MiB over them, i.e. about 1 KiB per request).
+
+Run it by hand (not collected by pytest)::
+
+    .venv/bin/python bench/classify.py [--requests 200] [--duration 30] [--clients 8]
+        [--memory-requests 5000] [--memory-every 500] [--out bench/results/classify.json]
+
+``--requests 20 --duration 3 --memory-requests 200 --memory-every 50`` makes a
+quick check. Results: Markdown on stdout, JSON in ``--out``; progress on
+stderr. The exit status is 1 when a target was missed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import csv
+import io
+import itertools
+import json
+import logging
+import math
+import os
+import platform
+import random
+import re
+import resource
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import requests
+from PIL import Image, ImageDraw
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT))  # the project's packages, however the script is started
+
+logger = logging.getLogger("bench.classify")
+
+API = "/recognition/v2"
+DATASETS_ROOT = REPO_ROOT.parent / "shared" / "datasets"
+DEFAULT_OUT = REPO_ROOT / "bench" / "results" / "classify.json"
+STARTUP_TIMEOUT_S = 120.0
+REQUEST_TIMEOUT_S = 120.0
+TRAIN_TIMEOUT_S = 1800.0
+UPLOAD_CONCURRENCY = 4
+IMAGE_SIZE = 512
+JPEG_QUALITY = 90
+EMBEDDING_CACHE = 2048  # taskvision.backbone.shared_embedder's default: the pool must be larger
+WARMUP_REQUESTS = 10
+BREAKDOWN_IMAGES = 60
+MIB = 1024  # kB per MiB
+
+# Targets
+TARGET_P50_MS = 30.0
+TARGET_IMAGES_PER_S = 60.0
+TARGET_MEMORY_GROWTH_MIB = 5.0  # fitted growth over the memory run
+
+
+# ---- statistics -------------------------------------------------------------
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The ``q``-th percentile (0-100) with linear interpolation, as numpy's default."""
+    if not values:
+        return math.nan
+    ordered = sorted(values)
+    rank = (len(ordered) - 1) * q / 100
+    low, high = math.floor(rank), math.ceil(rank)
+    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
+
+
+def latency_summary(seconds: Sequence[float]) -> dict[str, float]:
+    """p50/p95/p99/mean/max of latencies given in seconds, in milliseconds."""
+    ms = [s * 1000 for s in seconds]
+    return {
+        "p50": round(percentile(ms, 50), 2),
+        "p95": round(percentile(ms, 95), 2),
+        "p99": round(percentile(ms, 99), 2),
+        "mean": round(sum(ms) / len(ms), 2) if ms else math.nan,
+        "max": round(max(ms), 2) if ms else math.nan,
+    }
+
+
+def linear_slope(xs: Sequence[float], ys: Sequence[float]) -> float:
+    """Least-squares slope of ys against xs (0 with fewer than two points)."""
+    if len(xs) < 2:
+        return 0.0
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    sxx = sum((x - mx) ** 2 for x in xs)
+    return sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sxx if sxx else 0.0
+
+
+# ---- images -------------------------------------------------------------------
+
+
+def _cover(image: Image.Image, size: int) -> Image.Image:
+    """Resize (bicubic) to cover ``size`` x ``size`` and crop the centre square."""
+    width, height = image.size
+    scale = size / min(width, height)
+    resized = image.resize(
+        (max(size, round(width * scale)), max(size, round(height * scale))), Image.Resampling.BICUBIC
+    )
+    left, top = (resized.width - size) // 2, (resized.height - size) // 2
+    return resized.crop((left, top, left + size, top + size))
+
+
+def _encode(image: Image.Image) -> str:
+    out = io.BytesIO()
+    image.save(out, format="JPEG", quality=JPEG_QUALITY)
+    return base64.b64encode(out.getvalue()).decode("ascii")
+
+
+def _generated(seed: int, size: int) -> Image.Image:
+    """A photo-like picture: a smooth random colour field with random shapes on top."""
+    rng = random.Random(seed)
+    coarse = max(2, size // 16)
+    img = Image.frombytes("RGB", (coarse, coarse), rng.randbytes(coarse * coarse * 3))
+    img = img.resize((size, size), Image.Resampling.BILINEAR)
+    draw = ImageDraw.Draw(img)
+    for _ in range(rng.randint(8, 24)):
+        x0, y0 = rng.randrange(size), rng.randrange(size)
+        x1, y1 = x0 + rng.randint(10, size // 2), y0 + rng.randint(10, size // 2)
+        colour = (rng.randrange(256), rng.randrange(256), rng.randrange(256))
+        draw.ellipse((x0, y0, x1, y1), fill=colour) if rng.random() < 0.5 else draw.rectangle(
+            (x0, y0, x1, y1), fill=colour
+        )
+    return img
+
+
+def photo_sources() -> list[Path]:
+    """Photos of the shared data sets, interleaved (flowers, scenes, ages, flowers, ...)."""
+    lists = []
+    for name in ("flowers", "scenes", "ages"):
+        folder = DATASETS_ROOT / name / "images"
+        if folder.is_dir():
+            lists.append(sorted(folder.glob("*.jpg")))
+    return [p for group in itertools.zip_longest(*lists) for p in group if p is not None]
+
+
+def make_pool(count: int, *, size: int, seed: int, start: int = 0) -> tuple[list[str], dict[str, Any]]:
+    """``count`` distinct ``size`` px JPEGs as base64 text: photos (mirrored, cropped when they run out).
+
+    Image ``i`` (from ``start``) is photo ``i % photos`` in variant ``i // photos``, so pools made
+    from disjoint index ranges share no image.
+    """
+    sources = photo_sources()
+
+    def one(index: int) -> str:
+        if sources:
+            path = sources[index % len(sources)]
+            with Image.open(path) as opened:
+                image = _cover(opened.convert("RGB"), size)
+            variant = index // len(sources)
+            if variant % 2:
+                image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+            if variant >= 2:  # beyond two passes: a different crop of the same photo
+                image = _cover(image.crop((variant, variant, size - variant, size - variant)), size)
+            return _encode(image)
+        return _encode(_generated(seed + index, size))
+
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
+        images = list(pool.map(one, range(start, start + count)))
+    jpeg_bytes = [len(b) * 3 / 4 for b in images]
+    info = {
+        "images": count,
+        "distinct": len(set(images)),
+        "source": "photos from ../shared/datasets resized to cover" if sources else "generated",
+        "source_photos": len(sources),
+        "size": f"{size}x{size}",
+        "jpeg_quality": JPEG_QUALITY,
+        "mean_jpeg_kib": round(sum(jpeg_bytes) / len(jpeg_bytes) / 1024, 1),
+    }
+    return images, info
+
+
+class ImagePool:
+    """Images handed out in turn (cycling), thread-safe; a cyclic walk longer than the LRU never hits it."""
+
+    def __init__(self, images: Sequence[str]) -> None:
+        self.images = images
+        self._next = 0
+        self._lock = threading.Lock()
+
+    def take(self, n: int) -> list[tuple[int, str]]:
+        with self._lock:
+            start = self._next
+            self._next += n
+        return [
+            ((start + i) % len(self.images), self.images[(start + i) % len(self.images)]) for i in range(n)
+        ]
+
+
+# ---- training data ------------------------------------------------------------
+
+
+def training_set() -> tuple[str, list[tuple[Path | bytes, str]]]:
+    """(description, [(file or bytes, label name)]): the flowers, or generated discs and squares."""
+    labels_csv = DATASETS_ROOT / "flowers" / "labels.csv"
+    if labels_csv.is_file():
+        with labels_csv.open(newline="") as fh:
+            rows = list(csv.DictReader(fh))
+        items: list[tuple[Path | bytes, str]] = [
+            (DATASETS_ROOT / "flowers" / row["path"], row["label"].strip()) for row in rows
+        ]
+        return f"flowers ({len(items)} photos)", items
+    rng = random.Random(7)
+    generated: list[tuple[Path | bytes, str]] = []
+    for shape in ("disc", "square"):
+        for _ in range(30):
+            img = Image.new("RGB", (128, 128), tuple(rng.randrange(256) for _ in range(3)))
+            draw = ImageDraw.Draw(img)
+            x, y, r = rng.randint(35, 93), rng.randint(35, 93), rng.randint(12, 32)
+            colour = tuple(rng.randrange(256) for _ in range(3))
+            box = (x - r, y - r, x + r, y + r)
+            draw.ellipse(box, fill=colour) if shape == "disc" else draw.rectangle(box, fill=colour)
+            out = io.BytesIO()
+            img.save(out, format="PNG")
+            generated.append((out.getvalue(), shape))
+    return f"generated discs and squares ({len(generated)} images)", generated
+
+
+# ---- processes ------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@dataclass
+class Server:
+    """A running server under test: the service, or the naive baseline."""
+
+    name: str
+    process: subprocess.Popen[bytes]
+    base_url: str
+    token: str
+    log_path: Path
+    data_dir: Path | None = None
+    health: dict[str, Any] = field(default_factory=dict)  # what /healthz answered
+
+
+def _env(omp_wait_policy: str | None = "PASSIVE") -> dict[str, str]:
+    """The servers' environment; ``None`` leaves OMP_WAIT_POLICY unset (OpenMP's default)."""
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    if omp_wait_policy:
+        env["OMP_WAIT_POLICY"] = omp_wait_policy  # PASSIVE: no busy-waiting OpenMP threads
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def _wait_healthy(server: Server) -> None:
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if server.process.poll() is not None:
+            tail = server.log_path.read_text(errors="replace")[-3000:]
+            raise RuntimeError(f"{server.name} exited with {server.process.returncode}:\n{tail}")
+        try:
+            response = requests.get(f"{server.base_url}/healthz", timeout=2)
+            if response.status_code == 200:
+                server.health = response.json()
+                return
+        except (requests.RequestException, ValueError):
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"{server.name} did not answer /healthz within {STARTUP_TIMEOUT_S:.0f}s")
+
+
+def _stop(process: subprocess.Popen[bytes], what: str) -> None:
+    if process.poll() is not None:
+        return
+    process.terminate()
+    try:
+        process.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        logger.warning("%s pid %d ignored SIGTERM; killing it", what, process.pid)
+        process.kill()
+        process.wait(timeout=15)
+
+
+@contextmanager
+def running_service(workdir: Path, *, log_level: str) -> Iterator[Server]:
+    """``taskvision serve`` on a fresh data dir under ``workdir`` (kept: the baseline reads the bundle)."""
+    executable = Path(sys.executable).with_name("taskvision")
+    if not executable.exists():
+        raise SystemExit(f"{executable} not found: install the project into this venv (make venv).")
+    data_dir = workdir / "data"
+    log_path = workdir / "service.log"
+    env = _env()
+    process: subprocess.Popen[bytes] | None = None
+    try:
+        created = subprocess.run(
+            [str(executable), "users", "create", "bench", "--data-dir", str(data_dir)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=STARTUP_TIMEOUT_S,
+            check=False,
+        )
+        if created.returncode != 0:
+            raise RuntimeError(f"'taskvision users create' failed: {created.stderr.strip()}")
+        token = created.stdout.strip()
+        port = free_port()
+        command = [str(executable), "--log-level", log_level, "serve", "--host", "127.0.0.1"]
+        command += ["--port", str(port), "--data-dir", str(data_dir)]
+        with log_path.open("wb") as log_file:  # a file, not a pipe: a full pipe would stall the server
+            process = subprocess.Popen(command, env=env, stdout=log_file, stderr=subprocess.STDOUT)
+        server = Server("service", process, f"http://127.0.0.1:{port}", token, log_path, data_dir)
+        _wait_healthy(server)
+        logger.info("service pid %d listening on %s (data dir %s)", process.pid, server.base_url, data_dir)
+        yield server
+    finally:
+        if process is not None:
+            _stop(process, "service")
+
+
+@contextmanager
+def running_naive(workdir: Path, bundle_dir: Path, *, omp_wait_policy: str | None) -> Iterator[Server]:
+    """The naive baseline (this script with ``--naive-server``) serving ``bundle_dir``."""
+    log_path = workdir / "naive.log"
+    port = free_port()
+    command = [sys.executable, str(Path(__file__).resolve()), "--naive-server", "--bundle", str(bundle_dir)]
+    command += ["--port", str(port)]
+    process: subprocess.Popen[bytes] | None = None
+    try:
+        with log_path.open("wb") as log_file:
+            env = _env(omp_wait_policy)
+            process = subprocess.Popen(command, env=env, stdout=log_file, stderr=subprocess.STDOUT)
+        server = Server("naive baseline", process, f"http://127.0.0.1:{port}", "unused", log_path)
+        _wait_healthy(server)
+        logger.info("naive baseline pid %d listening on %s", process.pid, server.base_url)
+        yield server
+    finally:
+        if process is not None:
+            _stop(process, "naive baseline")
+
+
+def proc_rss_kb(pid: int) -> dict[str, int]:
+    """VmRSS and VmHWM (kB) of one process (its threads included, its children not)."""
+    figures: dict[str, int] = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, rest = line.partition(":")
+        if key in ("VmHWM", "VmRSS"):
+            figures[key] = int(rest.split()[0])
+    return figures
+
+
+def proc_cpu_seconds(pid: int) -> float:
+    """User + system CPU time the process has used so far (its threads, not its children)."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def own_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def server_log_summary(log_path: Path) -> dict[str, Any]:
+    text = log_path.read_text(errors="replace") if log_path.exists() else ""
+    lines = text.splitlines()
+    return {
+        "lines": len(lines),
+        "error_lines": sum(" ERROR " in line or line.startswith(("ERROR", "CRITICAL")) for line in lines),
+        "tracebacks": text.count("Traceback (most recent call last)"),
+        "http_5xx": sum(1 for line in lines if '" 5' in line and "HTTP/1.1" in line),
+    }
+
+
+# ---- HTTP client --------------------------------------------------------------
+
+
+class Client:
+    """One ``requests.Session`` per thread, with the benchmark user's token."""
+
+    def __init__(self, server: Server) -> None:
+        self.base_url = server.base_url
+        self._headers = {"Authorization": f"Token {server.token}"}
+        self._local = threading.local()
+
+    @property
+    def session(self) -> requests.Session:
+        session: requests.Session | None = getattr(self._local, "session", None)
+        if session is None:
+            session = requests.Session()
+            session.trust_env = False  # never route 127.0.0.1 through a proxy from the environment
+            session.headers.update(self._headers)
+            self._local.session = session
+        return session
+
+    def post(self, path: str, payload: dict[str, Any] | None = None) -> requests.Response:
+        return self.session.post(f"{self.base_url}{path}", json=payload, timeout=REQUEST_TIMEOUT_S)
+
+    def get(self, path: str, params: dict[str, Any] | None = None) -> requests.Response:
+        return self.session.get(f"{self.base_url}{path}", params=params, timeout=REQUEST_TIMEOUT_S)
+
+
+def _expect(response: requests.Response, status: int, what: str) -> dict[str, Any]:
+    if response.status_code != status:
+        raise RuntimeError(f"{what}: HTTP {response.status_code}: {response.text[:500]}")
+    data: dict[str, Any] = response.json()
+    return data
+
+
+@dataclass
+class Call:
+    """One classify request: its end-to-end time and what came back."""
+
+    seconds: float
+    records: int
+    ok: bool
+    error: str | None = None
+    best: list[tuple[int, str, float]] = field(default_factory=list)  # (pool index, best label id, prob)
+    processing_s: float | None = None  # the server's own "statistics.processing time"
+
+
+def classify(client: Client, task_id: str, images: Sequence[tuple[int, str]]) -> Call:
+    """Send one classify request (the body is serialized before the clock starts) and check the answer."""
+    records = ",".join('{"_base64": "%s"}' % b64 for _, b64 in images)  # noqa: UP031  # base64 needs no escaping
+    body = f'{{"task_id": {json.dumps(task_id)}, "records": [{records}]}}'.encode()
+    session = client.session
+    start = time.perf_counter()
+    try:
+        response = session.post(
+            f"{client.base_url}{API}/classify",
+            data=body,
+            headers={"Content-Type": "application/json"},
+            timeout=REQUEST_TIMEOUT_S,
+        )
+        data = response.json() if response.status_code == 200 else None
+    except (requests.RequestException, ValueError) as exc:
+        return Call(time.perf_counter() - start, len(images), False, error=repr(exc)[:300])
+    seconds = time.perf_counter() - start
+    if data is None:
+        return Call(seconds, len(images), False, error=f"HTTP {response.status_code}: {response.text[:300]}")
+    answers = data.get("records") or []
+    if len(answers) != len(images):
+        return Call(seconds, len(images), False, error=f"{len(answers)} records answered, {len(images)} sent")
+    best: list[tuple[int, str, float]] = []
+    for (index, _), answer in zip(images, answers, strict=True):
+        status = (answer.get("_status") or {}).get("code")
+        label = answer.get("best_label")
+        if status != 200 or not isinstance(label, dict):
+            return Call(seconds, len(images), False, error=f"record status {answer.get('_status')}")
+        best.append((index, str(label.get("id")), float(label.get("prob", math.nan))))
+    processing = (data.get("statistics") or {}).get("processing time")
+    return Call(seconds, len(images), True, best=best, processing_s=processing)
+
+
+# ---- building and training the task -------------------------------------------------
+
+
+_DUPLICATE_ID = re.compile(r"image ID: ([0-9a-fA-F-]{8,})")
+
+
+def build_and_train(client: Client, server: Server) -> dict[str, Any]:
+    """Create a multi_class task, upload and label its images, train it, wait for production."""
+    description, items = training_set()
+    names = sorted({label for _, label in items})
+    task = _expect(
+        client.post(f"{API}/task/", {"name": "classify bench", "type": "multi_class"}), 201, "task"
+    )
+    label_ids: dict[str, str] = {}
+    for name in names:
+        label = _expect(client.post(f"{API}/label/", {"name": name, "type": "category"}), 201, "label")
+        _expect(client.post(f"{API}/task/{task['id']}/add-label", {"label_id": label["id"]}), 200, "attach")
+        label_ids[name] = label["id"]
+
+    def upload(item: tuple[Path | bytes, str]) -> None:
+        source, label_name = item
+        data = source.read_bytes() if isinstance(source, Path) else source
+        response = client.post(f"{API}/training-image/", {"base64": base64.b64encode(data).decode("ascii")})
+        if response.status_code == 201:
+            image_id = response.json()["id"]
+        else:
+            match = _DUPLICATE_ID.search(response.text) if response.status_code == 400 else None
+            if match is None:
+                raise RuntimeError(f"upload: HTTP {response.status_code}: {response.text[:300]}")
+            image_id = match.group(1)
+        payload = {"label_id": label_ids[label_name]}
+        _expect(client.post(f"{API}/training-image/{image_id}/add-label", payload), 200, "add label")
+
+    logger.info("uploading %s with %d client threads", description, UPLOAD_CONCURRENCY)
+    start = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=UPLOAD_CONCURRENCY) as pool:
+        list(pool.map(upload, items))
+    upload_s = time.perf_counter() - start
+
+    logger.info("training (the service's default mode)")
+    start = time.perf_counter()
+    run = _expect(client.post(f"{API}/task/{task['id']}/train"), 202, "train")
+    deadline = time.monotonic() + TRAIN_TIMEOUT_S
+    while True:
+        run = _expect(client.get(f"{API}/training-run/{run['id']}"), 200, "poll run")
+        if run["status"] in ("FAILED", "CANCELED"):
+            raise RuntimeError(f"training {run['status']}: {run.get('error')}")
+        if run["status"] == "SUCCEEDED":
+            production = _expect(client.get(f"{API}/task/{task['id']}"), 200, "task")["production_version"]
+            if production is not None:
+                break
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"training not done after {TRAIN_TIMEOUT_S:.0f} s: {run}")
+        time.sleep(0.5)
+    train_s = time.perf_counter() - start
+    assert server.data_dir is not None
+    bundles = sorted((server.data_dir / "blobs" / "models" / task["id"]).glob("*/bundle.json"))
+    if not bundles:
+        raise RuntimeError(f"no bundle.json under {server.data_dir / 'blobs' / 'models' / task['id']}")
+    meta = json.loads(bundles[-1].read_text())
+    logger.info("version %s in production after %.1f s; bundle %s", production, train_s, bundles[-1].parent)
+    return {
+        "task_id": task["id"],
+        "dataset": description,
+        "labels": names,
+        "upload_s": round(upload_s, 1),
+        "train_s": round(train_s, 1),
+        "version": production,
+        "bundle_dir": str(bundles[-1].parent),
+        "frozen_backbone": meta.get("frozen_backbone"),
+        "training_mode": (meta.get("training") or {}).get("mode"),
+        "test_metrics": {k: v for k, v in (meta.get("metrics") or {}).items() if isinstance(v, int | float)},
+    }
+
+
+# ---- where the time goes (in this process) ----------------------------------------------
+
+
+def breakdown(bundle_dir: Path, images: Sequence[str]) -> dict[str, Any]:
+    """Time the pieces of the service's classify path for single images, on the trained bundle."""
+    import numpy as np
+
+    from serving.model import DEFAULT_MAX_PIXELS, BundlePredictor
+    from taskvision import imaging
+    from taskvision.backbone import Embedder
+    from taskvision.preprocess import DEFAULT, preprocess_bytes, resize_and_crop, to_array
+
+    embedder = Embedder(cache_size=0)
+    predictor = BundlePredictor("bench", bundle_dir, embedder=embedder)
+    predictor.load()
+    model = predictor.bundle
+    pieces: dict[str, list[float]] = {}
+
+    @contextmanager
+    def stopwatch(name: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        yield
+        pieces.setdefault(name, []).append(time.perf_counter() - t0)
+
+    draft = (DEFAULT.resize_to * 2, DEFAULT.resize_to * 2)
+    whole = "= preprocess_bytes (probe + decode + resize + normalise)"
+    for i, b64 in enumerate(images):
+        body = f'{{"task_id": "x", "records": [{{"_base64": "{b64}"}}]}}'.encode()
+        with stopwatch("json.loads of the request body"):
+            parsed = json.loads(body)
+        with stopwatch("base64 decode (imaging.decode_base64)"):
+            data = imaging.decode_base64(parsed["records"][0]["_base64"])
+        with stopwatch("probe size (imaging.upright_size)"):
+            imaging.upright_size(data, max_pixels=DEFAULT_MAX_PIXELS)
+        with stopwatch("JPEG decode (imaging.load_rgb with draft)"):
+            image = imaging.load_rgb(data, max_pixels=DEFAULT_MAX_PIXELS, draft_size=draft)
+        with stopwatch("resize 256 + crop 224 (bicubic)"):
+            crop = resize_and_crop(image)
+        with stopwatch("to float CHW + normalise"):
+            array = to_array(crop)
+        with stopwatch(whole):
+            preprocess_bytes(data, max_pixels=DEFAULT_MAX_PIXELS)
+        with stopwatch("embed (ONNX Runtime backbone, batch 1)"):
+            embedding = embedder.embed_arrays(np.stack([array]))
+        with stopwatch("head + softmax"):
+            row = model.outputs(model.logits_from_embeddings(embedding))
+        with stopwatch("describe (labels sorted)"):
+            answer = predictor.describe(row[0])
+        with stopwatch("json.dumps of the answer"):
+            json.dumps({"records": [answer]})
+        if i == 0:  # the first image pays one-off costs (session warm-up): drop it
+            for times in pieces.values():
+                times.clear()
+    summary = {name: round(percentile(ts, 50) * 1000, 2) for name, ts in pieces.items()}
+    summary["sum of the pieces"] = round(sum(v for k, v in summary.items() if k != whole), 2)
+    return {"images": len(images) - 1, "median_ms": summary}
+
+
+# ---- measurements ----------------------------------------------------------------
+
+
+def run_sequential(
+    client: Client, task_id: str, take: Callable[[], list[tuple[int, str]]], n: int
+) -> list[Call]:
+    return [classify(client, task_id, take()) for _ in range(n)]
+
+
+def summarize(calls: Sequence[Call], *, wall_s: float | None = None) -> dict[str, Any]:
+    ok = [c for c in calls if c.ok]
+    processing = [c.processing_s for c in ok if c.processing_s is not None]
+    result: dict[str, Any] = {
+        "requests": len(calls),
+        "records_per_request": calls[0].records if calls else 0,
+        "errors": len(calls) - len(ok),
+        "first_errors": [c.error for c in calls if not c.ok][:5],
+        "latency_ms": latency_summary([c.seconds for c in calls]),
+        "server_processing_ms_p50": round(percentile(processing, 50) * 1000, 2) if processing else None,
+    }
+    if ok:
+        result["ms_per_image_p50"] = round(result["latency_ms"]["p50"] / ok[0].records, 2)
+    if wall_s:
+        result["wall_s"] = round(wall_s, 2)
+        result["images_per_s"] = round(sum(c.records for c in ok) / wall_s, 1)
+    return result
+
+
+def latency_runs(
+    client: Client,
+    task_id: str,
+    pool: ImagePool,
+    cached: Sequence[str],
+    *,
+    requests_n: int,
+    with_cached: bool,
+) -> tuple[dict[str, Any], dict[int, tuple[str, float]]]:
+    """Sequential latency with 1 and 10 fresh records per request (and the cached case)."""
+    warm = run_sequential(client, task_id, lambda: pool.take(1), WARMUP_REQUESTS)
+    warm += run_sequential(client, task_id, lambda: pool.take(10), 3)
+    if not all(c.ok for c in warm):
+        raise RuntimeError(f"warm-up requests failed: {[c.error for c in warm if not c.ok][:3]}")
+    out: dict[str, Any] = {}
+    one = run_sequential(client, task_id, lambda: pool.take(1), requests_n)
+    out["1 record, cold"] = summarize(one)
+    logger.info("  1 record, cold: %s", out["1 record, cold"]["latency_ms"])
+    ten = run_sequential(client, task_id, lambda: pool.take(10), requests_n)
+    out["10 records, cold"] = summarize(ten)
+    logger.info("  10 records, cold: %s", out["10 records, cold"]["latency_ms"])
+    if with_cached:
+        same_one = [(-1, cached[0])]
+        same_ten = [(-1 - i, b64) for i, b64 in enumerate(cached[:10])]
+        calls = run_sequential(client, task_id, lambda: same_one, requests_n + 1)[1:]  # the first one is cold
+        out["1 record, cached (same image)"] = summarize(calls)
+        logger.info("  1 record, cached: %s", out["1 record, cached (same image)"]["latency_ms"])
+        calls = run_sequential(client, task_id, lambda: same_ten, requests_n + 1)[1:]
+        out["10 records, cached (same 10 images)"] = summarize(calls)
+        logger.info("  10 records, cached: %s", out["10 records, cached (same 10 images)"]["latency_ms"])
+    answers = {index: (label, prob) for call in one if call.ok for index, label, prob in call.best}
+    return out, answers
+
+
+def throughput_run(
+    client: Client, task_id: str, pool: ImagePool, *, clients: int, duration_s: float, pid: int
+) -> dict[str, Any]:
+    """``clients`` threads sending single fresh records for ``duration_s``."""
+    cpu_server, cpu_client = proc_cpu_seconds(pid), own_cpu_seconds()
+    start = time.perf_counter()
+    deadline = start + duration_s
+
+    def worker() -> list[Call]:
+        calls = []
+        while time.perf_counter() < deadline:
+            calls.append(classify(client, task_id, pool.take(1)))
+        return calls
+
+    with ThreadPoolExecutor(max_workers=clients, thread_name_prefix="load") as executor:
+        futures = [executor.submit(worker) for _ in range(clients)]
+        calls = [call for future in futures for call in future.result()]
+    wall = time.perf_counter() - start
+    result = summarize(calls, wall_s=wall)
+    images = max(1, sum(c.records for c in calls if c.ok))
+    result["clients"] = clients
+    result["server_cpu_ms_per_image"] = round((proc_cpu_seconds(pid) - cpu_server) * 1000 / images, 2)
+    result["client_cpu_ms_per_image"] = round((own_cpu_seconds() - cpu_client) * 1000 / images, 2)
+    return result
+
+
+def memory_run(
+    client: Client, task_id: str, pool: ImagePool, *, total: int, every: int, clients: int, pid: int
+) -> dict[str, Any]:
+    """``total`` single-record requests; the server's VmRSS before and after every ``every`` of them."""
+    samples = [(0, proc_rss_kb(pid)["VmRSS"])]
+    calls: list[Call] = []
+    start = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=clients, thread_name_prefix="memory") as executor:
+        done = 0
+        while done < total:
+            chunk = min(every, total - done)
+            calls += list(executor.map(lambda _: classify(client, task_id, pool.take(1)), range(chunk)))
+            done += chunk
+            samples.append((done, proc_rss_kb(pid)["VmRSS"]))
+            logger.info("  %d/%d requests, server RSS %.1f MiB", done, total, samples[-1][1] / MIB)
+    wall = time.perf_counter() - start
+    rss_mib = [kb / MIB for _, kb in samples]
+    slope = linear_slope([n for n, _ in samples], rss_mib)  # MiB per request
+    fitted_growth = slope * total
+    return {
+        "requests": total,
+        "sample_every": every,
+        "clients": clients,
+        "errors": sum(not c.ok for c in calls),
+        "first_errors": [c.error for c in calls if not c.ok][:5],
+        "wall_s": round(wall, 1),
+        "images_per_s": round(sum(c.ok for c in calls) / wall, 1),
+        "latency_ms": latency_summary([c.seconds for c in calls]),
+        "samples": [{"requests": n, "rss_mib": round(kb / MIB, 1)} for n, kb in samples],
+        "rss_start_mib": round(rss_mib[0], 1),
+        "rss_end_mib": round(rss_mib[-1], 1),
+        "rss_max_mib": round(max(rss_mib), 1),
+        "slope_mib_per_1000_requests": round(slope * 1000, 3),
+        "fitted_growth_mib": round(fitted_growth, 2),
+        "flat": fitted_growth <= TARGET_MEMORY_GROWTH_MIB,
+        "vmhwm_mib": round(proc_rss_kb(pid)["VmHWM"] / MIB, 1),
+    }
+
+
+def measure(
+    server: Server,
+    task_id: str,
+    images: Sequence[str],
+    cached: Sequence[str],
+    args: argparse.Namespace,
+    *,
+    memory: bool,
+) -> tuple[dict[str, Any], dict[int, tuple[str, float]]]:
+    """All the runs against one server; a fresh walk through the pool (both servers see the same images)."""
+    client = Client(server)
+    pool = ImagePool(images)
+    pid = server.process.pid
+    out: dict[str, Any] = {"pid": pid}
+    logger.info("%s: sequential latency (%d requests each)", server.name, args.requests)
+    out["latency"], answers = latency_runs(
+        client, task_id, pool, cached, requests_n=args.requests, with_cached=memory
+    )
+    logger.info("%s: throughput, %d clients for %.0f s", server.name, args.clients, args.duration)
+    out["throughput"] = throughput_run(
+        client, task_id, pool, clients=args.clients, duration_s=args.duration, pid=pid
+    )
+    tp = out["throughput"]
+    logger.info(
+        "  %.1f images/s, p50 %.1f ms, %d errors", tp["images_per_s"], tp["latency_ms"]["p50"], tp["errors"]
+    )
+    if memory:
+        logger.info("%s: memory over %d requests", server.name, args.memory_requests)
+        out["memory"] = memory_run(
+            client,
+            task_id,
+            pool,
+            total=args.memory_requests,
+            every=args.memory_every,
+            clients=args.clients,
+            pid=pid,
+        )
+    rss = proc_rss_kb(pid)
+    out["rss_at_end_mib"] = round(rss["VmRSS"] / MIB, 1)
+    out["vmhwm_mib"] = round(rss["VmHWM"] / MIB, 1)
+    out["requests_sent_from_pool"] = pool._next
+    return out, answers
+
+
+# ---- the naive baseline server (runs as a subprocess: --naive-server) ---------------------------
+
+
+def naive_server_main(bundle_dir: Path, port: int) -> int:
+    """A textbook server of the bundle: full PIL decode, torchvision transforms, eager torch, no cache."""
+    import numpy as np
+    import onnxruntime as ort
+    import torch
+    import uvicorn
+    from fastapi import Body, FastAPI
+    from torchvision import transforms
+
+    from taskvision.backbone import build_embedding_model
+
+    meta = json.loads((bundle_dir / "bundle.json").read_text())
+    if not meta.get("frozen_backbone"):
+        raise SystemExit("the naive baseline serves frozen-backbone bundles (a head over embeddings)")
+    pre = meta.get("preprocess") or {}
+    input_size = int(meta.get("input_size") or 224)
+    crop_pct = float(pre.get("crop_pct", 0.875))
+    mean, std = tuple(pre.get("mean", (0.5, 0.5, 0.5))), tuple(pre.get("std", (0.5, 0.5, 0.5)))
+    transform = transforms.Compose(
+        [
+            transforms.Resize(
+                round(input_size / crop_pct), interpolation=transforms.InterpolationMode.BICUBIC
+            ),
+            transforms.CenterCrop(input_size),
+            transforms.ToTensor(),
+            transforms.Normalize(mean, std),
+        ]
+    )
+    model = build_embedding_model().eval()
+    head = ort.InferenceSession(str(bundle_dir / "head.onnx"), providers=["CPUExecutionProvider"])
+    head_input = head.get_inputs()[0].name
+    labels = meta["labels"]
+    app = FastAPI()
+
+    @app.get("/healthz")
+    def healthz() -> dict[str, Any]:
+        return {
+            "status": "ok",
+            "torch_threads": torch.get_num_threads(),
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "unset (OpenMP default)"),
+        }
+
+    @app.post("/recognition/v2/classify")
+    def classify_naive(body: dict[str, Any] = Body(...)) -> dict[str, Any]:
+        started = time.perf_counter()
+        records = body.get("records") or []
+        results: list[dict[str, Any]] = [{k: v for k, v in r.items() if k != "_base64"} for r in records]
+        tensors = {}
+        for i, record in enumerate(records):
+            try:
+                opened = Image.open(io.BytesIO(base64.b64decode(record["_base64"])))
+                image = opened.convert("RGB")  # full-size decode
+                results[i].update({"_width": image.width, "_height": image.height})
+                tensors[i] = transform(image)
+            except Exception as exc:  # a bad record fails alone
+                results[i]["_status"] = {"code": 400, "text": str(exc)}
+        good = sorted(tensors)
+        if good:
+            with torch.no_grad():
+                embeddings = model(torch.stack([tensors[i] for i in good])).numpy()
+            logits = head.run(None, {head_input: embeddings.astype(np.float32)})[0]
+            z = np.exp(logits - logits.max(axis=1, keepdims=True))
+            probs = z / z.sum(axis=1, keepdims=True)
+            for i, row in zip(good, probs, strict=True):
+                ranked = sorted(
+                    (
+                        {"id": lb["id"], "name": lb["name"], "prob": round(float(p), 5)}
+                        for lb, p in zip(labels, row, strict=True)
+                    ),
+                    key=lambda item: -item["prob"],
+                )
+                results[i].update(
+                    {"best_label": ranked[0], "labels": ranked, "_status": {"code": 200, "text": "OK"}}
+                )
+        return {
+            "task_id": body.get("task_id"),
+            "version": meta.get("version"),
+            "records": results,
+            "status": {"code": 200, "text": "OK"},
+            "statistics": {"processing time": round(time.perf_counter() - started, 5)},
+        }
+
+    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
+    return 0
+
+
+# ---- report -----------------------------------------------------------------
+
+
+def machine_info() -> dict[str, Any]:
+    cpu_model = ""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                cpu_model = line.split(":", 1)[1].strip()
+                break
+    mem_kb = 0
+    meminfo = Path("/proc/meminfo")
+    if meminfo.exists():
+        for line in meminfo.read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                mem_kb = int(line.split()[1])
+    git = ["git", "-C", str(REPO_ROOT), "rev-parse", "--short", "HEAD"]
+    commit = subprocess.run(git, capture_output=True, text=True, check=False).stdout.strip()
+    changes = ["git", "-C", str(REPO_ROOT), "status", "--porcelain", "--untracked-files=no"]
+    dirty = bool(subprocess.run(changes, capture_output=True, text=True, check=False).stdout.strip())
+    return {
+        "nproc": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "cpu_model": cpu_model,
+        "memory_gib": round(mem_kb / 1024 / 1024, 1),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "git_commit": commit or None,
+        "git_dirty": dirty,
+        "load_average_at_start": list(os.getloadavg()),
+    }
+
+
+def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
+    service = report["service"]
+    p50 = service["latency"]["1 record, cold"]["latency_ms"]["p50"]
+    tput = service["throughput"]["images_per_s"]
+    load_errors = service["throughput"]["errors"] + service["memory"]["errors"]
+    all_errors = load_errors + sum(row["errors"] for row in service["latency"].values())
+    memory = service["memory"]
+    return [
+        {
+            "target": f"p50 <= {TARGET_P50_MS:.0f} ms for a single {IMAGE_SIZE} px image (cold)",
+            "value": f"{p50} ms",
+            "pass": p50 <= TARGET_P50_MS,
+        },
+        {
+            "target": f">= {TARGET_IMAGES_PER_S:.0f} images/s with "
+            f"{service['throughput']['clients']} clients",
+            "value": f"{tput} images/s",
+            "pass": tput >= TARGET_IMAGES_PER_S,
+        },
+        {
+            "target": "no errors under load",
+            "value": f"{load_errors} errors under load ({all_errors} in all runs)",
+            "pass": all_errors == 0,
+        },
+        {
+            "target": f"memory flat over {memory['requests']} requests "
+            f"(fitted growth <= {TARGET_MEMORY_GROWTH_MIB:.0f} MiB)",
+            "value": f"{memory['rss_start_mib']} -> {memory['rss_end_mib']} MiB "
+            f"(max {memory['rss_max_mib']}), "
+            f"slope {memory['slope_mib_per_1000_requests']} MiB/1000 requests",
+            "pass": bool(memory["flat"]),
+        },
+    ]
+
+
+def markdown(report: dict[str, Any]) -> str:
+    cfg, machine, training = report["config"], report["machine"], report["training"]
+    commit = f"{machine['git_commit']}{' (dirty)' if machine['git_dirty'] else ''}"
+    load = ", ".join(f"{x:.2f}" for x in machine["load_average_at_start"])
+    images = cfg["images"]
+    out = [
+        f"## Classify benchmark ({report['date']})",
+        "",
+        f"{machine['nproc']} CPUs ({machine['cpu_model']}), load average at start {load}, "
+        f"Python {machine['python']}, commit {commit}. Task: multi_class on {training['dataset']}, "
+        f"trained in {training['train_s']} s ({training['training_mode'] or 'default'} mode; "
+        f"test accuracy {training['test_metrics'].get('accuracy', 'n/a')}). "
+        f"Images: {images['images']} distinct "
+        f"{images['size']} JPEGs (q{images['jpeg_quality']}, mean {images['mean_jpeg_kib']} KiB; "
+        f"{images['source']}). Client and server on the same machine. Cold = every image new to the "
+        f"server; cached = the same image(s) in every request.",
+        "",
+        "| run | server | requests | errors | p50 ms | p95 ms | p99 ms | p50 ms/image "
+        "| server p50 ms | images/s |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name in report["service"]["latency"]:
+        for server in ("service", "naive"):
+            row = report[server]["latency"].get(name)
+            if row is None:
+                continue
+            lat = row["latency_ms"]
+            out.append(
+                f"| {name}, sequential | {'TaskVision' if server == 'service' else 'naive baseline'} | "
+                f"{row['requests']} | {row['errors']} | {lat['p50']} | {lat['p95']} | {lat['p99']} | "
+                f"{row.get('ms_per_image_p50', '')} | {row['server_processing_ms_p50']} | |"
+            )
+    for server in ("service", "naive"):
+        row = report[server]["throughput"]
+        lat = row["latency_ms"]
+        out.append(
+            f"| {row['clients']} clients x 1 record, {cfg['duration_s']:.0f} s, cold | "
+            f"{'TaskVision' if server == 'service' else 'naive baseline'} | {row['requests']} | "
+            f"{row['errors']} | {lat['p50']} | {lat['p95']} | {lat['p99']} | | "
+            f"{row['server_processing_ms_p50']} | "
+            f"**{row['images_per_s']}** |"
+        )
+    s_tp, n_tp = report["service"]["throughput"], report["naive"]["throughput"]
+    out += [
+        "",
+        f"CPU per image under load: TaskVision server {s_tp['server_cpu_ms_per_image']} ms "
+        f"(client {s_tp['client_cpu_ms_per_image']} ms); naive server {n_tp['server_cpu_ms_per_image']} ms "
+        f"(client {n_tp['client_cpu_ms_per_image']} ms). Server RSS at the end: TaskVision "
+        f"{report['service']['rss_at_end_mib']} MiB (peak {report['service']['vmhwm_mib']}), naive "
+        f"{report['naive']['rss_at_end_mib']} MiB (peak {report['naive']['vmhwm_mib']}). "
+        f"Best labels agree on {report['agreement']['same_best_label']}/{report['agreement']['compared']} "
+        f"images (max prob difference {report['agreement']['max_prob_diff']}). Naive baseline: torch on "
+        f"{report['naive'].get('torch_threads')} threads, OMP_WAIT_POLICY "
+        f"{report['naive'].get('omp_wait_policy')}; TaskVision: OMP_WAIT_POLICY=PASSIVE.",
+        "",
+    ]
+    memory = report["service"]["memory"]
+    out += [
+        f"Memory ({memory['requests']} single-record requests, {memory['clients']} clients, "
+        f"{memory['images_per_s']} images/s, {memory['errors']} errors): server VmRSS "
+        + ", ".join(f"{s['requests']}: {s['rss_mib']}" for s in memory["samples"])
+        + f" MiB; slope {memory['slope_mib_per_1000_requests']} MiB per 1000 requests.",
+        "",
+        f"Where the time goes (one image, in-process on the trained bundle, median of "
+        f"{report['breakdown']['images']}):",
+        "",
+        "| piece | ms |",
+        "|---|---:|",
+    ]
+    out += [f"| {name} | {ms} |" for name, ms in report["breakdown"]["median_ms"].items()]
+    out += ["", "Targets:", ""]
+    out += [f"- {'PASS' if t['pass'] else 'FAIL'}: {t['target']}: {t['value']}" for t in report["targets"]]
+    return "\n".join(out)
+
+
+# ---- main -------------------------------------------------------------------
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--requests", type=int, default=200, help="sequential requests per latency run")
+    parser.add_argument("--duration", type=float, default=30.0, help="seconds of the throughput run")
+    parser.add_argument("--clients", type=int, default=8, help="client threads for throughput and memory")
+    parser.add_argument("--memory-requests", type=int, default=5000)
+    parser.add_argument("--memory-every", type=int, default=500, help="requests between RSS samples")
+    parser.add_argument("--pool", type=int, default=2600, help=f"distinct test images (> {EMBEDDING_CACHE})")
+    parser.add_argument(
+        "--naive-omp-wait-policy",
+        default="default",
+        choices=["default", "PASSIVE", "ACTIVE"],
+        help="OMP_WAIT_POLICY of the naive baseline (default: unset, as a textbook server runs; "
+        "PASSIVE makes eager torch about 2x slower at batch 1 on 2 cores)",
+    )
+    parser.add_argument("--seed", type=int, default=20240601)
+    parser.add_argument("--server-log-level", default="info", choices=["debug", "info", "warning", "error"])
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="where to write the JSON results")
+    parser.add_argument("--naive-server", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--bundle", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.naive_server:
+        if args.bundle is None or args.port is None:
+            parser.error("--naive-server needs --bundle and --port")
+        return args
+    if min(args.requests, args.clients, args.memory_requests, args.memory_every) < 1 or args.duration <= 0:
+        parser.error("--requests, --clients, --memory-requests and --memory-every must be 1 or more")
+    if args.pool < 20:
+        parser.error("--pool must be 20 or more")
+    return args
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    report: dict[str, Any] = {
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": machine_info(),
+    }
+    if args.pool <= EMBEDDING_CACHE:
+        logger.warning(
+            "--pool %d <= the embedding cache (%d): 'cold' runs may hit it", args.pool, EMBEDDING_CACHE
+        )
+    logger.info("making %d distinct %d px test images (not timed)", args.pool, IMAGE_SIZE)
+    images, image_info = make_pool(args.pool, size=IMAGE_SIZE, seed=args.seed)
+    cached, _ = make_pool(10, size=IMAGE_SIZE, seed=args.seed, start=args.pool)  # never in the pool
+    if set(cached) & set(images):
+        raise RuntimeError("the cached-case images are also in the pool")
+    if image_info["distinct"] != len(images):  # identical photos in a data set: a few cache hits
+        logger.warning("the pool has %d duplicate images", len(images) - image_info["distinct"])
+    report["config"] = {
+        "requests": args.requests,
+        "duration_s": args.duration,
+        "clients": args.clients,
+        "memory_requests": args.memory_requests,
+        "memory_every": args.memory_every,
+        "warmup_requests": WARMUP_REQUESTS,
+        "embedding_cache": EMBEDDING_CACHE,
+        "server_log_level": args.server_log_level,
+        "service_omp_wait_policy": "PASSIVE",
+        "naive_omp_wait_policy": args.naive_omp_wait_policy,
+        "images": image_info,
+    }
+    workdir = Path(tempfile.mkdtemp(prefix="taskvision-classify-bench-"))
+    try:
+        with running_service(workdir, log_level=args.server_log_level) as service:
+            client = Client(service)
+            report["training"] = build_and_train(client, service)
+            bundle_dir = Path(report["training"]["bundle_dir"])
+            task_id = report["training"]["task_id"]
+            logger.info("timing the pieces of one request in-process (%d images)", BREAKDOWN_IMAGES)
+            report["breakdown"] = breakdown(bundle_dir, images[-BREAKDOWN_IMAGES:])
+            logger.info("breakdown: %s", report["breakdown"]["median_ms"])
+            report["service"], service_answers = measure(service, task_id, images, cached, args, memory=True)
+            report["service"]["server_log"] = server_log_summary(service.log_path)
+        naive_omp = None if args.naive_omp_wait_policy == "default" else args.naive_omp_wait_policy
+        with running_naive(workdir, bundle_dir, omp_wait_policy=naive_omp) as naive:
+            report["naive"], naive_answers = measure(naive, task_id, images, cached, args, memory=False)
+            report["naive"]["server_log"] = server_log_summary(naive.log_path)
+            report["naive"]["torch_threads"] = naive.health.get("torch_threads")
+            report["naive"]["omp_wait_policy"] = naive.health.get("omp_wait_policy")
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    common = sorted(set(service_answers) & set(naive_answers))
+    report["agreement"] = {
+        "compared": len(common),
+        "same_best_label": sum(service_answers[i][0] == naive_answers[i][0] for i in common),
+        "max_prob_diff": round(
+            max((abs(service_answers[i][1] - naive_answers[i][1]) for i in common), default=0), 4
+        ),
+    }
+    report["targets"] = targets(report)
+    report["load_average_at_end"] = list(os.getloadavg())
+    return report
+
+
+def _exit_on_sigterm(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)  # unwinds like Ctrl-C: the servers are stopped, the temp dir deleted
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(message)s")
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    args = parse_args(argv)
+    if args.naive_server:
+        return naive_server_main(args.bundle, args.port)
+    report = run(args)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(markdown(report))
+    logger.info("results written to %s", args.out)
+    return 0 if all(t["pass"] for t in report["targets"]) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
