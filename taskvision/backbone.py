@@ -223,8 +223,12 @@ _SHARED: dict[str, Embedder] = {}
 _LOCK = threading.Lock()
 
 
-def shared_embedder(*, cache_size: int = 2048) -> Embedder:
-    """One embedder per process (loading the session costs ~0.3 s), with an embedding cache."""
+def shared_embedder(*, cache_size: int = 256) -> Embedder:
+    """One embedder per process (loading the session costs ~0.3 s), with an embedding cache.
+
+    The cache is for the same image asked about for several tasks or versions in a short
+    while; 256 entries (about 2 MB) is plenty for that and keeps memory flat under load.
+    """
     with _LOCK:
         if BACKBONE_ID not in _SHARED:
             _SHARED[BACKBONE_ID] = Embedder(cache_size=cache_size)
