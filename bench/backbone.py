@@ -22,8 +22,8 @@ images/s over the timed calls.
 
 Accuracy: the max abs difference (and min cosine similarity) of each variant's
 embedding (the serving network, ``build_embedding_model()``: the pooled
-1280-d features plus pooled mid-level features) against eager torch NCHW, on the same inputs: a seeded
-random batch (uniform in [-1, 1], the normalised range) and real photos
+1280-d features plus pooled mid-level features) against eager torch NCHW, on
+the same inputs: a seeded random batch (uniform in [-1, 1], the normalised range) and real photos
 (``../shared/datasets/flowers/images``, preprocessed with
 ``taskvision.preprocess.preprocess_bytes``; skipped when absent).
 
@@ -108,6 +108,7 @@ class Timing:
     p90_ms_per_call: float
     median_ms_per_image: float
     images_per_s: float
+    other_cpu_pct: float  # the machine's CPU other processes used meanwhile (> 5: distorted)
 
 
 def time_calls(
@@ -127,10 +128,13 @@ def time_calls(
         warmup_calls += 1
     times: list[float] = []
     start = time.perf_counter()
+    busy, own = _busy_ticks(), _proc_ticks(os.getpid())
     while len(times) < min_calls or time.perf_counter() - start < duration_s:
         t0 = time.perf_counter()
         fn(batch)
         times.append(time.perf_counter() - t0)
+    capacity = (time.perf_counter() - start) * os.sysconf("SC_CLK_TCK") * (os.cpu_count() or 1)
+    other = (_busy_ticks() - busy) - (_proc_ticks(os.getpid()) - own)
     n = len(batch)
     median = percentile(times, 50)
     return Timing(
@@ -142,7 +146,22 @@ def time_calls(
         p90_ms_per_call=round(percentile(times, 90) * 1000, 2),
         median_ms_per_image=round(median * 1000 / n, 2),
         images_per_s=round(n * len(times) / sum(times), 1),
+        other_cpu_pct=round(max(0.0, 100 * other / capacity), 1),
     )
+
+
+def _busy_ticks() -> int:
+    """CPU ticks the whole machine has spent busy (all CPUs, /proc/stat), idle and iowait excluded."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    user, nice, system, _idle, _iowait, irq, softirq = fields[:7]
+    steal = fields[7] if len(fields) > 7 else 0
+    return user + nice + system + irq + softirq + steal
+
+
+def _proc_ticks(pid: int) -> int:
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return int(fields[11]) + int(fields[12])
 
 
 # ---- inputs -------------------------------------------------------------------
@@ -306,8 +325,8 @@ def markdown(report: dict[str, Any]) -> str:
         f"(>= {cfg['min_calls']} calls) timed.",
         "",
         "| variant | batch | calls | median ms/call | p90 ms/call | median ms/image | images/s "
-        "| max abs diff vs eager (random) | max abs diff vs eager (real) | min cosine (real) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| max abs diff vs eager (random) | max abs diff vs eager (real) | min cosine (real) | other CPU % |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in report["timings"]:
         acc = report["accuracy"][row["variant"]]
@@ -317,7 +336,7 @@ def markdown(report: dict[str, Any]) -> str:
         out.append(
             f"| {row['variant']} | {row['batch']} | {row['calls']} | {row['median_ms_per_call']} | "
             f"{row['p90_ms_per_call']} | {row['median_ms_per_image']} | {row['images_per_s']} | "
-            f"{acc['random']['max_abs_diff']:.3g} | {real_diff} | {real_cos} |"
+            f"{acc['random']['max_abs_diff']:.3g} | {real_diff} | {real_cos} | {row['other_cpu_pct']} |"
         )
     speed = report["speedup_vs_eager"]
     out += ["", "Speed-up of the median ms/image over eager torch (NCHW):", ""]
@@ -332,8 +351,9 @@ def markdown(report: dict[str, Any]) -> str:
             "",
             f"The same with OMP_WAIT_POLICY unset (OpenMP's default; child run, {other['date']}):",
             "",
-            "| variant | batch | median ms/image | images/s | vs PASSIVE | max abs diff vs eager |",
-            "|---|---:|---:|---:|---:|---:|",
+            "| variant | batch | median ms/image | images/s | vs PASSIVE | max abs diff vs eager "
+            "| other CPU % |",
+            "|---|---:|---:|---:|---:|---:|---:|",
         ]
         for row in other["timings"]:
             before = passive.get((row["variant"], row["batch"]))
@@ -343,8 +363,15 @@ def markdown(report: dict[str, Any]) -> str:
             diff = other["accuracy"][row["variant"]]["random"]["max_abs_diff"]
             out.append(
                 f"| {row['variant']} | {row['batch']} | {row['median_ms_per_image']} | "
-                f"{row['images_per_s']} | {ratio} | {diff:.3g} |"
+                f"{row['images_per_s']} | {ratio} | {diff:.3g} | {row['other_cpu_pct']} |"
             )
+    disturbed = [
+        f"{row['variant']} batch {row['batch']}"
+        for row in [*report["timings"], *(other["timings"] if other else [])]
+        if row["other_cpu_pct"] > 5
+    ]
+    if disturbed:
+        out += ["", f"**Warning: other processes shared the machine during {', '.join(disturbed)}.**"]
     pre = report["preprocess"]
     out += [
         "",

@@ -47,7 +47,8 @@ Client and server share the machine (2 CPUs here): the client's CPU counts.
 
 Targets (printed as PASS/FAIL): p50 <= 30 ms for one 512 px image (cold);
 >= 60 images/s with 8 clients; no errors under load; memory flat over 5,000
-requests (fitted growth <= 5 MiB over them, i.e. about 1 KiB per request).
+requests (fitted growth <= 5 MiB over them, i.e. about 1 KiB per request; the
+slope of the second half is reported too: growth that stops is not a leak).
 
 Run it by hand (not collected by pytest)::
 
@@ -116,6 +117,7 @@ MIB = 1024  # kB per MiB
 TARGET_P50_MS = 30.0
 TARGET_IMAGES_PER_S = 60.0
 TARGET_MEMORY_GROWTH_MIB = 5.0  # fitted growth over the memory run
+OTHER_CPU_WARN_PCT = 5.0  # other processes' share of the CPU above which a run is flagged as disturbed
 
 
 # ---- statistics -------------------------------------------------------------
@@ -400,11 +402,11 @@ def running_naive(workdir: Path, bundle_dir: Path, *, omp_wait_policy: str | Non
 
 
 def proc_rss_kb(pid: int) -> dict[str, int]:
-    """VmRSS and VmHWM (kB) of one process (its threads included, its children not)."""
+    """VmRSS and VmHWM (kB) of one process (its threads included, its children not), and Threads."""
     figures: dict[str, int] = {}
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         key, _, rest = line.partition(":")
-        if key in ("VmHWM", "VmRSS"):
+        if key in ("VmHWM", "VmRSS", "Threads"):
             figures[key] = int(rest.split()[0])
     return figures
 
@@ -419,6 +421,47 @@ def proc_cpu_seconds(pid: int) -> float:
 def own_cpu_seconds() -> float:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
+
+
+def _busy_ticks() -> int:
+    """CPU ticks the whole machine has spent busy (all CPUs, /proc/stat), idle and iowait excluded."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    user, nice, system, _idle, _iowait, irq, softirq = fields[:7]
+    steal = fields[7] if len(fields) > 7 else 0
+    return user + nice + system + irq + softirq + steal
+
+
+def _proc_ticks(pid: int) -> int:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return 0
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return int(fields[11]) + int(fields[12])
+
+
+class OtherCpu:
+    """The share of the machine's CPU that other processes used meanwhile (0-100 %, of all CPUs).
+
+    Anything but this benchmark and the server under test counts: a high figure means the
+    measurement shared the machine and its numbers are distorted.
+    """
+
+    def __init__(self, pids: Sequence[int]) -> None:
+        self.pids = [os.getpid(), *pids]
+        self.pct = math.nan
+
+    def __enter__(self) -> OtherCpu:
+        self._start = time.monotonic()
+        self._busy = _busy_ticks()
+        self._own = sum(_proc_ticks(pid) for pid in self.pids)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        elapsed = time.monotonic() - self._start
+        other = (_busy_ticks() - self._busy) - (sum(_proc_ticks(pid) for pid in self.pids) - self._own)
+        capacity = elapsed * os.sysconf("SC_CLK_TCK") * (os.cpu_count() or 1)
+        self.pct = round(max(0.0, 100 * other / capacity), 1) if capacity > 0 else math.nan
 
 
 def server_log_summary(log_path: Path) -> dict[str, Any]:
@@ -613,36 +656,37 @@ def breakdown(bundle_dir: Path, images: Sequence[str]) -> dict[str, Any]:
 
     draft = (DEFAULT.resize_to * 2, DEFAULT.resize_to * 2)
     whole = "= preprocess_bytes (probe + decode + resize + normalise)"
-    for i, b64 in enumerate(images):
-        body = f'{{"task_id": "x", "records": [{{"_base64": "{b64}"}}]}}'.encode()
-        with stopwatch("json.loads of the request body"):
-            parsed = json.loads(body)
-        with stopwatch("base64 decode (imaging.decode_base64)"):
-            data = imaging.decode_base64(parsed["records"][0]["_base64"])
-        with stopwatch("probe size (imaging.upright_size)"):
-            imaging.upright_size(data, max_pixels=DEFAULT_MAX_PIXELS)
-        with stopwatch("JPEG decode (imaging.load_rgb with draft)"):
-            image = imaging.load_rgb(data, max_pixels=DEFAULT_MAX_PIXELS, draft_size=draft)
-        with stopwatch("resize 256 + crop 224 (bicubic)"):
-            crop = resize_and_crop(image)
-        with stopwatch("to float CHW + normalise"):
-            array = to_array(crop)
-        with stopwatch(whole):
-            preprocess_bytes(data, max_pixels=DEFAULT_MAX_PIXELS)
-        with stopwatch("embed (ONNX Runtime backbone, batch 1)"):
-            embedding = embedder.embed_arrays(np.stack([array]))
-        with stopwatch("head + softmax"):
-            row = model.outputs(model.logits_from_embeddings(embedding))
-        with stopwatch("describe (labels sorted)"):
-            answer = predictor.describe(row[0])
-        with stopwatch("json.dumps of the answer"):
-            json.dumps({"records": [answer]})
-        if i == 0:  # the first image pays one-off costs (session warm-up): drop it
-            for times in pieces.values():
-                times.clear()
-    summary = {name: round(percentile(ts, 50) * 1000, 2) for name, ts in pieces.items()}
-    summary["sum of the pieces"] = round(sum(v for k, v in summary.items() if k != whole), 2)
-    return {"images": len(images) - 1, "median_ms": summary}
+    with OtherCpu([]) as other:
+        for i, b64 in enumerate(images):
+            body = f'{{"task_id": "x", "records": [{{"_base64": "{b64}"}}]}}'.encode()
+            with stopwatch("json.loads of the request body"):
+                parsed = json.loads(body)
+            with stopwatch("base64 decode (imaging.decode_base64)"):
+                data = imaging.decode_base64(parsed["records"][0]["_base64"])
+            with stopwatch("probe size (imaging.upright_size)"):
+                imaging.upright_size(data, max_pixels=DEFAULT_MAX_PIXELS)
+            with stopwatch("JPEG decode (imaging.load_rgb with draft)"):
+                image = imaging.load_rgb(data, max_pixels=DEFAULT_MAX_PIXELS, draft_size=draft)
+            with stopwatch("resize 256 + crop 224 (bicubic)"):
+                crop = resize_and_crop(image)
+            with stopwatch("to float CHW + normalise"):
+                array = to_array(crop)
+            with stopwatch(whole):
+                preprocess_bytes(data, max_pixels=DEFAULT_MAX_PIXELS)
+            with stopwatch("embed (ONNX Runtime backbone, batch 1)"):
+                embedding = embedder.embed_arrays(np.stack([array]))
+            with stopwatch("head + softmax"):
+                row = model.outputs(model.logits_from_embeddings(embedding))
+            with stopwatch("describe (labels sorted)"):
+                answer = predictor.describe(row[0])
+            with stopwatch("json.dumps of the answer"):
+                json.dumps({"records": [answer]})
+            if i == 0:  # the first image pays one-off costs (session warm-up): drop it
+                for times in pieces.values():
+                    times.clear()
+        summary = {name: round(percentile(ts, 50) * 1000, 2) for name, ts in pieces.items()}
+        summary["sum of the pieces"] = round(sum(v for k, v in summary.items() if k != whole), 2)
+    return {"images": len(images) - 1, "median_ms": summary, "other_cpu_pct": other.pct}
 
 
 # ---- measurements ----------------------------------------------------------------
@@ -681,6 +725,7 @@ def latency_runs(
     *,
     requests_n: int,
     with_cached: bool,
+    pid: int,
 ) -> tuple[dict[str, Any], dict[int, tuple[str, float]]]:
     """Sequential latency with 1 and 10 fresh records per request (and the cached case)."""
     warm = run_sequential(client, task_id, lambda: pool.take(1), WARMUP_REQUESTS)
@@ -688,21 +733,32 @@ def latency_runs(
     if not all(c.ok for c in warm):
         raise RuntimeError(f"warm-up requests failed: {[c.error for c in warm if not c.ok][:3]}")
     out: dict[str, Any] = {}
-    one = run_sequential(client, task_id, lambda: pool.take(1), requests_n)
-    out["1 record, cold"] = summarize(one)
+    with OtherCpu([pid]) as other:
+        one = run_sequential(client, task_id, lambda: pool.take(1), requests_n)
+    out["1 record, cold"] = {**summarize(one), "other_cpu_pct": other.pct}
     logger.info("  1 record, cold: %s", out["1 record, cold"]["latency_ms"])
-    ten = run_sequential(client, task_id, lambda: pool.take(10), requests_n)
-    out["10 records, cold"] = summarize(ten)
+    with OtherCpu([pid]) as other:
+        ten = run_sequential(client, task_id, lambda: pool.take(10), requests_n)
+    out["10 records, cold"] = {**summarize(ten), "other_cpu_pct": other.pct}
     logger.info("  10 records, cold: %s", out["10 records, cold"]["latency_ms"])
     if with_cached:
         same_one = [(-1, cached[0])]
         same_ten = [(-1 - i, b64) for i, b64 in enumerate(cached[:10])]
-        calls = run_sequential(client, task_id, lambda: same_one, requests_n + 1)[1:]  # the first one is cold
-        out["1 record, cached (same image)"] = summarize(calls)
+        classify(client, task_id, same_one)  # the first one is cold
+        with OtherCpu([pid]) as other:
+            calls = run_sequential(client, task_id, lambda: same_one, requests_n)
+        out["1 record, cached (same image)"] = {**summarize(calls), "other_cpu_pct": other.pct}
         logger.info("  1 record, cached: %s", out["1 record, cached (same image)"]["latency_ms"])
-        calls = run_sequential(client, task_id, lambda: same_ten, requests_n + 1)[1:]
-        out["10 records, cached (same 10 images)"] = summarize(calls)
+        classify(client, task_id, same_ten)
+        with OtherCpu([pid]) as other:
+            calls = run_sequential(client, task_id, lambda: same_ten, requests_n)
+        out["10 records, cached (same 10 images)"] = {**summarize(calls), "other_cpu_pct": other.pct}
         logger.info("  10 records, cached: %s", out["10 records, cached (same 10 images)"]["latency_ms"])
+    for name, row in out.items():
+        if row["other_cpu_pct"] > OTHER_CPU_WARN_PCT:
+            logger.warning(
+                "  %s: other processes used %.0f%% of the CPU meanwhile", name, row["other_cpu_pct"]
+            )
     answers = {index: (label, prob) for call in one if call.ok for index, label, prob in call.best}
     return out, answers
 
@@ -721,11 +777,15 @@ def throughput_run(
             calls.append(classify(client, task_id, pool.take(1)))
         return calls
 
-    with ThreadPoolExecutor(max_workers=clients, thread_name_prefix="load") as executor:
+    with (
+        OtherCpu([pid]) as other,
+        ThreadPoolExecutor(max_workers=clients, thread_name_prefix="load") as executor,
+    ):
         futures = [executor.submit(worker) for _ in range(clients)]
         calls = [call for future in futures for call in future.result()]
     wall = time.perf_counter() - start
     result = summarize(calls, wall_s=wall)
+    result["other_cpu_pct"] = other.pct
     images = max(1, sum(c.records for c in calls if c.ok))
     result["clients"] = clients
     result["server_cpu_ms_per_image"] = round((proc_cpu_seconds(pid) - cpu_server) * 1000 / images, 2)
@@ -737,21 +797,36 @@ def memory_run(
     client: Client, task_id: str, pool: ImagePool, *, total: int, every: int, clients: int, pid: int
 ) -> dict[str, Any]:
     """``total`` single-record requests; the server's VmRSS before and after every ``every`` of them."""
-    samples = [(0, proc_rss_kb(pid)["VmRSS"])]
+    first = proc_rss_kb(pid)
+    samples = [(0, first["VmRSS"])]
+    threads = [first["Threads"]]
     calls: list[Call] = []
     start = time.perf_counter()
-    with ThreadPoolExecutor(max_workers=clients, thread_name_prefix="memory") as executor:
+    with (
+        OtherCpu([pid]) as other,
+        ThreadPoolExecutor(max_workers=clients, thread_name_prefix="memory") as executor,
+    ):
         done = 0
         while done < total:
             chunk = min(every, total - done)
             calls += list(executor.map(lambda _: classify(client, task_id, pool.take(1)), range(chunk)))
             done += chunk
-            samples.append((done, proc_rss_kb(pid)["VmRSS"]))
-            logger.info("  %d/%d requests, server RSS %.1f MiB", done, total, samples[-1][1] / MIB)
+            figures = proc_rss_kb(pid)
+            samples.append((done, figures["VmRSS"]))
+            threads.append(figures["Threads"])
+            logger.info(
+                "  %d/%d requests, server RSS %.1f MiB, %d threads",
+                done,
+                total,
+                samples[-1][1] / MIB,
+                threads[-1],
+            )
     wall = time.perf_counter() - start
     rss_mib = [kb / MIB for _, kb in samples]
     slope = linear_slope([n for n, _ in samples], rss_mib)  # MiB per request
     fitted_growth = slope * total
+    half = len(samples) // 2  # the second half alone: growth that has stopped is not a leak
+    late_slope = linear_slope([n for n, _ in samples[half:]], rss_mib[half:])
     return {
         "requests": total,
         "sample_every": every,
@@ -761,14 +836,19 @@ def memory_run(
         "wall_s": round(wall, 1),
         "images_per_s": round(sum(c.ok for c in calls) / wall, 1),
         "latency_ms": latency_summary([c.seconds for c in calls]),
-        "samples": [{"requests": n, "rss_mib": round(kb / MIB, 1)} for n, kb in samples],
+        "samples": [
+            {"requests": n, "rss_mib": round(kb / MIB, 1), "threads": t}
+            for (n, kb), t in zip(samples, threads, strict=True)
+        ],
         "rss_start_mib": round(rss_mib[0], 1),
         "rss_end_mib": round(rss_mib[-1], 1),
         "rss_max_mib": round(max(rss_mib), 1),
         "slope_mib_per_1000_requests": round(slope * 1000, 3),
         "fitted_growth_mib": round(fitted_growth, 2),
+        "second_half_slope_mib_per_1000_requests": round(late_slope * 1000, 3),
         "flat": fitted_growth <= TARGET_MEMORY_GROWTH_MIB,
         "vmhwm_mib": round(proc_rss_kb(pid)["VmHWM"] / MIB, 1),
+        "other_cpu_pct": other.pct,
     }
 
 
@@ -788,7 +868,7 @@ def measure(
     out: dict[str, Any] = {"pid": pid}
     logger.info("%s: sequential latency (%d requests each)", server.name, args.requests)
     out["latency"], answers = latency_runs(
-        client, task_id, pool, cached, requests_n=args.requests, with_cached=memory
+        client, task_id, pool, cached, requests_n=args.requests, with_cached=memory, pid=pid
     )
     logger.info("%s: throughput, %d clients for %.0f s", server.name, args.clients, args.duration)
     out["throughput"] = throughput_run(
@@ -991,8 +1071,8 @@ def markdown(report: dict[str, Any]) -> str:
         f"server; cached = the same image(s) in every request.",
         "",
         "| run | server | requests | errors | p50 ms | p95 ms | p99 ms | p50 ms/image "
-        "| server p50 ms | images/s |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| server p50 ms | images/s | other CPU % |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name in report["service"]["latency"]:
         for server in ("service", "naive"):
@@ -1003,7 +1083,8 @@ def markdown(report: dict[str, Any]) -> str:
             out.append(
                 f"| {name}, sequential | {'TaskVision' if server == 'service' else 'naive baseline'} | "
                 f"{row['requests']} | {row['errors']} | {lat['p50']} | {lat['p95']} | {lat['p99']} | "
-                f"{row.get('ms_per_image_p50', '')} | {row['server_processing_ms_p50']} | |"
+                f"{row.get('ms_per_image_p50', '')} | {row['server_processing_ms_p50']} | | "
+                f"{row['other_cpu_pct']} |"
             )
     for server in ("service", "naive"):
         row = report[server]["throughput"]
@@ -1013,7 +1094,7 @@ def markdown(report: dict[str, Any]) -> str:
             f"{'TaskVision' if server == 'service' else 'naive baseline'} | {row['requests']} | "
             f"{row['errors']} | {lat['p50']} | {lat['p95']} | {lat['p99']} | | "
             f"{row['server_processing_ms_p50']} | "
-            f"**{row['images_per_s']}** |"
+            f"**{row['images_per_s']}** | {row['other_cpu_pct']} |"
         )
     s_tp, n_tp = report["service"]["throughput"], report["naive"]["throughput"]
     out += [
@@ -1026,18 +1107,27 @@ def markdown(report: dict[str, Any]) -> str:
         f"Best labels agree on {report['agreement']['same_best_label']}/{report['agreement']['compared']} "
         f"images (max prob difference {report['agreement']['max_prob_diff']}). Naive baseline: torch on "
         f"{report['naive'].get('torch_threads')} threads, OMP_WAIT_POLICY "
-        f"{report['naive'].get('omp_wait_policy')}; TaskVision: OMP_WAIT_POLICY=PASSIVE.",
+        f"{report['naive'].get('omp_wait_policy')}; TaskVision: OMP_WAIT_POLICY=PASSIVE. "
+        f"'other CPU %': the share of the machine's CPU that processes other than this benchmark "
+        f"and the server under test used meanwhile (above {OTHER_CPU_WARN_PCT:.0f} % the figures "
+        f"are distorted).",
         "",
     ]
+    disturbed = report["disturbed_runs"]
+    if disturbed:
+        out += [f"**Warning: other processes shared the machine during {', '.join(disturbed)}.**", ""]
     memory = report["service"]["memory"]
     out += [
         f"Memory ({memory['requests']} single-record requests, {memory['clients']} clients, "
         f"{memory['images_per_s']} images/s, {memory['errors']} errors): server VmRSS "
         + ", ".join(f"{s['requests']}: {s['rss_mib']}" for s in memory["samples"])
-        + f" MiB; slope {memory['slope_mib_per_1000_requests']} MiB per 1000 requests.",
+        + f" MiB; slope {memory['slope_mib_per_1000_requests']} MiB per 1000 requests "
+        f"(fitted growth {memory['fitted_growth_mib']} MiB; second half "
+        f"{memory['second_half_slope_mib_per_1000_requests']} MiB per 1000 requests); server threads "
+        f"{memory['samples'][0]['threads']} -> {memory['samples'][-1]['threads']}.",
         "",
         f"Where the time goes (one image, in-process on the trained bundle, median of "
-        f"{report['breakdown']['images']}):",
+        f"{report['breakdown']['images']}; other CPU {report['breakdown']['other_cpu_pct']} %):",
         "",
         "| piece | ms |",
         "|---|---:|",
@@ -1143,6 +1233,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             max((abs(service_answers[i][1] - naive_answers[i][1]) for i in common), default=0), 4
         ),
     }
+    report["disturbed_runs"] = [
+        f"{server} {name}"
+        for server in ("service", "naive")
+        for name, row in [
+            *report[server]["latency"].items(),
+            ("throughput", report[server]["throughput"]),
+            ("memory", report[server].get("memory", {})),
+        ]
+        if row.get("other_cpu_pct", 0) > OTHER_CPU_WARN_PCT
+    ]
+    if report["breakdown"]["other_cpu_pct"] > OTHER_CPU_WARN_PCT:
+        report["disturbed_runs"].append("the in-process breakdown")
     report["targets"] = targets(report)
     report["load_average_at_end"] = list(os.getloadavg())
     return report
