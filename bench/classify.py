@@ -7,9 +7,9 @@ What is measured, with 512x512 JPEG images sent as ``_base64`` records:
   and with 10 records per request. Every answer must be 200 with every record's
   ``_status.code`` 200 (else it counts as an error). These runs are **cold**:
   each request carries images the server has not seen (the service keeps an
-  LRU cache of 2048 embeddings keyed on the preprocessed image; the images are
-  taken in turn from a pool larger than that cache, so a cyclic walk through
-  it never hits). The **cached** case is measured separately: the same image
+  LRU cache of embeddings keyed on the preprocessed image, ``shared_embedder``'s
+  ``cache_size``; the images are taken in turn from a pool larger than that
+  cache, so a cyclic walk through it never hits). The **cached** case is measured separately: the same image
   (or the same 10 images) in every request;
 * **throughput** (images/s): ``--clients`` threads, each with its own
   ``requests.Session``, sending single-record requests (fresh images, as above)
@@ -108,7 +108,7 @@ TRAIN_TIMEOUT_S = 1800.0
 UPLOAD_CONCURRENCY = 4
 IMAGE_SIZE = 512
 JPEG_QUALITY = 90
-EMBEDDING_CACHE = 2048  # taskvision.backbone.shared_embedder's default: the pool must be larger
+POOL_OVER_CACHE = 2600  # default pool size: larger than any embedding cache the service has had (2048)
 WARMUP_REQUESTS = 10
 BREAKDOWN_IMAGES = 60
 MIB = 1024  # kB per MiB
@@ -1150,7 +1150,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--clients", type=int, default=8, help="client threads for throughput and memory")
     parser.add_argument("--memory-requests", type=int, default=5000)
     parser.add_argument("--memory-every", type=int, default=500, help="requests between RSS samples")
-    parser.add_argument("--pool", type=int, default=2600, help=f"distinct test images (> {EMBEDDING_CACHE})")
+    parser.add_argument(
+        "--pool", type=int, default=POOL_OVER_CACHE, help="distinct test images (> the embedding cache)"
+    )
     parser.add_argument(
         "--naive-omp-wait-policy",
         default="default",
@@ -1176,15 +1178,23 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
+def embedding_cache_size() -> int:
+    """The service's embedding cache (entries): ``shared_embedder``'s default."""
+    import inspect
+
+    from taskvision.backbone import shared_embedder
+
+    return int(inspect.signature(shared_embedder).parameters["cache_size"].default)
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     report: dict[str, Any] = {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": machine_info(),
     }
-    if args.pool <= EMBEDDING_CACHE:
-        logger.warning(
-            "--pool %d <= the embedding cache (%d): 'cold' runs may hit it", args.pool, EMBEDDING_CACHE
-        )
+    cache_size = embedding_cache_size()
+    if args.pool <= cache_size:
+        logger.warning("--pool %d <= the embedding cache (%d): 'cold' runs may hit it", args.pool, cache_size)
     logger.info("making %d distinct %d px test images (not timed)", args.pool, IMAGE_SIZE)
     images, image_info = make_pool(args.pool, size=IMAGE_SIZE, seed=args.seed)
     cached, _ = make_pool(10, size=IMAGE_SIZE, seed=args.seed, start=args.pool)  # never in the pool
@@ -1199,7 +1209,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "memory_requests": args.memory_requests,
         "memory_every": args.memory_every,
         "warmup_requests": WARMUP_REQUESTS,
-        "embedding_cache": EMBEDDING_CACHE,
+        "embedding_cache": cache_size,
         "server_log_level": args.server_log_level,
         "service_omp_wait_policy": "PASSIVE",
         "naive_omp_wait_policy": args.naive_omp_wait_policy,

@@ -47,7 +47,7 @@ def _running_snapshot(client: TestClient, run_id: str, timeout: float = 60) -> d
         run = client.get(f"/recognition/v2/training-run/{run_id}").json()
         if run["status"] == "RUNNING" and run["step"]:
             return dict(run)
-        assert run["status"] in ("QUEUED", "RUNNING"), run
+        assert run["status"] in ("QUEUED", "STARTING", "RUNNING"), run  # STARTING: being submitted
         time.sleep(0.05)
     raise AssertionError("the run never reported a step")
 
