@@ -20,7 +20,9 @@ def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from api.main import create_app
+    from taskvision.malloc import limit_arenas
 
+    limit_arenas()  # before the server's threads exist; see taskvision/malloc.py
     app = create_app(_settings(args))
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, proxy_headers=True)
     return 0

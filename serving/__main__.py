@@ -17,6 +17,7 @@ import kserve
 from kserve import model_server
 
 from serving.repository import BundleRepository
+from taskvision.malloc import limit_arenas
 
 
 def fetch_bundle(uri: str, into: Path) -> Path:
@@ -50,6 +51,7 @@ def main() -> None:
     args, _ = parser.parse_known_args()
     logging.basicConfig(level=logging.INFO)
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    limit_arenas()  # before the server's threads exist; see taskvision/malloc.py
 
     local = fetch_bundle(args.model_dir, Path(tempfile.mkdtemp(prefix="taskvision-bundle-")))
     if (local / "bundle.json").is_file():  # one bundle: serve it under --model-name
