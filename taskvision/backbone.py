@@ -148,7 +148,14 @@ def backbone_onnx_path() -> Path:
     return path
 
 
-def onnx_session(path: Path, *, threads: int | None = None) -> onnxruntime.InferenceSession:
+def onnx_session(
+    path: Path, *, threads: int | None = None, spinning: bool = True
+) -> onnxruntime.InferenceSession:
+    """An ORT CPU session; ``threads`` intra-op threads (None: one per core).
+
+    ``spinning=False`` stops the intra-op threads busy-waiting for work, which
+    only steals CPU from the other requests when several runs overlap.
+    """
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -156,6 +163,8 @@ def onnx_session(path: Path, *, threads: int | None = None) -> onnxruntime.Infer
     if threads:
         options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
+    if not spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
 
 
@@ -165,6 +174,15 @@ class Embedder:
     With ``cache_size`` > 0, embeddings are remembered by the content of the
     preprocessed image (an LRU), so an image asked about for several tasks or
     versions goes through the backbone once.
+
+    With a ``concurrent_session`` (the same model on one intra-op thread), a run
+    that starts while another is in progress uses it instead of ``session``
+    (all cores). A lone request then gets every core (lowest latency), and
+    overlapping requests run side by side, one core each, instead of fighting
+    over one thread pool. Neither spins (busy-waits) between its parallel
+    sections. On 2 cores, 8 threads decoding and embedding 512 px photos went from
+    120 to 132 images/s (medians of 3 rounds; one session with spinning before),
+    for about 1 ms more on a lone image (10.4-11.1 against 9.1-10.1 ms).
     """
 
     def __init__(
@@ -173,21 +191,34 @@ class Embedder:
         session: onnxruntime.InferenceSession | None = None,
         config: PreprocessConfig = DEFAULT,
         cache_size: int = 0,
+        concurrent_session: onnxruntime.InferenceSession | None = None,
     ) -> None:
         self.session = session or onnx_session(backbone_onnx_path())
+        self.concurrent_session = concurrent_session
         self.config = config
         self.input_name = self.session.get_inputs()[0].name
         self.cache_size = cache_size
         self._cache: OrderedDict[bytes, npt.NDArray[np.float32]] = OrderedDict()
         self._lock = threading.Lock()
+        self._running = 0  # runs in progress
         self.images_embedded = 0  # images that actually went through the backbone
+        self.concurrent_runs = 0  # runs that went to concurrent_session
 
     def _run(self, arrays: npt.NDArray[np.float32], batch_size: int) -> npt.NDArray[np.float32]:
-        outputs = [
-            self.session.run(None, {self.input_name: arrays[i : i + batch_size]})[0]
-            for i in range(0, len(arrays), batch_size)
-        ]
-        self.images_embedded += len(arrays)
+        with self._lock:
+            self._running += 1
+            overlapping = self._running > 1 and self.concurrent_session is not None
+            self.images_embedded += len(arrays)
+            self.concurrent_runs += overlapping
+        session = self.concurrent_session if overlapping and self.concurrent_session else self.session
+        try:
+            outputs = [
+                session.run(None, {self.input_name: arrays[i : i + batch_size]})[0]
+                for i in range(0, len(arrays), batch_size)
+            ]
+        finally:
+            with self._lock:
+                self._running -= 1
         if not outputs:
             return np.zeros((0, EMBEDDING_DIM), dtype=np.float32)
         return np.concatenate(outputs).astype(np.float32)
@@ -224,14 +255,21 @@ _LOCK = threading.Lock()
 
 
 def shared_embedder(*, cache_size: int = 256) -> Embedder:
-    """One embedder per process (loading the session costs ~0.3 s), with an embedding cache.
+    """The serving embedder, one per process (loading a session costs ~0.3 s).
 
-    The cache is for the same image asked about for several tasks or versions in a short
-    while; 256 entries (about 2 MB) is plenty for that and keeps memory flat under load.
+    It has an embedding cache: the same image asked about for several tasks or
+    versions in a short while; 256 entries (about 2 MB) is plenty for that and
+    keeps memory flat under load. And a one-thread session for overlapping
+    requests (see :class:`Embedder`).
     """
     with _LOCK:
         if BACKBONE_ID not in _SHARED:
-            _SHARED[BACKBONE_ID] = Embedder(cache_size=cache_size)
+            path = backbone_onnx_path()
+            _SHARED[BACKBONE_ID] = Embedder(
+                session=onnx_session(path, spinning=False),
+                cache_size=cache_size,
+                concurrent_session=onnx_session(path, threads=1, spinning=False),
+            )
         return _SHARED[BACKBONE_ID]
 
 

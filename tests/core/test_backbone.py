@@ -50,3 +50,34 @@ def test_the_embedding_cache_skips_the_backbone_for_a_known_image(images: np.nda
     embedder.embed_arrays(images[3:6])  # evicts the oldest beyond 4 entries
     embedder.embed_arrays(images[:1])
     assert embedder.images_embedded == 7
+
+
+def test_overlapping_runs_use_the_one_thread_session_with_the_same_embeddings(images: np.ndarray) -> None:
+    import threading
+
+    from taskvision.backbone import backbone_onnx_path, onnx_session
+
+    path = backbone_onnx_path()
+    embedder = Embedder(
+        session=onnx_session(path, spinning=False),
+        concurrent_session=onnx_session(path, threads=1, spinning=False),
+    )
+    alone = embedder.embed_arrays(images)
+    assert embedder.concurrent_runs == 0  # nothing else was running
+
+    barrier = threading.Barrier(4)
+    results: dict[int, np.ndarray] = {}
+
+    def worker(k: int) -> None:
+        barrier.wait()
+        for _ in range(3):
+            results[k] = embedder.embed_arrays(images)
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert embedder.concurrent_runs > 0
+    for embedded in results.values():
+        np.testing.assert_allclose(embedded, alone, atol=1e-4)
