@@ -53,7 +53,9 @@ def _users_create(args: argparse.Namespace) -> int:
 def _pipeline_compile(args: argparse.Namespace) -> int:
     from pipelines.training import compile_pipeline
 
-    path = compile_pipeline(Path(args.output), gpu_count=args.gpus, gpu_type=args.gpu_type)
+    path = compile_pipeline(
+        Path(args.output), gpu_count=args.gpus, gpu_type=args.gpu_type, s3_secret=args.s3_secret or None
+    )
     print(path)
     return 0
 
@@ -121,6 +123,11 @@ def build_parser() -> argparse.ArgumentParser:
     compile_.add_argument("output", help="the YAML file to write")
     compile_.add_argument("--gpus", type=int, default=0, help="GPUs the train step requests (default 0)")
     compile_.add_argument("--gpu-type", default="nvidia.com/gpu", help="accelerator resource name")
+    compile_.add_argument(
+        "--s3-secret",
+        metavar="NAME",
+        help="Kubernetes Secret giving every step TASKVISION_S3_ACCESS_KEY / _SECRET_KEY (S3 blob store)",
+    )
     compile_.set_defaults(func=_pipeline_compile)
 
     imported = sub.add_parser("import-bundle", help="register a model bundle as the next version of a task")

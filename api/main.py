@@ -84,8 +84,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 def _runner(settings: Settings) -> tuple[PipelineRunner, str]:
     """Kubeflow when TASKVISION_KFP_HOST is set, else kfp.local in child processes."""
     if settings.kfp_host:
+        on_s3 = settings.effective_storage_url.startswith("s3://")
         return KubeflowRunner(
-            settings.kfp_host, namespace=settings.kfp_namespace, gpu_count=settings.train_gpu_count
+            settings.kfp_host,
+            namespace=settings.kfp_namespace,
+            gpu_count=settings.train_gpu_count,
+            s3_secret=settings.kfp_s3_secret if on_s3 else None,
         ), "kubeflow"
     env = {}
     if settings.s3_access_key:

@@ -78,6 +78,12 @@ class Settings(BaseSettings):
         default=None, description="Kubeflow Pipelines API; unset = run with kfp.local."
     )
     kfp_namespace: str | None = None
+    kfp_s3_secret: str = Field(
+        default="taskvision-secrets",
+        description="Kubernetes Secret (in the namespace KFP runs pods in) whose "
+        "TASKVISION_S3_ACCESS_KEY / TASKVISION_S3_SECRET_KEY every pipeline step gets, "
+        "when the blob store is S3.",
+    )
     train_workers: int = Field(default=1, ge=1, description="Pipelines run at the same time; the rest queue.")
     train_poll_interval_s: float = Field(default=1.0, gt=0)
     train_gpu_count: int = Field(default=0, ge=0, description="GPUs the train step requests on Kubeflow.")

@@ -123,7 +123,13 @@ class KubeflowRunner:
     """Submits the compiled pipeline to Kubeflow Pipelines; handles are KFP run ids."""
 
     def __init__(
-        self, host: str, *, namespace: str | None = None, gpu_count: int = 0, client: Any | None = None
+        self,
+        host: str,
+        *,
+        namespace: str | None = None,
+        gpu_count: int = 0,
+        s3_secret: str | None = None,
+        client: Any | None = None,
     ) -> None:
         from kfp import Client
 
@@ -132,7 +138,7 @@ class KubeflowRunner:
         self.client = client or Client(host=host, namespace=namespace)
         self.namespace = namespace
         self.package = Path(tempfile.mkdtemp(prefix="taskvision-kfp-")) / "training.yaml"
-        compile_pipeline(self.package, gpu_count=gpu_count)
+        compile_pipeline(self.package, gpu_count=gpu_count, s3_secret=s3_secret)
 
     def submit(self, run_id: str, task_id: str, arguments: dict[str, Any]) -> str:
         experiment = f"taskvision-task-{task_id}"

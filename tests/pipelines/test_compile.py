@@ -5,23 +5,28 @@ from __future__ import annotations
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
 from google.protobuf import json_format
+from kfp.kubernetes import kubernetes_executor_config_pb2
 from kfp.pipeline_spec import pipeline_spec_pb2
 
 TASKVISION = str(Path(sys.executable).with_name("taskvision"))
 
 
-def _compile(tmp_path: Path, *args: str) -> pipeline_spec_pb2.PipelineSpec:
+def _documents(tmp_path: Path, *args: str) -> list[dict[str, Any]]:
     out = tmp_path / "training.yaml"
     result = subprocess.run(
         [TASKVISION, "pipeline", "compile", str(out), *args], capture_output=True, text=True, timeout=120
     )
     assert result.returncode == 0, result.stderr
-    documents = list(yaml.safe_load_all(out.read_text()))
-    return json_format.ParseDict(documents[0], pipeline_spec_pb2.PipelineSpec())
+    return list(yaml.safe_load_all(out.read_text()))
+
+
+def _compile(tmp_path: Path, *args: str) -> pipeline_spec_pb2.PipelineSpec:
+    return json_format.ParseDict(_documents(tmp_path, *args)[0], pipeline_spec_pb2.PipelineSpec())
 
 
 @pytest.mark.parametrize(("args", "gpus"), [((), 0), (("--gpus", "2", "--gpu-type", "nvidia.com/gpu"), 2)])
@@ -61,3 +66,28 @@ def test_compiled_pipeline_loads_back_with_its_steps_and_gpu_request(
             .list_value.values
         )
         assert "pip install" not in command
+
+
+def test_every_step_gets_the_s3_credentials_from_the_named_secret(tmp_path: Path) -> None:
+    documents = _documents(tmp_path, "--s3-secret", "taskvision-secrets")
+    assert len(documents) == 2  # the PipelineSpec, then its Kubernetes platform spec
+    spec = json_format.ParseDict(documents[0], pipeline_spec_pb2.PipelineSpec())
+    platform = json_format.ParseDict(documents[1], pipeline_spec_pb2.PlatformSpec())
+    executors = platform.platforms["kubernetes"].deployment_spec.executors
+    step_executors = {
+        task.component_ref.name.replace("comp-", "exec-") for task in spec.root.dag.tasks.values()
+    }
+    assert set(executors) == step_executors  # all five steps read or write the blob store
+    for name in step_executors:
+        config = json_format.ParseDict(
+            json_format.MessageToDict(executors[name]),
+            kubernetes_executor_config_pb2.KubernetesExecutorConfig(),
+        )
+        (secret,) = config.secret_as_env
+        assert secret.secret_name == "taskvision-secrets" and not secret.optional
+        assert {(k.secret_key, k.env_var) for k in secret.key_to_env} == {
+            ("TASKVISION_S3_ACCESS_KEY", "TASKVISION_S3_ACCESS_KEY"),
+            ("TASKVISION_S3_SECRET_KEY", "TASKVISION_S3_SECRET_KEY"),
+        }
+    # Without a secret (kfp.local, or a file blob store) there is no platform spec at all.
+    assert len(_documents(tmp_path, "--gpus", "0")) == 1

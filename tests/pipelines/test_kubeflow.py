@@ -85,6 +85,37 @@ def test_submit_status_and_cancel(kfp_server: FakeKfpServer) -> None:
     assert kfp_server.runs[other_id]["state"] == "CANCELING"
 
 
+@pytest.mark.parametrize(
+    ("storage_url", "secret"), [("s3://bucket?endpoint=http://minio:9000", "tv-s3"), (None, None)]
+)
+def test_steps_get_s3_credentials_from_a_secret_only_with_an_s3_store(
+    kfp_server: FakeKfpServer, tmp_path: Path, storage_url: str | None, secret: str | None
+) -> None:
+    from api.main import _runner
+
+    settings = Settings(
+        data_dir=tmp_path, kfp_host=kfp_server.host, storage_url=storage_url, kfp_s3_secret="tv-s3"
+    )
+    runner, kind = _runner(settings)
+    assert kind == "kubeflow"
+    runner.submit("r", "t", {"storage_url": settings.effective_storage_url, "run_id": "r"})
+    submitted = kfp_server.last_request("POST", RUNS).json["pipeline_spec"]
+    if secret is None:  # a bare PipelineSpec: no Kubernetes settings
+        json_format.ParseDict(submitted, pipeline_spec_pb2.PipelineSpec())
+        return
+    assert set(submitted) == {"pipeline_spec", "platform_spec"}
+    json_format.ParseDict(submitted["platform_spec"], pipeline_spec_pb2.PlatformSpec())
+    executors = submitted["platform_spec"]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    assert len(executors) == 5
+    for executor in executors.values():
+        (entry,) = executor["secretAsEnv"]
+        assert entry["secretName"] == secret
+        assert {k["envVar"] for k in entry["keyToEnv"]} == {
+            "TASKVISION_S3_ACCESS_KEY",
+            "TASKVISION_S3_SECRET_KEY",
+        }
+
+
 def _act_as_kubeflow(arguments: dict[str, Any], tmp_path: Path) -> None:
     """What the pipeline's pods do: the same steps' library code, on the run's arguments."""
     store = open_blob_store(arguments["storage_url"])
