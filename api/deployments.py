@@ -5,7 +5,12 @@ version or canary share differs from what its InferenceService was last set
 to, the loop creates or patches the service. If the Kubernetes API is down,
 the task records the error (``serving_error``) and the loop retries with a
 back-off, while everything else in the control plane keeps working. Deleted
-tasks' services are removed the same way.
+tasks' services are removed the same way. And a sweep (on the first pass, then
+every ``SWEEP_S``) deletes services whose task no longer exists: one whose
+deletion was still being retried when the control plane stopped is not left behind.
+The sweep only touches services labelled ``app.kubernetes.io/managed-by=taskvision``
+in its namespace, so one namespace holds one TaskVision installation (as the
+overlays in ``manifests/`` do).
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from taskvision.storage import BlobStore
 logger = logging.getLogger(__name__)
 
 RETRY_S = 5.0
+SWEEP_S = 60.0
 
 
 def desired_spec(task: Task) -> str:
@@ -41,6 +47,7 @@ class ServingReconciler:
         self.manager = manager
         self._retry_at: dict[str, float] = {}
         self._pending_deletes: set[str] = set()
+        self._next_sweep = 0.0  # the first pass sweeps
         self._endpoints: dict[str, tuple[float, Endpoint]] = {}
         self._lock = threading.Lock()
 
@@ -53,6 +60,27 @@ class ServingReconciler:
                     continue
                 self._deploy(session, task, wanted)
         for task_id in list(self._pending_deletes):
+            self.delete(task_id)
+        if now >= self._next_sweep:
+            self.sweep()
+
+    def sweep(self) -> None:
+        """Delete the InferenceServices of tasks that no longer exist."""
+        try:
+            served = self.manager.managed_task_ids()
+        except KubernetesUnavailable as exc:
+            logger.warning("cannot list InferenceServices yet: %s", exc)
+            self._next_sweep = time.monotonic() + RETRY_S
+            return
+        self._next_sweep = time.monotonic() + SWEEP_S
+        if not served:
+            return
+        # Listed before the query: a service exists only after its task was committed,
+        # so a task missing here was deleted (by this replica or another).
+        with self.session_factory() as session:
+            existing = set(session.scalars(select(Task.id).where(Task.id.in_(served))))
+        for task_id in sorted(served - existing):
+            logger.info("task %s no longer exists: deleting its InferenceService", task_id)
             self.delete(task_id)
 
     def _deploy(self, session: Session, task: Task, wanted: str) -> None:

@@ -21,6 +21,7 @@ logger = logging.getLogger(__name__)
 
 GROUP, VERSION, PLURAL = "serving.kserve.io", "v1beta1", "inferenceservices"
 MODEL_FORMAT = "taskvision-bundle"
+MANAGED_BY, TASK_LABEL = "app.kubernetes.io/managed-by", "taskvision.io/task"
 
 
 class KubernetesUnavailable(Exception):
@@ -96,19 +97,19 @@ class InferenceServiceManager:
             "metadata": {
                 "name": service_name(task_id),
                 "namespace": self.namespace,
-                "labels": {"app.kubernetes.io/managed-by": "taskvision", "taskvision.io/task": task_id},
+                "labels": {MANAGED_BY: "taskvision", TASK_LABEL: task_id},
                 "annotations": {"taskvision.io/version": str(version)},
             },
             "spec": {"predictor": predictor},
         }
 
-    def _call(self, what: str, method: str, *args: Any) -> Any:
+    def _call(self, what: str, method: str, *args: Any, **kwargs: Any) -> Any:
         """One API call; an unreachable API becomes KubernetesUnavailable, API errors stay ApiException."""
         from kubernetes.client.rest import ApiException
         from urllib3.exceptions import HTTPError
 
         try:
-            return getattr(self.api, method)(GROUP, VERSION, self.namespace, PLURAL, *args)
+            return getattr(self.api, method)(GROUP, VERSION, self.namespace, PLURAL, *args, **kwargs)
         except ApiException:
             raise
         except (HTTPError, OSError) as exc:
@@ -162,6 +163,19 @@ class InferenceServiceManager:
         except ApiException as exc:
             if exc.status != 404:
                 raise KubernetesUnavailable(f"delete {name}: {exc.status} {exc.reason}") from exc
+
+    def managed_task_ids(self) -> set[str]:
+        """The tasks that have an InferenceService made by TaskVision in the namespace."""
+        from kubernetes.client.rest import ApiException
+
+        try:
+            listed = self._call(
+                "list", "list_namespaced_custom_object", label_selector=f"{MANAGED_BY}=taskvision"
+            )
+        except ApiException as exc:
+            raise KubernetesUnavailable(f"list: {exc.status} {exc.reason}") from exc
+        labels = (item.get("metadata", {}).get("labels") or {} for item in listed.get("items", []))
+        return {found[TASK_LABEL] for found in labels if found.get(TASK_LABEL)}
 
     def endpoint(self, task_id: str) -> Endpoint:
         """Where the task's service answers, and whether KServe reports it Ready."""

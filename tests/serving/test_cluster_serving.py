@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +47,13 @@ def k8s() -> Iterator[FakeKubernetes]:
 
 @pytest.fixture
 def cluster(k8s: FakeKubernetes, tmp_path: Path) -> Iterator[TestClient]:
+    with _cluster_client(k8s, tmp_path) as client:
+        yield client
+
+
+@contextmanager
+def _cluster_client(k8s: FakeKubernetes, tmp_path: Path) -> Iterator[TestClient]:
+    """A cluster-mode control plane (reconcile loop running) on the fake Kubernetes API."""
     kubeconfig = tmp_path / "kubeconfig.yaml"
     kubeconfig.write_text(yaml.safe_dump(k8s.kubeconfig(NS)))
     settings = Settings(
@@ -213,3 +221,23 @@ def test_every_built_inference_service_matches_the_crd(canary: int | None) -> No
     broken["spec"]["predictor"]["model"]["storageURI"] = "typo"
     with pytest.raises(Exception, match="storageURI"):
         _validate(broken)
+
+
+def test_services_of_tasks_that_no_longer_exist_are_swept(k8s: FakeKubernetes, tmp_path: Path) -> None:
+    manager = InferenceServiceManager(namespace=NS, kubeconfig=k8s.kubeconfig(NS))
+    # Left behind: its task was deleted while the API was down, then the control plane restarted.
+    k8s.add_object(manager.build("0b7c1a52-5a0e-4c5e-9d7e-1f9a0c2b3d4e", 1, "s3://bucket/models/gone/1"))
+    someone_elses = manager.build("not-ours", 1, "s3://bucket/models/not-ours/1")
+    someone_elses["metadata"]["labels"] = {"app": "something-else"}
+    k8s.add_object(someone_elses)
+    with _cluster_client(k8s, tmp_path) as client:
+        _eventually(lambda: _isvc(k8s, "0b7c1a52-5a0e-4c5e-9d7e-1f9a0c2b3d4e") is None)
+        assert _isvc(k8s, "not-ours") is not None  # not labelled as TaskVision's: left alone
+        task = client.post("/recognition/v2/task", json={"name": "kept", "type": "multi_class"}).json()
+        k8s.add_object(manager.build(task["id"], 1, f"s3://bucket/models/{task['id']}/1"))
+        client.app.state.reconciler.sweep()  # type: ignore[attr-defined]
+        assert _isvc(k8s, task["id"]) is not None  # its task exists
+        list_calls = k8s.requests_to("GET", f"/apis/{GROUP}/{VERSION}/namespaces/{NS}/{PLURAL}")
+        assert (
+            list_calls and list_calls[-1].query["labelSelector"] == "app.kubernetes.io/managed-by=taskvision"
+        )
