@@ -158,14 +158,3 @@ def store_image(
                     logger.warning("could not remove blob %s after a failed upload", key, exc_info=True)
         raise
     return row
-
-
-def delete_image_blobs(session: Session, blobs: BlobStore, workspace_id: str, sha256: str) -> None:
-    """Remove an image's blobs once no row of the workspace references its content."""
-    if _existing_id(session, workspace_id, sha256) is not None:
-        return
-    for key in blob_keys(workspace_id, sha256):
-        try:
-            blobs.delete(key)
-        except Exception:
-            logger.warning("could not remove blob %s; it is unreferenced", key, exc_info=True)

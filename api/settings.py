@@ -86,6 +86,12 @@ class Settings(BaseSettings):
     )
     train_workers: int = Field(default=1, ge=1, description="Pipelines run at the same time; the rest queue.")
     train_poll_interval_s: float = Field(default=1.0, gt=0)
+    blob_gc_grace_s: float = Field(
+        default=300.0, ge=0, description="A deleted image's blobs are kept at least this long."
+    )
+    blob_gc_interval_s: float = Field(
+        default=60.0, gt=0, description="How often deleted images' blobs are collected."
+    )
     train_gpu_count: int = Field(default=0, ge=0, description="GPUs the train step requests on Kubeflow.")
     train_mode: str = "auto"
     train_augment: str = "flip"

@@ -18,12 +18,14 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
+from api import blob_gc
 from api.bundles import next_version
 from api.db.models import Model, Task, TrainingRun, User
 from api.deployments import ServingReconciler
@@ -74,6 +76,7 @@ class TrainingService:
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
+        self._next_blob_gc = 0.0
 
     # ---- requests ------------------------------------------------------------
 
@@ -156,8 +159,32 @@ class TrainingService:
                     self.reconciler.tick()
                 except Exception:
                     logger.exception("serving reconciliation failed; retrying")
+            if time.monotonic() >= self._next_blob_gc:
+                self._next_blob_gc = time.monotonic() + self.settings.blob_gc_interval_s
+                try:
+                    self.collect_blobs()
+                except Exception:
+                    logger.exception("collecting deleted images' blobs failed; retrying")
             self._wake.wait(self.settings.train_poll_interval_s)
             self._wake.clear()
+
+    def collect_blobs(self, *, grace_s: float | None = None) -> int:
+        """Delete deleted images' blobs that nothing needs any more (api/blob_gc.py).
+
+        A workspace with a training queued or running keeps them: its snapshot reads them.
+        """
+        with self.session_factory() as session:
+            busy = set(
+                session.scalars(
+                    select(TrainingRun.workspace_id).where(TrainingRun.status.in_(ACTIVE)).distinct()
+                )
+            )
+            return blob_gc.collect(
+                session,
+                self.blobs,
+                grace_s=self.settings.blob_gc_grace_s if grace_s is None else grace_s,
+                busy_workspaces=busy,
+            )
 
     def tick(self) -> None:
         """One pass: poll running runs, then start queued ones if there is room."""

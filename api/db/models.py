@@ -171,6 +171,16 @@ class TrainingImage(Base):
     )
 
 
+class PendingBlobDeletion(Base):
+    """A deleted image's content whose blobs are to go once nothing needs them (api/blob_gc.py)."""
+
+    __tablename__ = "pending_blob_deletions"
+
+    workspace_id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
+    requested: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, index=True)
+
+
 class ImageLabel(Base):
     """A label on an image; ``value`` is set for regression (value) labels."""
 

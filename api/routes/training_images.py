@@ -12,10 +12,11 @@ from sqlalchemy.orm import Session, selectinload
 from starlette.datastructures import UploadFile
 
 from api.auth import authenticate
+from api.blob_gc import schedule as schedule_blob_deletion
 from api.body import parse
 from api.db.models import ImageLabel, Label, TaskLabel, TrainingImage, User
 from api.deps import BlobsDep, BodyDep, CurrentUser, SessionDep, SettingsDep, check_body_workspace
-from api.ingest import delete_image_blobs, prepare_image, store_image
+from api.ingest import prepare_image, store_image
 from api.lookups import get_image, get_label, get_task
 from api.pagination import paginate
 from api.presenters import image_public
@@ -244,12 +245,12 @@ def patch_image(
 
 
 @router.delete("/{image_id}", status_code=204)
-def delete_image(image_id: str, session: SessionDep, user: CurrentUser, blobs: BlobsDep) -> Response:
+def delete_image(image_id: str, session: SessionDep, user: CurrentUser) -> Response:
+    """Delete the image; its blobs go later, once nothing needs them (api/blob_gc.py)."""
     image = get_image(session, user, image_id)
-    workspace, sha = image.workspace_id, image.sha256
+    schedule_blob_deletion(session, image.workspace_id, image.sha256)
     session.delete(image)
     session.commit()
-    delete_image_blobs(session, blobs, workspace, sha)
     return Response(status_code=204)
 
 

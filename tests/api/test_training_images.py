@@ -370,7 +370,7 @@ def test_bulk_update_refuses_value_labels_without_values(client: TestClient) -> 
 # ---- delete ------------------------------------------------------------------------
 
 
-def test_delete_removes_row_and_blobs(app: FastAPI, client: TestClient) -> None:
+def test_delete_removes_the_row_and_later_the_blobs(app: FastAPI, client: TestClient) -> None:
     label = create_label(client)
     image = upload(client, image_bytes(80))
     client.post(f"{IMAGES}/{image['id']}/add-label", json={"label_id": label["id"]})
@@ -378,10 +378,56 @@ def test_delete_removes_row_and_blobs(app: FastAPI, client: TestClient) -> None:
     assert client.delete(f"{IMAGES}/{image['id']}").status_code == 204
     assert client.get(f"{IMAGES}/{image['id']}").status_code == 404
     assert client.get(image["img_path"]).status_code == 404
-    assert app.state.blobs.list_keys() == []
     assert client.get(f"/recognition/v2/label/{label['id']}").json()["images_count"] == 0
+    # The blobs wait out the grace period (300 s by default)...
+    assert app.state.training.collect_blobs() == 0
+    assert len(app.state.blobs.list_keys()) == 2
+    # ...then go.
+    assert app.state.training.collect_blobs(grace_s=0) == 1
+    assert app.state.blobs.list_keys() == []
+    assert app.state.training.collect_blobs(grace_s=0) == 0  # nothing is pending any more
     # The same image can be uploaded again afterwards.
-    assert client.post(IMAGES, json={"base64": b64(image_bytes(80))}).status_code == 201
+    again = client.post(IMAGES, json={"base64": b64(image_bytes(80))})
+    assert again.status_code == 201
+    assert client.get(again.json()["img_path"]).content == image_bytes(80)
+
+
+def test_an_image_uploaded_again_before_collection_keeps_its_blobs(app: FastAPI, client: TestClient) -> None:
+    data = image_bytes(81)
+    first = upload(client, data)
+    assert client.delete(f"{IMAGES}/{first['id']}").status_code == 204
+    second = upload(client, data)  # the same content, so the same blob keys
+    assert app.state.training.collect_blobs(grace_s=0) == 0
+    assert client.get(second["img_path"]).content == data
+    assert len(app.state.blobs.list_keys()) == 2
+    # The entry was dropped: deleting the second copy schedules its own collection.
+    assert client.delete(f"{IMAGES}/{second['id']}").status_code == 204
+    assert app.state.training.collect_blobs(grace_s=0) == 1
+    assert app.state.blobs.list_keys() == []
+
+
+def test_a_queued_training_keeps_deleted_images_blobs_until_it_ends(app: FastAPI, client: TestClient) -> None:
+    from api.db.models import TrainingRun
+
+    app.state.training.stop()  # no watcher: the run below stays queued
+    image = upload(client, image_bytes(82))
+    task = create_task(client)
+    with app.state.session_factory() as session:
+        workspace = session.get(TrainingImage, image["id"]).workspace_id
+        run = TrainingRun(
+            workspace_id=workspace, task_id=task["id"], runner="local", snapshot_prefix="datasets/x"
+        )
+        session.add(run)
+        session.commit()
+        run_id = run.id
+    assert client.delete(f"{IMAGES}/{image['id']}").status_code == 204
+    assert app.state.training.collect_blobs(grace_s=0) == 0  # the run's snapshot may read them
+    assert len(app.state.blobs.list_keys()) == 2
+    with app.state.session_factory() as session:
+        session.get(TrainingRun, run_id).status = "SUCCEEDED"
+        session.commit()
+    assert app.state.training.collect_blobs(grace_s=0) == 1
+    assert app.state.blobs.list_keys() == []
 
 
 def test_downloads_need_the_token_or_a_valid_signed_link(

@@ -1,0 +1,85 @@
+"""Deleting training images' blobs later, and only once nothing needs them.
+
+Deleting an image removes its row and, in the same transaction, records its
+content (workspace, sha256) as pending (:func:`schedule`). The training
+watcher's loop runs :func:`collect` every ``blob_gc_interval_s``: it deletes
+the original and the thumbnail of an entry pending for ``blob_gc_grace_s`` or
+longer, unless
+
+* an image of the workspace has that content again (re-uploaded): the entry
+  is dropped and the blobs stay;
+* a training of the workspace is queued or running: its dataset snapshot
+  refers to images by blob key and must stay readable until the run ends, so
+  the entry waits.
+
+Why not delete at once: blobs are content-addressed, so an upload of the same
+bytes writes the same keys. Deleting right after the row let a re-upload
+racing the deletion lose its blob, and deleted an image that a queued
+training's snapshot was about to read. The grace period leaves a re-upload
+ample time to commit its row before the collector looks. A residual window
+remains: an upload of exactly those bytes that writes its blobs between the
+collector's check and its delete (milliseconds, after the grace period). The
+store offers no conditional delete to close it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Collection
+from datetime import UTC, datetime, timedelta
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from api.db.models import PendingBlobDeletion, TrainingImage
+from api.ingest import blob_keys
+from taskvision.storage import BlobStore
+
+logger = logging.getLogger(__name__)
+
+
+def schedule(session: Session, workspace_id: str, sha256: str) -> None:
+    """Record that the workspace no longer has this content (in the caller's transaction)."""
+    session.merge(PendingBlobDeletion(workspace_id=workspace_id, sha256=sha256, requested=datetime.now(UTC)))
+
+
+def collect(
+    session: Session,
+    blobs: BlobStore,
+    *,
+    grace_s: float,
+    busy_workspaces: Collection[str] = (),
+    now: datetime | None = None,
+) -> int:
+    """Delete the blobs of pending entries older than ``grace_s``; returns how many images' blobs went.
+
+    ``busy_workspaces``: workspaces with a training queued or running (their entries wait).
+    """
+    cutoff = (now or datetime.now(UTC)) - timedelta(seconds=grace_s)
+    due = session.scalars(
+        select(PendingBlobDeletion)
+        .where(PendingBlobDeletion.requested <= cutoff)
+        .order_by(PendingBlobDeletion.requested)
+    ).all()
+    deleted = 0
+    for entry in due:
+        if entry.workspace_id in busy_workspaces:
+            continue
+        referenced = session.scalar(
+            select(TrainingImage.id).where(
+                TrainingImage.workspace_id == entry.workspace_id, TrainingImage.sha256 == entry.sha256
+            )
+        )
+        if referenced is None:
+            try:
+                for key in blob_keys(entry.workspace_id, entry.sha256):
+                    blobs.delete(key)
+            except Exception:
+                logger.warning(
+                    "could not delete the blobs of %s; retrying later", entry.sha256, exc_info=True
+                )
+                continue
+            deleted += 1
+        session.delete(entry)
+        session.commit()
+    return deleted
