@@ -28,7 +28,7 @@ import logging
 from collections.abc import Collection
 from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import select
+from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
 from api.db.models import PendingBlobDeletion, TrainingImage
@@ -56,30 +56,35 @@ def collect(
     ``busy_workspaces``: workspaces with a training queued or running (their entries wait).
     """
     cutoff = (now or datetime.now(UTC)) - timedelta(seconds=grace_s)
-    due = session.scalars(
-        select(PendingBlobDeletion)
+    due = session.execute(
+        select(PendingBlobDeletion.workspace_id, PendingBlobDeletion.sha256)
         .where(PendingBlobDeletion.requested <= cutoff)
         .order_by(PendingBlobDeletion.requested)
     ).all()
     deleted = 0
-    for entry in due:
-        if entry.workspace_id in busy_workspaces:
+    for workspace_id, sha256 in due:
+        if workspace_id in busy_workspaces:
             continue
         referenced = session.scalar(
             select(TrainingImage.id).where(
-                TrainingImage.workspace_id == entry.workspace_id, TrainingImage.sha256 == entry.sha256
+                TrainingImage.workspace_id == workspace_id, TrainingImage.sha256 == sha256
             )
         )
         if referenced is None:
             try:
-                for key in blob_keys(entry.workspace_id, entry.sha256):
+                for key in blob_keys(workspace_id, sha256):
                     blobs.delete(key)
             except Exception:
-                logger.warning(
-                    "could not delete the blobs of %s; retrying later", entry.sha256, exc_info=True
-                )
+                logger.warning("could not delete the blobs of %s; retrying later", sha256, exc_info=True)
                 continue
             deleted += 1
-        session.delete(entry)
+        # A statement, not session.delete: another replica may have removed the entry meanwhile.
+        session.execute(
+            delete(PendingBlobDeletion).where(
+                PendingBlobDeletion.workspace_id == workspace_id,
+                PendingBlobDeletion.sha256 == sha256,
+                PendingBlobDeletion.requested <= cutoff,  # not one scheduled again since
+            )
+        )
         session.commit()
     return deleted

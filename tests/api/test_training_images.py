@@ -406,6 +406,26 @@ def test_an_image_uploaded_again_before_collection_keeps_its_blobs(app: FastAPI,
     assert app.state.blobs.list_keys() == []
 
 
+def test_the_watcher_loop_collects_deleted_images_blobs(settings: Settings, client: TestClient) -> None:
+    import time
+
+    fast = settings.model_copy(
+        update={"blob_gc_grace_s": 0.0, "blob_gc_interval_s": 0.05, "train_poll_interval_s": 0.05}
+    )
+    application = create_app(fast)
+    try:
+        with TestClient(application, headers={"Authorization": f"Token {client.token}"}) as other:  # type: ignore[attr-defined]
+            image = upload(other, image_bytes(83))
+            assert len(application.state.blobs.list_keys()) == 2
+            assert other.delete(f"{IMAGES}/{image['id']}").status_code == 204
+            deadline = time.monotonic() + 10
+            while application.state.blobs.list_keys() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert application.state.blobs.list_keys() == []
+    finally:
+        application.state.engine.dispose()
+
+
 def test_a_queued_training_keeps_deleted_images_blobs_until_it_ends(app: FastAPI, client: TestClient) -> None:
     from api.db.models import TrainingRun
 
