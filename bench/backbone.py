@@ -54,10 +54,8 @@ import copy
 import io
 import json
 import logging
-import math
 import os
 import platform
-import signal
 import subprocess
 import sys
 import tempfile
@@ -70,14 +68,24 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+from _common import (
+    DATASETS_ROOT,
+    REPO_ROOT,
+    OtherCpu,
+    cpuinfo_value,
+    git_state,
+    init_script,
+    nproc,
+    percentile,
+    write_report,
+)
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))  # run as a script from anywhere: the project's packages
 
 logger = logging.getLogger("bench.backbone")
 
 DEFAULT_OUT = REPO_ROOT / "bench" / "results" / "backbone.json"
-FLOWERS = REPO_ROOT.parent / "shared" / "datasets" / "flowers" / "images"
+FLOWERS = DATASETS_ROOT / "flowers" / "images"
 INPUT_SIZE = 224
 TORCH_THREADS = 2
 REAL_IMAGES = 8
@@ -85,17 +93,7 @@ REAL_IMAGES = 8
 Array = npt.NDArray[np.float32]
 
 
-# ---- statistics -------------------------------------------------------------
-
-
-def percentile(values: Sequence[float], q: float) -> float:
-    """The ``q``-th percentile (0-100) with linear interpolation, as numpy's default."""
-    if not values:
-        return math.nan
-    ordered = sorted(values)
-    rank = (len(ordered) - 1) * q / 100
-    low, high = math.floor(rank), math.ceil(rank)
-    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
+# ---- timing -------------------------------------------------------------------
 
 
 @dataclass
@@ -127,14 +125,12 @@ def time_calls(
         fn(batch)
         warmup_calls += 1
     times: list[float] = []
-    start = time.perf_counter()
-    busy, own = _busy_ticks(), _proc_ticks(os.getpid())
-    while len(times) < min_calls or time.perf_counter() - start < duration_s:
-        t0 = time.perf_counter()
-        fn(batch)
-        times.append(time.perf_counter() - t0)
-    capacity = (time.perf_counter() - start) * os.sysconf("SC_CLK_TCK") * (os.cpu_count() or 1)
-    other = (_busy_ticks() - busy) - (_proc_ticks(os.getpid()) - own)
+    with OtherCpu([]) as other:
+        start = time.perf_counter()
+        while len(times) < min_calls or time.perf_counter() - start < duration_s:
+            t0 = time.perf_counter()
+            fn(batch)
+            times.append(time.perf_counter() - t0)
     n = len(batch)
     median = percentile(times, 50)
     return Timing(
@@ -146,22 +142,8 @@ def time_calls(
         p90_ms_per_call=round(percentile(times, 90) * 1000, 2),
         median_ms_per_image=round(median * 1000 / n, 2),
         images_per_s=round(n * len(times) / sum(times), 1),
-        other_cpu_pct=round(max(0.0, 100 * other / capacity), 1),
+        other_cpu_pct=other.pct,
     )
-
-
-def _busy_ticks() -> int:
-    """CPU ticks the whole machine has spent busy (all CPUs, /proc/stat), idle and iowait excluded."""
-    fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
-    user, nice, system, _idle, _iowait, irq, softirq = fields[:7]
-    steal = fields[7] if len(fields) > 7 else 0
-    return user + nice + system + irq + softirq + steal
-
-
-def _proc_ticks(pid: int) -> int:
-    stat = Path(f"/proc/{pid}/stat").read_text()
-    fields = stat[stat.rindex(")") + 2 :].split()
-    return int(fields[11]) + int(fields[12])
 
 
 # ---- inputs -------------------------------------------------------------------
@@ -277,22 +259,11 @@ def machine_info() -> dict[str, Any]:
     import timm
     import torch
 
-    cpu_model = ""
-    cpuinfo = Path("/proc/cpuinfo")
-    flags: set[str] = set()
-    if cpuinfo.exists():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name") and not cpu_model:
-                cpu_model = line.split(":", 1)[1].strip()
-            if line.startswith("flags") and not flags:
-                flags = set(line.split(":", 1)[1].split())
-    git = ["git", "-C", str(REPO_ROOT), "rev-parse", "--short", "HEAD"]
-    commit = subprocess.run(git, capture_output=True, text=True, check=False).stdout.strip()
-    changes = ["git", "-C", str(REPO_ROOT), "status", "--porcelain", "--untracked-files=no"]
-    dirty = bool(subprocess.run(changes, capture_output=True, text=True, check=False).stdout.strip())
+    flags = set(cpuinfo_value("flags").split())
+    commit, dirty = git_state()
     return {
-        "nproc": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "cpu_model": cpu_model,
+        "nproc": nproc(),
+        "cpu_model": cpuinfo_value("model name"),
         "simd": sorted(
             f for f in flags if f in {"avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile"}
         ),
@@ -303,7 +274,7 @@ def machine_info() -> dict[str, Any]:
         "onnxruntime": onnxruntime.__version__,
         "timm": timm.__version__,
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
-        "git_commit": commit or None,
+        "git_commit": commit,
         "git_dirty": dirty,
         "load_average_at_start": list(os.getloadavg()),
     }
@@ -503,10 +474,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return report
 
 
-def _exit_on_sigterm(signum: int, _frame: object) -> None:
-    raise SystemExit(128 + signum)
-
-
 def omp_default_run(args: argparse.Namespace) -> dict[str, Any]:
     """The same measurement in a child process with OMP_WAIT_POLICY unset; its report."""
     with tempfile.TemporaryDirectory(prefix="backbone-bench-") as tmp:
@@ -523,8 +490,7 @@ def omp_default_run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(message)s")
-    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    init_script()
     args = parse_args(argv)
     # Before torch (and its OpenMP runtime) is first imported, in run(): no busy-waiting worker
     # threads, except in the child run that measures OpenMP's default policy.
@@ -540,10 +506,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             key: child[key] for key in ("date", "timings", "accuracy", "speedup_vs_eager")
         }
         report["omp_default_policy"]["omp_wait_policy"] = child["machine"]["omp_wait_policy"]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(markdown(report))
-    logger.info("results written to %s", args.out)
+    write_report(report, args.out, markdown)
     return 0
 
 

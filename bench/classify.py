@@ -71,13 +71,9 @@ import json
 import logging
 import math
 import os
-import platform
 import random
-import re
 import resource
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -92,18 +88,41 @@ from pathlib import Path
 from typing import Any
 
 import requests
+from _common import (
+    API,
+    DATASETS_ROOT,
+    REPO_ROOT,
+    REQUEST_TIMEOUT_S,
+    Client,
+    OtherCpu,
+    Server,
+    Service,
+    expect,
+    free_port,
+    init_script,
+    latency_summary,
+    machine_info,
+    percentile,
+    proc_cpu_seconds,
+    proc_status,
+    random_boxes,
+    running_service,
+    server_env,
+    server_log_summary,
+    smooth_field,
+    stop_process,
+    upload_training_image,
+    wait_healthy,
+    write_report,
+)
 from PIL import Image, ImageDraw
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))  # the project's packages, however the script is started
 
 logger = logging.getLogger("bench.classify")
 
-API = "/recognition/v2"
-DATASETS_ROOT = REPO_ROOT.parent / "shared" / "datasets"
 DEFAULT_OUT = REPO_ROOT / "bench" / "results" / "classify.json"
 STARTUP_TIMEOUT_S = 120.0
-REQUEST_TIMEOUT_S = 120.0
 TRAIN_TIMEOUT_S = 1800.0
 UPLOAD_CONCURRENCY = 4
 IMAGE_SIZE = 512
@@ -121,28 +140,6 @@ OTHER_CPU_WARN_PCT = 5.0  # other processes' share of the CPU above which a run 
 
 
 # ---- statistics -------------------------------------------------------------
-
-
-def percentile(values: Sequence[float], q: float) -> float:
-    """The ``q``-th percentile (0-100) with linear interpolation, as numpy's default."""
-    if not values:
-        return math.nan
-    ordered = sorted(values)
-    rank = (len(ordered) - 1) * q / 100
-    low, high = math.floor(rank), math.ceil(rank)
-    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
-
-
-def latency_summary(seconds: Sequence[float]) -> dict[str, float]:
-    """p50/p95/p99/mean/max of latencies given in seconds, in milliseconds."""
-    ms = [s * 1000 for s in seconds]
-    return {
-        "p50": round(percentile(ms, 50), 2),
-        "p95": round(percentile(ms, 95), 2),
-        "p99": round(percentile(ms, 99), 2),
-        "mean": round(sum(ms) / len(ms), 2) if ms else math.nan,
-        "max": round(max(ms), 2) if ms else math.nan,
-    }
 
 
 def linear_slope(xs: Sequence[float], ys: Sequence[float]) -> float:
@@ -177,17 +174,10 @@ def _encode(image: Image.Image) -> str:
 def _generated(seed: int, size: int) -> Image.Image:
     """A photo-like picture: a smooth random colour field with random shapes on top."""
     rng = random.Random(seed)
-    coarse = max(2, size // 16)
-    img = Image.frombytes("RGB", (coarse, coarse), rng.randbytes(coarse * coarse * 3))
-    img = img.resize((size, size), Image.Resampling.BILINEAR)
+    img = smooth_field(rng, size, size)
     draw = ImageDraw.Draw(img)
-    for _ in range(rng.randint(8, 24)):
-        x0, y0 = rng.randrange(size), rng.randrange(size)
-        x1, y1 = x0 + rng.randint(10, size // 2), y0 + rng.randint(10, size // 2)
-        colour = (rng.randrange(256), rng.randrange(256), rng.randrange(256))
-        draw.ellipse((x0, y0, x1, y1), fill=colour) if rng.random() < 0.5 else draw.rectangle(
-            (x0, y0, x1, y1), fill=colour
-        )
+    for box, colour in random_boxes(rng, size, size):
+        draw.ellipse(box, fill=colour) if rng.random() < 0.5 else draw.rectangle(box, fill=colour)
     return img
 
 
@@ -286,98 +276,18 @@ def training_set() -> tuple[str, list[tuple[Path | bytes, str]]]:
 # ---- processes ------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-@dataclass
-class Server:
-    """A running server under test: the service, or the naive baseline."""
-
-    name: str
-    process: subprocess.Popen[bytes]
-    base_url: str
-    token: str
-    log_path: Path
-    data_dir: Path | None = None
-    health: dict[str, Any] = field(default_factory=dict)  # what /healthz answered
-
-
-def _env(omp_wait_policy: str | None = "PASSIVE") -> dict[str, str]:
-    """The servers' environment; ``None`` leaves OMP_WAIT_POLICY unset (OpenMP's default)."""
-    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
-    if omp_wait_policy:
-        env["OMP_WAIT_POLICY"] = omp_wait_policy  # PASSIVE: no busy-waiting OpenMP threads
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
-
-
-def _wait_healthy(server: Server) -> None:
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if server.process.poll() is not None:
-            tail = server.log_path.read_text(errors="replace")[-3000:]
-            raise RuntimeError(f"{server.name} exited with {server.process.returncode}:\n{tail}")
-        try:
-            response = requests.get(f"{server.base_url}/healthz", timeout=2)
-            if response.status_code == 200:
-                server.health = response.json()
-                return
-        except (requests.RequestException, ValueError):
-            pass
-        time.sleep(0.2)
-    raise RuntimeError(f"{server.name} did not answer /healthz within {STARTUP_TIMEOUT_S:.0f}s")
-
-
-def _stop(process: subprocess.Popen[bytes], what: str) -> None:
-    if process.poll() is not None:
-        return
-    process.terminate()
-    try:
-        process.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        logger.warning("%s pid %d ignored SIGTERM; killing it", what, process.pid)
-        process.kill()
-        process.wait(timeout=15)
-
-
 @contextmanager
-def running_service(workdir: Path, *, log_level: str) -> Iterator[Server]:
+def running_taskvision(workdir: Path, *, log_level: str) -> Iterator[Service]:
     """``taskvision serve`` on a fresh data dir under ``workdir`` (kept: the baseline reads the bundle)."""
-    executable = Path(sys.executable).with_name("taskvision")
-    if not executable.exists():
-        raise SystemExit(f"{executable} not found: install the project into this venv (make venv).")
-    data_dir = workdir / "data"
-    log_path = workdir / "service.log"
-    env = _env()
-    process: subprocess.Popen[bytes] | None = None
-    try:
-        created = subprocess.run(
-            [str(executable), "users", "create", "bench", "--data-dir", str(data_dir)],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=STARTUP_TIMEOUT_S,
-            check=False,
-        )
-        if created.returncode != 0:
-            raise RuntimeError(f"'taskvision users create' failed: {created.stderr.strip()}")
-        token = created.stdout.strip()
-        port = free_port()
-        command = [str(executable), "--log-level", log_level, "serve", "--host", "127.0.0.1"]
-        command += ["--port", str(port), "--data-dir", str(data_dir)]
-        with log_path.open("wb") as log_file:  # a file, not a pipe: a full pipe would stall the server
-            process = subprocess.Popen(command, env=env, stdout=log_file, stderr=subprocess.STDOUT)
-        server = Server("service", process, f"http://127.0.0.1:{port}", token, log_path, data_dir)
-        _wait_healthy(server)
-        logger.info("service pid %d listening on %s (data dir %s)", process.pid, server.base_url, data_dir)
+    with running_service(
+        data_dir=workdir / "data",
+        log_path=workdir / "service.log",
+        env=server_env(PYTHONUNBUFFERED="1"),
+        log_level=log_level,
+        name="service",
+        startup_timeout_s=STARTUP_TIMEOUT_S,
+    ) as server:
         yield server
-    finally:
-        if process is not None:
-            _stop(process, "service")
 
 
 @contextmanager
@@ -390,32 +300,21 @@ def running_naive(workdir: Path, bundle_dir: Path, *, omp_wait_policy: str | Non
     process: subprocess.Popen[bytes] | None = None
     try:
         with log_path.open("wb") as log_file:
-            env = _env(omp_wait_policy)
+            env = server_env(omp_wait_policy, PYTHONUNBUFFERED="1")
             process = subprocess.Popen(command, env=env, stdout=log_file, stderr=subprocess.STDOUT)
-        server = Server("naive baseline", process, f"http://127.0.0.1:{port}", "unused", log_path)
-        _wait_healthy(server)
+        server = Server(
+            name="naive baseline",
+            process=process,
+            base_url=f"http://127.0.0.1:{port}",
+            token="unused",
+            log_path=log_path,
+        )
+        wait_healthy(server, timeout_s=STARTUP_TIMEOUT_S)
         logger.info("naive baseline pid %d listening on %s", process.pid, server.base_url)
         yield server
     finally:
         if process is not None:
-            _stop(process, "naive baseline")
-
-
-def proc_rss_kb(pid: int) -> dict[str, int]:
-    """VmRSS and VmHWM (kB) of one process (its threads included, its children not), and Threads."""
-    figures: dict[str, int] = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        key, _, rest = line.partition(":")
-        if key in ("VmHWM", "VmRSS", "Threads"):
-            figures[key] = int(rest.split()[0])
-    return figures
-
-
-def proc_cpu_seconds(pid: int) -> float:
-    """User + system CPU time the process has used so far (its threads, not its children)."""
-    stat = Path(f"/proc/{pid}/stat").read_text()
-    fields = stat[stat.rindex(")") + 2 :].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+            stop_process(process, "naive baseline")
 
 
 def own_cpu_seconds() -> float:
@@ -423,91 +322,7 @@ def own_cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def _busy_ticks() -> int:
-    """CPU ticks the whole machine has spent busy (all CPUs, /proc/stat), idle and iowait excluded."""
-    fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
-    user, nice, system, _idle, _iowait, irq, softirq = fields[:7]
-    steal = fields[7] if len(fields) > 7 else 0
-    return user + nice + system + irq + softirq + steal
-
-
-def _proc_ticks(pid: int) -> int:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return 0
-    fields = stat[stat.rindex(")") + 2 :].split()
-    return int(fields[11]) + int(fields[12])
-
-
-class OtherCpu:
-    """The share of the machine's CPU that other processes used meanwhile (0-100 %, of all CPUs).
-
-    Anything but this benchmark and the server under test counts: a high figure means the
-    measurement shared the machine and its numbers are distorted.
-    """
-
-    def __init__(self, pids: Sequence[int]) -> None:
-        self.pids = [os.getpid(), *pids]
-        self.pct = math.nan
-
-    def __enter__(self) -> OtherCpu:
-        self._start = time.monotonic()
-        self._busy = _busy_ticks()
-        self._own = sum(_proc_ticks(pid) for pid in self.pids)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        elapsed = time.monotonic() - self._start
-        other = (_busy_ticks() - self._busy) - (sum(_proc_ticks(pid) for pid in self.pids) - self._own)
-        capacity = elapsed * os.sysconf("SC_CLK_TCK") * (os.cpu_count() or 1)
-        self.pct = round(max(0.0, 100 * other / capacity), 1) if capacity > 0 else math.nan
-
-
-def server_log_summary(log_path: Path) -> dict[str, Any]:
-    text = log_path.read_text(errors="replace") if log_path.exists() else ""
-    lines = text.splitlines()
-    return {
-        "lines": len(lines),
-        "error_lines": sum(" ERROR " in line or line.startswith(("ERROR", "CRITICAL")) for line in lines),
-        "tracebacks": text.count("Traceback (most recent call last)"),
-        "http_5xx": sum(1 for line in lines if '" 5' in line and "HTTP/1.1" in line),
-    }
-
-
 # ---- HTTP client --------------------------------------------------------------
-
-
-class Client:
-    """One ``requests.Session`` per thread, with the benchmark user's token."""
-
-    def __init__(self, server: Server) -> None:
-        self.base_url = server.base_url
-        self._headers = {"Authorization": f"Token {server.token}"}
-        self._local = threading.local()
-
-    @property
-    def session(self) -> requests.Session:
-        session: requests.Session | None = getattr(self._local, "session", None)
-        if session is None:
-            session = requests.Session()
-            session.trust_env = False  # never route 127.0.0.1 through a proxy from the environment
-            session.headers.update(self._headers)
-            self._local.session = session
-        return session
-
-    def post(self, path: str, payload: dict[str, Any] | None = None) -> requests.Response:
-        return self.session.post(f"{self.base_url}{path}", json=payload, timeout=REQUEST_TIMEOUT_S)
-
-    def get(self, path: str, params: dict[str, Any] | None = None) -> requests.Response:
-        return self.session.get(f"{self.base_url}{path}", params=params, timeout=REQUEST_TIMEOUT_S)
-
-
-def _expect(response: requests.Response, status: int, what: str) -> dict[str, Any]:
-    if response.status_code != status:
-        raise RuntimeError(f"{what}: HTTP {response.status_code}: {response.text[:500]}")
-    data: dict[str, Any] = response.json()
-    return data
 
 
 @dataclass
@@ -558,35 +373,23 @@ def classify(client: Client, task_id: str, images: Sequence[tuple[int, str]]) ->
 # ---- building and training the task -------------------------------------------------
 
 
-_DUPLICATE_ID = re.compile(r"image ID: ([0-9a-fA-F-]{8,})")
-
-
-def build_and_train(client: Client, server: Server) -> dict[str, Any]:
+def build_and_train(client: Client, server: Service) -> dict[str, Any]:
     """Create a multi_class task, upload and label its images, train it, wait for production."""
     description, items = training_set()
     names = sorted({label for _, label in items})
-    task = _expect(
-        client.post(f"{API}/task/", {"name": "classify bench", "type": "multi_class"}), 201, "task"
-    )
+    task = expect(client.post(f"{API}/task/", {"name": "classify bench", "type": "multi_class"}), 201, "task")
     label_ids: dict[str, str] = {}
     for name in names:
-        label = _expect(client.post(f"{API}/label/", {"name": name, "type": "category"}), 201, "label")
-        _expect(client.post(f"{API}/task/{task['id']}/add-label", {"label_id": label["id"]}), 200, "attach")
+        label = expect(client.post(f"{API}/label/", {"name": name, "type": "category"}), 201, "label")
+        expect(client.post(f"{API}/task/{task['id']}/add-label", {"label_id": label["id"]}), 200, "attach")
         label_ids[name] = label["id"]
 
     def upload(item: tuple[Path | bytes, str]) -> None:
         source, label_name = item
         data = source.read_bytes() if isinstance(source, Path) else source
-        response = client.post(f"{API}/training-image/", {"base64": base64.b64encode(data).decode("ascii")})
-        if response.status_code == 201:
-            image_id = response.json()["id"]
-        else:
-            match = _DUPLICATE_ID.search(response.text) if response.status_code == 400 else None
-            if match is None:
-                raise RuntimeError(f"upload: HTTP {response.status_code}: {response.text[:300]}")
-            image_id = match.group(1)
+        image_id, _ = upload_training_image(client, data)
         payload = {"label_id": label_ids[label_name]}
-        _expect(client.post(f"{API}/training-image/{image_id}/add-label", payload), 200, "add label")
+        expect(client.post(f"{API}/training-image/{image_id}/add-label", payload), 200, "add label")
 
     logger.info("uploading %s with %d client threads", description, UPLOAD_CONCURRENCY)
     start = time.perf_counter()
@@ -596,21 +399,20 @@ def build_and_train(client: Client, server: Server) -> dict[str, Any]:
 
     logger.info("training (the service's default mode)")
     start = time.perf_counter()
-    run = _expect(client.post(f"{API}/task/{task['id']}/train"), 202, "train")
+    run = expect(client.post(f"{API}/task/{task['id']}/train"), 202, "train")
     deadline = time.monotonic() + TRAIN_TIMEOUT_S
     while True:
-        run = _expect(client.get(f"{API}/training-run/{run['id']}"), 200, "poll run")
+        run = expect(client.get(f"{API}/training-run/{run['id']}"), 200, "poll run")
         if run["status"] in ("FAILED", "CANCELED"):
             raise RuntimeError(f"training {run['status']}: {run.get('error')}")
         if run["status"] == "SUCCEEDED":
-            production = _expect(client.get(f"{API}/task/{task['id']}"), 200, "task")["production_version"]
+            production = expect(client.get(f"{API}/task/{task['id']}"), 200, "task")["production_version"]
             if production is not None:
                 break
         if time.monotonic() > deadline:
             raise RuntimeError(f"training not done after {TRAIN_TIMEOUT_S:.0f} s: {run}")
         time.sleep(0.5)
     train_s = time.perf_counter() - start
-    assert server.data_dir is not None
     bundles = sorted((server.data_dir / "blobs" / "models" / task["id"]).glob("*/bundle.json"))
     if not bundles:
         raise RuntimeError(f"no bundle.json under {server.data_dir / 'blobs' / 'models' / task['id']}")
@@ -797,7 +599,7 @@ def memory_run(
     client: Client, task_id: str, pool: ImagePool, *, total: int, every: int, clients: int, pid: int
 ) -> dict[str, Any]:
     """``total`` single-record requests; the server's VmRSS before and after every ``every`` of them."""
-    first = proc_rss_kb(pid)
+    first = proc_status(pid)
     samples = [(0, first["VmRSS"])]
     threads = [first["Threads"]]
     calls: list[Call] = []
@@ -811,7 +613,7 @@ def memory_run(
             chunk = min(every, total - done)
             calls += list(executor.map(lambda _: classify(client, task_id, pool.take(1)), range(chunk)))
             done += chunk
-            figures = proc_rss_kb(pid)
+            figures = proc_status(pid)
             samples.append((done, figures["VmRSS"]))
             threads.append(figures["Threads"])
             logger.info(
@@ -847,7 +649,7 @@ def memory_run(
         "fitted_growth_mib": round(fitted_growth, 2),
         "second_half_slope_mib_per_1000_requests": round(late_slope * 1000, 3),
         "flat": fitted_growth <= TARGET_MEMORY_GROWTH_MIB,
-        "vmhwm_mib": round(proc_rss_kb(pid)["VmHWM"] / MIB, 1),
+        "vmhwm_mib": round(proc_status(pid)["VmHWM"] / MIB, 1),
         "other_cpu_pct": other.pct,
     }
 
@@ -889,7 +691,7 @@ def measure(
             clients=args.clients,
             pid=pid,
         )
-    rss = proc_rss_kb(pid)
+    rss = proc_status(pid)
     out["rss_at_end_mib"] = round(rss["VmRSS"] / MIB, 1)
     out["vmhwm_mib"] = round(rss["VmHWM"] / MIB, 1)
     out["requests_sent_from_pool"] = pool._next
@@ -986,36 +788,6 @@ def naive_server_main(bundle_dir: Path, port: int) -> int:
 
 
 # ---- report -----------------------------------------------------------------
-
-
-def machine_info() -> dict[str, Any]:
-    cpu_model = ""
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                cpu_model = line.split(":", 1)[1].strip()
-                break
-    mem_kb = 0
-    meminfo = Path("/proc/meminfo")
-    if meminfo.exists():
-        for line in meminfo.read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                mem_kb = int(line.split()[1])
-    git = ["git", "-C", str(REPO_ROOT), "rev-parse", "--short", "HEAD"]
-    commit = subprocess.run(git, capture_output=True, text=True, check=False).stdout.strip()
-    changes = ["git", "-C", str(REPO_ROOT), "status", "--porcelain", "--untracked-files=no"]
-    dirty = bool(subprocess.run(changes, capture_output=True, text=True, check=False).stdout.strip())
-    return {
-        "nproc": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "cpu_model": cpu_model,
-        "memory_gib": round(mem_kb / 1024 / 1024, 1),
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "git_commit": commit or None,
-        "git_dirty": dirty,
-        "load_average_at_start": list(os.getloadavg()),
-    }
 
 
 def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
@@ -1217,7 +989,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
     workdir = Path(tempfile.mkdtemp(prefix="taskvision-classify-bench-"))
     try:
-        with running_service(workdir, log_level=args.server_log_level) as service:
+        with running_taskvision(workdir, log_level=args.server_log_level) as service:
             client = Client(service)
             report["training"] = build_and_train(client, service)
             bundle_dir = Path(report["training"]["bundle_dir"])
@@ -1260,21 +1032,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return report
 
 
-def _exit_on_sigterm(signum: int, _frame: object) -> None:
-    raise SystemExit(128 + signum)  # unwinds like Ctrl-C: the servers are stopped, the temp dir deleted
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(message)s")
-    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    init_script()
     args = parse_args(argv)
     if args.naive_server:
         return naive_server_main(args.bundle, args.port)
     report = run(args)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(markdown(report))
-    logger.info("results written to %s", args.out)
+    write_report(report, args.out, markdown)
     return 0 if all(t["pass"] for t in report["targets"]) else 1
 
 

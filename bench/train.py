@@ -52,18 +52,14 @@ The exit status is 1 when a run failed or a target was missed.
 from __future__ import annotations
 
 import argparse
-import base64
 import csv
 import io
 import json
 import logging
 import math
 import os
-import platform
 import re
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -78,16 +74,27 @@ from pathlib import Path
 from typing import Any
 
 import requests
+from _common import (
+    API,
+    DATASETS_ROOT,
+    REPO_ROOT,
+    Client,
+    Service,
+    expect,
+    init_script,
+    machine_info,
+    running_service,
+    server_env,
+    server_log_summary,
+    stop_process,
+    upload_training_image,
+    write_report,
+)
 
 logger = logging.getLogger("bench.train")
 
-API = "/recognition/v2"
-REPO_ROOT = Path(__file__).resolve().parent.parent
-DATASETS_ROOT = REPO_ROOT.parent / "shared" / "datasets"
 DEFAULT_OUT = REPO_ROOT / "bench" / "results" / "train.json"
 ALL_DATASETS = ("flowers", "scenes", "ages")
-STARTUP_TIMEOUT_S = 60.0
-REQUEST_TIMEOUT_S = 120.0
 POLL_S = 0.1  # how often the task is polled for its production version
 MEMORY_SAMPLE_S = 0.2
 TRAIN_TIMEOUT_S = 1800.0  # one API training (the default CPU mode needs well under a minute)
@@ -315,158 +322,25 @@ class MemorySampler:
 # ---- the server under test ----------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-@dataclass
-class Server:
-    """A running ``taskvision serve`` and what the benchmark needs to talk to it."""
-
-    process: subprocess.Popen[bytes]
-    base_url: str
-    token: str
-    data_dir: Path
-    cache_dir: Path
-    log_path: Path
-    env: dict[str, str]
-
-
-def _server_env(cache_dir: Path) -> dict[str, str]:
-    env = dict(os.environ)
-    env["OMP_WAIT_POLICY"] = "PASSIVE"  # no busy-waiting OpenMP threads eating the other processes' CPU
-    env["TASKVISION_CACHE_DIR"] = str(cache_dir)  # a cold ONNX export cache, like a fresh machine
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
+def onnx_cache_dir(data_dir: Path) -> Path:
+    """The service's ONNX export cache (``TASKVISION_CACHE_DIR``): in its data dir, so it starts empty."""
+    return data_dir / "cache"
 
 
 @contextmanager
-def running_server(workdir: Path, *, log_level: str) -> Iterator[Server]:
+def running_server(workdir: Path, *, log_level: str) -> Iterator[Service]:
     """Start the service on a fresh data dir under ``workdir``; always stop it."""
-    executable = Path(sys.executable).with_name("taskvision")
-    if not executable.exists():
-        raise SystemExit(f"{executable} not found: install the project into this venv (make venv).")
     data_dir = workdir / "data"
-    cache_dir = data_dir / "cache"
+    cache_dir = onnx_cache_dir(data_dir)
     cache_dir.mkdir(parents=True)
-    log_path = workdir / "server.log"
-    env = _server_env(cache_dir)
-    process: subprocess.Popen[bytes] | None = None
-    try:
-        created = subprocess.run(
-            [str(executable), "users", "create", "bench", "--data-dir", str(data_dir)],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=STARTUP_TIMEOUT_S,
-            check=False,
-        )
-        if created.returncode != 0:
-            raise RuntimeError(f"'taskvision users create' failed: {created.stderr.strip()}")
-        token = created.stdout.strip()
-        port = free_port()
-        with log_path.open("wb") as log_file:  # a file, not a pipe: a full pipe would stall the server
-            process = subprocess.Popen(
-                [
-                    str(executable),
-                    "--log-level",
-                    log_level,
-                    "serve",
-                    "--host",
-                    "127.0.0.1",
-                    "--port",
-                    str(port),
-                    "--data-dir",
-                    str(data_dir),
-                ],
-                env=env,
-                stdout=log_file,
-                stderr=subprocess.STDOUT,
-            )
-        server = Server(process, f"http://127.0.0.1:{port}", token, data_dir, cache_dir, log_path, env)
-        _wait_healthy(server)
-        logger.info("server pid %d listening on %s (data dir %s)", process.pid, server.base_url, data_dir)
+    env = server_env(
+        TASKVISION_CACHE_DIR=str(cache_dir),  # a cold ONNX export cache, like a fresh machine
+        PYTHONUNBUFFERED="1",
+    )
+    with running_service(
+        data_dir=data_dir, log_path=workdir / "server.log", env=env, log_level=log_level
+    ) as server:
         yield server
-    finally:
-        if process is not None:
-            _stop(process)
-
-
-def _wait_healthy(server: Server) -> None:
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if server.process.poll() is not None:
-            tail = server.log_path.read_text(errors="replace")[-3000:]
-            raise RuntimeError(f"the server exited with {server.process.returncode}:\n{tail}")
-        try:
-            if requests.get(f"{server.base_url}/healthz", timeout=2).status_code == 200:
-                return
-        except requests.ConnectionError:
-            pass
-        time.sleep(0.2)
-    raise RuntimeError(f"the server did not answer /healthz within {STARTUP_TIMEOUT_S:.0f}s")
-
-
-def _stop(process: subprocess.Popen[Any], what: str = "server") -> None:
-    if process.poll() is not None:
-        return
-    process.terminate()
-    try:
-        process.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        logger.warning("%s pid %d ignored SIGTERM; killing it", what, process.pid)
-        process.kill()
-        process.wait(timeout=15)
-
-
-def server_log_summary(log_path: Path) -> dict[str, Any]:
-    """Count problems the server logged (tracebacks, ERROR/WARNING lines, 5xx answers)."""
-    text = log_path.read_text(errors="replace") if log_path.exists() else ""
-    lines = text.splitlines()
-    return {
-        "lines": len(lines),
-        "error_lines": sum(" ERROR " in line or line.startswith(("ERROR", "CRITICAL")) for line in lines),
-        "tracebacks": text.count("Traceback (most recent call last)"),
-        "http_5xx": sum(1 for line in lines if '" 5' in line and "HTTP/1.1" in line),
-    }
-
-
-# ---- HTTP client --------------------------------------------------------------
-
-
-class Client:
-    """One ``requests.Session`` per thread, all with the benchmark user's token."""
-
-    def __init__(self, server: Server) -> None:
-        self.base_url = server.base_url
-        self._headers = {"Authorization": f"Token {server.token}"}
-        self._local = threading.local()
-
-    @property
-    def session(self) -> requests.Session:
-        session: requests.Session | None = getattr(self._local, "session", None)
-        if session is None:
-            session = requests.Session()
-            session.trust_env = False  # never route 127.0.0.1 through a proxy from the environment
-            session.headers.update(self._headers)
-            self._local.session = session
-        return session
-
-    def post(self, path: str, payload: dict[str, Any] | None = None) -> requests.Response:
-        return self.session.post(f"{self.base_url}{path}", json=payload, timeout=REQUEST_TIMEOUT_S)
-
-    def get(self, path: str, params: dict[str, Any] | None = None) -> requests.Response:
-        return self.session.get(f"{self.base_url}{path}", params=params, timeout=REQUEST_TIMEOUT_S)
-
-
-def _expect(response: requests.Response, status: int, what: str) -> dict[str, Any]:
-    if response.status_code != status:
-        raise RuntimeError(f"{what}: HTTP {response.status_code}: {response.text[:500]}")
-    data: dict[str, Any] = response.json()
-    return data
 
 
 # ---- building a task through the API --------------------------------------------------
@@ -485,40 +359,28 @@ class BuiltTask:
 def create_task(
     client: Client, name: str, task_type: str, label_type: str, labels: Sequence[str]
 ) -> BuiltTask:
-    task = _expect(client.post(f"{API}/task/", {"name": name, "type": task_type}), 201, f"create task {name}")
+    task = expect(client.post(f"{API}/task/", {"name": name, "type": task_type}), 201, f"create task {name}")
     label_ids: dict[str, str] = {}
     for label_name in labels:
-        label = _expect(
+        label = expect(
             client.post(f"{API}/label/", {"name": label_name, "type": label_type}),
             201,
             f"create label {label_name}",
         )
-        _expect(
+        expect(
             client.post(f"{API}/task/{task['id']}/add-label", {"label_id": label["id"]}), 200, "attach label"
         )
         label_ids[label_name] = label["id"]
-    task = _expect(client.get(f"{API}/task/{task['id']}"), 200, "read task")
+    task = expect(client.get(f"{API}/task/{task['id']}"), 200, "read task")
     negative = next((lb["id"] for lb in task.get("labels", []) if lb.get("negative_for_task")), None)
     return BuiltTask(task["id"], label_ids, negative, 0, 0, 0.0)
-
-
-_DUPLICATE_ID = re.compile(r"image ID: ([0-9a-fA-F-]{8,})")
 
 
 def _upload_one(
     client: Client, built: BuiltTask, data: bytes, labels: Sequence[str], value: float | None
 ) -> bool:
     """Upload one image and attach its labels; True when the service already had it (duplicate)."""
-    body = {"base64": base64.b64encode(data).decode("ascii")}
-    response = client.post(f"{API}/training-image/", body)
-    duplicate = False
-    if response.status_code == 201:
-        image_id = response.json()["id"]
-    else:
-        match = _DUPLICATE_ID.search(response.text) if response.status_code == 400 else None
-        if match is None:
-            raise RuntimeError(f"upload: HTTP {response.status_code}: {response.text[:300]}")
-        image_id, duplicate = match.group(1), True  # what ximilar-client does: reuse the existing image
+    image_id, duplicate = upload_training_image(client, data)
     label_ids = [built.label_ids[name] for name in labels] if labels else [built.negative_id]
     for label_id in label_ids:
         if label_id is None:
@@ -526,7 +388,7 @@ def _upload_one(
         payload: dict[str, Any] = {"label_id": label_id}
         if value is not None:
             payload["value"] = value
-        _expect(client.post(f"{API}/training-image/{image_id}/add-label", payload), 200, "add label to image")
+        expect(client.post(f"{API}/training-image/{image_id}/add-label", payload), 200, "add label to image")
     return duplicate
 
 
@@ -575,7 +437,7 @@ class TrainOutcome:
     split: dict[str, list[str]] | None = None  # the train/test image ids the pipeline's split step wrote
 
 
-def _read_run_log(server: Server, run_id: str) -> str | None:
+def _read_run_log(server: Service, run_id: str) -> str | None:
     """The pipeline run's log; it exists only while the run does (the runner deletes it afterwards)."""
     try:
         return (server.data_dir / "pipeline-runs" / run_id / "run.log").read_text(errors="replace")
@@ -583,7 +445,7 @@ def _read_run_log(server: Server, run_id: str) -> str | None:
         return None
 
 
-def _read_split(server: Server, run_id: str) -> dict[str, list[str]] | None:
+def _read_split(server: Service, run_id: str) -> dict[str, list[str]] | None:
     """The split step's output (train/test image ids), once it is complete."""
     for path in (server.data_dir / "pipeline-runs" / run_id / "outputs").glob("*/split/split_out"):
         try:
@@ -663,10 +525,10 @@ class RunFailed(RuntimeError):
 
 
 def train_and_wait(
-    client: Client, server: Server, task_id: str, *, params: dict[str, Any] | None = None, timed: bool = True
+    client: Client, server: Service, task_id: str, *, params: dict[str, Any] | None = None, timed: bool = True
 ) -> TrainOutcome:
     """Ask for a training and wait until the new version is the task's production version."""
-    before = _expect(client.get(f"{API}/task/{task_id}"), 200, "read task")["production_version"]
+    before = expect(client.get(f"{API}/task/{task_id}"), 200, "read task")["production_version"]
     steps: list[dict[str, Any]] = []
     last_log = ""
     split: dict[str, list[str]] | None = None
@@ -674,13 +536,13 @@ def train_and_wait(
         requested = datetime.now()  # local time, as kfp.local logs it
         start = time.perf_counter()
         response = client.post(f"{API}/task/{task_id}/train", params)
-        run = _expect(response, 202, "train")
+        run = expect(response, 202, "train")
         run_id = run["id"]
         deadline = time.monotonic() + TRAIN_TIMEOUT_S
         next_run_poll = 0.0
         production = before
         while True:
-            production = _expect(client.get(f"{API}/task/{task_id}"), 200, "poll task")["production_version"]
+            production = expect(client.get(f"{API}/task/{task_id}"), 200, "poll task")["production_version"]
             elapsed = time.perf_counter() - start
             if production != before:
                 break
@@ -689,7 +551,7 @@ def train_and_wait(
             split = split or _read_split(server, run_id)
             if elapsed >= next_run_poll:  # the run, for its step and failures, twice a second
                 next_run_poll = elapsed + 0.5
-                run = _expect(client.get(f"{API}/training-run/{run_id}"), 200, "poll run")
+                run = expect(client.get(f"{API}/training-run/{run_id}"), 200, "poll run")
                 if not steps or (steps[-1]["step"], steps[-1]["status"]) != (run["step"], run["status"]):
                     steps.append({"at_s": round(elapsed, 2), "step": run["step"], "status": run["status"]})
                     logger.info(
@@ -704,10 +566,10 @@ def train_and_wait(
                 raise RuntimeError(f"run {run_id} not in production after {TRAIN_TIMEOUT_S:.0f} s: {run}")
             time.sleep(POLL_S)
         seconds = time.perf_counter() - start
-    run = _expect(client.get(f"{API}/training-run/{run_id}"), 200, "read run")
+    run = expect(client.get(f"{API}/training-run/{run_id}"), 200, "read run")
     if run["status"] != "SUCCEEDED" or run["version"] != production:
         raise RuntimeError(f"production is version {production} but the run says {run}")
-    models = _expect(client.get(f"{API}/model/", {"task": task_id}), 200, "list models")["results"]
+    models = expect(client.get(f"{API}/model/", {"task": task_id}), 200, "list models")["results"]
     model = next(m for m in models if m["version"] == production)
     bundle_training: dict[str, Any] = {}
     bundle = server.data_dir / "blobs" / "models" / task_id / run_id / "bundle.json"
@@ -801,7 +663,7 @@ def baseline_worker(spec_path: Path) -> int:
 
 
 def run_baseline(
-    server: Server, workdir: Path, name: str, task_id: str, run_id: str, epochs: int
+    server: Service, workdir: Path, name: str, task_id: str, run_id: str, epochs: int
 ) -> dict[str, Any]:
     """Fine-tune in a child process on the service's snapshot of ``run_id``; time and memory."""
     prefix = f"datasets/{task_id}/{run_id}"
@@ -830,7 +692,7 @@ def run_baseline(
             code = process.wait()
             seconds = time.perf_counter() - start
     finally:
-        _stop(process, "baseline")
+        stop_process(process, "baseline")
     if code != 0 or not result_path.is_file():
         raise RuntimeError(f"the baseline child for {name} exited with {code}")
     result: dict[str, Any] = json.loads(result_path.read_text())
@@ -854,7 +716,7 @@ def headline(task_type: str, metrics: dict[str, Any]) -> dict[str, float]:
 
 
 def bench_dataset(
-    client: Client, server: Server, dataset: Dataset
+    client: Client, server: Service, dataset: Dataset
 ) -> tuple[dict[str, Any], BuiltTask, TrainOutcome]:
     logger.info(
         "%s: creating the %s task and uploading %d images",
@@ -907,36 +769,6 @@ def bench_dataset(
 
 
 # ---- report -------------------------------------------------------------------------------
-
-
-def machine_info() -> dict[str, Any]:
-    cpu_model = ""
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                cpu_model = line.split(":", 1)[1].strip()
-                break
-    mem_kb = 0
-    meminfo = Path("/proc/meminfo")
-    if meminfo.exists():
-        for line in meminfo.read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                mem_kb = int(line.split()[1])
-    git = ["git", "-C", str(REPO_ROOT), "rev-parse", "--short", "HEAD"]
-    commit = subprocess.run(git, capture_output=True, text=True, check=False).stdout.strip()
-    changes = ["git", "-C", str(REPO_ROOT), "status", "--porcelain", "--untracked-files=no"]
-    dirty = bool(subprocess.run(changes, capture_output=True, text=True, check=False).stdout.strip())
-    return {
-        "nproc": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "cpu_model": cpu_model,
-        "memory_gib": round(mem_kb / 1024 / 1024, 1),
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "git_commit": commit or None,
-        "git_dirty": dirty,  # uncommitted changes to tracked files: the commit alone does not say what ran
-        "load_average_at_start": list(os.getloadavg()),
-    }
 
 
 def evaluate_targets(report: dict[str, Any]) -> list[dict[str, Any]]:
@@ -1170,7 +1002,9 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             "images": warm.uploaded,
             "seconds": round(time.perf_counter() - warm_start, 2),
             "metrics": headline("multi_class", warm_outcome.metrics),
-            "onnx_cache_files": sorted(p.name for p in server.cache_dir.rglob("*") if p.is_file()),
+            "onnx_cache_files": sorted(
+                p.name for p in onnx_cache_dir(server.data_dir).rglob("*") if p.is_file()
+            ),
         }
         logger.info("warm-up done in %.1f s", report["warmup"]["seconds"])
 
@@ -1234,25 +1068,17 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     return report
 
 
-def _exit_on_sigterm(signum: int, _frame: object) -> None:
-    raise SystemExit(128 + signum)  # unwinds like Ctrl-C, so the server is stopped and its dir deleted
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if args.baseline_worker:
         return baseline_worker(args.baseline_worker)
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(message)s")
-    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    init_script()
     workdir = Path(tempfile.mkdtemp(prefix="taskvision-train-bench-"))
     try:
         report = run(args, workdir)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(markdown(report))
-    logger.info("results written to %s", args.out)
+    write_report(report, args.out, markdown)
     failed = any("error" in row for row in report["datasets"])
     failed |= any("error" in row.get("baseline", {}) for row in report["datasets"])
     failed |= any(t["status"] == "FAIL" for t in report["targets"])

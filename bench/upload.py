@@ -38,16 +38,9 @@ import io
 import json
 import logging
 import math
-import os
-import platform
 import random
 import shutil
-import signal
-import socket
-import subprocess
-import sys
 import tempfile
-import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
@@ -60,41 +53,30 @@ from pathlib import Path
 from typing import Any
 
 import requests
-from PIL import Image, ImageDraw
+from _common import (
+    API,
+    REPO_ROOT,
+    Client,
+    Service,
+    expect,
+    init_script,
+    latency_summary,
+    machine_info,
+    proc_cpu_seconds,
+    proc_status,
+    random_boxes,
+    running_service,
+    server_env,
+    server_log_summary,
+    smooth_field,
+    write_report,
+)
+from PIL import ImageDraw
 
 logger = logging.getLogger("bench.upload")
 
-API = "/recognition/v2"
-REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO_ROOT / "bench" / "results" / "upload.json"
-STARTUP_TIMEOUT_S = 60.0
-REQUEST_TIMEOUT_S = 120.0
 WARMUP_IMAGES = 10
-
-
-# ---- statistics -------------------------------------------------------------
-
-
-def percentile(values: Sequence[float], q: float) -> float:
-    """The ``q``-th percentile (0-100) with linear interpolation, as numpy's default."""
-    if not values:
-        return math.nan
-    ordered = sorted(values)
-    rank = (len(ordered) - 1) * q / 100
-    low, high = math.floor(rank), math.ceil(rank)
-    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
-
-
-def latency_summary(seconds: Sequence[float]) -> dict[str, float]:
-    """p50/p95/p99/mean/max of latencies given in seconds, in milliseconds."""
-    ms = [s * 1000 for s in seconds]
-    return {
-        "p50": round(percentile(ms, 50), 2),
-        "p95": round(percentile(ms, 95), 2),
-        "p99": round(percentile(ms, 99), 2),
-        "mean": round(sum(ms) / len(ms), 2) if ms else math.nan,
-        "max": round(max(ms), 2) if ms else math.nan,
-    }
 
 
 # ---- test images ------------------------------------------------------------
@@ -111,22 +93,16 @@ class BenchImage:
 
 def make_jpeg(rng: random.Random, *, width: int, height: int) -> bytes:
     """A photo-like JPEG: a smooth random colour field with random shapes on top."""
-    # A coarse random field, upscaled, gives smooth gradients that compress like photos do.
-    coarse_w, coarse_h = max(2, width // 16), max(2, height // 16)
-    field_img = Image.frombytes("RGB", (coarse_w, coarse_h), rng.randbytes(coarse_w * coarse_h * 3))
-    img = field_img.resize((width, height), Image.Resampling.BILINEAR)
+    img = smooth_field(rng, width, height)
     draw = ImageDraw.Draw(img)
-    for _ in range(rng.randint(8, 24)):
-        x0, y0 = rng.randrange(width), rng.randrange(height)
-        x1, y1 = x0 + rng.randint(10, width // 2), y0 + rng.randint(10, height // 2)
-        colour = (rng.randrange(256), rng.randrange(256), rng.randrange(256))
+    for box, colour in random_boxes(rng, width, height):
         shape = rng.choice(("rectangle", "ellipse", "line"))
         if shape == "rectangle":
-            draw.rectangle((x0, y0, x1, y1), fill=colour)
+            draw.rectangle(box, fill=colour)
         elif shape == "ellipse":
-            draw.ellipse((x0, y0, x1, y1), fill=colour)
+            draw.ellipse(box, fill=colour)
         else:
-            draw.line((x0, y0, x1, y1), fill=colour, width=rng.randint(1, 12))
+            draw.line(box, fill=colour, width=rng.randint(1, 12))
     out = io.BytesIO()
     img.save(out, format="JPEG", quality=rng.randint(80, 92))
     return out.getvalue()
@@ -156,125 +132,17 @@ def make_images(count: int, *, seed: int, width: int, height: int, tag: str) -> 
 # ---- the server under test ----------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-@dataclass
-class Server:
-    """A running ``taskvision serve`` and what the benchmark needs to talk to it."""
-
-    process: subprocess.Popen[bytes]
-    base_url: str
-    token: str
-    data_dir: Path
-    log_path: Path
-
-
-def _server_env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["OMP_WAIT_POLICY"] = "PASSIVE"  # no busy-waiting OpenMP threads eating the client's CPU
-    return env
-
-
 @contextmanager
-def running_server(*, log_level: str) -> Iterator[Server]:
+def running_server(*, log_level: str) -> Iterator[Service]:
     """Start the service on a fresh data dir; always stop it and delete the dir."""
-    executable = Path(sys.executable).with_name("taskvision")
-    if not executable.exists():
-        raise SystemExit(f"{executable} not found: install the project into this venv (make venv).")
     workdir = Path(tempfile.mkdtemp(prefix="taskvision-bench-"))
-    data_dir = workdir / "data"
-    log_path = workdir / "server.log"
-    env = _server_env()
-    process: subprocess.Popen[bytes] | None = None
     try:
-        created = subprocess.run(
-            [str(executable), "users", "create", "bench", "--data-dir", str(data_dir)],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=STARTUP_TIMEOUT_S,
-            check=False,
-        )
-        if created.returncode != 0:
-            raise RuntimeError(f"'taskvision users create' failed: {created.stderr.strip()}")
-        token = created.stdout.strip()
-        port = free_port()
-        with log_path.open("wb") as log_file:  # a file, not a pipe: a full pipe would stall the server
-            process = subprocess.Popen(
-                [
-                    str(executable),
-                    "--log-level",
-                    log_level,
-                    "serve",
-                    "--host",
-                    "127.0.0.1",
-                    "--port",
-                    str(port),
-                    "--data-dir",
-                    str(data_dir),
-                ],
-                env=env,
-                stdout=log_file,
-                stderr=subprocess.STDOUT,
-            )
-        server = Server(process, f"http://127.0.0.1:{port}", token, data_dir, log_path)
-        _wait_healthy(server)
-        logger.info("server pid %d listening on %s (data dir %s)", process.pid, server.base_url, data_dir)
-        yield server
+        with running_service(
+            data_dir=workdir / "data", log_path=workdir / "server.log", env=server_env(), log_level=log_level
+        ) as server:
+            yield server
     finally:
-        if process is not None:
-            _stop(process)
         shutil.rmtree(workdir, ignore_errors=True)
-
-
-def _wait_healthy(server: Server) -> None:
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if server.process.poll() is not None:
-            tail = server.log_path.read_text(errors="replace")[-3000:]
-            raise RuntimeError(f"the server exited with {server.process.returncode}:\n{tail}")
-        try:
-            if requests.get(f"{server.base_url}/healthz", timeout=2).status_code == 200:
-                return
-        except requests.ConnectionError:
-            pass
-        time.sleep(0.2)
-    raise RuntimeError(f"the server did not answer /healthz within {STARTUP_TIMEOUT_S:.0f}s")
-
-
-def _stop(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is not None:
-        return
-    process.terminate()
-    try:
-        process.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        logger.warning("server pid %d ignored SIGTERM; killing it", process.pid)
-        process.kill()
-        process.wait(timeout=15)
-
-
-def proc_status(pid: int) -> dict[str, int]:
-    """Memory figures (kB) from /proc/<pid>/status: VmHWM (peak RSS) and VmRSS."""
-    figures: dict[str, int] = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        key, _, rest = line.partition(":")
-        if key in ("VmHWM", "VmRSS"):
-            figures[key] = int(rest.split()[0])
-    return figures
-
-
-def proc_cpu_seconds(pid: int) -> float:
-    """User + system CPU time the process has used so far."""
-    stat = Path(f"/proc/{pid}/stat").read_text()
-    fields = stat[stat.rindex(")") + 2 :].split()  # the command name may contain spaces
-    utime, stime = int(fields[11]), int(fields[12])
-    return (utime + stime) / os.sysconf("SC_CLK_TCK")
 
 
 def dir_size(root: Path) -> dict[str, int]:
@@ -298,47 +166,7 @@ def dir_size(root: Path) -> dict[str, int]:
     return sizes
 
 
-# ---- HTTP client --------------------------------------------------------------
-
-
-class Client:
-    """One ``requests.Session`` per thread, all with the benchmark user's token."""
-
-    def __init__(self, server: Server) -> None:
-        self.base_url = server.base_url
-        self._headers = {"Authorization": f"Token {server.token}"}
-        self._local = threading.local()
-
-    @property
-    def session(self) -> requests.Session:
-        session: requests.Session | None = getattr(self._local, "session", None)
-        if session is None:
-            session = requests.Session()
-            session.trust_env = False  # never route 127.0.0.1 through a proxy from the environment
-            session.headers.update(self._headers)
-            self._local.session = session
-        return session
-
-    def post_json(self, path: str, payload: dict[str, Any]) -> requests.Response:
-        return self.session.post(f"{self.base_url}{path}", json=payload, timeout=REQUEST_TIMEOUT_S)
-
-    def post_raw(self, path: str, body: bytes) -> requests.Response:
-        return self.session.post(
-            f"{self.base_url}{path}",
-            data=body,
-            headers={"Content-Type": "application/json"},
-            timeout=REQUEST_TIMEOUT_S,
-        )
-
-    def get(self, path: str, params: dict[str, Any] | None = None) -> requests.Response:
-        return self.session.get(f"{self.base_url}{path}", params=params, timeout=REQUEST_TIMEOUT_S)
-
-
-def _expect(response: requests.Response, status: int, what: str) -> dict[str, Any]:
-    if response.status_code != status:
-        raise RuntimeError(f"{what}: HTTP {response.status_code}: {response.text[:500]}")
-    data: dict[str, Any] = response.json()
-    return data
+# ---- timed requests -------------------------------------------------------------
 
 
 @dataclass
@@ -425,11 +253,11 @@ def upload_images(
 def create_label(client: Client) -> str:
     """A categorization task with one label; the label's id."""
     task_body = {"name": "bench task", "type": "multi_class"}
-    task = _expect(client.post_json(f"{API}/task/", task_body), 201, "create task")
+    task = expect(client.post(f"{API}/task/", task_body), 201, "create task")
     label_body = {"name": "bench label", "type": "category"}
-    label = _expect(client.post_json(f"{API}/label/", label_body), 201, "create label")
-    link = client.post_json(f"{API}/task/{task['id']}/add-label", {"label_id": label["id"]})
-    _expect(link, 200, "add the label to the task")
+    label = expect(client.post(f"{API}/label/", label_body), 201, "create label")
+    link = client.post(f"{API}/task/{task['id']}/add-label", {"label_id": label["id"]})
+    expect(link, 200, "add the label to the task")
     label_id: str = label["id"]
     return label_id
 
@@ -440,7 +268,7 @@ def attach_label(
     """Attach ``label_id`` to every image of ``image_ids``; latency and errors."""
     payload = {"label_id": label_id}
     calls = [
-        partial(_timed, partial(client.post_json, f"{API}/training-image/{image_id}/add-label", payload), 200)
+        partial(_timed, partial(client.post, f"{API}/training-image/{image_id}/add-label", payload), 200)
         for image_id in image_ids
     ]
     results, wall = run_concurrently(calls, concurrency)
@@ -470,7 +298,7 @@ def measure_lists(
             pages = max(1, math.ceil(expected / page_size))
             for position, page in (("first", 1), ("middle", max(1, (pages + 1) // 2)), ("last", pages)):
                 params = {"page": page, "page_size": page_size, **extra}
-                first = _expect(client.get(path, params), 200, f"list {params}")  # warm-up, and a check
+                first = expect(client.get(path, params), 200, f"list {params}")  # warm-up, and a check
                 if first["count"] != expected:
                     raise RuntimeError(f"list {params}: count {first['count']}, expected {expected}")
                 want = min(page_size, expected - (page - 1) * page_size)
@@ -506,50 +334,7 @@ def measure_lists(
     return rows
 
 
-def server_log_summary(log_path: Path) -> dict[str, Any]:
-    """Count problems the server logged (tracebacks, ERROR/WARNING lines, 5xx answers)."""
-    text = log_path.read_text(errors="replace") if log_path.exists() else ""
-    lines = text.splitlines()
-    return {
-        "lines": len(lines),
-        "error_lines": sum(line.startswith(("ERROR", "CRITICAL")) for line in lines),
-        "warning_lines": sum(line.startswith("WARNING") for line in lines),
-        "tracebacks": text.count("Traceback (most recent call last)"),
-        "http_5xx": sum(1 for line in lines if '" 5' in line and "HTTP/1.1" in line),
-    }
-
-
 # ---- report -----------------------------------------------------------------
-
-
-def machine_info() -> dict[str, Any]:
-    cpu_model = ""
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                cpu_model = line.split(":", 1)[1].strip()
-                break
-    mem_kb = 0
-    meminfo = Path("/proc/meminfo")
-    if meminfo.exists():
-        for line in meminfo.read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                mem_kb = int(line.split()[1])
-    git = ["git", "-C", str(REPO_ROOT), "rev-parse", "--short", "HEAD"]
-    commit = subprocess.run(git, capture_output=True, text=True, check=False).stdout.strip()
-    changes = ["git", "-C", str(REPO_ROOT), "status", "--porcelain", "--untracked-files=no"]
-    dirty = bool(subprocess.run(changes, capture_output=True, text=True, check=False).stdout.strip())
-    return {
-        "nproc": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "cpu_model": cpu_model,
-        "memory_gib": round(mem_kb / 1024 / 1024, 1),
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "git_commit": commit or None,
-        "git_dirty": dirty,  # uncommitted changes to tracked files: the commit alone does not say what ran
-        "load_average_at_start": list(os.getloadavg()),
-    }
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -708,23 +493,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "rss_at_end_mib": round(memory["VmRSS"] / 1024, 1),
         }
         report["data_dir"] = dir_size(server.data_dir)
-        report["server_log"] = server_log_summary(server.log_path)
+        report["server_log"] = server_log_summary(server.log_path, mid_line_errors=False, count_warnings=True)
     return report
 
 
-def _exit_on_sigterm(signum: int, _frame: object) -> None:
-    raise SystemExit(128 + signum)  # unwinds like Ctrl-C, so the server is stopped and its dir deleted
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(message)s")
-    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    init_script()
     args = parse_args(argv)
     report = run(args)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(markdown(report))
-    logger.info("results written to %s", args.out)
+    write_report(report, args.out, markdown)
     errors = sum(u["errors"] for u in report["upload"]) + report["label_attach"]["errors"]
     errors += sum(row["errors"] for row in report["list"])
     return 1 if errors else 0
