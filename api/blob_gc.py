@@ -26,13 +26,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Collection
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
-from api.db.models import PendingBlobDeletion, TrainingImage
-from api.ingest import blob_keys
+from api.db.models import PendingBlobDeletion, utcnow
+from api.ingest import blob_keys, existing_image_id
 from taskvision.storage import BlobStore
 
 logger = logging.getLogger(__name__)
@@ -40,7 +40,7 @@ logger = logging.getLogger(__name__)
 
 def schedule(session: Session, workspace_id: str, sha256: str) -> None:
     """Record that the workspace no longer has this content (in the caller's transaction)."""
-    session.merge(PendingBlobDeletion(workspace_id=workspace_id, sha256=sha256, requested=datetime.now(UTC)))
+    session.merge(PendingBlobDeletion(workspace_id=workspace_id, sha256=sha256, requested=utcnow()))
 
 
 def collect(
@@ -55,7 +55,7 @@ def collect(
 
     ``busy_workspaces``: workspaces with a training queued or running (their entries wait).
     """
-    cutoff = (now or datetime.now(UTC)) - timedelta(seconds=grace_s)
+    cutoff = (now or utcnow()) - timedelta(seconds=grace_s)
     due = session.execute(
         select(PendingBlobDeletion.workspace_id, PendingBlobDeletion.sha256)
         .where(PendingBlobDeletion.requested <= cutoff)
@@ -65,12 +65,7 @@ def collect(
     for workspace_id, sha256 in due:
         if workspace_id in busy_workspaces:
             continue
-        referenced = session.scalar(
-            select(TrainingImage.id).where(
-                TrainingImage.workspace_id == workspace_id, TrainingImage.sha256 == sha256
-            )
-        )
-        if referenced is None:
+        if existing_image_id(session, workspace_id, sha256) is None:
             try:
                 for key in blob_keys(workspace_id, sha256):
                     blobs.delete(key)

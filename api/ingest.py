@@ -95,7 +95,8 @@ def blob_keys(workspace_id: str, sha256: str) -> tuple[str, str]:
     return f"images/{workspace_id}/{sha256[:2]}/{sha256}", f"thumbs/{workspace_id}/{sha256[:2]}/{sha256}.jpg"
 
 
-def _existing_id(session: Session, workspace_id: str, sha256: str) -> str | None:
+def existing_image_id(session: Session, workspace_id: str, sha256: str) -> str | None:
+    """The id of the workspace's image with this content, if there is one."""
     return session.scalar(
         select(TrainingImage.id).where(
             TrainingImage.workspace_id == workspace_id, TrainingImage.sha256 == sha256
@@ -119,7 +120,7 @@ def store_image(
         DuplicateImageError: the workspace already has this exact image (carries its id).
     """
     workspace = user.workspace_id
-    existing = _existing_id(session, workspace, image.sha256)
+    existing = existing_image_id(session, workspace, image.sha256)
     if existing is not None:
         raise DuplicateImageError(existing)
     image_key, thumb_key = blob_keys(workspace, image.sha256)
@@ -144,13 +145,13 @@ def store_image(
     except IntegrityError:
         # A concurrent upload of the same bytes won; the blobs are the same keys, keep them.
         session.rollback()
-        winner = _existing_id(session, workspace, image.sha256)
+        winner = existing_image_id(session, workspace, image.sha256)
         if winner is None:
             raise
         raise DuplicateImageError(winner) from None
     except BaseException:
         session.rollback()
-        if _existing_id(session, workspace, image.sha256) is None:
+        if existing_image_id(session, workspace, image.sha256) is None:
             for key in (image_key, thumb_key):
                 try:
                     blobs.delete(key)
