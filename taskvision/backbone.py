@@ -207,10 +207,11 @@ class Embedder:
     def _run(self, arrays: npt.NDArray[np.float32], batch_size: int) -> npt.NDArray[np.float32]:
         with self._lock:
             self._running += 1
-            overlapping = self._running > 1 and self.concurrent_session is not None
+            session = self.session
+            if self._running > 1 and self.concurrent_session is not None:
+                session = self.concurrent_session
+                self.concurrent_runs += 1
             self.images_embedded += len(arrays)
-            self.concurrent_runs += overlapping
-        session = self.concurrent_session if overlapping and self.concurrent_session else self.session
         try:
             outputs = [
                 session.run(None, {self.input_name: arrays[i : i + batch_size]})[0]
