@@ -5,8 +5,10 @@ Runtime's), and glibc gives each thread its own malloc arena, up to 8 per core.
 Every arena keeps its own freed memory, so a request's large short-lived
 buffers (a decoded photo, float arrays of 0.6 MB) leave holes in many arenas:
 the classify benchmark's RSS grew 20 MiB over 17,000 requests before it
-levelled off. With two arenas it grew 2-3 MiB over 5,000 requests and was
-about 50 MiB lower (``bench/results/classify.json`` and README, Benchmarks).
+levelled off (``bench/results/classify_soak.json``). With two arenas it grew
+2.7 MiB over 5,000 requests in an exploratory run, about 50 MiB lower; with the
+rest of the serving path's changes, not at all (``bench/results/classify.json``;
+README, Benchmarks: Classify).
 
 The settings are applied with ``mallopt`` when the server starts, before its
 threads exist, so every way of starting it (``make run``, the container, the
