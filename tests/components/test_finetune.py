@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -12,29 +11,16 @@ from components.lib.evaluate import evaluate_model
 from components.lib.split import split_dataset
 from components.lib.train import TrainConfig, train_model
 from taskvision.bundle import BundleMeta
-from taskvision.dataset import DatasetInfo, LabelInfo, ManifestRow
 from taskvision.inference import BundleModel
 from taskvision.preprocess import preprocess_bytes
 from taskvision.storage import LocalBlobStore
-from taskvision.task_types import TaskType
 from tests.training import datasets
 
 
 @pytest.mark.slow
 def test_finetune_exports_a_full_network_that_evaluates(tmp_path: Path) -> None:
     store = LocalBlobStore(tmp_path / "blobs")
-    rows = []
-    for kind, label in (("circle", "L0"), ("square", "L1")):
-        for i in range(10):
-            data = datasets.shape_image(kind, i)
-            sha = hashlib.sha256(data).hexdigest()
-            store.put(f"images/{sha}", data)
-            rows.append(
-                ManifestRow(image_id=f"{kind}{i}", blob_key=f"images/{sha}", sha256=sha, labels=[label])
-            )
-    info = DatasetInfo(
-        "t", TaskType.MULTI_CLASS, [LabelInfo("L0", "circle"), LabelInfo("L1", "square")], "s", "", 20
-    )
+    info, rows = datasets.shapes_in_store(store, per_label=10)
     split = split_dataset(info, rows)
     out = tmp_path / "model"
     config = TrainConfig(mode="finetune", epochs=1, batch_size=8, learning_rate=0.01)

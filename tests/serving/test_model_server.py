@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import hashlib
 import os
 import shutil
 import socket
@@ -20,9 +19,7 @@ from components.lib.evaluate import evaluate_model
 from components.lib.split import split_dataset
 from components.lib.train import TrainConfig, train_model
 from taskvision.bundle import BundleMeta
-from taskvision.dataset import DatasetInfo, LabelInfo, ManifestRow
 from taskvision.storage import LocalBlobStore
-from taskvision.task_types import TaskType
 from tests.training import datasets
 
 pytestmark = pytest.mark.slow
@@ -33,18 +30,7 @@ def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small frozen-backbone bundle trained with the pipeline's own train step."""
     root = tmp_path_factory.mktemp("bundle")
     store = LocalBlobStore(root / "blobs")
-    rows = []
-    for kind, label in (("circle", "L0"), ("square", "L1")):
-        for i in range(12):
-            data = datasets.shape_image(kind, i)
-            sha = hashlib.sha256(data).hexdigest()
-            store.put(f"images/{sha}", data)
-            rows.append(
-                ManifestRow(image_id=f"{kind}{i}", blob_key=f"images/{sha}", sha256=sha, labels=[label])
-            )
-    info = DatasetInfo(
-        "t", TaskType.MULTI_CLASS, [LabelInfo("L0", "circle"), LabelInfo("L1", "square")], "s", "", 24
-    )
+    info, rows = datasets.shapes_in_store(store, per_label=12)
     out = root / "bundle"
     train_model(
         info, rows, split_dataset(info, rows), store, out, TrainConfig(mode="embed", cache_embeddings=False)

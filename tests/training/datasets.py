@@ -7,10 +7,15 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import random
 
 from PIL import Image, ImageDraw
+
+from taskvision.dataset import DatasetInfo, LabelInfo, ManifestRow
+from taskvision.storage import BlobStore
+from taskvision.task_types import TaskType
 
 
 def _canvas(rng: random.Random, size: int = 96) -> tuple[Image.Image, ImageDraw.ImageDraw]:
@@ -59,3 +64,23 @@ def size_image(radius: int, seed: int) -> bytes:
     c = 48 + rng.randrange(-4, 5)
     draw.ellipse((c - radius, c - radius, c + radius, c + radius), fill=(20, 90, 200))
     return _png(image)
+
+
+def shapes_in_store(store: BlobStore, per_label: int) -> tuple[DatasetInfo, list[ManifestRow]]:
+    """A multi_class snapshot of ``per_label`` circles (L0) and squares (L1), their bytes put in ``store``.
+
+    For tests that run the pipeline's library steps directly, without the API.
+    """
+    rows = []
+    for kind, label in (("circle", "L0"), ("square", "L1")):
+        for i in range(per_label):
+            data = shape_image(kind, i)
+            sha = hashlib.sha256(data).hexdigest()
+            store.put(f"images/{sha}", data)
+            rows.append(
+                ManifestRow(image_id=f"{kind}{i}", blob_key=f"images/{sha}", sha256=sha, labels=[label])
+            )
+    info = DatasetInfo(
+        "t", TaskType.MULTI_CLASS, [LabelInfo("L0", "circle"), LabelInfo("L1", "square")], "s", "", len(rows)
+    )
+    return info, rows
