@@ -66,9 +66,10 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 from urllib.parse import parse_qs, unquote, urlsplit
+
+from tests.request_log import RequestLog
 
 if TYPE_CHECKING:
     from kubernetes.client import Configuration
@@ -288,7 +289,7 @@ def _no_such_resource() -> KubernetesApiError:
     )
 
 
-class FakeKubernetes:
+class FakeKubernetes(RequestLog[RecordedRequest]):
     """A threaded HTTP server on 127.0.0.1 that speaks the custom-object API.
 
     Use it as a context manager and point the real client at :attr:`url`::
@@ -363,17 +364,6 @@ class FakeKubernetes:
         self._close_listener()
         self._port = None
         self._unavailable = False
-
-    def __enter__(self) -> FakeKubernetes:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     def down(self, *, mode: Literal["refuse", "unavailable"] = "refuse") -> None:
         """Simulate the API server going away; open watch streams end.
@@ -542,19 +532,6 @@ class FakeKubernetes:
         """Delete an object at once (finalizers ignored), as the garbage collector would."""
         with self._lock:
             return copy.deepcopy(self._remove(ObjectKey(group, version, namespace, plural, name)))
-
-    def requests_to(self, method: str, path: str) -> list[RecordedRequest]:
-        """The recorded requests with this method and path (path without the query)."""
-        with self._lock:
-            return [r for r in self.requests if r.method == method and r.path == path]
-
-    def last_request(self, method: str, path: str) -> RecordedRequest:
-        """The most recent request with this method and path."""
-        matching = self.requests_to(method, path)
-        if not matching:
-            seen = [f"{r.method} {r.path}" for r in self.requests]
-            raise AssertionError(f"no {method} {path} was received; requests: {seen}")
-        return matching[-1]
 
     # ---------------------------------------------------------------- dispatch
 

@@ -41,9 +41,10 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from types import TracebackType
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
+
+from tests.request_log import RequestLog
 
 __all__ = ["KFP_CLIENT_ENV_VARS", "RUN_STATES", "FakeKfpServer", "KfpApiError", "RecordedRequest"]
 
@@ -145,7 +146,7 @@ def _bad_request(message: str) -> KfpApiError:
     return KfpApiError(HTTPStatus.BAD_REQUEST, _CODE_INVALID_ARGUMENT, message)
 
 
-class FakeKfpServer:
+class FakeKfpServer(RequestLog[RecordedRequest]):
     """A threaded HTTP server on 127.0.0.1 that speaks the KFP v2beta1 REST API.
 
     Use it as a context manager and point the real client at :attr:`host`::
@@ -210,17 +211,6 @@ class FakeKfpServer:
         self._httpd = None
         self._thread = None
 
-    def __enter__(self) -> FakeKfpServer:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.stop()
-
     @property
     def host(self) -> str:
         """``http://127.0.0.1:PORT``, the value for ``kfp.Client(host=...)``."""
@@ -256,19 +246,6 @@ class FakeKfpServer:
             if state in _FINISHED_STATES:
                 run["finished_at"] = now
             return run
-
-    def requests_to(self, method: str, path: str) -> list[RecordedRequest]:
-        """The recorded requests with this method and path (path without the query)."""
-        with self._lock:
-            return [r for r in self.requests if r.method == method and r.path == path]
-
-    def last_request(self, method: str, path: str) -> RecordedRequest:
-        """The most recent request with this method and path."""
-        matching = self.requests_to(method, path)
-        if not matching:
-            seen = [f"{r.method} {r.path}" for r in self.requests]
-            raise AssertionError(f"no {method} {path} was received; requests: {seen}")
-        return matching[-1]
 
     # ---------------------------------------------------------------- dispatch
 
