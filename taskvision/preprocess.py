@@ -35,15 +35,25 @@ DEFAULT = PreprocessConfig()
 
 
 def resize_and_crop(image: Image.Image, config: PreprocessConfig = DEFAULT) -> Image.Image:
-    """Resize the shorter side to ``resize_to`` (bicubic) and take the centre square crop."""
+    """Resize the shorter side to ``resize_to`` (bicubic) and take the centre square crop.
+
+    Only the centre square is resampled (Pillow's ``box``): the work and the memory
+    are those of the ``input_size`` x ``input_size`` output, whatever the input's
+    shape. The filter's coordinates are exactly those of resizing the whole
+    picture and then cropping, so the pixels are the same too.
+    """
     width, height = image.size
     scale = config.resize_to / min(width, height)
     size = (max(config.input_size, round(width * scale)), max(config.input_size, round(height * scale)))
-    # reducing_gap: a large photo is first shrunk by an integer factor (fast), then resampled bicubic.
-    image = image.resize(size, Image.Resampling.BICUBIC, reducing_gap=3.0)
     left = (size[0] - config.input_size) // 2
     top = (size[1] - config.input_size) // 2
-    return image.crop((left, top, left + config.input_size, top + config.input_size))
+    # Source pixels per output pixel along each axis, as the whole-picture resize would use.
+    sx, sy = width / size[0], height / size[1]
+    box = (left * sx, top * sy, (left + config.input_size) * sx, (top + config.input_size) * sy)
+    # reducing_gap: a large photo is first shrunk by an integer factor (fast), then resampled bicubic.
+    return image.resize(
+        (config.input_size, config.input_size), Image.Resampling.BICUBIC, box=box, reducing_gap=3.0
+    )
 
 
 def to_array(image: Image.Image, config: PreprocessConfig = DEFAULT) -> npt.NDArray[np.float32]:
