@@ -36,6 +36,12 @@ class InvalidImageError(BadRequestError):
     code = "invalid_image"
 
 
+class ImageGeometryError(InvalidImageError):
+    """400: the image's shape is refused before decoding (an extreme aspect ratio)."""
+
+    code = "image_geometry"
+
+
 class ImageFetchError(BadRequestError):
     """400: an image URL could not be fetched (refused target, timeout, HTTP error)."""
 
@@ -89,6 +95,17 @@ class ImageTooLargeError(PayloadTooLargeError):
     """413: the image declares more pixels than allowed (decompression bomb guard)."""
 
     code = "image_too_large"
+
+
+class TooManyRequestsError(TaskVisionError):
+    """429: a per-token or per-workspace limit was reached; retry after ``retry_after`` seconds."""
+
+    status = 429
+    code = "rate_limited"
+
+    def __init__(self, detail: str, *, retry_after: int = 1, code: str | None = None) -> None:
+        super().__init__(detail, code=code)
+        self.retry_after = max(1, retry_after)
 
 
 class ServiceUnavailableError(TaskVisionError):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
@@ -19,16 +20,19 @@ import numpy as np
 from fastapi import Request
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from sqlalchemy import select
+from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
 
 from api.body import parse
-from api.db.models import Model
+from api.db.models import Model, User
 from api.deps import BlobsDep, BodyDep, CurrentUser, SessionDep, SettingsDep, check_body_workspace
 from api.inference_services import KubernetesUnavailable
 from api.ingest import prepare_image, store_image
 from api.lookups import get_task
+from api.query import INT32_MAX
 from api.routing import SlashAgnosticRouter
 from api.settings import Settings
-from api.url_fetch import fetch_image_bytes
+from api.url_fetch import fetch_many
 from taskvision import imaging
 from taskvision.errors import (
     BadRequestError,
@@ -50,7 +54,7 @@ class ClassifyRequest(BaseModel):
 
     task_id: str | None = None
     task: str | None = None
-    version: int | None = None
+    version: int | None = Field(default=None, ge=1, le=INT32_MAX)
     records: list[dict[str, Any]] = Field(default_factory=list)
     store_images: bool = False
 
@@ -62,13 +66,35 @@ class ClassifyRequest(BaseModel):
         return value
 
 
-def _record_bytes(record: dict[str, Any], settings: Settings) -> bytes:
-    if isinstance(record.get("_base64"), str) and record["_base64"]:
-        data = decode_base64(record["_base64"])
-    elif isinstance(record.get("_url"), str) and record["_url"]:
-        data = fetch_image_bytes(record["_url"], settings.fetch_policy())
-    else:
-        raise BadRequestError("The record has neither '_url' nor '_base64'.", code="no_image")
+@dataclass(frozen=True)
+class _Target:
+    """The task version a request is answered with (plain values: no DB session is held)."""
+
+    task_id: str
+    task_name: str
+    version: int
+    production_version: int
+    bundle_uri: str
+
+
+def _resolve_target(session: Session, user: User, task_id: str, version: int | None) -> _Target:
+    """Look the task and version up, then give the DB connection back before any slow work."""
+    try:
+        task = get_task(session, user, task_id)
+        chosen = version if version is not None else task.production_version
+        if chosen is None or chosen < 1:
+            raise BadRequestError(
+                f"Task '{task.name}' has no trained model version yet; train it first.", code="not_trained"
+            )
+        model = session.scalar(select(Model).where(Model.task_id == task.id, Model.version == chosen))
+        if model is None or model.train_status != "TRAINED":
+            raise NotFoundError(f"Task '{task.name}' has no trained version {chosen}.")
+        return _Target(task.id, task.name, chosen, task.production_version, model.bundle_uri)
+    finally:
+        session.close()
+
+
+def _check_size(data: bytes, settings: Settings) -> bytes:
     if len(data) > settings.max_upload_bytes:
         raise BadRequestError(
             f"The image is larger than {settings.max_upload_bytes} bytes.", code="too_large"
@@ -76,8 +102,50 @@ def _record_bytes(record: dict[str, Any], settings: Settings) -> bytes:
     return data
 
 
+async def _record_bytes(
+    request: Request, records: list[dict[str, Any]], settings: Settings, workspace: str
+) -> dict[int, bytes | TaskVisionError]:
+    """Each record's image bytes or its error. URLs are fetched together, under one deadline."""
+    out: dict[int, bytes | TaskVisionError] = {}
+    urls: dict[int, str] = {}
+    for i, record in enumerate(records):
+        if isinstance(record.get("_base64"), str) and record["_base64"]:
+            continue  # decoded in the worker thread with the pixels (it can be 27 MB of text)
+        if isinstance(record.get("_url"), str) and record["_url"]:
+            urls[i] = record["_url"]
+        else:
+            out[i] = BadRequestError("The record has neither '_url' nor '_base64'.", code="no_image")
+    if urls:
+        fetched = await fetch_many(
+            list(urls.values()), settings.fetch_policy(), request.app.state.fetch_slots, workspace=workspace
+        )
+        for i, result in zip(urls, fetched, strict=True):
+            out[i] = result if isinstance(result, TaskVisionError) else _checked(result, settings)
+    return out
+
+
+def _checked(data: bytes, settings: Settings) -> bytes | TaskVisionError:
+    try:
+        return _check_size(data, settings)
+    except TaskVisionError as exc:
+        return exc
+
+
+def _decode_base64_records(
+    records: list[dict[str, Any]], fetched: dict[int, bytes | TaskVisionError], settings: Settings
+) -> dict[int, bytes | TaskVisionError]:
+    out = dict(fetched)
+    for i, record in enumerate(records):
+        if i not in out:
+            try:
+                out[i] = _check_size(decode_base64(record["_base64"]), settings)
+            except TaskVisionError as exc:
+                out[i] = exc
+    return out
+
+
 @router.post("")
-def classify(
+async def classify(
     request: Request,
     session: SessionDep,
     user: CurrentUser,
@@ -85,6 +153,11 @@ def classify(
     settings: SettingsDep,
     blobs: BlobsDep,
 ) -> Any:
+    """Classify 1 to 10 images (``_base64`` or ``_url``) with a task's production or chosen version.
+
+    Asynchronous on purpose: while the records' URLs are fetched, the request holds no
+    worker thread and no database connection; decoding and the model run in the thread pool.
+    """
     started = time.perf_counter()
     check_body_workspace(user, body)
     data = parse(ClassifyRequest, body)
@@ -98,40 +171,55 @@ def classify(
             f"At most {MAX_RECORDS} records per request; this one has {len(data.records)}.",
             code="too_many_records",
         )
-    task = get_task(session, user, task_id)
-    version = data.version if data.version is not None else task.production_version
-    if version is None or version < 1:
-        raise BadRequestError(
-            f"Task '{task.name}' has no trained model version yet; train it first.", code="not_trained"
-        )
-    model = session.scalar(select(Model).where(Model.task_id == task.id, Model.version == version))
-    if model is None or model.train_status != "TRAINED":
-        raise NotFoundError(f"Task '{task.name}' has no trained version {version}.")
-    results: list[dict[str, Any]] = [{k: v for k, v in r.items() if k != "_base64"} for r in data.records]
-    raw: dict[int, bytes] = {}
-    for i, record in enumerate(data.records):
-        try:
-            raw[i] = _record_bytes(record, settings)
-        except TaskVisionError as exc:
-            results[i]["_status"] = _error_status(exc)
-    reconciler = request.app.state.reconciler
-    if reconciler is not None and version == task.production_version:
-        _classify_on_cluster(reconciler, task, raw, results, settings)
-    else:
-        _classify_in_process(request, task.id, version, model.bundle_uri, raw, results)
-    if data.store_images:
-        for i, data_bytes in raw.items():
-            if results[i].get("_status", {}).get("code") == 200:
-                results[i]["_stored_image_id"] = _store(
-                    session, blobs, user, data_bytes, settings, data.records[i]
-                )
+    with request.app.state.classify_slots.hold(user.workspace_id):
+        target = await run_in_threadpool(_resolve_target, session, user, task_id, data.version)
+        fetched = await _record_bytes(request, data.records, settings, user.workspace_id)
+        results = await run_in_threadpool(_answer, request, target, data.records, fetched, settings)
+        if data.store_images:
+            await run_in_threadpool(_store_all, session, blobs, user, settings, data.records, results)
     return {
-        "task_id": task.id,
-        "version": version,
-        "records": results,
+        "task_id": target.task_id,
+        "version": target.version,
+        "records": [result for result, _ in results],
         "status": dict(OK),
         "statistics": {"processing time": round(time.perf_counter() - started, 5)},
     }
+
+
+def _answer(
+    request: Request,
+    target: _Target,
+    records: list[dict[str, Any]],
+    fetched: dict[int, bytes | TaskVisionError],
+    settings: Settings,
+) -> list[tuple[dict[str, Any], bytes | None]]:
+    """Each record's answer (and its image bytes, for store_images)."""
+    results: list[dict[str, Any]] = [{k: v for k, v in r.items() if k != "_base64"} for r in records]
+    raw: dict[int, bytes] = {}
+    for i, item in _decode_base64_records(records, fetched, settings).items():
+        if isinstance(item, TaskVisionError):
+            results[i]["_status"] = _error_status(item)
+        else:
+            raw[i] = item
+    reconciler = request.app.state.reconciler
+    if reconciler is not None and target.version == target.production_version:
+        _classify_on_cluster(reconciler, target, raw, results, settings)
+    else:
+        _classify_in_process(request, target.task_id, target.version, target.bundle_uri, raw, results)
+    return [(result, raw.get(i)) for i, result in enumerate(results)]
+
+
+def _store_all(
+    session: Session,
+    blobs: Any,
+    user: User,
+    settings: Settings,
+    records: list[dict[str, Any]],
+    results: list[tuple[dict[str, Any], bytes | None]],
+) -> None:
+    for record, (result, data) in zip(records, results, strict=True):
+        if data is not None and result.get("_status", {}).get("code") == 200:
+            result["_stored_image_id"] = _store(session, blobs, user, data, settings, record)
 
 
 def _classify_in_process(
@@ -160,16 +248,16 @@ def _classify_in_process(
 
 
 def _classify_on_cluster(
-    reconciler: Any, task: Any, raw: dict[int, bytes], results: list[dict[str, Any]], settings: Settings
+    reconciler: Any, task: _Target, raw: dict[int, bytes], results: list[dict[str, Any]], settings: Settings
 ) -> None:
     """Cluster serving: the task's InferenceService, over KServe's V1 protocol."""
     try:
-        endpoint = reconciler.endpoint(task.id)
+        endpoint = reconciler.endpoint(task.task_id)
     except KubernetesUnavailable as exc:
-        raise ServiceUnavailableError(f"Serving of task '{task.name}' is unavailable: {exc}") from exc
+        raise ServiceUnavailableError(f"Serving of task '{task.task_name}' is unavailable: {exc}") from exc
     if not endpoint.ready:
         raise ServiceUnavailableError(
-            f"The model of task '{task.name}' is starting (deploying, or scaled to zero); "
+            f"The model of task '{task.task_name}' is starting (deploying, or scaled to zero); "
             "retry in a few seconds."
         )
     encoded: dict[int, str] = {}
@@ -189,14 +277,14 @@ def _classify_on_cluster(
             url, json={"instances": [{"b64": encoded[i]} for i in good]}, timeout=settings.isvc_timeout_s
         )
     except httpx.HTTPError as exc:
-        raise ServiceUnavailableError(f"The model of task '{task.name}' did not answer: {exc}") from exc
+        raise ServiceUnavailableError(f"The model of task '{task.task_name}' did not answer: {exc}") from exc
     if response.status_code == 400:  # the predictor refused an image (e.g. corrupt pixel data)
         for i in good:
             results[i]["_status"] = {"code": 400, "text": str(response.json().get("error", "invalid image"))}
         return
     if response.status_code != 200:
         raise ServiceUnavailableError(
-            f"The model of task '{task.name}' answered HTTP {response.status_code}."
+            f"The model of task '{task.task_name}' answered HTTP {response.status_code}."
         )
     for i, prediction in zip(good, response.json()["predictions"], strict=True):
         results[i].update(prediction)
