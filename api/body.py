@@ -1,7 +1,10 @@
 """Request bodies: JSON (what ximilar-client sends) or form fields (what the curl examples send).
 
 Bodies are read with a size cap, so a client cannot make us buffer gigabytes,
-and validated with pydantic into the schema the endpoint names.
+parsed by :func:`parse_json` (bounded nesting, no NaN/Infinity, no NUL or
+unpaired surrogate in any string: PostgreSQL and the JSON encoder of every
+answer refuse those), and validated with pydantic into the schema the endpoint
+names. Anything malformed is a 400, never a 500.
 """
 
 from __future__ import annotations
@@ -18,6 +21,59 @@ from taskvision.errors import BadRequestError, PayloadTooLargeError
 
 Schema = TypeVar("Schema", bound=BaseModel)
 
+# Deepest nesting of arrays and objects accepted in a JSON body (or in a form's meta_data).
+# Real bodies nest 3-4 levels; the C parser recurses per level and gives up near 1,000.
+MAX_JSON_DEPTH = 64
+
+
+def _refuse(message: str) -> BadRequestError:
+    return BadRequestError(message, code="invalid_json")
+
+
+def check_text(value: str, *, where: str) -> str:
+    """Refuse text that a database or a JSON answer cannot hold (NUL, unpaired surrogates)."""
+    if "\x00" in value:
+        raise _refuse(f"{where} contains a NUL character.")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise _refuse(f"{where} contains an unpaired UTF-16 surrogate.") from exc
+    return value
+
+
+def _check_tree(root: Any) -> None:
+    """Depth and string checks over a parsed JSON value, iteratively (no recursion to exhaust)."""
+    stack: list[tuple[Any, int]] = [(root, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, str):
+            check_text(value, where="A string in the body")
+        elif isinstance(value, dict | list):
+            if depth > MAX_JSON_DEPTH:
+                raise _refuse(f"The JSON is nested more than {MAX_JSON_DEPTH} levels deep.")
+            if isinstance(value, dict):
+                for key, item in value.items():
+                    check_text(key, where="A key in the body")
+                    stack.append((item, depth + 1))
+            else:
+                stack.extend((item, depth + 1) for item in value)
+
+
+def _no_constants(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def parse_json(raw: bytes | str) -> Any:
+    """Parse untrusted JSON text; every way it can be bad is a :class:`BadRequestError` (400)."""
+    try:
+        parsed = json.loads(raw, parse_constant=_no_constants)
+    except RecursionError as exc:
+        raise _refuse(f"The JSON is nested more than {MAX_JSON_DEPTH} levels deep.") from exc
+    except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError, NaN, over-long integers
+        raise _refuse(f"The body is not valid JSON: {exc}") from exc
+    _check_tree(parsed)
+    return parsed
+
 
 async def read_body(request: Request, *, max_bytes: int) -> dict[str, Any]:
     """Parse the request body into a dict. An empty body is ``{}``.
@@ -32,6 +88,9 @@ async def read_body(request: Request, *, max_bytes: int) -> dict[str, Any]:
         form = await request.form(max_part_size=max_bytes)
         data: dict[str, Any] = {}
         for key, value in form.multi_items():
+            check_text(key, where="A form field name")
+            if isinstance(value, str):
+                check_text(value, where=f"Form field {key!r}")
             data[key] = value
         return data
     chunks: list[bytes] = []
@@ -44,10 +103,7 @@ async def read_body(request: Request, *, max_bytes: int) -> dict[str, Any]:
     raw = b"".join(chunks)
     if not raw.strip():
         return {}
-    try:
-        parsed = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise BadRequestError(f"The body is not valid JSON: {exc}", code="invalid_json") from exc
+    parsed = parse_json(raw)
     if not isinstance(parsed, dict):
         raise BadRequestError("The body must be a JSON object.", code="invalid_json")
     return parsed

@@ -15,10 +15,14 @@ from fastapi import Request
 from sqlalchemy import Select, func, select
 from sqlalchemy.orm import Session
 
+from api.query import strict_int
 from api.settings import Settings
-from taskvision.errors import BadRequestError
 
 Row = TypeVar("Row")
+
+
+# The deepest page anyone can ask for: its offset must fit a SQL integer with room to spare.
+MAX_PAGE = 1_000_000
 
 
 @dataclass(frozen=True)
@@ -30,21 +34,15 @@ class PageRequest:
 def page_request(request: Request, settings: Settings) -> PageRequest:
     """Read ``page`` (from 1) and ``page_size`` (capped at ``max_page_size``) from the query."""
 
-    def _int(name: str, default: int) -> int:
+    def _int(name: str, default: int, high: int) -> int:
         raw = request.query_params.get(name)
         if raw is None or raw == "":
             return default
-        try:
-            value = int(raw)
-        except ValueError as exc:
-            raise BadRequestError(f"'{name}' must be an integer, not {raw!r}.", code="invalid_page") from exc
-        if value < 1:
-            raise BadRequestError(f"'{name}' must be 1 or more, not {value}.", code="invalid_page")
-        return value
+        return strict_int(raw, name=name, low=1, high=high, code="invalid_page")
 
     return PageRequest(
-        page=_int("page", 1),
-        page_size=min(_int("page_size", settings.page_size), settings.max_page_size),
+        page=_int("page", 1, MAX_PAGE),
+        page_size=min(_int("page_size", settings.page_size, 1_000_000), settings.max_page_size),
     )
 
 

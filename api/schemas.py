@@ -12,7 +12,13 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from api.query import INT32_MAX
 from taskvision.task_types import LabelType, TaskType
+
+# Ids are UUIDs (36 characters); anything much longer is not one of ours.
+_ID = Field(min_length=1, max_length=255)
+# Ids in one bulk request (each becomes a SQL parameter).
+MAX_BULK_IDS = 1000
 
 
 class _In(BaseModel):
@@ -43,18 +49,18 @@ class TaskCreate(_In):
 class TaskUpdate(_In):
     name: str | None = Field(default=None, min_length=1, max_length=255)
     description: str | None = Field(default=None, max_length=10_000)
-    production_version: int | None = None
+    production_version: int | None = Field(default=None, ge=1, le=INT32_MAX)
     # Cluster mode: send a new production version to only this share of traffic first;
     # null promotes it to all traffic.
     canary_percent: int | None = Field(default=None, ge=1, le=99)
 
 
 class LabelIdBody(_In):
-    label_id: str = Field(min_length=1)
+    label_id: str = _ID
 
 
 class TaskIdBody(_In):
-    task_id: str = Field(min_length=1)
+    task_id: str = _ID
 
 
 class LabelBrief(BaseModel):
@@ -75,7 +81,7 @@ class TrainRequest(_In):
     batch_size: int | None = Field(default=None, ge=1, le=1024)
     min_images_per_label: int | None = Field(default=None, ge=1, le=100_000)
     test_fraction: float | None = Field(default=None, gt=0, lt=1)
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=0, le=INT32_MAX)
     production: bool = Field(default=True, description="Put the new version in production when it is ready.")
 
 
@@ -167,7 +173,7 @@ class ImageCreate(_In):
 
 
 class ImageLabelBody(_In):
-    label_id: str = Field(min_length=1)
+    label_id: str = _ID
     value: float | None = None
 
     @field_validator("value")
@@ -185,10 +191,10 @@ class ImageMetaUpdate(_In):
 class BulkImageUpdate(_In):
     """The body of ``POST /training-image/update`` (keys with dashes, as ximilar-client sends them)."""
 
-    images: list[str] = Field(default_factory=list)
-    labels: list[str] = Field(default_factory=list)
-    labels_add: list[str] = Field(default_factory=list, alias="labels-add")
-    labels_remove: list[str] = Field(default_factory=list, alias="labels-remove")
+    images: list[str] = Field(default_factory=list, max_length=MAX_BULK_IDS)
+    labels: list[str] = Field(default_factory=list, max_length=MAX_BULK_IDS)
+    labels_add: list[str] = Field(default_factory=list, alias="labels-add", max_length=MAX_BULK_IDS)
+    labels_remove: list[str] = Field(default_factory=list, alias="labels-remove", max_length=MAX_BULK_IDS)
     mark_test: bool = Field(default=False, alias="mark-test")
     unmark_test: bool = Field(default=False, alias="unmark-test")
     mark_real: bool = Field(default=False, alias="mark-real")

@@ -2,29 +2,31 @@
 
 from __future__ import annotations
 
-import json
 import re
 from typing import Any
 
 from fastapi import Request, Response
 from sqlalchemy import ColumnElement, exists, select
 from sqlalchemy.orm import Session, selectinload
+from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
 from api.auth import authenticate
 from api.blob_gc import schedule as schedule_blob_deletion
-from api.body import parse
+from api.body import parse, parse_json
 from api.db.models import ImageLabel, Label, TaskLabel, TrainingImage, User
 from api.deps import BlobsDep, BodyDep, CurrentUser, SessionDep, SettingsDep, check_body_workspace
 from api.ingest import prepare_image, store_image
 from api.lookups import get_image, get_label, get_task
 from api.pagination import paginate
 from api.presenters import image_public
+from api.query import INT32_MAX, strict_bool, strict_float, strict_int
 from api.routing import SlashAgnosticRouter
 from api.schemas import BulkImageUpdate, ImageCreate, ImageLabelBody, ImageMetaUpdate
+from api.settings import Settings
 from api.signing import UrlSigner
-from api.url_fetch import fetch_image_bytes
-from taskvision.errors import AuthenticationError, BadRequestError, NotFoundError
+from api.url_fetch import fetch_image
+from taskvision.errors import AuthenticationError, BadRequestError, NotFoundError, PayloadTooLargeError
 from taskvision.imaging import decode_base64
 from taskvision.storage import BlobStore
 from taskvision.task_types import LabelType
@@ -32,17 +34,8 @@ from taskvision.task_types import LabelType
 router = SlashAgnosticRouter(prefix="/recognition/v2/training-image", tags=["training images"])
 
 _VALUE_FILTER = re.compile(r"^label_value_(?P<label>[^_].*?)__(?P<op>gte|lte)$")
-_TRUE = {"true", "1", "yes", "on"}
-_FALSE = {"false", "0", "no", "off"}
-
-
-def _bool_param(name: str, raw: str) -> bool:
-    value = raw.strip().lower()
-    if value in _TRUE:
-        return True
-    if value in _FALSE:
-        return False
-    raise BadRequestError(f"'{name}' must be true or false, not {raw!r}.", code="invalid_filter")
+# At most this many ids in one filter or bulk selection (each becomes a SQL parameter).
+MAX_IDS = 1000
 
 
 def _id_list(request: Request, *names: str) -> list[str]:
@@ -50,6 +43,10 @@ def _id_list(request: Request, *names: str) -> list[str]:
     for name in names:
         for raw in request.query_params.getlist(name):
             ids.extend(part.strip() for part in raw.split(",") if part.strip())
+    if len(ids) > MAX_IDS:
+        raise BadRequestError(
+            f"At most {MAX_IDS} ids in '{names[0]}'; this request has {len(ids)}.", code="invalid_filter"
+        )
     return ids
 
 
@@ -85,21 +82,18 @@ def list_images(request: Request, session: SessionDep, user: CurrentUser, settin
         match = _VALUE_FILTER.match(key)
         if not match:
             continue
-        try:
-            bound = float(raw)
-        except ValueError as exc:
-            raise BadRequestError(f"'{key}' must be a number, not {raw!r}.", code="invalid_filter") from exc
+        bound = strict_float(raw, name=key, code="invalid_filter")
         column_test = ImageLabel.value >= bound if match["op"] == "gte" else ImageLabel.value <= bound
         stmt = stmt.where(_has_label(ImageLabel.label_id == match["label"], column_test))
     if (raw_test := request.query_params.get("test")) is not None:
-        stmt = stmt.where(TrainingImage.test_image.is_(_bool_param("test", raw_test)))
+        test = strict_bool(raw_test, name="test", code="invalid_filter")
+        stmt = stmt.where(TrainingImage.test_image.is_(test))
     if (raw_real := request.query_params.get("real")) is not None:
-        stmt = stmt.where(TrainingImage.real.is_(_bool_param("real", raw_real)))
+        real = strict_bool(raw_real, name="real", code="invalid_filter")
+        stmt = stmt.where(TrainingImage.real.is_(real))
     if (raw_verified := request.query_params.get("verified")) is not None:
-        try:
-            stmt = stmt.where(TrainingImage.verify_count == int(raw_verified))
-        except ValueError as exc:
-            raise BadRequestError("'verified' must be an integer.", code="invalid_filter") from exc
+        verified = strict_int(raw_verified, name="verified", low=0, high=INT32_MAX, code="invalid_filter")
+        stmt = stmt.where(TrainingImage.verify_count == verified)
     stmt = stmt.order_by(TrainingImage.created, TrainingImage.id)
     return paginate(
         session,
@@ -110,7 +104,8 @@ def list_images(request: Request, session: SessionDep, user: CurrentUser, settin
     )
 
 
-def _upload_bytes(body: dict[str, Any], data: ImageCreate, settings: SettingsDep) -> bytes:
+def _upload_source(body: dict[str, Any], data: ImageCreate) -> str:
+    """Which one of the three ways to send an image this request uses."""
     upload = body.get("img_path")
     sources = [
         name
@@ -128,21 +123,22 @@ def _upload_bytes(body: dict[str, Any], data: ImageCreate, settings: SettingsDep
         )
     if len(sources) > 1:
         raise BadRequestError(f"Send exactly one image source, not {', '.join(sources)}.", code="no_image")
+    return sources[0]
+
+
+def _local_bytes(body: dict[str, Any], data: ImageCreate, settings: Settings) -> bytes:
+    upload = body.get("img_path")
     if isinstance(upload, UploadFile):
         if upload.size is not None and upload.size > settings.max_upload_bytes:
-            from taskvision.errors import PayloadTooLargeError
-
             raise PayloadTooLargeError(
                 f"The image is {upload.size} bytes; at most {settings.max_upload_bytes} bytes are accepted."
             )
         return upload.file.read(settings.max_upload_bytes + 1)
-    if data.base64:
-        return decode_base64(data.base64)
-    return fetch_image_bytes(str(data.url), settings.fetch_policy())
+    return decode_base64(data.base64 or "")
 
 
 @router.post("/", status_code=201)
-def create_image(
+async def create_image(
     request: Request,
     session: SessionDep,
     user: CurrentUser,
@@ -150,20 +146,41 @@ def create_image(
     settings: SettingsDep,
     blobs: BlobsDep,
 ) -> Any:
-    """Upload one training image (multipart ``img_path``, JSON ``base64`` or JSON ``url``)."""
+    """Upload one training image (multipart ``img_path``, JSON ``base64`` or JSON ``url``).
+
+    Asynchronous so that fetching a ``url`` holds no worker thread and no database
+    connection (the session is closed first); decoding and storing run in the thread pool.
+    """
     check_body_workspace(user, body)
     if isinstance(body.get("meta_data"), str):  # form fields carry JSON as text
+        text = body["meta_data"]
         try:
-            body["meta_data"] = json.loads(body["meta_data"]) if body["meta_data"].strip() else {}
-        except json.JSONDecodeError as exc:
-            raise BadRequestError("'meta_data' must be a JSON object.", code="invalid_meta_data") from exc
+            body["meta_data"] = parse_json(text) if text.strip() else {}
+        except BadRequestError as exc:
+            raise BadRequestError(f"'meta_data': {exc.detail}", code="invalid_meta_data") from exc
     data = parse(ImageCreate, body)
-    raw = _upload_bytes(body, data, settings)
-    prepared = prepare_image(raw, noresize=data.noresize, settings=settings)
-    image = store_image(
-        session, blobs, user, prepared, test_image=data.test_image, real=data.real, meta_data=data.meta_data
-    )
-    return image_public(get_image(session, user, image.id), request)
+    if _upload_source(body, data) == "url":
+        await run_in_threadpool(session.close)
+        raw = await fetch_image(
+            str(data.url), settings.fetch_policy(), request.app.state.fetch_slots, workspace=user.workspace_id
+        )
+    else:
+        raw = await run_in_threadpool(_local_bytes, body, data, settings)
+
+    def store() -> Any:
+        prepared = prepare_image(raw, noresize=data.noresize, settings=settings)
+        image = store_image(
+            session,
+            blobs,
+            user,
+            prepared,
+            test_image=data.test_image,
+            real=data.real,
+            meta_data=data.meta_data,
+        )
+        return image_public(get_image(session, user, image.id), request)
+
+    return await run_in_threadpool(store)
 
 
 @router.post("/update")
@@ -259,7 +276,7 @@ def _download(request: Request, session: Session, blobs: BlobStore, image_id: st
     expires, signature = request.query_params.get("expires"), request.query_params.get("signature")
     if expires and signature and "authorization" not in request.headers:
         signer: UrlSigner = request.app.state.url_signer
-        if not expires.isdigit() or not signer.verify(image_id, kind, int(expires), signature):
+        if not signer.verify_text(image_id, kind, expires, signature):
             raise AuthenticationError("The download link is invalid or has expired; list the image again.")
         image = session.scalar(select(TrainingImage).where(TrainingImage.id == image_id))
         if image is None:
