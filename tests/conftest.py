@@ -91,6 +91,7 @@ def settings(request: pytest.FixtureRequest, tmp_path: Path) -> Settings:
     return Settings(
         data_dir=tmp_path,
         database_url=database_url,
+        secret_key="test-signing-key",
         **s3_storage_settings(endpoint, f"test-{uuid.uuid4().hex[:12]}"),
     )
 

@@ -196,7 +196,7 @@ def test_config_comes_from_the_configmap_and_secrets_from_the_secret(overlay: tu
     assert config["TASKVISION_ISVC_RUNTIME"] == serving_runtime(objs)["metadata"]["name"]
     env = env_of(container)
     assert env["TASKVISION_K8S_NAMESPACE"]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.namespace"}}
-    for key in ("TASKVISION_S3_ACCESS_KEY", "TASKVISION_S3_SECRET_KEY"):
+    for key in ("TASKVISION_S3_ACCESS_KEY", "TASKVISION_S3_SECRET_KEY", "TASKVISION_SECRET_KEY"):
         assert env[key]["valueFrom"]["secretKeyRef"] == {"name": SECRET_NAME, "key": key}
 
 

@@ -205,6 +205,7 @@ def test_training_with_postgres_and_s3(postgres_url: str, s3_server: Any, tmp_pa
     settings = Settings(
         data_dir=tmp_path,
         database_url=postgres_url,
+        secret_key="test-signing-key",
         train_poll_interval_s=0.2,
         **s3_storage_settings(s3_server, "training"),
     )
