@@ -8,7 +8,7 @@ from typing import Annotated, Any
 from fastapi import Depends, Request
 from sqlalchemy.orm import Session
 
-from api.auth import authenticate
+from api.auth import authenticate, token_key
 from api.body import read_body
 from api.db.models import User
 from api.settings import Settings
@@ -53,7 +53,10 @@ def _check_workspace(user: User, workspace: Any) -> None:
 
 
 def get_current_user(request: Request, session: SessionDep) -> User:
-    user = authenticate(session, request.headers.get("authorization"))
+    """The token's user, after its request-rate allowance is spent (429 beyond it)."""
+    authorization = request.headers.get("authorization")
+    user = authenticate(session, authorization)
+    request.app.state.rate_limits.take(token_key(authorization))
     _check_workspace(user, request.query_params.get("workspace"))
     return user
 

@@ -13,11 +13,14 @@ from api.db.session import make_engine, make_session_factory
 from api.deployments import ServingReconciler
 from api.errors import register_error_handlers
 from api.inference_services import InferenceServiceManager
+from api.rate_limits import ConcurrencyLimit, TokenBuckets
+from api.request_guard import RequestGuard
 from api.routes import account, classify, health, labels, models, tasks, training_images, training_runs
 from api.serving import EmbeddedServing
 from api.settings import Settings
 from api.signing import UrlSigner, load_signing_key
 from api.training import TrainingService
+from api.url_fetch import FetchSlots
 from pipelines.runners import KubeflowRunner, LocalRunner, PipelineRunner
 from taskvision import __version__
 
@@ -72,8 +75,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         max_image_pixels=settings.max_image_pixels,
     )
     app.state.url_signer = UrlSigner(
-        load_signing_key(app.state.session_factory), ttl_s=settings.download_url_ttl_s
+        load_signing_key(settings, session_factory), ttl_s=settings.download_url_ttl_s
     )
+    app.state.rate_limits = TokenBuckets(rate=settings.rate_limit_per_s, burst=settings.rate_limit_burst)
+    app.state.classify_slots = ConcurrencyLimit(
+        limit=settings.classify_concurrency_per_workspace, what="classify requests"
+    )
+    app.state.fetch_slots = FetchSlots(
+        total=settings.url_fetch_max_in_flight, per_workspace=settings.url_fetch_max_in_flight_per_workspace
+    )
+    app.add_middleware(RequestGuard)
     app.state.blobs = blobs
     register_error_handlers(app)
     for module in (health, account, tasks, labels, training_images, models, training_runs, classify):

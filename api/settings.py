@@ -34,9 +34,12 @@ DEFAULT_BLOCKED_NETWORKS = (
     "198.18.0.0/15",
     "224.0.0.0/4",
     "240.0.0.0/4",
-    "::/128",
-    "::1/128",
+    "::/96",  # IPv4-compatible IPv6 (::a.b.c.d), ::1 and :: included
     "::ffff:0:0/96",
+    "64:ff9b::/96",  # NAT64 (RFC 6052): reaches the embedded IPv4 address through a gateway
+    "64:ff9b:1::/48",  # local-use NAT64 (RFC 8215)
+    "2001::/32",  # Teredo: IPv4 server and client addresses inside
+    "2002::/16",  # 6to4: an IPv4 address in bits 16-47
     "fc00::/7",
     "fe80::/10",
     "ff00::/8",
@@ -56,6 +59,11 @@ class Settings(BaseSettings):
     )
     s3_access_key: str | None = None
     s3_secret_key: SecretStr | None = None
+    secret_key: SecretStr | None = Field(
+        default=None,
+        description="Signs download links. Required with a shared database (cluster mode: from the "
+        "Secret); embedded mode keeps a generated key in <data_dir>/signing.key (0600).",
+    )
 
     # Uploads
     max_upload_bytes: int = Field(default=20 * 1024 * 1024, gt=0, description="Cap on one image's bytes.")
@@ -69,8 +77,25 @@ class Settings(BaseSettings):
     )
 
     # Server-side fetching of image URLs
-    url_fetch_timeout_s: float = Field(default=10.0, gt=0)
+    url_fetch_timeout_s: float = Field(
+        default=10.0, gt=0, description="Deadline for all of one request's image URLs together."
+    )
     url_fetch_max_redirects: int = Field(default=3, ge=0)
+    url_fetch_max_in_flight: int = Field(
+        default=64, ge=1, description="Image URL fetches in progress at once in this process."
+    )
+    url_fetch_max_in_flight_per_workspace: int = Field(
+        default=16, ge=1, description="... and for one workspace; more wait for a slot until the deadline."
+    )
+
+    # Per-token and per-workspace limits (per process)
+    rate_limit_per_s: float = Field(
+        default=200.0, ge=0, description="Requests per second per API token (0: no limit)."
+    )
+    rate_limit_burst: int = Field(default=400, ge=1, description="Requests a token may send at once.")
+    classify_concurrency_per_workspace: int = Field(
+        default=16, ge=1, description="Classify requests of one workspace served at the same time."
+    )
     url_blocked_networks: list[str] = Field(default=list(DEFAULT_BLOCKED_NETWORKS))
 
     # Training
