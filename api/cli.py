@@ -61,10 +61,10 @@ def _pipeline_compile(args: argparse.Namespace) -> int:
 
 
 def _import_bundle(args: argparse.Namespace) -> int:
-    from api.bundles import import_bundle
     from api.db.migrate import upgrade
     from api.db.models import Task
     from api.db.session import make_engine, make_session_factory
+    from api.services.versions import import_bundle
     from taskvision.errors import TaskVisionError
 
     settings = _settings(args)

@@ -1,4 +1,8 @@
-"""Typed FastAPI dependencies: the settings, a DB session, the blob store, the current user."""
+"""Typed FastAPI dependencies: the services, a DB session, the current user, the request body.
+
+Routes name what they need with these aliases (``SessionDep``, ``CurrentUser``,
+``TrainingDep``...) instead of reaching into ``request.app.state``.
+"""
 
 from __future__ import annotations
 
@@ -9,31 +13,74 @@ from fastapi import Depends, Request
 from sqlalchemy.orm import Session
 
 from api.auth import authenticate, token_key
-from api.body import read_body
 from api.db.models import User
+from api.http.body import read_body
+from api.services.classifiers import Classifier
+from api.services.container import Services
+from api.services.rate_limits import ConcurrencyLimit
+from api.services.serving_reconciler import ServingReconciler
+from api.services.signing import UrlSigner
+from api.services.training import TrainingQueue
+from api.services.url_fetch import FetchSlots
 from api.settings import Settings
 from taskvision.errors import NotFoundError
 from taskvision.storage import BlobStore
 
 
-def get_settings(request: Request) -> Settings:
-    settings: Settings = request.app.state.settings
-    return settings
+def get_services(request: Request) -> Services:
+    services: Services = request.app.state.services
+    return services
 
 
-def get_db(request: Request) -> Iterator[Session]:
-    with request.app.state.session_factory() as session:
+ServicesDep = Annotated[Services, Depends(get_services)]
+
+
+def get_settings(services: ServicesDep) -> Settings:
+    return services.settings
+
+
+def get_db(services: ServicesDep) -> Iterator[Session]:
+    with services.session_factory() as session:
         yield session
 
 
-def get_blobs(request: Request) -> BlobStore:
-    blobs: BlobStore = request.app.state.blobs
-    return blobs
+def get_blobs(services: ServicesDep) -> BlobStore:
+    return services.blobs
+
+
+def get_training(services: ServicesDep) -> TrainingQueue:
+    return services.training
+
+
+def get_classifier(services: ServicesDep) -> Classifier:
+    return services.classifier
+
+
+def get_classify_slots(services: ServicesDep) -> ConcurrencyLimit:
+    return services.classify_slots
+
+
+def get_fetch_slots(services: ServicesDep) -> FetchSlots:
+    return services.fetch_slots
+
+
+def get_url_signer(services: ServicesDep) -> UrlSigner:
+    return services.url_signer
+
+
+def get_reconciler(services: ServicesDep) -> ServingReconciler | None:
+    return services.reconciler
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 SessionDep = Annotated[Session, Depends(get_db)]
 BlobsDep = Annotated[BlobStore, Depends(get_blobs)]
+TrainingDep = Annotated[TrainingQueue, Depends(get_training)]
+ClassifierDep = Annotated[Classifier, Depends(get_classifier)]
+ClassifySlotsDep = Annotated[ConcurrencyLimit, Depends(get_classify_slots)]
+FetchSlotsDep = Annotated[FetchSlots, Depends(get_fetch_slots)]
+UrlSignerDep = Annotated[UrlSigner, Depends(get_url_signer)]
+ReconcilerDep = Annotated[ServingReconciler | None, Depends(get_reconciler)]
 
 
 async def get_body(request: Request, settings: SettingsDep) -> dict[str, Any]:
@@ -52,11 +99,11 @@ def _check_workspace(user: User, workspace: Any) -> None:
     raise NotFoundError("Workspace not found.")
 
 
-def get_current_user(request: Request, session: SessionDep) -> User:
+def get_current_user(request: Request, session: SessionDep, services: ServicesDep) -> User:
     """The token's user, after its request-rate allowance is spent (429 beyond it)."""
     authorization = request.headers.get("authorization")
     user = authenticate(session, authorization)
-    request.app.state.rate_limits.take(token_key(authorization))
+    services.rate_limits.take(token_key(authorization))
     _check_workspace(user, request.query_params.get("workspace"))
     return user
 

@@ -10,7 +10,8 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from api.db.models import ImageLabel, Label, Model, Task, TaskLabel, TrainingImage, TrainingRun
-from api.schemas import (
+from api.deps import get_services
+from api.schemas._all import (
     ImageLabelPublic,
     ImagePublic,
     LabelBrief,
@@ -104,7 +105,7 @@ class ImageLinks:
 
     def __init__(self, request: Request) -> None:
         self.base = str(request.base_url).rstrip("/") + "/recognition/v2/training-image/"
-        self.signer = request.app.state.url_signer
+        self.signer = get_services(request).url_signer
         self.expires = self.signer.expiry()
 
     def url(self, image: TrainingImage, kind: str) -> str:

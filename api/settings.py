@@ -17,7 +17,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from taskvision.storage import BlobStore, open_blob_store
 
 if TYPE_CHECKING:
-    from api.url_fetch import FetchPolicy
+    from api.services.url_fetch import FetchPolicy
 
 # Where a server-side URL fetch must never go unless the operator allows it:
 # loopback, private (RFC 1918, ULA), link-local (cloud metadata lives there),
@@ -197,7 +197,7 @@ class Settings(BaseSettings):
 
     def fetch_policy(self) -> FetchPolicy:
         """Limits for fetching a user-given image URL."""
-        from api.url_fetch import FetchPolicy
+        from api.services.url_fetch import FetchPolicy
 
         return FetchPolicy(
             timeout_s=self.url_fetch_timeout_s,

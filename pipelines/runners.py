@@ -19,17 +19,24 @@ import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 from typing import Any, Protocol
 
 logger = logging.getLogger(__name__)
 
-RUNNING, SUCCEEDED, FAILED = "RUNNING", "SUCCEEDED", "FAILED"
+
+class RunnerState(StrEnum):
+    """What a runner says about a pipeline run it was given."""
+
+    RUNNING = "RUNNING"
+    SUCCEEDED = "SUCCEEDED"
+    FAILED = "FAILED"
 
 
 @dataclass(frozen=True)
-class RunStatus:
-    state: str  # RUNNING, SUCCEEDED or FAILED
+class RunnerStatus:
+    state: RunnerState
     message: str = ""
 
 
@@ -38,7 +45,7 @@ class PipelineRunner(Protocol):
         """Start a run; returns the runner's handle for it."""
         ...
 
-    def status(self, handle: str) -> RunStatus: ...
+    def status(self, handle: str) -> RunnerStatus: ...
 
     def cancel(self, handle: str) -> None: ...
 
@@ -87,16 +94,18 @@ class LocalRunner:
         logger.info("run %s: started kfp.local pipeline (pid %d)", run_id, self._children[run_id].pid)
         return run_id
 
-    def status(self, handle: str) -> RunStatus:
+    def status(self, handle: str) -> RunnerStatus:
         child = self._children.get(handle)
         if child is None:
-            return RunStatus(FAILED, "The training process is gone (the service was restarted).")
+            return RunnerStatus(
+                RunnerState.FAILED, "The training process is gone (the service was restarted)."
+            )
         code = child.poll()
         if code is None:
-            return RunStatus(RUNNING)
+            return RunnerStatus(RunnerState.RUNNING)
         if code == 0:
-            return RunStatus(SUCCEEDED)
-        return RunStatus(FAILED, self._failure_from_log(handle, code))
+            return RunnerStatus(RunnerState.SUCCEEDED)
+        return RunnerStatus(RunnerState.FAILED, self._failure_from_log(handle, code))
 
     def _failure_from_log(self, handle: str, code: int) -> str:
         if code < 0:
@@ -158,16 +167,16 @@ class KubeflowRunner:
         logger.info("run %s: submitted to Kubeflow as %s", run_id, result.run_id)
         return str(result.run_id)
 
-    def status(self, handle: str) -> RunStatus:
+    def status(self, handle: str) -> RunnerStatus:
         run = self.client.get_run(handle)
         state = str(run.state or "").upper()
         if state == "SUCCEEDED":
-            return RunStatus(SUCCEEDED)
+            return RunnerStatus(RunnerState.SUCCEEDED)
         if state in ("FAILED", "CANCELED", "CANCELING", "SKIPPED"):
             error = getattr(run, "error", None)
             message = getattr(error, "message", None) or f"The Kubeflow run ended {state.lower()}."
-            return RunStatus(FAILED, message)
-        return RunStatus(RUNNING)
+            return RunnerStatus(RunnerState.FAILED, message)
+        return RunnerStatus(RunnerState.RUNNING)
 
     def cancel(self, handle: str) -> None:
         self.client.terminate_run(handle)

@@ -1,6 +1,6 @@
 """The dataset snapshot: an immutable, self-contained description of a task's training data.
 
-Layout in the blob store (``<prefix>`` is ``datasets/<task_id>/<snapshot_id>``)::
+Layout in the blob store (``<prefix>`` is :func:`taskvision.blob_layout.dataset_prefix`)::
 
     <prefix>/dataset.json     task type, ordered labels, counts, when it was made
     <prefix>/manifest.jsonl   one line per image (ManifestRow)
@@ -53,10 +53,6 @@ class DatasetInfo:
     def output_labels(self) -> list[LabelInfo]:
         """Labels the model predicts: every label but the negative one (it means "none of them")."""
         return [label for label in self.labels if not label.negative]
-
-
-def snapshot_prefix(task_id: str, snapshot_id: str) -> str:
-    return f"datasets/{task_id}/{snapshot_id}"
 
 
 def write_snapshot(store: BlobStore, prefix: str, info: DatasetInfo, rows: list[ManifestRow]) -> None:

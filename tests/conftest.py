@@ -100,7 +100,7 @@ def settings(request: pytest.FixtureRequest, tmp_path: Path) -> Settings:
 def app(settings: Settings) -> Iterator[FastAPI]:
     application = create_app(settings)
     yield application
-    application.state.engine.dispose()
+    application.state.services.engine.dispose()
 
 
 UserClientFactory = Callable[..., TestClient]
@@ -112,7 +112,7 @@ def make_client(app: FastAPI) -> Iterator[UserClientFactory]:
     clients: list[TestClient] = []
 
     def _make(name: str | None = None) -> TestClient:
-        with app.state.session_factory() as session:
+        with app.state.services.session_factory() as session:
             _, token = create_user(session, name or f"user-{uuid.uuid4().hex[:8]}")
         client = TestClient(app, headers={"Authorization": f"Token {token}"})
         client.token = token  # type: ignore[attr-defined]

@@ -30,7 +30,7 @@ def test_users_create_prints_only_a_working_token(tmp_path: Path) -> None:
         client = TestClient(app, headers={"Authorization": f"Token {token.strip()}"})
         assert client.get("/account/v2/user").json()["username"] == "carol"
     finally:
-        app.state.engine.dispose()
+        app.state.services.engine.dispose()
 
     again = subprocess.run(
         [TASKVISION, "users", "create", "carol", "--data-dir", str(tmp_path)],

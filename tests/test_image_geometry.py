@@ -67,9 +67,9 @@ def _probe_all(data_dir: str) -> dict[str, dict[str, Any]]:
     from fastapi.testclient import TestClient
 
     from api.auth import create_user
-    from api.bundles import import_bundle
     from api.db.models import Task
     from api.main import create_app
+    from api.services.versions import import_bundle
     from api.settings import Settings
     from components.lib import finetune, validate
     from components.lib.train import TrainConfig, embed_rows
@@ -81,7 +81,7 @@ def _probe_all(data_dir: str) -> dict[str, dict[str, Any]]:
 
     settings = Settings(data_dir=Path(data_dir))
     app = create_app(settings)
-    with app.state.session_factory() as session:
+    with app.state.services.session_factory() as session:
         _, token = create_user(session, "geometry")
     client = TestClient(app, headers={"Authorization": f"Token {token}"})
     task = client.post("/recognition/v2/task", json={"name": "t", "type": "multi_class"}).json()
@@ -93,8 +93,8 @@ def _probe_all(data_dir: str) -> dict[str, dict[str, Any]]:
         client.post(f"/recognition/v2/task/{task['id']}/add-label", json={"label_id": label["id"]})
     bundle_dir = Path(data_dir) / "bundle"
     linear_bundle(bundle_dir, TaskType.MULTI_CLASS, [lb["name"] for lb in labels])
-    with app.state.session_factory() as session:
-        import_bundle(session, app.state.blobs, session.get(Task, task["id"]), bundle_dir, production=True)
+    with app.state.services.session_factory() as session:
+        import_bundle(session, app.state.services.blobs, session.get(Task, task["id"]), bundle_dir, production=True)
 
     store = LocalBlobStore(Path(data_dir) / "steps")
     info = DatasetInfo(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import uuid
 from datetime import UTC, datetime
+from enum import StrEnum
 from typing import Any
 
 from sqlalchemy import (
@@ -25,6 +26,37 @@ from sqlalchemy import (
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 from sqlalchemy.types import TypeDecorator
+
+
+class RunStatus(StrEnum):
+    """Where a training run is. STARTING and FINISHING are held while one control-plane
+    replica submits or registers the run, so that two replicas never do it twice."""
+
+    QUEUED = "QUEUED"
+    STARTING = "STARTING"
+    RUNNING = "RUNNING"
+    FINISHING = "FINISHING"
+    SUCCEEDED = "SUCCEEDED"
+    FAILED = "FAILED"
+    CANCELED = "CANCELED"
+
+    @classmethod
+    def active(cls) -> tuple[RunStatus, ...]:
+        """A run in one of these holds its task (one training at a time) and its snapshot's blobs."""
+        return (cls.QUEUED, cls.STARTING, cls.RUNNING, cls.FINISHING)
+
+    @classmethod
+    def ended(cls) -> tuple[RunStatus, ...]:
+        return (cls.SUCCEEDED, cls.FAILED, cls.CANCELED)
+
+
+class TrainStatus(StrEnum):
+    """A task's ``last_train_status`` (the Ximilar values), and a model version's ``train_status``."""
+
+    NOT_TRAINED = "NOT_TRAINED"
+    IN_TRAINING = "IN_TRAINING"
+    TRAINED = "TRAINED"
+    TRAINING_FAILED = "TRAINING_FAILED"
 
 
 def new_id() -> str:
@@ -110,7 +142,7 @@ class Task(Base):
     type: Mapped[str] = mapped_column(String(20))
     description: Mapped[str] = mapped_column(Text, default="")
     production_version: Mapped[int] = mapped_column(Integer, default=-1)
-    last_train_status: Mapped[str] = mapped_column(String(32), default="NOT_TRAINED")
+    last_train_status: Mapped[str] = mapped_column(String(32), default=TrainStatus.NOT_TRAINED)
     last_train_error: Mapped[str] = mapped_column(Text, default="")
     # Cluster mode: the share of traffic a new production version gets before promotion (None: all),
     # what the task's InferenceService was last set to ("<version>:<canary>"), and the last error.
@@ -209,7 +241,7 @@ class Model(Base):
     workspace_id: Mapped[str] = mapped_column(String(36), index=True)
     task_id: Mapped[str] = mapped_column(ForeignKey("tasks.id", ondelete="CASCADE"), index=True)
     version: Mapped[int] = mapped_column(Integer)
-    train_status: Mapped[str] = mapped_column(String(32), default="TRAINED")
+    train_status: Mapped[str] = mapped_column(String(32), default=TrainStatus.TRAINED)
     metrics: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     bundle_uri: Mapped[str] = mapped_column(String(1024), default="")
     created: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
@@ -225,7 +257,7 @@ class TrainingRun(Base):
     id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
     workspace_id: Mapped[str] = mapped_column(String(36), index=True)
     task_id: Mapped[str] = mapped_column(ForeignKey("tasks.id", ondelete="CASCADE"), index=True)
-    status: Mapped[str] = mapped_column(String(16), default="QUEUED", index=True)
+    status: Mapped[str] = mapped_column(String(16), default=RunStatus.QUEUED, index=True)
     runner: Mapped[str] = mapped_column(String(16))
     handle: Mapped[str] = mapped_column(String(255), default="")  # the runner's id (a KFP run id)
     snapshot_prefix: Mapped[str] = mapped_column(String(255))

@@ -5,8 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from api.deps import CurrentUser
-from api.routing import SlashAgnosticRouter
-from api.schemas import UserPublic
+from api.http.routing import SlashAgnosticRouter
+from api.schemas._all import UserPublic
 
 router = SlashAgnosticRouter(prefix="/account/v2", tags=["account"])
 

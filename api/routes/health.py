@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 from sqlalchemy import text
+
+from api.deps import ServicesDep
 
 router = APIRouter(tags=["health"])
 
@@ -18,16 +20,16 @@ def healthz() -> Any:
 
 
 @router.get("/readyz")
-def readyz(request: Request) -> Any:
+def readyz(services: ServicesDep) -> Any:
     """The database answers and the blob store is reachable."""
     problems: dict[str, str] = {}
     try:
-        with request.app.state.session_factory() as session:
+        with services.session_factory() as session:
             session.execute(text("SELECT 1"))
     except Exception as exc:
         problems["database"] = str(exc)
     try:
-        request.app.state.blobs.exists("readyz-probe")
+        services.blobs.exists("readyz-probe")
     except Exception as exc:
         problems["storage"] = str(exc)
     if problems:

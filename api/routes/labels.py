@@ -7,15 +7,15 @@ from typing import Any
 from fastapi import Request, Response
 from sqlalchemy import delete, select
 
-from api.body import parse
 from api.db.models import ImageLabel, Label, TaskLabel
 from api.deps import BodyDep, CurrentUser, SessionDep, SettingsDep, check_body_workspace
-from api.lookups import get_label, get_task
-from api.pagination import paginate
+from api.http.body import parse
+from api.http.pagination import paginate
+from api.http.routing import SlashAgnosticRouter
 from api.presenters import labels_public
 from api.routes import tasks as task_routes
-from api.routing import SlashAgnosticRouter
-from api.schemas import LabelCreate, LabelUpdate, TaskIdBody
+from api.schemas._all import LabelCreate, LabelUpdate, TaskIdBody
+from api.services.lookups import get_label, get_task
 from taskvision.errors import ConflictError
 
 router = SlashAgnosticRouter(prefix="/recognition/v2/label", tags=["labels"])

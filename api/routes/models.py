@@ -8,12 +8,11 @@ from fastapi import Request, Response
 from sqlalchemy import select
 
 from api.db.models import Model
-from api.deps import BlobsDep, CurrentUser, SessionDep, SettingsDep
-from api.lookups import get_model, get_task
-from api.pagination import paginate
+from api.deps import BlobsDep, ClassifierDep, CurrentUser, SessionDep, SettingsDep
+from api.http.pagination import paginate
+from api.http.routing import SlashAgnosticRouter
 from api.presenters import model_public
-from api.routing import SlashAgnosticRouter
-from api.serving import model_name
+from api.services.lookups import get_model, get_task
 from taskvision.errors import ConflictError
 
 router = SlashAgnosticRouter(prefix="/recognition/v2/model", tags=["models"])
@@ -43,7 +42,7 @@ def get_model_detail(model_id: str, session: SessionDep, user: CurrentUser) -> A
 
 @router.delete("/{model_id}", status_code=204)
 def delete_model(
-    model_id: str, request: Request, session: SessionDep, user: CurrentUser, blobs: BlobsDep
+    model_id: str, session: SessionDep, user: CurrentUser, blobs: BlobsDep, classifier: ClassifierDep
 ) -> Response:
     model = get_model(session, user, model_id)
     if model.task.production_version == model.version:
@@ -52,9 +51,7 @@ def delete_model(
             "switch production to another version first."
         )
     prefix = model.bundle_uri
-    name = model_name(model.task_id, model.version)
-    if name in request.app.state.serving.repository.get_models():
-        request.app.state.serving.repository.unload(name)
+    classifier.unload_version(model.task_id, model.version)
     session.delete(model)
     session.commit()
     if prefix:

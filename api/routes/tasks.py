@@ -7,16 +7,28 @@ from typing import Any
 
 from fastapi import Request, Response
 from sqlalchemy import select
-from sqlalchemy.orm import selectinload
+from sqlalchemy.orm import Session, selectinload
 
-from api.body import parse
-from api.db.models import Label, Model, Task, TaskLabel
-from api.deps import BlobsDep, BodyDep, CurrentUser, SessionDep, SettingsDep, check_body_workspace
-from api.lookups import get_label, get_task
-from api.pagination import paginate
+from api.db.models import Label, Model, Task, TaskLabel, TrainStatus, User
+from api.deps import (
+    BlobsDep,
+    BodyDep,
+    ClassifierDep,
+    CurrentUser,
+    ServicesDep,
+    SessionDep,
+    SettingsDep,
+    TrainingDep,
+    check_body_workspace,
+)
+from api.http.body import parse
+from api.http.pagination import paginate
+from api.http.routing import SlashAgnosticRouter
 from api.presenters import run_public, task_public
-from api.routing import SlashAgnosticRouter
-from api.schemas import LabelIdBody, TaskCreate, TaskUpdate, TrainRequest
+from api.schemas._all import LabelIdBody, TaskCreate, TaskUpdate, TrainRequest
+from api.services.container import Services
+from api.services.lookups import get_label, get_task
+from taskvision import blob_layout
 from taskvision.errors import BadRequestError, ConflictError
 from taskvision.task_types import LABEL_TYPE_FOR_TASK, LabelType, TaskType, label_fits_task
 
@@ -72,9 +84,7 @@ def get_task_detail(task_id: str, session: SessionDep, user: CurrentUser) -> Any
     return task_public(get_task(session, user, task_id))
 
 
-def _update(
-    task_id: str, request: Request, session: SessionDep, user: CurrentUser, body: dict[str, Any]
-) -> Any:
+def _update(task_id: str, services: Services, session: Session, user: User, body: dict[str, Any]) -> Any:
     check_body_workspace(user, body)
     data = parse(TaskUpdate, body)
     task = get_task(session, user, task_id, for_update=True)
@@ -88,40 +98,47 @@ def _update(
         model = session.scalar(
             select(Model).where(Model.task_id == task.id, Model.version == data.production_version)
         )
-        if model is None or model.train_status != "TRAINED":
+        if model is None or model.train_status != TrainStatus.TRAINED:
             raise BadRequestError(
                 f"Task {task.id} has no trained version {data.production_version}.", code="unknown_version"
             )
         task.production_version = data.production_version
     session.commit()
     session.refresh(task)
-    request.app.state.training.wake()  # a new production version or canary share: update serving now
+    services.jobs.wake()  # a new production version or canary share: the reconciler acts now
     return task_public(task)
 
 
 @router.patch("/{task_id}")
-def patch_task(task_id: str, request: Request, session: SessionDep, user: CurrentUser, body: BodyDep) -> Any:
-    return _update(task_id, request, session, user, body)
+def patch_task(
+    task_id: str, services: ServicesDep, session: SessionDep, user: CurrentUser, body: BodyDep
+) -> Any:
+    return _update(task_id, services, session, user, body)
 
 
 @router.put("/{task_id}")
-def put_task(task_id: str, request: Request, session: SessionDep, user: CurrentUser, body: BodyDep) -> Any:
-    return _update(task_id, request, session, user, body)
+def put_task(
+    task_id: str, services: ServicesDep, session: SessionDep, user: CurrentUser, body: BodyDep
+) -> Any:
+    return _update(task_id, services, session, user, body)
 
 
 @router.delete("/{task_id}", status_code=204)
 def delete_task(
-    task_id: str, request: Request, session: SessionDep, user: CurrentUser, blobs: BlobsDep
+    task_id: str,
+    session: SessionDep,
+    user: CurrentUser,
+    blobs: BlobsDep,
+    training: TrainingDep,
+    classifier: ClassifierDep,
 ) -> Response:
     """Delete the task with its negative label, label links, models, runs, snapshots and bundles."""
     task = get_task(session, user, task_id)
-    request.app.state.training.cancel_task_runs(session, task.id)
-    request.app.state.serving.unload_task(task.id)
-    if request.app.state.reconciler is not None:
-        request.app.state.reconciler.delete(task.id)
+    training.cancel_task_runs(session, task.id)
+    classifier.unload_task(task.id)  # cluster mode: its InferenceService goes too
     session.delete(task)  # FK cascades: negative label, label links, models, runs
     session.commit()
-    for prefix in (f"datasets/{task.id}", f"runs/{task.id}", f"models/{task.id}"):
+    for prefix in blob_layout.task_prefixes(task.id):
         try:
             blobs.delete_prefix(prefix)
         except Exception:
@@ -130,13 +147,15 @@ def delete_task(
 
 
 @router.post("/{task_id}/train", status_code=202)
-def train_task(task_id: str, request: Request, session: SessionDep, user: CurrentUser, body: BodyDep) -> Any:
+def train_task(
+    task_id: str, session: SessionDep, user: CurrentUser, body: BodyDep, training: TrainingDep
+) -> Any:
     """Start a training (answers at once). Optional body: training parameters (``TrainRequest``)."""
     check_body_workspace(user, body)
     data = parse(TrainRequest, body)
     task = get_task(session, user, task_id, for_update=True)
     params = data.model_dump(exclude_none=True)
-    run = request.app.state.training.request_training(session, user, task, params)
+    run = training.request_training(session, user, task, params)
     return {**run_public(run), "task_status": task.last_train_status}
 
 

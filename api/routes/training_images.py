@@ -12,20 +12,29 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
 from api.auth import authenticate
-from api.blob_gc import schedule as schedule_blob_deletion
-from api.body import parse, parse_json
 from api.db.models import ImageLabel, Label, TaskLabel, TrainingImage, User
-from api.deps import BlobsDep, BodyDep, CurrentUser, SessionDep, SettingsDep, check_body_workspace
-from api.ingest import prepare_image, store_image
-from api.lookups import get_image, get_label, get_task
-from api.pagination import paginate
+from api.deps import (
+    BlobsDep,
+    BodyDep,
+    CurrentUser,
+    FetchSlotsDep,
+    SessionDep,
+    SettingsDep,
+    UrlSignerDep,
+    check_body_workspace,
+)
+from api.http.body import parse, parse_json
+from api.http.pagination import paginate
+from api.http.query import INT32_MAX, strict_bool, strict_float, strict_int
+from api.http.routing import SlashAgnosticRouter
 from api.presenters import image_public
-from api.query import INT32_MAX, strict_bool, strict_float, strict_int
-from api.routing import SlashAgnosticRouter
-from api.schemas import BulkImageUpdate, ImageCreate, ImageLabelBody, ImageMetaUpdate
+from api.schemas._all import BulkImageUpdate, ImageCreate, ImageLabelBody, ImageMetaUpdate
+from api.services.blob_gc import schedule as schedule_blob_deletion
+from api.services.ingest import prepare_image, store_image
+from api.services.lookups import get_image, get_label, get_task
+from api.services.signing import UrlSigner
+from api.services.url_fetch import fetch_image
 from api.settings import Settings
-from api.signing import UrlSigner
-from api.url_fetch import fetch_image
 from taskvision.errors import AuthenticationError, BadRequestError, NotFoundError, PayloadTooLargeError
 from taskvision.imaging import decode_base64
 from taskvision.storage import BlobStore
@@ -145,6 +154,7 @@ async def create_image(
     body: BodyDep,
     settings: SettingsDep,
     blobs: BlobsDep,
+    fetch_slots: FetchSlotsDep,
 ) -> Any:
     """Upload one training image (multipart ``img_path``, JSON ``base64`` or JSON ``url``).
 
@@ -162,7 +172,7 @@ async def create_image(
     if _upload_source(body, data) == "url":
         await run_in_threadpool(session.close)
         raw = await fetch_image(
-            str(data.url), settings.fetch_policy(), request.app.state.fetch_slots, workspace=user.workspace_id
+            str(data.url), settings.fetch_policy(), fetch_slots, workspace=user.workspace_id
         )
     else:
         raw = await run_in_threadpool(_local_bytes, body, data, settings)
@@ -271,11 +281,12 @@ def delete_image(image_id: str, session: SessionDep, user: CurrentUser) -> Respo
     return Response(status_code=204)
 
 
-def _download(request: Request, session: Session, blobs: BlobStore, image_id: str, kind: str) -> Response:
+def _download(
+    request: Request, session: Session, blobs: BlobStore, signer: UrlSigner, image_id: str, kind: str
+) -> Response:
     """Serve an image to its owner's token, or to anyone holding an unexpired signed link."""
     expires, signature = request.query_params.get("expires"), request.query_params.get("signature")
     if expires and signature and "authorization" not in request.headers:
-        signer: UrlSigner = request.app.state.url_signer
         if not signer.verify_text(image_id, kind, expires, signature):
             raise AuthenticationError("The download link is invalid or has expired; list the image again.")
         image = session.scalar(select(TrainingImage).where(TrainingImage.id == image_id))
@@ -297,16 +308,20 @@ def _download(request: Request, session: Session, blobs: BlobStore, image_id: st
 
 @router.get("/{image_id}/file")
 @router.get("/{image_id}/file/{filename}")
-def download_image(image_id: str, request: Request, session: SessionDep, blobs: BlobsDep) -> Response:
+def download_image(
+    image_id: str, request: Request, session: SessionDep, blobs: BlobsDep, signer: UrlSignerDep
+) -> Response:
     """The stored image bytes: with the API token, or through the signed ``img_path`` link."""
-    return _download(request, session, blobs, image_id, "file")
+    return _download(request, session, blobs, signer, image_id, "file")
 
 
 @router.get("/{image_id}/thumb")
 @router.get("/{image_id}/thumb/{filename}")
-def download_thumbnail(image_id: str, request: Request, session: SessionDep, blobs: BlobsDep) -> Response:
+def download_thumbnail(
+    image_id: str, request: Request, session: SessionDep, blobs: BlobsDep, signer: UrlSignerDep
+) -> Response:
     """The JPEG thumbnail: with the API token, or through the signed ``thumb_img_path`` link."""
-    return _download(request, session, blobs, image_id, "thumb")
+    return _download(request, session, blobs, signer, image_id, "thumb")
 
 
 def _label_for_image(session: Session, user: User, data: ImageLabelBody) -> Label:

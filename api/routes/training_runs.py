@@ -9,10 +9,10 @@ from sqlalchemy import select
 
 from api.db.models import TrainingRun
 from api.deps import CurrentUser, SessionDep, SettingsDep
-from api.lookups import get_task
-from api.pagination import paginate
+from api.http.pagination import paginate
+from api.http.routing import SlashAgnosticRouter
 from api.presenters import run_public
-from api.routing import SlashAgnosticRouter
+from api.services.lookups import get_task
 from taskvision.errors import NotFoundError
 
 router = SlashAgnosticRouter(prefix="/recognition/v2/training-run", tags=["training runs"])

@@ -33,7 +33,7 @@ import numpy as np
 import numpy.typing as npt
 
 from components.lib.split import SplitResult
-from taskvision import backbone
+from taskvision import backbone, blob_layout
 from taskvision.bundle import HEAD_FILE, BundleMeta, linear_head_onnx
 from taskvision.dataset import DatasetInfo, ManifestRow
 from taskvision.metrics import average_precision, best_f1_thresholds
@@ -138,11 +138,10 @@ def embed_rows(
 ) -> Array:
     """Backbone embeddings of ``rows``, reusing cached ones (keyed by image hash and variant)."""
     variant = "flip" if flip else "center"
-    prefix = f"embeddings/{backbone.EMBEDDING_ID}/{variant}"
     result = np.zeros((len(rows), backbone.EMBEDDING_DIM), dtype=np.float32)
     missing: list[int] = []
     for i, row in enumerate(rows):
-        key = f"{prefix}/{row.sha256[:2]}/{row.sha256}.npy"
+        key = blob_layout.embedding_key(backbone.EMBEDDING_ID, variant, row.sha256)
         if config.cache_embeddings and store.exists(key):
             result[i] = np.load(io.BytesIO(store.get(key)))
         else:
@@ -160,7 +159,9 @@ def embed_rows(
             if config.cache_embeddings:
                 buf = io.BytesIO()
                 np.save(buf, vector)
-                store.put(f"{prefix}/{rows[i].sha256[:2]}/{rows[i].sha256}.npy", buf.getvalue())
+                store.put(
+                    blob_layout.embedding_key(backbone.EMBEDDING_ID, variant, rows[i].sha256), buf.getvalue()
+                )
     logger.info(
         "embedded %d images (%d from cache), variant %s", len(rows), len(rows) - len(missing), variant
     )

@@ -46,7 +46,7 @@ def test_health_and_docs_need_no_token(anonymous: TestClient) -> None:
 
 
 def test_tokens_are_stored_hashed(app, client: TestClient) -> None:
-    with app.state.session_factory() as session:
+    with app.state.services.session_factory() as session:
         stored = session.scalars(select(ApiToken.token_hash)).all()
     assert client.token not in stored  # type: ignore[attr-defined]
     assert hashlib.sha256(client.token.encode()).hexdigest() in stored  # type: ignore[attr-defined]

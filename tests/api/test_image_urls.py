@@ -83,7 +83,7 @@ def image_server() -> Iterator[str]:
 
 
 def _client_for(app: FastAPI) -> TestClient:
-    with app.state.session_factory() as session:
+    with app.state.services.session_factory() as session:
         _, token = create_user(session, "fetcher")
     return TestClient(app, headers={"Authorization": f"Token {token}"})
 
@@ -102,7 +102,7 @@ def loopback_allowed(settings: Settings) -> Iterator[TestClient]:
         )
     )
     yield _client_for(app)
-    app.state.engine.dispose()
+    app.state.services.engine.dispose()
 
 
 @pytest.mark.parametrize(

@@ -12,9 +12,9 @@ from fastapi.testclient import TestClient
 
 from api.auth import create_user
 from api.main import create_app
-from api.rate_limits import ConcurrencyLimit, TokenBuckets
+from api.services.rate_limits import ConcurrencyLimit, TokenBuckets
+from api.services.url_fetch import is_blocked
 from api.settings import Settings
-from api.url_fetch import is_blocked
 from taskvision.errors import TooManyRequestsError
 from tests.factories import b64, image_bytes
 
@@ -59,18 +59,18 @@ def limited(tmp_path: Path) -> Iterator[FastAPI]:
         )
     )
     yield app
-    app.state.engine.dispose()
+    app.state.services.engine.dispose()
 
 
 @pytest.fixture
 def one_classify(tmp_path: Path) -> Iterator[FastAPI]:
     app = create_app(Settings(data_dir=tmp_path, classify_concurrency_per_workspace=1))
     yield app
-    app.state.engine.dispose()
+    app.state.services.engine.dispose()
 
 
 def _client(app: FastAPI, name: str) -> TestClient:
-    with app.state.session_factory() as session:
+    with app.state.services.session_factory() as session:
         _, token = create_user(session, name)
     return TestClient(app, headers={"Authorization": f"Token {token}"})
 
@@ -92,7 +92,7 @@ def test_a_workspace_has_a_cap_on_classify_requests_in_progress(one_classify: Fa
     task = alice.post(TASKS, json={"name": "t"}).json()
     user_workspace = alice.get("/account/v2/user").json()["workspace"]
     body = {"task_id": task["id"], "records": [{"_base64": b64(image_bytes(1))}]}
-    with limited.state.classify_slots.hold(user_workspace):  # one request of alice's in progress
+    with limited.state.services.classify_slots.hold(user_workspace):  # one request of alice's in progress
         refused = alice.post("/recognition/v2/classify", json=body)
     assert refused.status_code == 429 and refused.json()["code"] == "too_many_concurrent"
     assert refused.headers["Retry-After"] == "1"

@@ -11,7 +11,7 @@ from tests.factories import create_task
 
 
 def _add(app, task_id: str, version: int) -> str:
-    with app.state.session_factory() as session:
+    with app.state.services.session_factory() as session:
         task = session.get(Task, task_id)
         model = Model(
             workspace_id=task.workspace_id,

@@ -20,9 +20,9 @@ from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from api.body import MAX_JSON_DEPTH, parse_json
-from api.bundles import import_bundle
 from api.db.models import Task
+from api.http.body import MAX_JSON_DEPTH, parse_json
+from api.services.versions import import_bundle
 from taskvision.errors import BadRequestError
 from taskvision.task_types import TaskType
 from tests.factories import b64, create_label, create_task, image_bytes, linear_bundle
@@ -169,8 +169,8 @@ def servable(app: FastAPI, client: TestClient, tmp_path: Path) -> dict[str, Any]
         label = create_label(client, name=name)
         client.post(f"{TASKS}/{task['id']}/add-label", json={"label_id": label["id"]})
     bundle = linear_bundle(tmp_path / "bundle", TaskType.MULTI_CLASS, ["a", "b"])
-    with app.state.session_factory() as session:
-        import_bundle(session, app.state.blobs, session.get(Task, task["id"]), bundle, production=True)
+    with app.state.services.session_factory() as session:
+        import_bundle(session, app.state.services.blobs, session.get(Task, task["id"]), bundle, production=True)
     image = client.post(IMAGES, json={"base64": b64(image_bytes(5))}).json()
     return {"task": task, "image": image, "label": task["labels"][0] if task["labels"] else None}
 

@@ -95,7 +95,7 @@ def test_update_task(client: TestClient) -> None:
 
 
 def _add_model(app, task_id: str, version: int, status: str = "TRAINED") -> None:
-    with app.state.session_factory() as session:
+    with app.state.services.session_factory() as session:
         workspace = session.get(Task, task_id).workspace_id
         session.add(
             Model(

@@ -27,9 +27,9 @@ import requests
 import uvicorn
 
 from api.auth import create_user
-from api.bundles import import_bundle
 from api.db.models import Task
 from api.main import create_app
+from api.services.versions import import_bundle
 from api.settings import DEFAULT_BLOCKED_NETWORKS, Settings
 from taskvision.task_types import TaskType
 from tests.factories import linear_bundle
@@ -85,7 +85,7 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
     blocked = [n for n in DEFAULT_BLOCKED_NETWORKS if n != "127.0.0.0/8"]
     settings = Settings(data_dir=data_dir, url_blocked_networks=blocked, url_fetch_timeout_s=DEADLINE_S)
     app = create_app(settings)
-    with app.state.session_factory() as session:
+    with app.state.services.session_factory() as session:
         owner, token = create_user(session, "owner")
         _, other_token = create_user(session, "other")
         task = Task(workspace_id=owner.workspace_id, name="t", type="multi_class")
@@ -103,7 +103,7 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
             session.add(TaskLabel(task_id=task_id, label_id=label.id))
         session.commit()
         bundle = linear_bundle(Path(data_dir) / "bundle", TaskType.MULTI_CLASS, labels)
-        import_bundle(session, app.state.blobs, session.get(Task, task_id), bundle, production=True)
+        import_bundle(session, app.state.services.blobs, session.get(Task, task_id), bundle, production=True)
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -117,7 +117,7 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
     yield Live(f"http://127.0.0.1:{port}", token, other_token, task_id)
     server.should_exit = True
     thread.join(timeout=10)
-    app.state.engine.dispose()
+    app.state.services.engine.dispose()
 
 
 def _classify_hanging(live: Live, hole: BlackHole, n: int = 10) -> tuple[float, dict]:

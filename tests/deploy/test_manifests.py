@@ -277,7 +277,7 @@ def test_control_plane_runs_as_non_root(overlay: tuple[str, list[Obj]]) -> None:
 
 
 def test_servingruntime_runs_our_predictor_image(overlay: tuple[str, list[Obj]], serving_help: str) -> None:
-    from api.inference_services import MODEL_FORMAT
+    from api.services.inference_services import MODEL_FORMAT
 
     _, objs = overlay
     runtime = serving_runtime(objs)["spec"]

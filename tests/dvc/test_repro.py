@@ -280,7 +280,7 @@ def test_the_exported_bundle_serves_in_a_running_service(workspace: Workspace, t
 
     ws = workspace
     app = create_app(Settings(data_dir=tmp_path))
-    with app.state.session_factory() as session:
+    with app.state.services.session_factory() as session:
         _, token = create_user(session, "dvc-user")
     with TestClient(app, headers={"Authorization": f"Token {token}"}) as client:
         task = client.post("/recognition/v2/task", json={"name": "shapes", "type": "multi_class"}).json()
@@ -324,4 +324,4 @@ def test_the_exported_bundle_serves_in_a_running_service(workspace: Workspace, t
             correct += sum(r["best_label"]["name"] == truth[r["_id"]][1] for r in answer.json()["records"])
         # The service and the evaluate stage run the same preprocessing and model: same accuracy.
         assert correct / len(test_ids) == pytest.approx(_metrics(ws, "shapes")["accuracy"])
-    app.state.engine.dispose()
+    app.state.services.engine.dispose()

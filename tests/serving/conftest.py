@@ -34,7 +34,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Trained]:
         url_blocked_networks=blocked,
     )
     app = create_app(settings)
-    with app.state.session_factory() as session:
+    with app.state.services.session_factory() as session:
         _, token = create_user(session, "server-user")
     with TestClient(app, headers={"Authorization": f"Token {token}"}) as client:
         tasks = {

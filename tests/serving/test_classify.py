@@ -119,7 +119,7 @@ def test_served_probabilities_equal_the_evaluation_steps(trained: Trained) -> No
 
     client, task = trained.client, trained.tasks["multi_label"]
     app = client.app  # type: ignore[attr-defined]
-    blobs = app.state.blobs
+    blobs = app.state.services.blobs
     runs = client.get(f"/recognition/v2/training-run/?task={task['id']}").json()["results"]
     run = next(r for r in runs if r["version"] == 1)
     _info, rows = read_snapshot(blobs, f"datasets/{task['id']}/{run['id']}")
@@ -230,7 +230,7 @@ def test_request_level_errors(trained: Trained) -> None:
     refused = client.post(CLASSIFY, json={"task_id": untrained["id"], "records": [record]})
     assert refused.status_code == 400 and refused.json()["code"] == "not_trained"
     app = client.app  # type: ignore[attr-defined]
-    with app.state.session_factory() as session:
+    with app.state.services.session_factory() as session:
         _, token = create_user(session, "someone-else")
     stranger = client.post(
         CLASSIFY,

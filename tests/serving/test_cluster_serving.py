@@ -20,8 +20,8 @@ import yaml
 from fastapi.testclient import TestClient
 
 from api.auth import create_user
-from api.inference_services import InferenceServiceManager, service_name
 from api.main import create_app
+from api.services.inference_services import InferenceServiceManager, service_name
 from api.settings import Settings
 from tests.factories import b64
 from tests.fake_k8s import FakeKubernetes
@@ -65,7 +65,7 @@ def _cluster_client(k8s: FakeKubernetes, tmp_path: Path) -> Iterator[TestClient]
         train_poll_interval_s=0.1,
     )
     app = create_app(settings)
-    with app.state.session_factory() as session:
+    with app.state.services.session_factory() as session:
         _, token = create_user(session, "cluster")
     with TestClient(app, headers={"Authorization": f"Token {token}"}) as client:
         yield client
@@ -105,7 +105,7 @@ def test_inference_services_follow_the_production_version(
     assert predictor["minReplicas"] == 0 and predictor["maxReplicas"] == 3
     assert predictor["model"]["runtime"] == "taskvision-predictor"
     assert predictor["model"]["modelFormat"] == {"name": "taskvision-bundle"}
-    assert predictor["model"]["storageUri"] == app.state.blobs.uri(f"models/{task['id']}/{first['id']}")
+    assert predictor["model"]["storageUri"] == app.state.services.blobs.uri(f"models/{task['id']}/{first['id']}")
     assert "canaryTrafficPercent" not in predictor
     assert created["metadata"]["labels"]["taskvision.io/task"] == task["id"]
 
@@ -116,7 +116,7 @@ def test_inference_services_follow_the_production_version(
     assert "retry" in waiting.json()["detail"]
 
     # KServe reports it Ready; the "pod" is a real KServe ModelServer with the bundle.
-    bundle = Path(app.state.blobs.root) / "models" / task["id"] / first["id"]
+    bundle = Path(app.state.services.blobs.root) / "models" / task["id"] / first["id"]
     child, url = _start(
         ["--model-dir", str(bundle), "--model_name", service_name(task["id"])], tmp_path / "s.log"
     )
@@ -137,7 +137,7 @@ def test_inference_services_follow_the_production_version(
         assert answer.status_code == 200, answer.text
         result = answer.json()["records"][0]
         assert result["best_label"]["name"] == "circle" and result["_width"] == 96
-        assert app.state.serving.repository.get_models() == {}  # nothing was served in-process
+        assert app.state.services.classifier.repository.get_models() == {}  # nothing was served in-process
     finally:
         child.terminate()
         child.wait(timeout=20)
@@ -235,7 +235,7 @@ def test_services_of_tasks_that_no_longer_exist_are_swept(k8s: FakeKubernetes, t
         assert _isvc(k8s, "not-ours") is not None  # not labelled as TaskVision's: left alone
         task = client.post("/recognition/v2/task", json={"name": "kept", "type": "multi_class"}).json()
         k8s.add_object(manager.build(task["id"], 1, f"s3://bucket/models/{task['id']}/1"))
-        client.app.state.reconciler.sweep()  # type: ignore[attr-defined]
+        client.app.state.services.reconciler.sweep()  # type: ignore[attr-defined]
         assert _isvc(k8s, task["id"]) is not None  # its task exists
         list_calls = k8s.requests_to("GET", f"/apis/{GROUP}/{VERSION}/namespaces/{NS}/{PLURAL}")
         assert (

@@ -34,7 +34,7 @@ def settings(tmp_path: Path) -> Settings:
 def client(settings: Settings) -> Iterator[TestClient]:
     """A signed-in user of a running service (the training watcher is started by the app's lifespan)."""
     app = create_app(settings)
-    with app.state.session_factory() as session:
+    with app.state.services.session_factory() as session:
         _, token = create_user(session, "trainer")
     with TestClient(app, headers={"Authorization": f"Token {token}"}) as client:
         yield client
@@ -144,7 +144,7 @@ def test_a_killed_run_fails_cleanly_and_the_task_can_train_again(
     deadline = time.monotonic() + 60
     pid = None
     while pid is None and time.monotonic() < deadline:
-        children = client.app.state.training.runner._children  # type: ignore[attr-defined]
+        children = client.app.state.services.training.runner._children  # type: ignore[attr-defined]
         if run["id"] in children:
             pid = children[run["id"]].pid
         time.sleep(0.1)
@@ -161,19 +161,19 @@ def test_a_killed_run_fails_cleanly_and_the_task_can_train_again(
 
 def test_a_run_interrupted_by_a_restart_is_marked_failed(settings: Settings) -> None:
     app = create_app(settings)
-    with app.state.session_factory() as session:
+    with app.state.services.session_factory() as session:
         _, token = create_user(session, "restarter")
     headers = {"Authorization": f"Token {token}"}
     with TestClient(app, headers=headers) as client:
         task = make_task(client, "multi_class", per_label=20)
         run = train(client, task["id"])
-        app.state.training.stop()  # the old process's watcher is gone...
-        with app.state.session_factory() as session:  # ...while its run was running
+        app.state.services.jobs.stop()  # the old process's watcher is gone...
+        with app.state.services.session_factory() as session:  # ...while its run was running
             row = session.get(TrainingRun, run["id"])
             assert row is not None
             row.status = "RUNNING"
             session.commit()
-        app.state.training.runner.cancel(run["id"])
+        app.state.services.training.runner.cancel(run["id"])
     restarted = create_app(settings)
     with TestClient(restarted, headers=headers) as client:
         failed = client.get(f"/recognition/v2/training-run/{run['id']}").json()
@@ -185,14 +185,14 @@ def test_a_run_interrupted_by_a_restart_is_marked_failed(settings: Settings) -> 
 def test_deleting_a_task_removes_runs_snapshots_and_bundles(client: TestClient) -> None:
     task = make_task(client, "multi_class", per_label=20)
     assert wait(client, train(client, task["id"])["id"])["status"] == "SUCCEEDED"
-    blobs = client.app.state.blobs  # type: ignore[attr-defined]
+    blobs = client.app.state.services.blobs  # type: ignore[attr-defined]
     for prefix in ("datasets", "runs", "models"):
         assert blobs.list_keys(f"{prefix}/{task['id']}/"), prefix
     assert client.delete(f"{TASKS}/{task['id']}/").status_code == 204
     for prefix in ("datasets", "runs", "models"):
         assert blobs.list_keys(f"{prefix}/{task['id']}/") == [], prefix
     assert client.get(f"/recognition/v2/training-run/?task={task['id']}").status_code == 404
-    with client.app.state.session_factory() as session:  # type: ignore[attr-defined]
+    with client.app.state.services.session_factory() as session:  # type: ignore[attr-defined]
         assert session.scalars(select(TrainingRun)).all() == []
 
 
@@ -210,13 +210,13 @@ def test_training_with_postgres_and_s3(postgres_url: str, s3_server: Any, tmp_pa
         **s3_storage_settings(s3_server, "training"),
     )
     app = create_app(settings)
-    with app.state.session_factory() as session:
+    with app.state.services.session_factory() as session:
         _, token = create_user(session, "s3-trainer")
     with TestClient(app, headers={"Authorization": f"Token {token}"}) as client:
         task = make_task(client, "multi_class", per_label=20)
         done = wait(client, train(client, task["id"])["id"])
         assert done["status"] == "SUCCEEDED", done
-        assert app.state.blobs.list_keys(f"models/{task['id']}/{done['id']}/") == [
+        assert app.state.services.blobs.list_keys(f"models/{task['id']}/{done['id']}/") == [
             f"models/{task['id']}/{done['id']}/bundle.json",
             f"models/{task['id']}/{done['id']}/head.onnx",
         ]

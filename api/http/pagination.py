@@ -15,7 +15,7 @@ from fastapi import Request
 from sqlalchemy import Select, func, select
 from sqlalchemy.orm import Session
 
-from api.query import strict_int
+from api.http.query import strict_int
 from api.settings import Settings
 
 Row = TypeVar("Row")

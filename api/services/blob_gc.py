@@ -29,10 +29,11 @@ from collections.abc import Collection
 from datetime import datetime, timedelta
 
 from sqlalchemy import delete, select
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, sessionmaker
 
-from api.db.models import PendingBlobDeletion, utcnow
-from api.ingest import blob_keys, existing_image_id
+from api.db.models import PendingBlobDeletion, RunStatus, TrainingRun, utcnow
+from api.services.ingest import existing_image_id
+from taskvision import blob_layout
 from taskvision.storage import BlobStore
 
 logger = logging.getLogger(__name__)
@@ -67,7 +68,10 @@ def collect(
             continue
         if existing_image_id(session, workspace_id, sha256) is None:
             try:
-                for key in blob_keys(workspace_id, sha256):
+                for key in (
+                    blob_layout.image_key(workspace_id, sha256),
+                    blob_layout.thumb_key(workspace_id, sha256),
+                ):
                     blobs.delete(key)
             except Exception:
                 logger.warning("could not delete the blobs of %s; retrying later", sha256, exc_info=True)
@@ -83,3 +87,28 @@ def collect(
         )
         session.commit()
     return deleted
+
+
+class BlobCollector:
+    """The background job: collect due entries, sparing workspaces with a training queued or running."""
+
+    def __init__(self, session_factory: sessionmaker[Session], blobs: BlobStore, *, grace_s: float) -> None:
+        self.session_factory = session_factory
+        self.blobs = blobs
+        self.grace_s = grace_s
+
+    def tick(self, *, grace_s: float | None = None) -> int:
+        with self.session_factory() as session:
+            busy = set(
+                session.scalars(
+                    select(TrainingRun.workspace_id)
+                    .where(TrainingRun.status.in_(RunStatus.active()))
+                    .distinct()
+                )
+            )
+            return collect(
+                session,
+                self.blobs,
+                grace_s=self.grace_s if grace_s is None else grace_s,
+                busy_workspaces=busy,
+            )

@@ -23,7 +23,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from api.db.models import Model, Task
-from api.inference_services import Endpoint, InferenceServiceManager, KubernetesUnavailable
+from api.services.inference_services import Endpoint, InferenceServiceManager, KubernetesUnavailable
 from taskvision.storage import BlobStore
 
 logger = logging.getLogger(__name__)

@@ -24,7 +24,7 @@ from sqlalchemy.orm import Session
 
 from api.db.models import TrainingImage, User
 from api.settings import Settings
-from taskvision import imaging
+from taskvision import blob_layout, imaging
 from taskvision.errors import DuplicateImageError, PayloadTooLargeError
 from taskvision.storage import BlobStore
 
@@ -90,11 +90,6 @@ def prepare_image(raw: bytes, *, noresize: bool, settings: Settings) -> Prepared
     )
 
 
-def blob_keys(workspace_id: str, sha256: str) -> tuple[str, str]:
-    """Blob keys of an image and its thumbnail: content-addressed within the workspace."""
-    return f"images/{workspace_id}/{sha256[:2]}/{sha256}", f"thumbs/{workspace_id}/{sha256[:2]}/{sha256}.jpg"
-
-
 def existing_image_id(session: Session, workspace_id: str, sha256: str) -> str | None:
     """The id of the workspace's image with this content, if there is one."""
     return session.scalar(
@@ -123,7 +118,9 @@ def store_image(
     existing = existing_image_id(session, workspace, image.sha256)
     if existing is not None:
         raise DuplicateImageError(existing)
-    image_key, thumb_key = blob_keys(workspace, image.sha256)
+    # Content-addressed within the workspace: a concurrent identical upload writes the same keys.
+    image_key = blob_layout.image_key(workspace, image.sha256)
+    thumb_key = blob_layout.thumb_key(workspace, image.sha256)
     blobs.put(image_key, image.data, content_type=image.content_type)
     blobs.put(thumb_key, image.thumbnail, content_type="image/jpeg")
     row = TrainingImage(

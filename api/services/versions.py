@@ -1,20 +1,27 @@
-"""Register an externally trained model bundle (``dvc repro``'s export, a notebook) as a task version.
+"""Model versions: the one way a bundle becomes a task's next version, from a run or an import.
 
-The bundle is checked against the task first: the same task type, and output
-labels that match the task's labels by name (their ids are rewritten to the
-task's). It is then copied into the blob store like a pipeline-trained bundle
-and becomes the next version (max + 1).
+:func:`register_version` is called by the run watcher when a training
+succeeds and by :func:`import_bundle` for an externally trained bundle
+(``dvc repro``'s export, a notebook). The rules are the same for both: the
+version is the task's highest plus one, and it goes to production when asked
+to, or when the task has no production version yet.
+
+An imported bundle is checked against the task first: the same task type, and
+output labels that match the task's labels by name (their ids are rewritten to
+the task's). It is then copied into the blob store like a pipeline-trained bundle.
 """
 
 from __future__ import annotations
 
 import uuid
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from api.db.models import Label, Model, Task, TaskLabel
+from api.db.models import Label, Model, Task, TaskLabel, TrainStatus
+from taskvision import blob_layout
 from taskvision.bundle import BundleMeta
 from taskvision.errors import BadRequestError
 from taskvision.storage import BlobStore
@@ -24,6 +31,28 @@ from taskvision.task_types import TaskType
 def next_version(session: Session, task_id: str) -> int:
     """The task's next model version: the highest so far plus one (1 for the first)."""
     return (session.scalar(select(func.max(Model.version)).where(Model.task_id == task_id)) or 0) + 1
+
+
+def register_version(
+    session: Session, task: Task, *, bundle_uri: str, metrics: dict[str, Any], production: bool
+) -> Model:
+    """Add the bundle at ``bundle_uri`` as ``task``'s next version (not committed).
+
+    It becomes the production version when ``production`` is true or the task has none yet.
+    """
+    model = Model(
+        workspace_id=task.workspace_id,
+        task_id=task.id,
+        version=next_version(session, task.id),
+        train_status=TrainStatus.TRAINED,
+        metrics=metrics,
+        bundle_uri=bundle_uri,
+    )
+    session.add(model)
+    if production or task.production_version < 1:
+        task.production_version = model.version
+    task.last_train_status, task.last_train_error = TrainStatus.TRAINED, ""
+    return model
 
 
 def import_bundle(
@@ -53,21 +82,9 @@ def import_bundle(
     meta.negative_label = {"id": negative.id, "name": negative.name} if negative else None
     meta.task_id = task.id
 
-    prefix = f"models/{task.id}/imported-{uuid.uuid4()}"
+    prefix = blob_layout.bundle_prefix(task.id, f"imported-{uuid.uuid4()}")
     blobs.put(f"{prefix}/{meta.weights_file}", weights.read_bytes())
     blobs.put(f"{prefix}/bundle.json", meta.to_json().encode(), content_type="application/json")
-    version = next_version(session, task.id)
-    model = Model(
-        workspace_id=task.workspace_id,
-        task_id=task.id,
-        version=version,
-        train_status="TRAINED",
-        metrics=meta.metrics,
-        bundle_uri=prefix,
-    )
-    session.add(model)
-    if production or task.production_version < 1:
-        task.production_version = version
-    task.last_train_status = "TRAINED"
+    model = register_version(session, task, bundle_uri=prefix, metrics=meta.metrics, production=production)
     session.commit()
     return model

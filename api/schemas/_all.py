@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from api.query import INT32_MAX
+from api.http.query import INT32_MAX
 from taskvision.task_types import LabelType, TaskType
 
 # Ids are UUIDs (36 characters); anything much longer is not one of ours.

@@ -14,7 +14,8 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from api.db.models import ImageLabel, Label, Task, TaskLabel, TrainingImage
-from taskvision.dataset import DatasetInfo, LabelInfo, ManifestRow, snapshot_prefix, write_snapshot
+from taskvision import blob_layout
+from taskvision.dataset import DatasetInfo, LabelInfo, ManifestRow, write_snapshot
 from taskvision.storage import BlobStore
 from taskvision.task_types import TaskType
 
@@ -65,6 +66,6 @@ def create_snapshot(session: Session, blobs: BlobStore, task: Task, snapshot_id:
         created=datetime.now(UTC).isoformat(),
         count=len(rows),
     )
-    prefix = snapshot_prefix(task.id, snapshot_id)
+    prefix = blob_layout.dataset_prefix(task.id, snapshot_id)
     write_snapshot(blobs, prefix, info, rows)
     return prefix
