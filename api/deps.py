@@ -7,14 +7,15 @@ Routes name what they need with these aliases (``SessionDep``, ``CurrentUser``,
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
-from fastapi import Depends, Request
+from fastapi import Depends, Path, Request
+from pydantic import BaseModel
 from sqlalchemy.orm import Session
 
 from api.auth import authenticate, token_key
 from api.db.models import User
-from api.http.body import read_body
+from api.http.body import is_form, parse, read_body
 from api.services.classifiers import Classifier
 from api.services.container import Services
 from api.services.rate_limits import ConcurrencyLimit
@@ -113,3 +114,31 @@ CurrentUser = Annotated[User, Depends(get_current_user)]
 
 def check_body_workspace(user: User, body: dict[str, Any]) -> None:
     _check_workspace(user, body.get("workspace"))
+
+
+Model = TypeVar("Model", bound=BaseModel)
+
+
+def body_of(model: type[Model], *, form: type[BaseModel] | bool = False, required: bool = True) -> Any:
+    """A dependency giving the request body parsed into ``model`` (JSON, or form fields).
+
+    After the token is checked (401 comes before 400/422); a ``workspace`` field must be
+    the caller's own. The route's OpenAPI ``requestBody`` is made from ``model`` (and
+    ``form``) by the router (:func:`api.http.openapi.body_model_of`).
+    """
+
+    async def parse_body(request: Request, body: BodyDep, user: CurrentUser) -> Model:
+        check_body_workspace(user, body)
+        return parse(model, body, form=is_form(request))
+
+    parse_body.__body_spec__ = {"model": model, "form": form, "required": required}  # type: ignore[attr-defined]
+    return Depends(parse_body)
+
+
+# Ids in paths. No pattern: an empty one would name the collection (``/task/`` is the list),
+# and any other string is simply not found.
+TaskIdPath = Annotated[str, Path(description="The task's id.")]
+LabelIdPath = Annotated[str, Path(description="The label's id.")]
+ImageIdPath = Annotated[str, Path(description="The training image's id.")]
+ModelIdPath = Annotated[str, Path(description="The model version's id.")]
+RunIdPath = Annotated[str, Path(description="The training run's id.")]

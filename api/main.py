@@ -9,8 +9,9 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from api.errors import register_error_handlers
+from api.http import openapi
 from api.http.request_guard import RequestGuard
-from api.routes import account, classify, health, labels, models, tasks, training_images, training_runs
+from api.routes import account, classify, docs, health, labels, models, tasks, training_images, training_runs
 from api.services.container import build_services
 from api.settings import Settings
 from taskvision import __version__
@@ -34,10 +35,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         description="Custom image recognition, wire-compatible with the Ximilar recognition v2 API.",
         redirect_slashes=False,
         lifespan=lifespan,
+        docs_url=None,  # served offline by api.routes.docs
+        redoc_url=None,
     )
     app.state.services = services
     app.add_middleware(RequestGuard)
     register_error_handlers(app)
     for module in (health, account, tasks, labels, training_images, models, training_runs, classify):
         app.include_router(module.router)
+    docs.install(app)
+    openapi.install(app)
     return app

@@ -9,18 +9,24 @@ from fastapi import Request
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from api.db.models import ImageLabel, Label, Model, Task, TaskLabel, TrainingImage, TrainingRun
-from api.deps import get_services
-from api.schemas._all import (
-    ImageLabelPublic,
-    ImagePublic,
-    LabelBrief,
-    LabelPublic,
-    ModelPublic,
-    TaskPublic,
-    TaskRef,
-    TrainingRunPublic,
+from api.db.models import (
+    ImageLabel,
+    Label,
+    Model,
+    RunStatus,
+    Task,
+    TaskLabel,
+    TrainingImage,
+    TrainingRun,
+    TrainStatus,
 )
+from api.deps import get_services
+from api.schemas.images import ImageLabelPublic, ImagePublic
+from api.schemas.labels import LabelPublic, TaskRef
+from api.schemas.models import ModelPublic
+from api.schemas.runs import TrainingRunPublic
+from api.schemas.tasks import LabelBrief, TaskPublic
+from taskvision.task_types import LabelType, TaskType
 
 
 def label_brief(label: Label) -> LabelBrief:
@@ -37,10 +43,10 @@ def task_public(task: Task) -> dict[str, Any]:
     return TaskPublic(
         id=task.id,
         name=task.name,
-        type=task.type,
+        type=TaskType(task.type),
         description=task.description,
         production_version=task.production_version,
-        last_train_status=task.last_train_status,
+        last_train_status=TrainStatus(task.last_train_status),
         last_train_error=task.last_train_error,
         canary_percent=task.canary_percent,
         serving_error=task.serving_error,
@@ -76,7 +82,7 @@ def labels_public(session: Session, labels: Sequence[Label], *, with_counts: boo
         LabelPublic(
             id=label.id,
             name=label.name,
-            type=label.type,
+            type=LabelType(label.type),
             description=label.description,
             output_name=label.output_name or label.name,
             negative_for_task=label.negative_for_task is not None,
@@ -149,7 +155,7 @@ def model_public(model: Model) -> dict[str, Any]:
         task=model.task_id,
         task_name=model.task.name,
         version=model.version,
-        train_status=model.train_status,
+        train_status=TrainStatus(model.train_status),
         production=model.task.production_version == model.version,
         metrics=model.metrics or {},
         created=model.created,
@@ -160,7 +166,7 @@ def run_public(run: TrainingRun) -> dict[str, Any]:
     return TrainingRunPublic(
         id=run.id,
         task=run.task_id,
-        status=run.status,
+        status=RunStatus(run.status),
         step=run.step,
         progress=run.progress,
         message=run.message,

@@ -26,7 +26,7 @@ from api.main import create_app
 from api.settings import Settings
 
 if TYPE_CHECKING:
-    from tests.services import S3Endpoint
+    from tests.support.servers import S3Endpoint
 
 
 @pytest.fixture(autouse=True)
@@ -39,7 +39,7 @@ def _isolate_environment(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.fixture(scope="session")
 def postgres_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    from tests.services import start_postgres
+    from tests.support.servers import start_postgres
 
     with start_postgres(tmp_path_factory.mktemp("postgres")) as url:
         yield url
@@ -47,7 +47,7 @@ def postgres_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Endpoint]:
-    from tests.services import start_seaweedfs
+    from tests.support.servers import start_seaweedfs
 
     with start_seaweedfs(tmp_path_factory.mktemp("seaweedfs")) as endpoint:
         yield endpoint

@@ -13,7 +13,6 @@ just before it: the assertion is on ``VmHWM`` growth, not on wall time.
 
 from __future__ import annotations
 
-import io
 import multiprocessing
 import re
 import tempfile
@@ -23,20 +22,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from PIL import Image
 
-from tests.factories import b64, image_bytes
+from tests.support.api import b64
+from tests.support.images import image_bytes, solid_png
 
 SIZES = {"8000x1": (8000, 1), "1x8000": (1, 8000), "60000x1": (60000, 1)}
 PATHS = ["classify", "upload", "thumbnail", "downscale", "validation", "train_step", "evaluate_step"]
 # A normal 512 px request grows the peak by a few MiB; the unguarded 8000x1 case by over 1 GiB.
 MAX_GROWTH_MIB = 48
-
-
-def _png(width: int, height: int) -> bytes:
-    out = io.BytesIO()
-    Image.new("RGB", (width, height), (200, 30, 30)).save(out, "PNG")
-    return out.getvalue()
 
 
 def _kib(field: str) -> int:
@@ -77,7 +70,7 @@ def _probe_all(data_dir: str) -> dict[str, dict[str, Any]]:
     from taskvision.dataset import DatasetInfo, LabelInfo, ManifestRow
     from taskvision.storage import LocalBlobStore
     from taskvision.task_types import TaskType
-    from tests.factories import linear_bundle
+    from tests.support.bundles import linear_bundle
 
     settings = Settings(data_dir=Path(data_dir))
     app = create_app(settings)
@@ -94,7 +87,9 @@ def _probe_all(data_dir: str) -> dict[str, dict[str, Any]]:
     bundle_dir = Path(data_dir) / "bundle"
     linear_bundle(bundle_dir, TaskType.MULTI_CLASS, [lb["name"] for lb in labels])
     with app.state.services.session_factory() as session:
-        import_bundle(session, app.state.services.blobs, session.get(Task, task["id"]), bundle_dir, production=True)
+        import_bundle(
+            session, app.state.services.blobs, session.get(Task, task["id"]), bundle_dir, production=True
+        )
 
     store = LocalBlobStore(Path(data_dir) / "steps")
     info = DatasetInfo(
@@ -146,7 +141,7 @@ def _probe_all(data_dir: str) -> dict[str, dict[str, Any]]:
         normal = image_bytes(next(seq), size=(512, 384), fmt="JPEG")
         results[f"{path}/normal"] = _measure(lambda run=run, normal=normal: run(normal))
         for size_name, (width, height) in SIZES.items():
-            data = _png(width, height)
+            data = solid_png(width, height)
             results[f"{path}/{size_name}"] = _measure(lambda run=run, data=data: run(data))
     client.close()
     return results

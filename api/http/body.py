@@ -1,16 +1,17 @@
 """Request bodies: JSON (what ximilar-client sends) or form fields (what the curl examples send).
 
 Bodies are read with a size cap, so a client cannot make us buffer gigabytes,
-parsed by :func:`parse_json` (bounded nesting, no NaN/Infinity, no NUL or
-unpaired surrogate in any string: PostgreSQL and the JSON encoder of every
-answer refuse those), and validated with pydantic into the schema the endpoint
-names. Anything malformed is a 400, never a 500.
+parsed by :func:`parse_json` (bounded nesting, no NaN/Infinity, no unpaired
+surrogate in any string: the JSON encoder of every answer refuses those), and
+validated with pydantic into the schema the endpoint names (:func:`parse`).
+Anything malformed is a 400 or a 422, never a 500.
 """
 
 from __future__ import annotations
 
 import json
-from typing import Any, TypeVar
+from types import UnionType
+from typing import Annotated, Any, Literal, TypeVar, Union, get_args, get_origin
 
 from fastapi import Request
 from pydantic import BaseModel, ValidationError
@@ -31,9 +32,11 @@ def _refuse(message: str) -> BadRequestError:
 
 
 def check_text(value: str, *, where: str) -> str:
-    """Refuse text that a database or a JSON answer cannot hold (NUL, unpaired surrogates)."""
-    if "\x00" in value:
-        raise _refuse(f"{where} contains a NUL character.")
+    """Refuse text that no JSON answer can hold: an unpaired surrogate cannot be encoded in UTF-8.
+
+    (NUL is refused where it matters, in the fields that reach text columns: their
+    schemas say so, ``api/schemas/common.py``.)
+    """
     try:
         value.encode("utf-8")
     except UnicodeEncodeError as exc:
@@ -109,10 +112,62 @@ async def read_body(request: Request, *, max_bytes: int) -> dict[str, Any]:
     return parsed
 
 
-def parse(schema: type[Schema], data: dict[str, Any]) -> Schema:
-    """Validate ``data`` against ``schema``; a failure answers 422 with every problem listed."""
+def parse(schema: type[Schema], data: dict[str, Any], *, form: bool = False) -> Schema:
+    """Validate ``data`` against ``schema``; a failure answers 422 with every problem listed.
+
+    Validation is strict, as the OpenAPI document describes the body: ``"true"`` is not
+    a boolean and ``"5"`` not an integer. Form fields are all text, so each is first read
+    as the JSON literal it spells (``true``, ``5``, ``null``, ``{...}``) where its field
+    takes such a value (:func:`_form_values`).
+    """
     clean = {k: v for k, v in data.items() if not isinstance(v, UploadFile)}
+    if form:
+        clean = _form_values(schema, clean)
     try:
-        return schema.model_validate(clean)
+        return schema.model_validate(clean, strict=True)
     except ValidationError as exc:
         raise RequestValidationFailed(exc) from exc
+
+
+def _accepts(annotation: Any) -> set[type]:
+    """The JSON value types a field's annotation admits (str, int, float, bool, dict, list, None)."""
+    origin = get_origin(annotation)
+    if origin is Annotated:
+        return _accepts(get_args(annotation)[0])
+    if origin in (Union, UnionType):
+        return set().union(*(_accepts(arg) for arg in get_args(annotation)))
+    if annotation is type(None):
+        return {type(None)}
+    if origin is Literal:
+        return {type(arg) for arg in get_args(annotation)}
+    base = origin or annotation
+    if isinstance(base, type):
+        for kind in (bool, int, float, str, dict, list):
+            if issubclass(base, kind):
+                return {kind}
+    return {str}
+
+
+def _form_values(schema: type[BaseModel], fields: dict[str, Any]) -> dict[str, Any]:
+    """Form text as the typed values the schema's fields take (what a JSON body would carry)."""
+    by_name = {info.alias or name: info for name, info in schema.model_fields.items()}
+    typed: dict[str, Any] = {}
+    for key, text in fields.items():
+        info = by_name.get(key)
+        accepts = _accepts(info.annotation) if info is not None else {str}
+        value: Any = text
+        if isinstance(text, str) and accepts - {str}:
+            try:
+                literal = json.loads(text)
+            except ValueError:
+                literal = text
+            kinds = {type(literal)} | ({float} if type(literal) is int else set())
+            if kinds & (accepts - {str}):
+                value = literal
+        typed[key] = value
+    return typed
+
+
+def is_form(request: Request) -> bool:
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    return content_type in ("multipart/form-data", "application/x-www-form-urlencoded")

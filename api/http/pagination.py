@@ -8,15 +8,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 from urllib.parse import urlencode
 
-from fastapi import Request
+from fastapi import Depends, Query, Request
 from sqlalchemy import Select, func, select
 from sqlalchemy.orm import Session
 
-from api.http.query import strict_int
-from api.settings import Settings
+from api.deps import SettingsDep
 
 Row = TypeVar("Row")
 
@@ -31,19 +30,20 @@ class PageRequest:
     page_size: int
 
 
-def page_request(request: Request, settings: Settings) -> PageRequest:
-    """Read ``page`` (from 1) and ``page_size`` (capped at ``max_page_size``) from the query."""
+def page_params(
+    settings: SettingsDep,
+    page: Annotated[int, Query(ge=1, le=MAX_PAGE, description="Page number, from 1.")] = 1,
+    page_size: Annotated[
+        int | None,
+        Query(ge=1, le=MAX_PAGE, description="Items per page (capped by the server's maximum)."),
+    ] = None,
+) -> PageRequest:
+    """``page`` (from 1) and ``page_size`` (capped at ``max_page_size``) from the query."""
+    size = settings.page_size if page_size is None else page_size
+    return PageRequest(page=page, page_size=min(size, settings.max_page_size))
 
-    def _int(name: str, default: int, high: int) -> int:
-        raw = request.query_params.get(name)
-        if raw is None or raw == "":
-            return default
-        return strict_int(raw, name=name, low=1, high=high, code="invalid_page")
 
-    return PageRequest(
-        page=_int("page", 1, MAX_PAGE),
-        page_size=min(_int("page_size", settings.page_size, 1_000_000), settings.max_page_size),
-    )
+PageDep = Annotated[PageRequest, Depends(page_params)]
 
 
 def _page_url(request: Request, page: int) -> str:
@@ -57,11 +57,11 @@ def paginate(
     stmt: Select[Any],
     *,
     request: Request,
-    settings: Settings,
-    serialize: Callable[[Sequence[Any]], list[dict[str, Any]]],
+    page: PageRequest,
+    serialize: Callable[[Sequence[Any]], list[Any]],
 ) -> dict[str, Any]:
     """Run ``stmt`` (already filtered and ordered) for the requested page."""
-    pr = page_request(request, settings)
+    pr = page
     count = session.scalar(select(func.count()).select_from(stmt.order_by(None).subquery())) or 0
     rows = session.scalars(stmt.offset((pr.page - 1) * pr.page_size).limit(pr.page_size)).unique().all()
     has_next = pr.page * pr.page_size < count

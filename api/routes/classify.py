@@ -17,9 +17,8 @@ connection; decoding and the model run in the thread pool.
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
@@ -27,18 +26,17 @@ from starlette.concurrency import run_in_threadpool
 from api.db.models import Model, TrainStatus, User
 from api.deps import (
     BlobsDep,
-    BodyDep,
     ClassifierDep,
     ClassifySlotsDep,
     CurrentUser,
     FetchSlotsDep,
     SessionDep,
     SettingsDep,
-    check_body_workspace,
+    body_of,
 )
-from api.http.body import parse
-from api.http.query import INT32_MAX
+from api.http.openapi import COMMON, also_document, errors
 from api.http.routing import SlashAgnosticRouter
+from api.schemas.classify import MAX_RECORDS, ClassifyRecord, ClassifyRequest, ClassifyResponse
 from api.services.classifiers import Answer, Classifier, ClassifyTarget
 from api.services.ingest import prepare_image, store_image
 from api.services.lookups import get_task
@@ -50,35 +48,26 @@ from taskvision.storage import BlobStore
 
 router = SlashAgnosticRouter(prefix="/recognition/v2/classify", tags=["classify"])
 
-MAX_RECORDS = 10
 OK = {"code": 200, "text": "OK"}
 
 # A record's image bytes, or why it has none.
 Source = bytes | TaskVisionError
 
 
-class ClassifyRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
-    task_id: str | None = None
-    task: str | None = None
-    version: int | None = Field(default=None, ge=1, le=INT32_MAX)
-    records: list[dict[str, Any]] = Field(default_factory=list)
-    store_images: bool = False
-
-    @field_validator("records", mode="before")
-    @classmethod
-    def _records_are_objects(cls, value: Any) -> Any:
-        if isinstance(value, list) and not all(isinstance(r, dict) for r in value):
-            raise ValueError("every record must be a JSON object")
-        return value
+ClassifyBody = Annotated[ClassifyRequest, body_of(ClassifyRequest)]
+also_document(ClassifyRecord)
 
 
-@router.post("")
+@router.post(
+    "",
+    response_model=ClassifyResponse,
+    response_model_exclude_unset=True,
+    responses=errors(*COMMON, 503),
+)
 async def classify(
     session: SessionDep,
     user: CurrentUser,
-    body: BodyDep,
+    data: ClassifyBody,
     settings: SettingsDep,
     blobs: BlobsDep,
     classifier: ClassifierDep,
@@ -87,8 +76,6 @@ async def classify(
 ) -> Any:
     """Classify 1 to 10 images (``_base64`` or ``_url``) with a task's production or chosen version."""
     started = time.perf_counter()
-    check_body_workspace(user, body)
-    data = parse(ClassifyRequest, body)
     task_id = data.task_id or data.task
     if not task_id:
         raise BadRequestError("Name the task: 'task_id' (or 'task').", code="no_task")

@@ -6,6 +6,7 @@ from typing import Any
 
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 from sqlalchemy import text
 
 from api.deps import ServicesDep
@@ -13,13 +14,26 @@ from api.deps import ServicesDep
 router = APIRouter(tags=["health"])
 
 
-@router.get("/healthz")
+class Health(BaseModel):
+    status: str
+
+
+class NotReady(BaseModel):
+    status: str
+    detail: str
+    code: str
+    problems: dict[str, str]
+
+
+@router.get("/healthz", response_model=Health)
 def healthz() -> Any:
     """The process is up."""
     return {"status": "ok"}
 
 
-@router.get("/readyz")
+@router.get(
+    "/readyz", response_model=Health, responses={503: {"model": NotReady, "description": "Not ready."}}
+)
 def readyz(services: ServicesDep) -> Any:
     """The database answers and the blob store is reachable."""
     problems: dict[str, str] = {}

@@ -1,9 +1,9 @@
-"""/recognition/v2/task: tasks, their labels, and which model version is in production."""
+"""/recognition/v2/task: tasks, their labels, which model version is in production, and training."""
 
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import Request, Response
 from sqlalchemy import select
@@ -12,33 +12,40 @@ from sqlalchemy.orm import Session, selectinload
 from api.db.models import Label, Model, Task, TaskLabel, TrainStatus, User
 from api.deps import (
     BlobsDep,
-    BodyDep,
     ClassifierDep,
     CurrentUser,
     ServicesDep,
     SessionDep,
-    SettingsDep,
+    TaskIdPath,
     TrainingDep,
-    check_body_workspace,
+    body_of,
 )
-from api.http.body import parse
-from api.http.pagination import paginate
+from api.http.openapi import COMMON, errors
+from api.http.pagination import PageDep, paginate
 from api.http.routing import SlashAgnosticRouter
 from api.presenters import run_public, task_public
-from api.schemas._all import LabelIdBody, TaskCreate, TaskUpdate, TrainRequest
+from api.schemas.common import Page
+from api.schemas.tasks import LabelIdBody, TaskCreate, TaskPublic, TaskUpdate, TrainAccepted, TrainRequest
 from api.services.container import Services
 from api.services.lookups import get_label, get_task
+from api.services.task_labels import attach_label, detach_label
 from taskvision import blob_layout
-from taskvision.errors import BadRequestError, ConflictError
-from taskvision.task_types import LABEL_TYPE_FOR_TASK, LabelType, TaskType, label_fits_task
+from taskvision.errors import BadRequestError
+from taskvision.task_types import LabelType, TaskType
 
 logger = logging.getLogger(__name__)
 
-router = SlashAgnosticRouter(prefix="/recognition/v2/task", tags=["tasks"])
+router = SlashAgnosticRouter(prefix="/recognition/v2/task", tags=["tasks"], responses=errors(*COMMON))
+
+TaskCreateBody = Annotated[TaskCreate, body_of(TaskCreate, form=True)]
+TaskUpdateBody = Annotated[TaskUpdate, body_of(TaskUpdate, form=True, required=False)]
+LabelIdBodyDep = Annotated[LabelIdBody, body_of(LabelIdBody, form=True)]
+TrainBody = Annotated[TrainRequest, body_of(TrainRequest, required=False)]
 
 
-@router.get("/")
-def list_tasks(request: Request, session: SessionDep, user: CurrentUser, settings: SettingsDep) -> Any:
+@router.get("/", response_model=Page[TaskPublic])
+def list_tasks(request: Request, session: SessionDep, user: CurrentUser, page: PageDep) -> Any:
+    """The workspace's tasks, oldest first."""
     stmt = (
         select(Task)
         .options(selectinload(Task.labels))
@@ -46,23 +53,17 @@ def list_tasks(request: Request, session: SessionDep, user: CurrentUser, setting
         .order_by(Task.created, Task.id)
     )
     return paginate(
-        session,
-        stmt,
-        request=request,
-        settings=settings,
-        serialize=lambda rows: [task_public(t) for t in rows],
+        session, stmt, request=request, page=page, serialize=lambda rows: [task_public(t) for t in rows]
     )
 
 
-@router.post("/", status_code=201)
-def create_task(session: SessionDep, user: CurrentUser, body: BodyDep) -> Any:
-    check_body_workspace(user, body)
-    data = parse(TaskCreate, body)
+@router.post("/", status_code=201, response_model=TaskPublic)
+def create_task(session: SessionDep, user: CurrentUser, data: TaskCreateBody) -> Any:
+    """Create a task. A tagging (multi_label) task gets its negative label ("none of the tags")."""
     task = Task(workspace_id=user.workspace_id, name=data.name, type=data.type, description=data.description)
     session.add(task)
     session.flush()
     if data.type is TaskType.MULTI_LABEL:
-        # A tagging task predicts "none of the tags" through its negative label.
         negative = Label(
             workspace_id=user.workspace_id,
             name=f"{data.name} (negative)",
@@ -79,14 +80,12 @@ def create_task(session: SessionDep, user: CurrentUser, body: BodyDep) -> Any:
     return task_public(task)
 
 
-@router.get("/{task_id}")
-def get_task_detail(task_id: str, session: SessionDep, user: CurrentUser) -> Any:
+@router.get("/{task_id}", response_model=TaskPublic)
+def get_task_detail(task_id: TaskIdPath, session: SessionDep, user: CurrentUser) -> Any:
     return task_public(get_task(session, user, task_id))
 
 
-def _update(task_id: str, services: Services, session: Session, user: User, body: dict[str, Any]) -> Any:
-    check_body_workspace(user, body)
-    data = parse(TaskUpdate, body)
+def _update(task_id: str, services: Services, session: Session, user: User, data: TaskUpdate) -> Any:
     task = get_task(session, user, task_id, for_update=True)
     if data.name is not None:
         task.name = data.name
@@ -109,23 +108,25 @@ def _update(task_id: str, services: Services, session: Session, user: User, body
     return task_public(task)
 
 
-@router.patch("/{task_id}")
+@router.patch("/{task_id}", response_model=TaskPublic)
 def patch_task(
-    task_id: str, services: ServicesDep, session: SessionDep, user: CurrentUser, body: BodyDep
+    task_id: TaskIdPath, services: ServicesDep, session: SessionDep, user: CurrentUser, data: TaskUpdateBody
 ) -> Any:
-    return _update(task_id, services, session, user, body)
+    """Rename, describe, or switch the production version (and, in cluster mode, its canary share)."""
+    return _update(task_id, services, session, user, data)
 
 
-@router.put("/{task_id}")
+@router.put("/{task_id}", response_model=TaskPublic)
 def put_task(
-    task_id: str, services: ServicesDep, session: SessionDep, user: CurrentUser, body: BodyDep
+    task_id: TaskIdPath, services: ServicesDep, session: SessionDep, user: CurrentUser, data: TaskUpdateBody
 ) -> Any:
-    return _update(task_id, services, session, user, body)
+    """The same as PATCH (fields left out stay as they are)."""
+    return _update(task_id, services, session, user, data)
 
 
-@router.delete("/{task_id}", status_code=204)
+@router.delete("/{task_id}", status_code=204, response_class=Response, responses=errors(401, 404, 429))
 def delete_task(
-    task_id: str,
+    task_id: TaskIdPath,
     session: SessionDep,
     user: CurrentUser,
     blobs: BlobsDep,
@@ -146,53 +147,27 @@ def delete_task(
     return Response(status_code=204)
 
 
-@router.post("/{task_id}/train", status_code=202)
+@router.post("/{task_id}/train", status_code=202, response_model=TrainAccepted, responses=errors(409))
 def train_task(
-    task_id: str, session: SessionDep, user: CurrentUser, body: BodyDep, training: TrainingDep
+    task_id: TaskIdPath, session: SessionDep, user: CurrentUser, data: TrainBody, training: TrainingDep
 ) -> Any:
-    """Start a training (answers at once). Optional body: training parameters (``TrainRequest``)."""
-    check_body_workspace(user, body)
-    data = parse(TrainRequest, body)
+    """Start a training; answers at once with the queued run (follow it at /training-run/{id})."""
     task = get_task(session, user, task_id, for_update=True)
-    params = data.model_dump(exclude_none=True)
-    run = training.request_training(session, user, task, params)
+    run = training.request_training(session, user, task, data.parameters())
     return {**run_public(run), "task_status": task.last_train_status}
 
 
-@router.post("/{task_id}/add-label")
-def add_label(task_id: str, session: SessionDep, user: CurrentUser, body: BodyDep) -> Any:
-    check_body_workspace(user, body)
-    data = parse(LabelIdBody, body)
+@router.post("/{task_id}/add-label", response_model=TaskPublic)
+def add_label(task_id: TaskIdPath, session: SessionDep, user: CurrentUser, data: LabelIdBodyDep) -> Any:
+    """Make the task predict this label (a category, tag or value label, by the task's type)."""
     task = get_task(session, user, task_id)
-    label = get_label(session, user, data.label_id)
-    task_type, label_type = TaskType(task.type), LabelType(label.type)
-    if not label_fits_task(label_type, task_type):
-        raise BadRequestError(
-            f"A {task_type} task takes {LABEL_TYPE_FOR_TASK[task_type]} labels; "
-            f"label '{label.name}' is a {label_type}.",
-            code="label_type_mismatch",
-        )
-    if label.negative_for_task is not None and label.negative_for_task != task.id:
-        raise BadRequestError("A negative label belongs to its own task only.", code="negative_label")
-    exists = session.get(TaskLabel, (task.id, label.id))
-    if exists is None:
-        session.add(TaskLabel(task_id=task.id, label_id=label.id))
-        session.commit()
-        session.refresh(task)
+    attach_label(session, task, get_label(session, user, data.label_id, referenced=True))
     return task_public(task)
 
 
-@router.post("/{task_id}/remove-label")
-def remove_label(task_id: str, session: SessionDep, user: CurrentUser, body: BodyDep) -> Any:
-    check_body_workspace(user, body)
-    data = parse(LabelIdBody, body)
+@router.post("/{task_id}/remove-label", response_model=TaskPublic, responses=errors(409))
+def remove_label(task_id: TaskIdPath, session: SessionDep, user: CurrentUser, data: LabelIdBodyDep) -> Any:
+    """Stop the task predicting this label (its images keep it)."""
     task = get_task(session, user, task_id)
-    label = get_label(session, user, data.label_id)
-    if label.negative_for_task == task.id:
-        raise ConflictError("The negative label of a tagging task cannot be removed from it.")
-    link = session.get(TaskLabel, (task.id, label.id))
-    if link is not None:
-        session.delete(link)
-        session.commit()
-        session.refresh(task)
+    detach_label(session, task, get_label(session, user, data.label_id, referenced=True))
     return task_public(task)

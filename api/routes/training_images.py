@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import Request, Response
+from fastapi import Query, Request, Response
 from sqlalchemy import ColumnElement, exists, select
 from sqlalchemy.orm import Session, selectinload
 from starlette.concurrency import run_in_threadpool
@@ -18,17 +18,29 @@ from api.deps import (
     BodyDep,
     CurrentUser,
     FetchSlotsDep,
+    ImageIdPath,
     SessionDep,
     SettingsDep,
     UrlSignerDep,
+    body_of,
     check_body_workspace,
 )
-from api.http.body import parse, parse_json
-from api.http.pagination import paginate
-from api.http.query import INT32_MAX, strict_bool, strict_float, strict_int
+from api.http.body import is_form, parse, parse_json
+from api.http.openapi import COMMON, errors, request_body
+from api.http.pagination import PageDep, paginate
+from api.http.query import strict_float
 from api.http.routing import SlashAgnosticRouter
 from api.presenters import image_public
-from api.schemas._all import BulkImageUpdate, ImageCreate, ImageLabelBody, ImageMetaUpdate
+from api.schemas.common import ID_PATTERN, INT32_MAX, NO_NUL, Page
+from api.schemas.images import (
+    BulkImageUpdate,
+    BulkImageUpdated,
+    ImageCreate,
+    ImageLabelBody,
+    ImageMetaUpdate,
+    ImagePublic,
+    ImageUpload,
+)
 from api.services.blob_gc import schedule as schedule_blob_deletion
 from api.services.ingest import prepare_image, store_image
 from api.services.lookups import get_image, get_label, get_task
@@ -40,21 +52,37 @@ from taskvision.imaging import decode_base64
 from taskvision.storage import BlobStore
 from taskvision.task_types import LabelType
 
-router = SlashAgnosticRouter(prefix="/recognition/v2/training-image", tags=["training images"])
+router = SlashAgnosticRouter(
+    prefix="/recognition/v2/training-image", tags=["training images"], responses=errors(*COMMON)
+)
 
 _VALUE_FILTER = re.compile(r"^label_value_(?P<label>[^_].*?)__(?P<op>gte|lte)$")
-# At most this many ids in one filter or bulk selection (each becomes a SQL parameter).
+# At most this many ids in one filter (each becomes a SQL parameter).
 MAX_IDS = 1000
 
+ImageLabelBodyDep = Annotated[ImageLabelBody, body_of(ImageLabelBody, form=True)]
+ImageMetaBody = Annotated[ImageMetaUpdate, body_of(ImageMetaUpdate, required=False)]
+BulkBody = Annotated[BulkImageUpdate, body_of(BulkImageUpdate)]
+IdList = Annotated[
+    str | None,
+    Query(
+        pattern="^[A-Za-z0-9._~,-]*$", description="Label ids, separated by commas (or repeat the parameter)."
+    ),
+]
 
-def _id_list(request: Request, *names: str) -> list[str]:
-    ids: list[str] = []
-    for name in names:
-        for raw in request.query_params.getlist(name):
-            ids.extend(part.strip() for part in raw.split(",") if part.strip())
+
+def _ids(request: Request, *names: str) -> list[str]:
+    """The ids of these query parameters, repeated or comma-separated."""
+    ids = [
+        part.strip()
+        for name in names
+        for raw in request.query_params.getlist(name)
+        for part in raw.split(",")
+        if part.strip()
+    ]
     if len(ids) > MAX_IDS:
         raise BadRequestError(
-            f"At most {MAX_IDS} ids in '{names[0]}'; this request has {len(ids)}.", code="invalid_filter"
+            f"At most {MAX_IDS} ids in a filter; this one has {len(ids)}.", code="invalid_filter"
         )
     return ids
 
@@ -63,63 +91,68 @@ def _has_label(*conditions: ColumnElement[bool]) -> ColumnElement[bool]:
     return exists().where(ImageLabel.image_id == TrainingImage.id, *conditions)
 
 
-@router.get("/")
-def list_images(request: Request, session: SessionDep, user: CurrentUser, settings: SettingsDep) -> Any:
+@router.get("/", response_model=Page[ImagePublic])
+def list_images(
+    request: Request,
+    session: SessionDep,
+    user: CurrentUser,
+    page: PageDep,
+    labels: IdList = None,
+    label: IdList = None,
+    not_labels: IdList = None,
+    task: Annotated[
+        str | None, Query(pattern=ID_PATTERN, description="Images with a label of this task.")
+    ] = None,
+    test: Annotated[bool | None, Query(description="Only test (true) or training (false) images.")] = None,
+    real: bool | None = None,
+    verified: Annotated[int | None, Query(ge=0, le=INT32_MAX, description="Times verified, exactly.")] = None,
+) -> Any:
     """Images of the workspace, oldest first.
 
-    Filters: ``labels`` (any of these label ids; also ``label``), ``not_labels`` (none of them),
-    ``task`` (has a label of this task), ``label_value_<id>__gte`` / ``__lte`` (regression value
-    bounds), ``test``, ``real`` (true/false), ``verified`` (exact number of verifications).
+    Filters: ``labels`` (any of these label ids; also ``label``), ``not_labels`` (none of
+    them), ``task``, ``test``, ``real``, ``verified``, and for a value label
+    ``label_value_<label id>__gte`` / ``__lte`` (bounds on the image's value).
     """
     stmt = (
         select(TrainingImage)
         .options(selectinload(TrainingImage.label_links))
         .where(TrainingImage.workspace_id == user.workspace_id)
     )
-    labels = _id_list(request, "labels", "label")
-    if labels:
-        stmt = stmt.where(_has_label(ImageLabel.label_id.in_(labels)))
-    not_labels = _id_list(request, "not_labels")
-    if not_labels:
-        stmt = stmt.where(~_has_label(ImageLabel.label_id.in_(not_labels)))
-    task_id = request.query_params.get("task")
-    if task_id:
-        task = get_task(session, user, task_id)
-        task_labels = select(TaskLabel.label_id).where(TaskLabel.task_id == task.id)
+    if wanted := _ids(request, "labels", "label"):
+        stmt = stmt.where(_has_label(ImageLabel.label_id.in_(wanted)))
+    if unwanted := _ids(request, "not_labels"):
+        stmt = stmt.where(~_has_label(ImageLabel.label_id.in_(unwanted)))
+    if task:
+        task_labels = select(TaskLabel.label_id).where(TaskLabel.task_id == get_task(session, user, task).id)
         stmt = stmt.where(_has_label(ImageLabel.label_id.in_(task_labels)))
     for key, raw in request.query_params.multi_items():
         match = _VALUE_FILTER.match(key)
-        if not match:
-            continue
-        bound = strict_float(raw, name=key, code="invalid_filter")
-        column_test = ImageLabel.value >= bound if match["op"] == "gte" else ImageLabel.value <= bound
-        stmt = stmt.where(_has_label(ImageLabel.label_id == match["label"], column_test))
-    if (raw_test := request.query_params.get("test")) is not None:
-        test = strict_bool(raw_test, name="test", code="invalid_filter")
+        if match:
+            bound = strict_float(raw, name=key, code="invalid_filter")
+            column_test = ImageLabel.value >= bound if match["op"] == "gte" else ImageLabel.value <= bound
+            stmt = stmt.where(_has_label(ImageLabel.label_id == match["label"], column_test))
+    if test is not None:
         stmt = stmt.where(TrainingImage.test_image.is_(test))
-    if (raw_real := request.query_params.get("real")) is not None:
-        real = strict_bool(raw_real, name="real", code="invalid_filter")
+    if real is not None:
         stmt = stmt.where(TrainingImage.real.is_(real))
-    if (raw_verified := request.query_params.get("verified")) is not None:
-        verified = strict_int(raw_verified, name="verified", low=0, high=INT32_MAX, code="invalid_filter")
+    if verified is not None:
         stmt = stmt.where(TrainingImage.verify_count == verified)
     stmt = stmt.order_by(TrainingImage.created, TrainingImage.id)
     return paginate(
         session,
         stmt,
         request=request,
-        settings=settings,
-        serialize=lambda rows: [image_public(image, request) for image in rows],
+        page=page,
+        serialize=lambda rows: [image_public(i, request) for i in rows],
     )
 
 
 def _upload_source(body: dict[str, Any], data: ImageCreate) -> str:
     """Which one of the three ways to send an image this request uses."""
-    upload = body.get("img_path")
     sources = [
         name
         for name, present in (
-            ("img_path", isinstance(upload, UploadFile)),
+            ("img_path", isinstance(body.get("img_path"), UploadFile)),
             ("base64", bool(data.base64)),
             ("url", bool(data.url)),
         )
@@ -146,7 +179,12 @@ def _local_bytes(body: dict[str, Any], data: ImageCreate, settings: Settings) ->
     return decode_base64(data.base64 or "")
 
 
-@router.post("/", status_code=201)
+@router.post(
+    "/",
+    status_code=201,
+    response_model=ImagePublic,
+    openapi_extra=request_body(ImageCreate, form=ImageUpload),
+)
 async def create_image(
     request: Request,
     session: SessionDep,
@@ -156,19 +194,23 @@ async def create_image(
     blobs: BlobsDep,
     fetch_slots: FetchSlotsDep,
 ) -> Any:
-    """Upload one training image (multipart ``img_path``, JSON ``base64`` or JSON ``url``).
+    """Upload one training image: JSON ``base64`` or ``url``, or a multipart file ``img_path``.
 
-    Asynchronous so that fetching a ``url`` holds no worker thread and no database
-    connection (the session is closed first); decoding and storing run in the thread pool.
+    A re-upload of an identical image answers 400 with ``"... image ID: <id>"``. Asynchronous
+    so that fetching a ``url`` holds no worker thread and no database connection (the session
+    is closed first); decoding and storing run in the thread pool.
     """
     check_body_workspace(user, body)
     if isinstance(body.get("meta_data"), str):  # form fields carry JSON as text
         text = body["meta_data"]
         try:
-            body["meta_data"] = parse_json(text) if text.strip() else {}
+            meta = parse_json(text) if text.strip() else {}
         except BadRequestError as exc:
             raise BadRequestError(f"'meta_data': {exc.detail}", code="invalid_meta_data") from exc
-    data = parse(ImageCreate, body)
+        if not isinstance(meta, dict | None):
+            raise BadRequestError("'meta_data' must be a JSON object.", code="invalid_meta_data")
+        body["meta_data"] = meta
+    data = parse(ImageCreate, body, form=is_form(request))
     if _upload_source(body, data) == "url":
         await run_in_threadpool(session.close)
         raw = await fetch_image(
@@ -193,12 +235,10 @@ async def create_image(
     return await run_in_threadpool(store)
 
 
-@router.post("/update")
-def bulk_update(session: SessionDep, user: CurrentUser, body: BodyDep) -> Any:
+@router.post("/update", response_model=BulkImageUpdated)
+def bulk_update(session: SessionDep, user: CurrentUser, data: BulkBody) -> Any:
     """Change many images at once: select by ``images`` and/or ``labels``, then add/remove labels
     and set or clear the test and real flags."""
-    check_body_workspace(user, body)
-    data = parse(BulkImageUpdate, body)
     if not data.images and not data.labels:
         raise BadRequestError(
             "Select images by 'images' (ids) and/or 'labels' (label ids).", code="no_selection"
@@ -207,8 +247,8 @@ def bulk_update(session: SessionDep, user: CurrentUser, body: BodyDep) -> Any:
         raise BadRequestError(
             "mark and unmark of the same flag contradict each other.", code="conflicting_flags"
         )
-    add = [get_label(session, user, lid) for lid in data.labels_add]
-    remove = [get_label(session, user, lid) for lid in data.labels_remove]
+    add = [get_label(session, user, lid, referenced=True) for lid in data.labels_add]
+    remove = [get_label(session, user, lid, referenced=True) for lid in data.labels_remove]
     for label in add:
         if label.type == LabelType.VALUE:
             raise BadRequestError(
@@ -221,8 +261,8 @@ def bulk_update(session: SessionDep, user: CurrentUser, body: BodyDep) -> Any:
     if data.labels:
         stmt = stmt.where(_has_label(ImageLabel.label_id.in_(data.labels)))
     images = session.scalars(stmt.options(selectinload(TrainingImage.label_links))).all()
-    if data.images:
-        missing = set(data.images) - {image.id for image in images} if not data.labels else set()
+    if data.images and not data.labels:
+        missing = set(data.images) - {image.id for image in images}
         if missing:
             raise NotFoundError(f"Training image {sorted(missing)[0]} not found.")
     remove_ids = {label.id for label in remove}
@@ -240,14 +280,12 @@ def bulk_update(session: SessionDep, user: CurrentUser, body: BodyDep) -> Any:
     return {"updated": len(images), "images": [image.id for image in images]}
 
 
-@router.get("/{image_id}")
-def get_image_detail(image_id: str, request: Request, session: SessionDep, user: CurrentUser) -> Any:
+@router.get("/{image_id}", response_model=ImagePublic)
+def get_image_detail(image_id: ImageIdPath, request: Request, session: SessionDep, user: CurrentUser) -> Any:
     return image_public(get_image(session, user, image_id), request)
 
 
-def _update(image_id: str, request: Request, session: Session, user: User, body: dict[str, Any]) -> Any:
-    check_body_workspace(user, body)
-    data = parse(ImageMetaUpdate, body)
+def _update(image_id: str, request: Request, session: Session, user: User, data: ImageMetaUpdate) -> Any:
     image = get_image(session, user, image_id)
     if data.meta_data is not None:
         image.meta_data = data.meta_data  # replaced, as ximilar-client merges on its side
@@ -259,21 +297,24 @@ def _update(image_id: str, request: Request, session: Session, user: User, body:
     return image_public(get_image(session, user, image_id), request)
 
 
-@router.put("/{image_id}")
-def put_image(image_id: str, request: Request, session: SessionDep, user: CurrentUser, body: BodyDep) -> Any:
-    return _update(image_id, request, session, user, body)
-
-
-@router.patch("/{image_id}")
-def patch_image(
-    image_id: str, request: Request, session: SessionDep, user: CurrentUser, body: BodyDep
+@router.put("/{image_id}", response_model=ImagePublic)
+def put_image(
+    image_id: ImageIdPath, request: Request, session: SessionDep, user: CurrentUser, data: ImageMetaBody
 ) -> Any:
-    return _update(image_id, request, session, user, body)
+    """Replace the image's meta data, or set its test / real flags."""
+    return _update(image_id, request, session, user, data)
 
 
-@router.delete("/{image_id}", status_code=204)
-def delete_image(image_id: str, session: SessionDep, user: CurrentUser) -> Response:
-    """Delete the image; its blobs go later, once nothing needs them (api/blob_gc.py)."""
+@router.patch("/{image_id}", response_model=ImagePublic)
+def patch_image(
+    image_id: ImageIdPath, request: Request, session: SessionDep, user: CurrentUser, data: ImageMetaBody
+) -> Any:
+    return _update(image_id, request, session, user, data)
+
+
+@router.delete("/{image_id}", status_code=204, response_class=Response)
+def delete_image(image_id: ImageIdPath, session: SessionDep, user: CurrentUser) -> Response:
+    """Delete the image; its files go later, once nothing needs them (api/services/blob_gc.py)."""
     image = get_image(session, user, image_id)
     schedule_blob_deletion(session, image.workspace_id, image.sha256)
     session.delete(image)
@@ -282,10 +323,16 @@ def delete_image(image_id: str, session: SessionDep, user: CurrentUser) -> Respo
 
 
 def _download(
-    request: Request, session: Session, blobs: BlobStore, signer: UrlSigner, image_id: str, kind: str
+    request: Request,
+    session: Session,
+    blobs: BlobStore,
+    signer: UrlSigner,
+    image_id: str,
+    kind: str,
+    expires: str | None,
+    signature: str | None,
 ) -> Response:
     """Serve an image to its owner's token, or to anyone holding an unexpired signed link."""
-    expires, signature = request.query_params.get("expires"), request.query_params.get("signature")
     if expires and signature and "authorization" not in request.headers:
         if not signer.verify_text(image_id, kind, expires, signature):
             raise AuthenticationError("The download link is invalid or has expired; list the image again.")
@@ -306,26 +353,83 @@ def _download(
     )
 
 
-@router.get("/{image_id}/file")
-@router.get("/{image_id}/file/{filename}")
+Expires = Annotated[
+    str | None, Query(pattern="^[0-9]{1,12}$", description="Signed links: when the link expires (Unix time).")
+]
+Signature = Annotated[
+    str | None, Query(max_length=128, pattern=NO_NUL, description="Signed links: the signature.")
+]
+_IMAGE_FILE: dict[int | str, dict[str, Any]] = {
+    200: {
+        "content": {"image/*": {"schema": {"type": "string", "format": "binary"}}},
+        "description": "The image.",
+    }
+}
+
+
+@router.get(
+    "/{image_id}/file", response_class=Response, responses={**_IMAGE_FILE, **errors(401, 404, 422, 429)}
+)
 def download_image(
-    image_id: str, request: Request, session: SessionDep, blobs: BlobsDep, signer: UrlSignerDep
+    image_id: ImageIdPath,
+    request: Request,
+    session: SessionDep,
+    blobs: BlobsDep,
+    signer: UrlSignerDep,
+    expires: Expires = None,
+    signature: Signature = None,
 ) -> Response:
     """The stored image bytes: with the API token, or through the signed ``img_path`` link."""
-    return _download(request, session, blobs, signer, image_id, "file")
+    return _download(request, session, blobs, signer, image_id, "file", expires, signature)
 
 
-@router.get("/{image_id}/thumb")
-@router.get("/{image_id}/thumb/{filename}")
+@router.get("/{image_id}/file/{filename}", response_class=Response, include_in_schema=False)
+def download_image_named(
+    image_id: ImageIdPath,
+    filename: str,
+    request: Request,
+    session: SessionDep,
+    blobs: BlobsDep,
+    signer: UrlSignerDep,
+    expires: Expires = None,
+    signature: Signature = None,
+) -> Response:
+    """The same, with the file name last (ximilar-client names its download after it)."""
+    return _download(request, session, blobs, signer, image_id, "file", expires, signature)
+
+
+@router.get(
+    "/{image_id}/thumb", response_class=Response, responses={**_IMAGE_FILE, **errors(401, 404, 422, 429)}
+)
 def download_thumbnail(
-    image_id: str, request: Request, session: SessionDep, blobs: BlobsDep, signer: UrlSignerDep
+    image_id: ImageIdPath,
+    request: Request,
+    session: SessionDep,
+    blobs: BlobsDep,
+    signer: UrlSignerDep,
+    expires: Expires = None,
+    signature: Signature = None,
 ) -> Response:
     """The JPEG thumbnail: with the API token, or through the signed ``thumb_img_path`` link."""
-    return _download(request, session, blobs, signer, image_id, "thumb")
+    return _download(request, session, blobs, signer, image_id, "thumb", expires, signature)
+
+
+@router.get("/{image_id}/thumb/{filename}", response_class=Response, include_in_schema=False)
+def download_thumbnail_named(
+    image_id: ImageIdPath,
+    filename: str,
+    request: Request,
+    session: SessionDep,
+    blobs: BlobsDep,
+    signer: UrlSignerDep,
+    expires: Expires = None,
+    signature: Signature = None,
+) -> Response:
+    return _download(request, session, blobs, signer, image_id, "thumb", expires, signature)
 
 
 def _label_for_image(session: Session, user: User, data: ImageLabelBody) -> Label:
-    label = get_label(session, user, data.label_id)
+    label = get_label(session, user, data.label_id, referenced=True)
     if label.type == LabelType.VALUE and data.value is None:
         raise BadRequestError(
             f"Label '{label.name}' is a value label: send a 'value'.", code="value_required"
@@ -338,11 +442,11 @@ def _label_for_image(session: Session, user: User, data: ImageLabelBody) -> Labe
     return label
 
 
-@router.post("/{image_id}/add-label")
-def add_label(image_id: str, request: Request, session: SessionDep, user: CurrentUser, body: BodyDep) -> Any:
+@router.post("/{image_id}/add-label", response_model=ImagePublic)
+def add_label(
+    image_id: ImageIdPath, request: Request, session: SessionDep, user: CurrentUser, data: ImageLabelBodyDep
+) -> Any:
     """Attach a label (with ``value`` for a regression label). Attaching it again sets the value."""
-    check_body_workspace(user, body)
-    data = parse(ImageLabelBody, body)
     image = get_image(session, user, image_id)
     label = _label_for_image(session, user, data)
     link = next((link for link in image.label_links if link.label_id == label.id), None)
@@ -354,35 +458,41 @@ def add_label(image_id: str, request: Request, session: SessionDep, user: Curren
     return image_public(get_image(session, user, image_id), request)
 
 
-@router.post("/{image_id}/update-label")
+@router.post("/{image_id}/update-label", response_model=ImagePublic)
 def update_label(
-    image_id: str, request: Request, session: SessionDep, user: CurrentUser, body: BodyDep
+    image_id: ImageIdPath, request: Request, session: SessionDep, user: CurrentUser, data: ImageLabelBodyDep
 ) -> Any:
     """Change the value of a regression label already on the image."""
-    check_body_workspace(user, body)
-    data = parse(ImageLabelBody, body)
     image = get_image(session, user, image_id)
     label = _label_for_image(session, user, data)
     link = next((link for link in image.label_links if link.label_id == label.id), None)
     if link is None:
-        raise NotFoundError(f"Label '{label.name}' is not on image {image.id}; add it first.")
+        raise BadRequestError(
+            f"Label '{label.name}' is not on image {image.id}; add it first.", code="label_not_on_image"
+        )
     link.value = data.value
     session.commit()
     return image_public(get_image(session, user, image_id), request)
 
 
 # The public docs name the same operation "update-value".
-router.add_api_route("/{image_id}/update-value", update_label, methods=["POST"])
+router.add_api_route(
+    "/{image_id}/update-value",
+    update_label,
+    methods=["POST"],
+    response_model=ImagePublic,
+    operation_id="update_value",
+    summary="Update Value",
+)
 
 
-@router.post("/{image_id}/remove-label")
+@router.post("/{image_id}/remove-label", response_model=ImagePublic)
 def remove_label(
-    image_id: str, request: Request, session: SessionDep, user: CurrentUser, body: BodyDep
+    image_id: ImageIdPath, request: Request, session: SessionDep, user: CurrentUser, data: ImageLabelBodyDep
 ) -> Any:
-    check_body_workspace(user, body)
-    data = parse(ImageLabelBody, body)
+    """Take a label off the image."""
     image = get_image(session, user, image_id)
-    label = get_label(session, user, data.label_id)
+    label = get_label(session, user, data.label_id, referenced=True)
     image.label_links[:] = [link for link in image.label_links if link.label_id != label.id]
     session.commit()
     return image_public(get_image(session, user, image_id), request)

@@ -21,7 +21,7 @@ from fastapi.testclient import TestClient
 from api.auth import create_user
 from api.main import create_app
 from api.settings import DEFAULT_BLOCKED_NETWORKS, Settings
-from tests.factories import image_bytes
+from tests.support.images import image_bytes
 
 IMAGES = "/recognition/v2/training-image"
 PNG = image_bytes(123, size=(120, 90))

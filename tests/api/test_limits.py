@@ -16,7 +16,8 @@ from api.services.rate_limits import ConcurrencyLimit, TokenBuckets
 from api.services.url_fetch import is_blocked
 from api.settings import Settings
 from taskvision.errors import TooManyRequestsError
-from tests.factories import b64, image_bytes
+from tests.support.api import b64
+from tests.support.images import image_bytes
 
 TASKS = "/recognition/v2/task"
 

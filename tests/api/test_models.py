@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 from fastapi.testclient import TestClient
 
 from api.db.models import Model, Task
-from tests.factories import create_task
+from tests.support.api import create_task
 
 
 def _add(app, task_id: str, version: int) -> str:

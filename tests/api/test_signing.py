@@ -15,7 +15,8 @@ from api.db.models import InstanceSecret
 from api.main import create_app
 from api.services.signing import CLOCK_SKEW_S, KEY_FILE, SigningKeyMissing, UrlSigner
 from api.settings import Settings
-from tests.factories import b64, image_bytes
+from tests.support.api import b64
+from tests.support.images import image_bytes
 
 IMAGES = "/recognition/v2/training-image"
 

@@ -16,7 +16,8 @@ from sqlalchemy import func, select
 from api.db.models import TrainingImage
 from api.main import create_app
 from api.settings import Settings
-from tests.factories import b64, bomb_png, create_label, create_task, image_bytes, upload
+from tests.support.api import b64, create_label, create_task, upload
+from tests.support.images import bomb_png, image_bytes
 
 IMAGES = "/recognition/v2/training-image"
 
@@ -253,8 +254,9 @@ def test_value_only_for_value_labels_and_update_needs_existing(client: TestClien
     image = upload(client, image_bytes(13))
     url = f"{IMAGES}/{image['id']}"
     assert client.post(url + "/add-label", json={"label_id": category["id"], "value": 1}).status_code == 400
-    assert client.post(url + "/update-label", json={"label_id": value["id"], "value": 2}).status_code == 404
-    assert client.post(url + "/add-label", json={"label_id": "missing"}).status_code == 404
+    not_on_it = client.post(url + "/update-label", json={"label_id": value["id"], "value": 2})
+    assert not_on_it.status_code == 400 and not_on_it.json()["code"] == "label_not_on_image"
+    assert client.post(url + "/add-label", json={"label_id": "missing"}).json()["code"] == "unknown_label"
 
 
 def test_put_replaces_meta_data(client: TestClient) -> None:
@@ -302,7 +304,7 @@ def test_filters(client: TestClient) -> None:
     assert _ids(client, "page=1&real=True") == {e}
     assert _ids(client, "verified=0") == {a, b, c, d, e}
     assert _ids(client, "verified=1") == set()
-    assert client.get(f"{IMAGES}/?test=maybe").status_code == 400
+    assert client.get(f"{IMAGES}/?test=maybe").status_code == 422  # not a boolean (the schema says so)
     assert client.get(f"{IMAGES}/?label_value_{lid}__gte=old").status_code == 400
 
 

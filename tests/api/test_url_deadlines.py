@@ -32,7 +32,7 @@ from api.main import create_app
 from api.services.versions import import_bundle
 from api.settings import DEFAULT_BLOCKED_NETWORKS, Settings
 from taskvision.task_types import TaskType
-from tests.factories import linear_bundle
+from tests.support.bundles import linear_bundle
 
 pytestmark = pytest.mark.slow
 DEADLINE_S = 2.0

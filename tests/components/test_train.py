@@ -19,7 +19,7 @@ from taskvision import backbone
 from taskvision.dataset import LabelInfo, ManifestRow
 from taskvision.storage import LocalBlobStore
 from taskvision.task_types import TaskType
-from tests.components.builders import RowMaker, info
+from tests.support.snapshots import RowMaker, info
 
 
 @pytest.fixture(autouse=True, scope="module")

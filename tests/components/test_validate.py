@@ -13,7 +13,7 @@ from components.lib.validate import validate_dataset
 from taskvision.dataset import LabelInfo, write_snapshot
 from taskvision.storage import LocalBlobStore
 from taskvision.task_types import TaskType
-from tests.components.builders import FakeArtifact, RowMaker, info
+from tests.support.snapshots import FakeArtifact, RowMaker, info
 
 ROSE, TULIP = LabelInfo("l-rose", "rose"), LabelInfo("l-tulip", "tulip")
 SIZE = LabelInfo("v-size", "size")

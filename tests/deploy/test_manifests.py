@@ -24,7 +24,7 @@ from sqlalchemy.engine import make_url
 from api.settings import Settings
 from taskvision.storage import parse_s3_url
 from tests.deploy.conftest import MANIFESTS, OVERLAYS, kustomize
-from tests.k8s_schemas import (
+from tests.support.k8s_schemas import (
     SchemaNotFoundError,
     SchemaViolationError,
     custom_resource_errors,

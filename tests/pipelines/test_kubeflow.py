@@ -30,7 +30,7 @@ from components.lib.validate import validate_dataset
 from pipelines.runners import KubeflowRunner, RunnerState
 from taskvision.dataset import read_snapshot
 from taskvision.storage import open_blob_store
-from tests.fake_kfp import KFP_CLIENT_ENV_VARS, FakeKfpServer
+from tests.support.fake_kfp import KFP_CLIENT_ENV_VARS, FakeKfpServer
 from tests.training.helpers import make_task, train, wait
 
 RUNS = "/apis/v2beta1/runs"

@@ -14,9 +14,9 @@ import pytest
 from fastapi.testclient import TestClient
 
 from api.auth import create_user
-from tests.factories import b64, bomb_png, image_bytes
 from tests.serving.conftest import Trained
-from tests.training import datasets
+from tests.support.api import b64
+from tests.support.images import bomb_png, image_bytes, shape_image, size_image, tag_image
 from tests.training.helpers import train, wait
 
 pytestmark = pytest.mark.slow
@@ -31,8 +31,8 @@ def classify(client: TestClient, task_id: str, records: list[dict[str, Any]], **
 
 def test_multi_class_response_shape(trained: Trained) -> None:
     task = trained.tasks["multi_class"]
-    circle = datasets.shape_image("circle", 101)
-    square = datasets.shape_image("square", 102)
+    circle = shape_image("circle", 101)
+    square = shape_image("square", 102)
     records = [
         {"_base64": b64(circle), "_id": "a", "_file": "/tmp/circle.png", "note": {"x": 1}},
         {"_base64": "data:image/png;base64," + b64(square), "_id": "b"},
@@ -61,9 +61,9 @@ def test_multi_class_response_shape(trained: Trained) -> None:
 def test_multi_label_best_label_holds_the_tags_above_threshold(trained: Trained) -> None:
     task = trained.tasks["multi_label"]
     records = [
-        {"_base64": b64(datasets.tag_image(True, True, 201))},
-        {"_base64": b64(datasets.tag_image(True, False, 202))},
-        {"_base64": b64(datasets.tag_image(False, False, 203))},
+        {"_base64": b64(tag_image(True, True, 201))},
+        {"_base64": b64(tag_image(True, False, 202))},
+        {"_base64": b64(tag_image(False, False, 203))},
     ]
     both, red, none = classify(trained.client, task["id"], records)["records"]
     assert sorted(tag["name"] for tag in both["best_label"]) == ["red", "striped"]
@@ -78,7 +78,7 @@ def test_regression_answers_the_value(trained: Trained) -> None:
     small, large = classify(
         trained.client,
         task["id"],
-        [{"_base64": b64(datasets.size_image(8, 301))}, {"_base64": b64(datasets.size_image(38, 302))}],
+        [{"_base64": b64(size_image(8, 301))}, {"_base64": b64(size_image(38, 302))}],
     )["records"]
     assert small["best_label"]["name"] == "radius" and set(small["best_label"]) == {"id", "name", "value"}
     assert small["best_label"]["value"] < large["best_label"]["value"]
@@ -89,7 +89,7 @@ def test_explicit_versions_and_switching_production(trained: Trained) -> None:
     client, task = trained.client, trained.tasks["multi_class"]
     run = wait(client, train(client, task["id"])["id"])
     assert run["version"] == 2
-    record = [{"_base64": b64(datasets.shape_image("circle", 401))}]
+    record = [{"_base64": b64(shape_image("circle", 401))}]
     assert classify(client, task["id"], record)["version"] == 2
     assert classify(client, task["id"], record, version=1)["version"] == 1
     missing = client.post(CLASSIFY, json={"task_id": task["id"], "version": 7, "records": record})
@@ -101,7 +101,7 @@ def test_explicit_versions_and_switching_production(trained: Trained) -> None:
 
 def test_store_images_keeps_them_for_review(trained: Trained) -> None:
     client, task = trained.client, trained.tasks["multi_class"]
-    data = datasets.shape_image("square", 501)
+    data = shape_image("square", 501)
     answer = classify(client, task["id"], [{"_base64": b64(data)}, {"_base64": "broken!"}], store_images=True)
     stored_id = answer["records"][0]["_stored_image_id"]
     assert "_stored_image_id" not in answer["records"][1]
@@ -141,7 +141,7 @@ def test_one_backbone_pass_per_image_across_tasks(trained: Trained) -> None:
 
     client = trained.client
     embedder = shared_embedder()
-    record = [{"_base64": b64(datasets.shape_image("circle", 601))}]
+    record = [{"_base64": b64(shape_image("circle", 601))}]
     before = embedder.images_embedded
     classify(client, trained.tasks["multi_class"]["id"], record)
     classify(client, trained.tasks["multi_label"]["id"], record)
@@ -159,7 +159,7 @@ class _Images(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:
         if self.path.startswith("/image.png"):
-            data = datasets.shape_image("circle", 700)
+            data = shape_image("circle", 700)
             self.send_response(200)
             self.send_header("Content-Type", "image/png")
             self.send_header("Content-Length", str(len(data)))
@@ -186,7 +186,7 @@ def image_server() -> Iterator[str]:
 
 
 def test_each_bad_record_fails_alone(trained: Trained, image_server: str) -> None:
-    good = {"_base64": b64(datasets.shape_image("square", 800))}
+    good = {"_base64": b64(shape_image("square", 800))}
     bad = {
         "invalid base64": {"_base64": "@@@ not base64"},
         "not an image": {"_base64": base64.b64encode(b"just some text").decode()},

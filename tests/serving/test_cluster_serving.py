@@ -23,11 +23,11 @@ from api.auth import create_user
 from api.main import create_app
 from api.services.inference_services import InferenceServiceManager, service_name
 from api.settings import Settings
-from tests.factories import b64
-from tests.fake_k8s import FakeKubernetes
-from tests.k8s_schemas import load_crd_schemas, validate_custom_resource
 from tests.serving.test_model_server import _start
-from tests.training import datasets
+from tests.support.api import b64
+from tests.support.fake_k8s import FakeKubernetes
+from tests.support.images import shape_image
+from tests.support.k8s_schemas import load_crd_schemas, validate_custom_resource
 from tests.training.helpers import make_task, train, wait
 
 pytestmark = pytest.mark.slow
@@ -105,12 +105,14 @@ def test_inference_services_follow_the_production_version(
     assert predictor["minReplicas"] == 0 and predictor["maxReplicas"] == 3
     assert predictor["model"]["runtime"] == "taskvision-predictor"
     assert predictor["model"]["modelFormat"] == {"name": "taskvision-bundle"}
-    assert predictor["model"]["storageUri"] == app.state.services.blobs.uri(f"models/{task['id']}/{first['id']}")
+    assert predictor["model"]["storageUri"] == app.state.services.blobs.uri(
+        f"models/{task['id']}/{first['id']}"
+    )
     assert "canaryTrafficPercent" not in predictor
     assert created["metadata"]["labels"]["taskvision.io/task"] == task["id"]
 
     # Not ready yet: classify answers 503 with a retry hint.
-    record = [{"_base64": b64(datasets.shape_image("circle", 77))}]
+    record = [{"_base64": b64(shape_image("circle", 77))}]
     waiting = cluster.post("/recognition/v2/classify", json={"task_id": task["id"], "records": record})
     assert waiting.status_code == 503 and waiting.headers["Retry-After"] == "10"
     assert "retry" in waiting.json()["detail"]
@@ -186,7 +188,7 @@ def test_the_control_plane_keeps_working_while_the_api_server_is_down(
         assert cluster.delete(f"/recognition/v2/task/{other['id']}/").status_code == 204
         refused = cluster.post(
             "/recognition/v2/classify",
-            json={"task_id": task["id"], "records": [{"_base64": b64(datasets.shape_image("circle", 1))}]},
+            json={"task_id": task["id"], "records": [{"_base64": b64(shape_image("circle", 1))}]},
         )
         assert refused.status_code == 503
     finally:

@@ -12,9 +12,9 @@ from fastapi.testclient import TestClient
 from api.auth import create_user
 from api.main import create_app
 from api.settings import Settings
-from tests.factories import b64
 from tests.serving.test_model_server import bundle  # noqa: F401 - the fixture
-from tests.training import datasets
+from tests.support.api import b64
+from tests.support.images import shape_image
 from tests.training.helpers import add_label
 
 pytestmark = pytest.mark.slow
@@ -48,7 +48,7 @@ def test_import_checks_the_bundle_then_serves_it(bundle: Path, tmp_path: Path) -
 
     answer = client.post(
         "/recognition/v2/classify",
-        json={"task_id": task["id"], "records": [{"_base64": b64(datasets.shape_image("circle", 321))}]},
+        json={"task_id": task["id"], "records": [{"_base64": b64(shape_image("circle", 321))}]},
     ).json()
     best = answer["records"][0]["best_label"]
     assert best["name"] == "circle" and best["id"] == circle  # the task's own label ids

@@ -17,7 +17,7 @@ from api.auth import create_user
 from api.db.models import TrainingRun
 from api.main import create_app
 from api.settings import Settings
-from tests.training import datasets
+from tests.support.images import shape_image
 from tests.training.helpers import add_label, make_task, train, upload, wait
 
 pytestmark = pytest.mark.slow
@@ -117,9 +117,9 @@ def test_validation_failure_explains_itself_and_the_task_stays_usable(client: Te
         add_label(client, task["id"], "tulip", "category"),
     )
     for i in range(12):
-        upload(client, datasets.shape_image("circle", i), [rose])
+        upload(client, shape_image("circle", i), [rose])
     for i in range(20):
-        upload(client, datasets.shape_image("square", i), [tulip])
+        upload(client, shape_image("square", i), [tulip])
     failed = wait(client, train(client, task["id"])["id"])
     assert failed["status"] == "FAILED" and failed["step"] == "validate"
     assert "label 'rose' has 12 images; at least 20 are needed" in failed["error"]
@@ -130,7 +130,7 @@ def test_validation_failure_explains_itself_and_the_task_stays_usable(client: Te
     assert client.get(f"/recognition/v2/model/?task={task['id']}").json()["count"] == 0
 
     for i in range(12, 20):
-        upload(client, datasets.shape_image("circle", i), [rose])
+        upload(client, shape_image("circle", i), [rose])
     fixed = wait(client, train(client, task["id"])["id"])
     assert fixed["status"] == "SUCCEEDED" and fixed["version"] == 1
     assert client.get(f"{TASKS}/{task['id']}").json()["last_train_error"] == ""

@@ -69,7 +69,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from tests.request_log import RequestLog
+from tests.support.request_log import RequestLog
 
 if TYPE_CHECKING:
     from kubernetes.client import Configuration

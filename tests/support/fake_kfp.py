@@ -44,7 +44,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from tests.request_log import RequestLog
+from tests.support.request_log import RequestLog
 
 __all__ = ["KFP_CLIENT_ENV_VARS", "RUN_STATES", "FakeKfpServer", "KfpApiError", "RecordedRequest"]
 

@@ -18,7 +18,7 @@ what we meant. ``validate_custom_resource`` checks three things:
 
 Usage (the CRDs live in ``shared/crds/kserve/`` beside the repository)::
 
-    from tests.k8s_schemas import load_crd_schemas, validate_custom_resource
+    from tests.support.k8s_schemas import load_crd_schemas, validate_custom_resource
 
     schemas = load_crd_schemas()            # {(apiVersion, kind): openAPIV3Schema}
     validate_custom_resource(isvc, schemas)  # raises SchemaViolationError / SchemaNotFoundError
@@ -50,7 +50,7 @@ __all__ = [
     "validate_custom_resource",
 ]
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 # shared/ sits beside the repository (../shared from the repo root).
 DEFAULT_CRD_DIR = REPO_ROOT.parent / "shared" / "crds" / "kserve"
 

@@ -1,32 +1,16 @@
-"""Small builders for pipeline-step tests: snapshots, rows and generated images in a local blob store."""
+"""Dataset snapshots for pipeline-step tests: manifest rows with generated images in a blob store."""
 
 from __future__ import annotations
 
 import hashlib
-import io
-import random
 from dataclasses import dataclass, field
 from typing import Any
 
-from PIL import Image, ImageDraw
-
+from taskvision import blob_layout
 from taskvision.dataset import DatasetInfo, LabelInfo, ManifestRow
 from taskvision.storage import BlobStore
 from taskvision.task_types import TaskType
-
-
-def png(seed: int, size: tuple[int, int] = (32, 32)) -> bytes:
-    """A distinct little PNG per seed."""
-    rng = random.Random(seed)
-    image = Image.new("RGB", size, tuple(rng.randrange(256) for _ in range(3)))
-    draw = ImageDraw.Draw(image)
-    x, y = rng.randrange(size[0]), rng.randrange(size[1])
-    draw.rectangle(
-        (x, y, x + size[0] // 3, y + size[1] // 3), fill=tuple(rng.randrange(256) for _ in range(3))
-    )
-    out = io.BytesIO()
-    image.save(out, format="PNG")
-    return out.getvalue()
+from tests.support.images import image_bytes, shape_image
 
 
 def sha(text: str) -> str:
@@ -36,7 +20,7 @@ def sha(text: str) -> str:
 def put_blob(store: BlobStore, data: bytes) -> tuple[str, str]:
     """Store ``data`` content-addressed, as the API does; returns (blob key, sha256)."""
     digest = hashlib.sha256(data).hexdigest()
-    key = f"images/ws/{digest[:2]}/{digest}"
+    key = blob_layout.image_key("ws", digest)
     store.put(key, data)
     return key, digest
 
@@ -74,10 +58,12 @@ class RowMaker:
         self._n += 1
         image_id = f"img-{self._n:04d}"
         if self.store is not None:
-            key, digest = put_blob(self.store, data if data is not None else png(self._n, self.size))
+            key, digest = put_blob(
+                self.store, data if data is not None else image_bytes(self._n, size=self.size)
+            )
         else:
             digest = digest or sha(image_id)
-            key = f"images/ws/{digest[:2]}/{digest}"
+            key = blob_layout.image_key("ws", digest)
         row = ManifestRow(
             image_id=image_id,
             blob_key=key,
@@ -100,3 +86,22 @@ class FakeArtifact:
     def __init__(self, path: str) -> None:
         self.path = path
         self.metadata: dict[str, Any] = {}
+
+
+def shapes_in_store(store: BlobStore, per_label: int) -> tuple[DatasetInfo, list[ManifestRow]]:
+    """A multi_class snapshot of ``per_label`` circles (L0) and squares (L1), their bytes put in ``store``.
+
+    For tests that run the pipeline's library steps directly, without the API.
+    """
+    rows = []
+    for kind, label in (("circle", "L0"), ("square", "L1")):
+        for i in range(per_label):
+            data = shape_image(kind, i)
+            sha = hashlib.sha256(data).hexdigest()
+            key = blob_layout.image_key("ws", sha)
+            store.put(key, data)
+            rows.append(ManifestRow(image_id=f"{kind}{i}", blob_key=key, sha256=sha, labels=[label]))
+    info = DatasetInfo(
+        "t", TaskType.MULTI_CLASS, [LabelInfo("L0", "circle"), LabelInfo("L1", "square")], "s", "", len(rows)
+    )
+    return info, rows
