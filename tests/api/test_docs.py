@@ -1,4 +1,4 @@
-"""/docs and /redoc work without a network: every asset is served by us, and the schema says how to sign in."""
+"""/docs and /redoc work offline (every asset is ours), and the schema says how to sign in."""
 
 from __future__ import annotations
 
