@@ -9,7 +9,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from api.db.models import ApiToken, User
-from taskvision.errors import AuthenticationError, ConflictError
+from taskvision.errors import AuthenticationError, ConflictError, NotFoundError
 
 
 def hash_token(token: str) -> str:
@@ -38,6 +38,21 @@ def create_user(session: Session, name: str) -> tuple[User, str]:
     token = issue_token(session, user)
     session.commit()
     return user, token
+
+
+def rotate_token(session: Session, name: str) -> str:
+    """Replace every token of user ``name`` with a new one and return it. Commits.
+
+    The old tokens stop working at once (their hashes are deleted in the same transaction).
+    """
+    user = session.scalar(select(User).where(User.name == name))
+    if user is None:
+        raise NotFoundError(f"no user named {name!r}")
+    for old in list(user.tokens):
+        session.delete(old)
+    token = issue_token(session, user)
+    session.commit()
+    return token
 
 
 def _key(authorization: str) -> str:
