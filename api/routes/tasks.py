@@ -23,7 +23,7 @@ from api.deps import (
 from api.http.openapi import COMMON, errors
 from api.http.pagination import PageDep, paginate
 from api.http.routing import SlashAgnosticRouter
-from api.presenters import run_public, task_public
+from api.presenters import runs_public, task_public
 from api.schemas.common import Page
 from api.schemas.tasks import LabelIdBody, TaskCreate, TaskPublic, TaskUpdate, TrainAccepted, TrainRequest
 from api.services.container import Services
@@ -154,7 +154,7 @@ def train_task(
     """Start a training; answers at once with the queued run (follow it at /training-run/{id})."""
     task = get_task(session, user, task_id, for_update=True)
     run = training.request_training(session, user, task, data.parameters())
-    return {**run_public(run), "task_status": task.last_train_status}
+    return {**runs_public(session, [run])[0], "task_status": task.last_train_status}
 
 
 @router.post("/{task_id}/add-label", response_model=TaskPublic)

@@ -105,7 +105,9 @@ def build_services(settings: Settings) -> Services:
         engine=engine,
         session_factory=session_factory,
         blobs=blobs,
-        training=TrainingQueue(blobs, runner, runner_name, wake=jobs.wake),
+        training=TrainingQueue(
+            blobs, runner, runner_name, wake=jobs.wake, min_images_per_label=settings.min_images_per_label
+        ),
         watcher=watcher,
         blob_collector=collector,
         reconciler=reconciler,

@@ -96,11 +96,15 @@ class RunWatcher:
         session.refresh(run)
         return True
 
-    def _arguments(self, run: TrainingRun) -> dict[str, Any]:
-        params = {
+    def _parameters(self, run: TrainingRun) -> dict[str, Any]:
+        """The training parameters the pipeline gets: the request's over the service's defaults."""
+        return {
             **self.settings.training_defaults(),
             **{k: v for k, v in run.params.items() if k != "production"},
         }
+
+    def _arguments(self, run: TrainingRun) -> dict[str, Any]:
+        params = self._parameters(run)
         return {
             "storage_url": self.settings.effective_storage_url,
             "snapshot_prefix": run.snapshot_prefix,
@@ -119,10 +123,12 @@ class RunWatcher:
             session.commit()
             return
         run.status, run.started, run.message = RunStatus.RUNNING, utcnow(), "started"
+        run.effective_params = {**self._parameters(run), "production": run.params.get("production", True)}
         session.commit()
 
     def _progress(self, run: TrainingRun) -> None:
-        key = blob_layout.progress_key(blob_layout.run_prefix(run.task_id, run.id))
+        prefix = blob_layout.run_prefix(run.task_id, run.id)
+        key = blob_layout.progress_key(prefix)
         try:
             data = json.loads(self.blobs.get(key))
         except (NotFoundError, ValueError):
@@ -130,6 +136,12 @@ class RunWatcher:
         run.step = str(data.get("step", ""))[:32]
         run.progress = float(data.get("progress", 0.0))
         run.message = str(data.get("message", ""))
+        try:
+            decided = json.loads(self.blobs.get(blob_layout.run_info_key(prefix)))
+        except (NotFoundError, ValueError):
+            return
+        if isinstance(decided, dict):
+            run.effective_params = {**run.effective_params, **decided}
 
     def _poll(self, session: Session, run: TrainingRun) -> None:
         try:
@@ -184,6 +196,7 @@ class RunWatcher:
             bundle_uri=prefix,
             metrics=meta.metrics,
             production=run.params.get("production", True),
+            run_id=run.id,
         )
         run.status, run.finished, run.model_version = RunStatus.SUCCEEDED, utcnow(), model.version
         run.step, run.progress, run.message = "register", 1.0, f"version {model.version} registered"

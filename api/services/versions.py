@@ -34,7 +34,13 @@ def next_version(session: Session, task_id: str) -> int:
 
 
 def register_version(
-    session: Session, task: Task, *, bundle_uri: str, metrics: dict[str, Any], production: bool
+    session: Session,
+    task: Task,
+    *,
+    bundle_uri: str,
+    metrics: dict[str, Any],
+    production: bool,
+    run_id: str | None = None,
 ) -> Model:
     """Add the bundle at ``bundle_uri`` as ``task``'s next version (not committed).
 
@@ -47,6 +53,7 @@ def register_version(
         train_status=TrainStatus.TRAINED,
         metrics=metrics,
         bundle_uri=bundle_uri,
+        run_id=run_id,
     )
     session.add(model)
     if production or task.production_version < 1:

@@ -17,8 +17,8 @@ from api.auth import create_user
 from api.db.models import TrainingRun
 from api.main import create_app
 from api.settings import Settings
-from tests.support.images import shape_image
-from tests.training.helpers import add_label, make_task, train, upload, wait
+from tests.support.images import image_bytes, shape_image
+from tests.training.helpers import IMAGES, add_label, make_task, train, upload, wait
 
 pytestmark = pytest.mark.slow
 
@@ -72,6 +72,12 @@ def _check_metrics(task_type: str, metrics: dict[str, Any]) -> None:
         assert metrics["rmse"] >= metrics["mae"]
 
 
+def _task_images(client: TestClient, task: dict[str, Any]) -> list[str]:
+    page = client.get(f"{IMAGES}/?task={task['id']}&page_size=100").json()
+    assert page["next"] is None
+    return [image["id"] for image in page["results"]]
+
+
 @pytest.mark.parametrize("task_type", ["multi_class", "multi_label", "regression"])
 def test_train_retrain_and_switch_production(client: TestClient, task_type: str) -> None:
     task = make_task(client, task_type)
@@ -83,13 +89,25 @@ def test_train_retrain_and_switch_production(client: TestClient, task_type: str)
     assert seen["step"] in {"validate", "split", "train", "evaluate", "register"}
     assert 0.0 <= seen["progress"] <= 1.0 and seen["started"]
 
+    assert 0.0 <= seen["overall_progress"] <= 1.0 and seen["queue_position"] is None
+
     done = wait(client, run["id"])
     assert done["status"] == "SUCCEEDED", done
-    assert (done["version"], done["step"], done["progress"]) == (1, "register", 1.0)
+    assert (done["version"], done["step"], done["progress"], done["overall_progress"]) == (
+        1,
+        "register",
+        1.0,
+        1.0,
+    )
+    effective = done["effective_params"]
+    assert effective["train_images"] + effective["test_images"] == len(_task_images(client, task))
+    assert effective["augment"] == "flip" and effective["seed"] == 0 and effective["production"] is True
     state = client.get(f"{TASKS}/{task['id']}").json()
     assert (state["production_version"], state["last_train_status"]) == (1, "TRAINED")
     models = client.get(f"/recognition/v2/model/?task={task['id']}").json()["results"]
     assert [m["version"] for m in models] == [1]
+    # The run and its version point at each other.
+    assert done["model_id"] == models[0]["id"] and models[0]["run_id"] == run["id"]
     _check_metrics(task_type, models[0]["metrics"])
 
     second = wait(client, train(client, task["id"])["id"])
@@ -110,8 +128,11 @@ def test_train_retrain_and_switch_production(client: TestClient, task_type: str)
     assert [m["version"] for m in production] == [1]
 
 
-def test_validation_failure_explains_itself_and_the_task_stays_usable(client: TestClient) -> None:
+def test_a_task_that_cannot_pass_validation_is_refused_at_once(client: TestClient) -> None:
     task = client.post(TASKS, json={"name": "flowers", "type": "multi_class"}).json()
+    lonely = client.post(f"{TASKS}/{task['id']}/train")
+    assert lonely.status_code == 400 and lonely.json()["code"] == "not_trainable"
+    assert "The task has 0 label(s); at least 2 are needed to train." in lonely.json()["problems"]
     rose, tulip = (
         add_label(client, task["id"], "rose", "category"),
         add_label(client, task["id"], "tulip", "category"),
@@ -120,20 +141,50 @@ def test_validation_failure_explains_itself_and_the_task_stays_usable(client: Te
         upload(client, shape_image("circle", i), [rose])
     for i in range(20):
         upload(client, shape_image("square", i), [tulip])
+    both = upload(client, shape_image("square", 99), [rose, tulip])
+    refused = client.post(f"{TASKS}/{task['id']}/train", json={})
+    assert refused.status_code == 400, refused.text
+    body = refused.json()
+    assert body["counts"] == {"rose": 13, "tulip": 21}
+    assert body["image_ids"] == [both]
+    assert body["problems"] == [
+        "1 image has more than one category of this task; a categorization image needs exactly one.",
+        "label 'rose' has 13 images; at least 20 are needed",
+    ]
+    assert body["detail"].startswith("The task cannot be trained yet: 1 image has more than one category")
+    # Nothing was queued, and the task is as it was.
+    assert client.get(f"/recognition/v2/training-run/?task={task['id']}").json()["count"] == 0
+    assert client.get(f"{TASKS}/{task['id']}").json()["last_train_status"] == "NOT_TRAINED"
+    # A lower minimum for this training only is honoured.
+    assert client.post(f"{TASKS}/{task['id']}/train", json={"min_images_per_label": 10}).json()["code"] == (
+        "not_trainable"
+    )  # still the image with two categories
+    client.post(f"{IMAGES}/{both}/remove-label", json={"label_id": rose})
+    assert client.post(f"{TASKS}/{task['id']}/train", json={"min_images_per_label": 10}).status_code == 202
+
+
+def test_a_problem_only_the_images_show_fails_the_run_in_validation(client: TestClient) -> None:
+    """The pipeline's validation stays the authority: it also reads the images."""
+    task = client.post(TASKS, json={"name": "flowers", "type": "multi_class"}).json()
+    rose, tulip = (
+        add_label(client, task["id"], "rose", "category"),
+        add_label(client, task["id"], "tulip", "category"),
+    )
+    for i in range(20):
+        upload(client, shape_image("circle", i), [rose])
+        upload(client, shape_image("square", i), [tulip])
+    tiny = upload(client, image_bytes(5, size=(8, 8)), [rose])  # too small to learn from
     failed = wait(client, train(client, task["id"])["id"])
     assert failed["status"] == "FAILED" and failed["step"] == "validate"
-    assert "label 'rose' has 12 images; at least 20 are needed" in failed["error"]
+    assert f"Unusable images: {tiny} is 8x8 px" in failed["error"]
     state = client.get(f"{TASKS}/{task['id']}").json()
-    assert state["last_train_status"] == "TRAINING_FAILED"
-    assert "label 'rose' has 12 images" in state["last_train_error"]
+    assert state["last_train_status"] == "TRAINING_FAILED" and "8x8 px" in state["last_train_error"]
     assert state["production_version"] == -1
     assert client.get(f"/recognition/v2/model/?task={task['id']}").json()["count"] == 0
 
-    for i in range(12, 20):
-        upload(client, shape_image("circle", i), [rose])
+    assert client.delete(f"{IMAGES}/{tiny}").status_code == 204
     fixed = wait(client, train(client, task["id"])["id"])
     assert fixed["status"] == "SUCCEEDED" and fixed["version"] == 1
-    assert client.get(f"{TASKS}/{task['id']}").json()["last_train_error"] == ""
 
 
 def test_a_killed_run_fails_cleanly_and_the_task_can_train_again(
@@ -229,8 +280,10 @@ def test_runs_queue_one_at_a_time(client: TestClient) -> None:
     )
     first = train(client, first_task["id"])
     second = train(client, second_task["id"])
-    _running_snapshot(client, first["id"])
-    assert client.get(f"/recognition/v2/training-run/{second['id']}").json()["status"] == "QUEUED"
+    running = _running_snapshot(client, first["id"])
+    waiting = client.get(f"/recognition/v2/training-run/{second['id']}").json()
+    assert waiting["status"] == "QUEUED" and waiting["queue_position"] == 1 and waiting["eta_seconds"] is None
+    assert running["queue_position"] is None
     assert wait(client, first["id"])["status"] == "SUCCEEDED"
     finished = wait(client, second["id"])
     assert finished["status"] == "SUCCEEDED" and finished["started"] >= wait(client, first["id"])["finished"]
