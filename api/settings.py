@@ -88,6 +88,17 @@ class Settings(BaseSettings):
         default=16, ge=1, description="... and for one workspace; more wait for a slot until the deadline."
     )
 
+    # Webhooks
+    webhook_timeout_s: float = Field(default=5.0, gt=0, description="How long one delivery may take.")
+    webhook_retry_base_s: float = Field(
+        default=10.0, gt=0, description="First retry after this; each next one 3x later (at most an hour)."
+    )
+    webhook_retry_window_s: float = Field(
+        default=24 * 3600.0, gt=0, description="A delivery not answered 2xx by then is recorded as failed."
+    )
+    webhook_max_in_flight: int = Field(default=8, ge=1, description="Deliveries sent at once per process.")
+    webhook_poll_interval_s: float = Field(default=1.0, gt=0)
+
     # Per-token and per-workspace limits (per process)
     rate_limit_per_s: float = Field(
         default=200.0, ge=0, description="Requests per second per API token (0: no limit)."

@@ -29,6 +29,7 @@ from api.schemas.tasks import LabelIdBody, TaskCreate, TaskPublic, TaskUpdate, T
 from api.services.container import Services
 from api.services.lookups import get_label, get_task
 from api.services.task_labels import attach_label, detach_label
+from api.services.versions import set_production
 from taskvision import blob_layout
 from taskvision.errors import BadRequestError
 from taskvision.task_types import LabelType, TaskType
@@ -101,7 +102,7 @@ def _update(task_id: str, services: Services, session: Session, user: User, data
             raise BadRequestError(
                 f"Task {task.id} has no trained version {data.production_version}.", code="unknown_version"
             )
-        task.production_version = data.production_version
+        set_production(session, task, data.production_version)
     session.commit()
     session.refresh(task)
     services.jobs.wake()  # a new production version or canary share: the reconciler acts now

@@ -25,6 +25,7 @@ from api.services.serving_reconciler import ServingReconciler
 from api.services.signing import UrlSigner, load_signing_key
 from api.services.training import TrainingQueue
 from api.services.url_fetch import FetchSlots
+from api.services.webhooks import WebhookDispatcher
 from api.settings import Settings
 from pipelines.runners import KubeflowRunner, LocalRunner, PipelineRunner
 from taskvision.storage import BlobStore
@@ -48,13 +49,18 @@ class Services:
     classify_slots: ConcurrencyLimit
     fetch_slots: FetchSlots
     jobs: BackgroundJobs
+    webhooks: WebhookDispatcher
+    # Webhook deliveries run in a thread of their own: a slow target never delays the other jobs.
+    webhook_jobs: BackgroundJobs
 
     def start(self) -> None:
         self.watcher.recover()
         self.jobs.start()
+        self.webhook_jobs.start()
 
     def stop(self) -> None:
         self.jobs.stop()
+        self.webhook_jobs.stop()
         self.engine.dispose()
 
 
@@ -100,6 +106,17 @@ def build_services(settings: Settings) -> Services:
         jobs.add("serving reconciler", reconciler.tick)
     jobs.add("blob collection", collector.tick, interval_s=settings.blob_gc_interval_s)
 
+    webhooks = WebhookDispatcher(
+        session_factory,
+        blocked_networks=settings.blocked_networks,
+        timeout_s=settings.webhook_timeout_s,
+        retry_base_s=settings.webhook_retry_base_s,
+        retry_window_s=settings.webhook_retry_window_s,
+        max_in_flight=settings.webhook_max_in_flight,
+    )
+    webhook_jobs = BackgroundJobs(poll_interval_s=settings.webhook_poll_interval_s, name="webhooks")
+    webhook_jobs.add("webhook deliveries", webhooks.tick)
+
     return Services(
         settings=settings,
         engine=engine,
@@ -122,6 +139,8 @@ def build_services(settings: Settings) -> Services:
             per_workspace=settings.url_fetch_max_in_flight_per_workspace,
         ),
         jobs=jobs,
+        webhooks=webhooks,
+        webhook_jobs=webhook_jobs,
     )
 
 

@@ -24,6 +24,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from api.db.models import RunStatus, Task, TrainingRun, TrainStatus, utcnow
+from api.services import webhooks
 from api.services.versions import register_version
 from api.settings import Settings
 from pipelines.runners import PipelineRunner, RunnerState
@@ -124,6 +125,7 @@ class RunWatcher:
             return
         run.status, run.started, run.message = RunStatus.RUNNING, utcnow(), "started"
         run.effective_params = {**self._parameters(run), "production": run.params.get("production", True)}
+        webhooks.emit(session, run.workspace_id, "training.started", _event(session, run))
         session.commit()
 
     def _progress(self, run: TrainingRun) -> None:
@@ -179,6 +181,7 @@ class RunWatcher:
         if task is not None:
             task.last_train_status = TrainStatus.TRAINING_FAILED
             task.last_train_error = reason
+            webhooks.emit(session, run.workspace_id, "training.failed", _event(session, run))
 
     def _register(self, session: Session, run: TrainingRun) -> None:
         prefix = blob_layout.bundle_prefix(run.task_id, run.id)
@@ -200,4 +203,21 @@ class RunWatcher:
         )
         run.status, run.finished, run.model_version = RunStatus.SUCCEEDED, utcnow(), model.version
         run.step, run.progress, run.message = "register", 1.0, f"version {model.version} registered"
+        session.flush()
+        webhooks.emit(
+            session,
+            run.workspace_id,
+            "training.succeeded",
+            {**_event(session, run), "model_id": model.id, "metrics": model.metrics},
+        )
         logger.info("run %s: task %s version %d registered", run.id, task.id, model.version)
+
+
+def _event(session: Session, run: TrainingRun) -> dict[str, Any]:
+    """What a training webhook says about the run."""
+    task = session.get(Task, run.task_id)
+    return {
+        "task": {"id": run.task_id, "name": task.name if task else ""},
+        "run": {"id": run.id, "status": str(run.status), "error": run.error, "params": run.params},
+        "version": run.model_version,
+    }

@@ -21,6 +21,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from api.db.models import Label, Model, Task, TaskLabel, TrainStatus
+from api.services import webhooks
 from taskvision import blob_layout
 from taskvision.bundle import BundleMeta
 from taskvision.errors import BadRequestError
@@ -57,9 +58,27 @@ def register_version(
     )
     session.add(model)
     if production or task.production_version < 1:
-        task.production_version = model.version
+        set_production(session, task, model.version)
     task.last_train_status, task.last_train_error = TrainStatus.TRAINED, ""
     return model
+
+
+def set_production(session: Session, task: Task, version: int) -> None:
+    """Make ``version`` the task's production version (not committed); webhooks are told."""
+    previous = task.production_version
+    if previous == version:
+        return
+    task.production_version = version
+    webhooks.emit(
+        session,
+        task.workspace_id,
+        "version.production_changed",
+        {
+            "task": {"id": task.id, "name": task.name},
+            "production_version": version,
+            "previous_version": previous if previous > 0 else None,
+        },
+    )
 
 
 def import_bundle(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -16,7 +17,7 @@ from sqlalchemy import select
 from api.auth import create_user
 from api.db.models import TrainingRun
 from api.main import create_app
-from api.settings import Settings
+from api.settings import DEFAULT_BLOCKED_NETWORKS, Settings
 from tests.support.images import image_bytes, shape_image
 from tests.training.helpers import IMAGES, add_label, make_task, train, upload, wait
 
@@ -289,3 +290,58 @@ def test_runs_queue_one_at_a_time(client: TestClient) -> None:
     assert finished["status"] == "SUCCEEDED" and finished["started"] >= wait(client, first["id"])["finished"]
     listed = client.get(f"/recognition/v2/training-run/?task={second_task['id']}").json()
     assert [run["id"] for run in listed["results"]] == [second["id"]]
+
+
+def test_webhooks_tell_about_a_training_and_a_slow_target_delays_nothing(tmp_path: Path) -> None:
+    from tests.api.test_url_deadlines import BlackHole
+    from tests.api.test_webhooks import Receiver, verify
+
+    settings = Settings(
+        data_dir=tmp_path,
+        train_poll_interval_s=0.2,
+        url_blocked_networks=[n for n in DEFAULT_BLOCKED_NETWORKS if n != "127.0.0.0/8"],
+        webhook_timeout_s=1.0,
+        webhook_retry_base_s=0.5,
+        webhook_poll_interval_s=0.1,
+    )
+    app = create_app(settings)
+    with app.state.services.session_factory() as session:
+        _, token = create_user(session, "hooks")
+    receiver, hole = Receiver(), BlackHole()
+    server = receiver.serve()
+    try:
+        with TestClient(app, headers={"Authorization": f"Token {token}"}) as client:
+            good = client.post("/recognition/v2/webhook", json={"url": receiver.url}).json()
+            slow = client.post(
+                "/recognition/v2/webhook", json={"url": f"http://127.0.0.1:{hole.port}/"}
+            ).json()
+            task = make_task(client, "multi_class", per_label=20)
+            run = train(client, task["id"])
+            done = wait(client, run["id"])
+            assert done["status"] == "SUCCEEDED"
+            deadline = time.monotonic() + 20
+            slow_url = f"/recognition/v2/webhook/{slow['id']}/deliveries"
+            while time.monotonic() < deadline:
+                slow_deliveries = client.get(slow_url).json()["results"]
+                tried = len(slow_deliveries) == 3 and all(d["attempts"] for d in slow_deliveries)
+                if len(receiver.received) >= 3 and tried:
+                    break
+                time.sleep(0.1)
+    finally:
+        server.shutdown()
+        hole.close()
+    events = {
+        event["event"]: event["data"] for event in (json.loads(got["body"]) for got in receiver.received)
+    }
+    # Deliveries go out concurrently, so their order of arrival is not fixed.
+    assert set(events) == {"training.started", "training.succeeded", "version.production_changed"}
+    assert events["training.started"]["run"]["id"] == run["id"]
+    assert all(verify(good["secret"], got["headers"], got["body"]) for got in receiver.received)
+    succeeded = events["training.succeeded"]
+    assert succeeded["run"]["id"] == run["id"] and succeeded["version"] == 1
+    assert succeeded["model_id"] == done["model_id"] and "accuracy" in succeeded["metrics"]
+    assert events["version.production_changed"]["production_version"] == 1
+    # The target that never answers got the same events, each attempt cut off after the timeout,
+    # while the training went on (the deliveries run in a thread of their own).
+    assert {d["event"] for d in slow_deliveries} == set(events)
+    assert all("did not answer" in d["last_error"] for d in slow_deliveries), slow_deliveries
