@@ -121,6 +121,14 @@ class Settings(BaseSettings):
         "when the blob store is S3.",
     )
     train_workers: int = Field(default=1, ge=1, description="Pipelines run at the same time; the rest queue.")
+    pipeline_runner: Literal["warm", "kfp-local"] = Field(
+        default="warm",
+        description="Embedded mode: 'warm' runs the steps in a worker that keeps their libraries loaded "
+        "(a retrain takes seconds); 'kfp-local' runs the pipeline with kfp.local, each step a subprocess.",
+    )
+    warm_worker_idle_s: float = Field(
+        default=1800.0, gt=0, description="A warm training worker without work stops after this long."
+    )
     train_poll_interval_s: float = Field(default=1.0, gt=0)
     blob_gc_grace_s: float = Field(
         default=300.0, ge=0, description="A deleted image's blobs are kept at least this long."
@@ -195,7 +203,7 @@ class Settings(BaseSettings):
         data["s3_access_key"] = "********" if self.s3_access_key else None
         data["database_url"] = make_url(self.effective_database_url).render_as_string(hide_password=True)
         data["storage_url"] = self.effective_storage_url
-        data["pipeline_runner"] = "kubeflow" if self.kfp_host else "kfp.local"
+        data["pipeline_runner"] = "kubeflow" if self.kfp_host else self.pipeline_runner
         return data
 
     def open_blob_store(self) -> BlobStore:

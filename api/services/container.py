@@ -8,6 +8,7 @@ and the CLI reach them as ``app.state.services``. :meth:`Services.start` and
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from sqlalchemy.engine import Engine
@@ -27,7 +28,7 @@ from api.services.training import TrainingQueue
 from api.services.url_fetch import FetchSlots
 from api.services.webhooks import WebhookDispatcher
 from api.settings import Settings
-from pipelines.runners import KubeflowRunner, LocalRunner, PipelineRunner
+from pipelines.runners import KubeflowRunner, LocalRunner, PipelineRunner, WarmRunner
 from taskvision.storage import BlobStore
 
 logger = logging.getLogger(__name__)
@@ -61,6 +62,9 @@ class Services:
     def stop(self) -> None:
         self.jobs.stop()
         self.webhook_jobs.stop()
+        close = getattr(self.training.runner, "close", None)
+        if close is not None:
+            close()  # warm workers
         self.engine.dispose()
 
 
@@ -72,7 +76,7 @@ def build_services(settings: Settings) -> Services:
     blobs = settings.open_blob_store()
     session_factory = make_session_factory(engine)
     jobs = BackgroundJobs(poll_interval_s=settings.train_poll_interval_s)
-    runner, runner_name = _runner(settings)
+    runner, runner_name = _runner(settings, on_done=jobs.wake)
 
     embedded = EmbeddedClassifier(
         blobs,
@@ -144,8 +148,8 @@ def build_services(settings: Settings) -> Services:
     )
 
 
-def _runner(settings: Settings) -> tuple[PipelineRunner, str]:
-    """Kubeflow when TASKVISION_KFP_HOST is set, else kfp.local in child processes."""
+def _runner(settings: Settings, *, on_done: Callable[[], None] = lambda: None) -> tuple[PipelineRunner, str]:
+    """Kubeflow when TASKVISION_KFP_HOST is set; else a warm worker, or kfp.local in child processes."""
     if settings.kfp_host:
         on_s3 = settings.effective_storage_url.startswith("s3://")
         return KubeflowRunner(
@@ -159,4 +163,14 @@ def _runner(settings: Settings) -> tuple[PipelineRunner, str]:
         env["TASKVISION_S3_ACCESS_KEY"] = settings.s3_access_key
     if settings.s3_secret_key:
         env["TASKVISION_S3_SECRET_KEY"] = settings.s3_secret_key.get_secret_value()
-    return LocalRunner(settings.data_dir.resolve() / "pipeline-runs", env=env), "local"
+    work_dir = settings.data_dir.resolve() / "pipeline-runs"
+    if settings.pipeline_runner == "warm":
+        warm = WarmRunner(
+            work_dir,
+            workers=settings.train_workers,
+            idle_s=settings.warm_worker_idle_s,
+            env=env,
+            on_done=on_done,
+        )
+        return warm, "local"
+    return LocalRunner(work_dir, env=env), "local"

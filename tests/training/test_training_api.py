@@ -188,27 +188,28 @@ def test_a_problem_only_the_images_show_fails_the_run_in_validation(client: Test
     assert fixed["status"] == "SUCCEEDED" and fixed["version"] == 1
 
 
-def test_a_killed_run_fails_cleanly_and_the_task_can_train_again(
-    client: TestClient, settings: Settings
-) -> None:
-    task = make_task(client, "multi_class", per_label=20)
-    run = train(client, task["id"])
-    deadline = time.monotonic() + 60
-    pid = None
-    while pid is None and time.monotonic() < deadline:
-        children = client.app.state.services.training.runner._children  # type: ignore[attr-defined]
-        if run["id"] in children:
-            pid = children[run["id"]].pid
-        time.sleep(0.1)
-    assert pid is not None
-    os.killpg(pid, signal.SIGKILL)
-    killed = wait(client, run["id"])
-    assert killed["status"] == "FAILED"
-    assert "killed" in killed["error"]
-    assert client.get(f"{TASKS}/{task['id']}").json()["last_train_status"] == "TRAINING_FAILED"
-    assert client.get(f"/recognition/v2/model/?task={task['id']}").json()["count"] == 0
-    again = wait(client, train(client, task["id"])["id"])
-    assert again["status"] == "SUCCEEDED" and again["version"] == 1
+@pytest.mark.parametrize("runner", ["warm", "kfp-local"])
+def test_a_killed_run_fails_cleanly_and_the_task_can_train_again(settings: Settings, runner: str) -> None:
+    app = create_app(settings.model_copy(update={"pipeline_runner": runner, "train_poll_interval_s": 0.2}))
+    with app.state.services.session_factory() as session:
+        _, token = create_user(session, "killer")
+    with TestClient(app, headers={"Authorization": f"Token {token}"}) as client:
+        task = make_task(client, "multi_class", per_label=20)
+        run = train(client, task["id"])
+        deadline = time.monotonic() + 60
+        pid = None
+        while pid is None and time.monotonic() < deadline:
+            pid = app.state.services.training.runner.pid_of(run["id"])
+            time.sleep(0.1)
+        assert pid is not None
+        os.killpg(pid, signal.SIGKILL)
+        killed = wait(client, run["id"])
+        assert killed["status"] == "FAILED"
+        assert "was killed (signal 9)" in killed["error"]
+        assert client.get(f"{TASKS}/{task['id']}").json()["last_train_status"] == "TRAINING_FAILED"
+        assert client.get(f"/recognition/v2/model/?task={task['id']}").json()["count"] == 0
+        again = wait(client, train(client, task["id"])["id"])
+        assert again["status"] == "SUCCEEDED" and again["version"] == 1
 
 
 def test_a_run_interrupted_by_a_restart_is_marked_failed(settings: Settings) -> None:
@@ -259,6 +260,7 @@ def test_training_with_postgres_and_s3(postgres_url: str, s3_server: Any, tmp_pa
         database_url=postgres_url,
         secret_key="test-signing-key",
         train_poll_interval_s=0.2,
+        pipeline_runner="kfp-local",  # the real KFP pipeline, every step in a subprocess
         **s3_storage_settings(s3_server, "training"),
     )
     app = create_app(settings)
