@@ -69,6 +69,9 @@ class TrainRequest(_In):
     """Optional training parameters (ximilar-client sends none)."""
 
     mode: Literal["auto", "embed", "finetune"] | None = None
+    quality: Literal["fast", "balanced", "best"] | None = Field(
+        default=None, description="CPU training: speed against accuracy (default: the server's, balanced)."
+    )
     augment: Literal["none", "flip"] | None = None
     epochs: int | None = Field(default=None, ge=1, le=500)
     learning_rate: float | None = Field(default=None, gt=0, le=10)
