@@ -334,7 +334,10 @@ def train_tail(
     torch.manual_seed(seed)
     model = copy.deepcopy(pretrained)
     frozen = data.embeddings[:, :2].reshape(-1, data.embeddings.shape[-1]).astype(np.float32)
-    mean, std = frozen.mean(axis=0), frozen.std(axis=0) + 1e-6
+    mean, std = frozen.mean(axis=0), frozen.std(axis=0)
+    # A floor: a feature (nearly) constant on these images, divided by its tiny spread, would turn the
+    # small changes tuning makes to it into huge inputs.
+    std = np.maximum(std, 0.1 * float(np.median(std)) + 1e-6)
     tail: Any = _tail(model, plan, _head(start[0], start[1], mean.astype(np.float32), std.astype(np.float32)))
     # 3. fine-tuning
     targets = _targets(task_type, y)
