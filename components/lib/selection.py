@@ -111,7 +111,8 @@ class CandidateScore:
     features: list[str] = field(default_factory=list)  # linear candidates
     head: str = ""  # linear candidates: the chosen head setting
     plan: dict[str, Any] = field(default_factory=dict)  # partial fine-tune
-    oof: Array | None = None  # out-of-fold outputs (rows of the scored set)
+    oof: Array | None = None  # out-of-fold outputs of the training rows ``oof_rows``
+    oof_rows: npt.NDArray[np.int64] | None = None
     setting: heads.HeadSetting | None = None
 
     def report(self) -> dict[str, Any]:
@@ -182,6 +183,7 @@ def score_linear(
                 features=ids,
                 head=cv.settings[best].name,
                 oof=oofs[best],
+                oof_rows=np.arange(len(y)),
                 setting=cv.settings[best],
             )
         )

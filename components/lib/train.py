@@ -327,10 +327,10 @@ def _select_and_train(
         skipped=skipped,
         seconds=time.perf_counter() - started,
     )
-    if task_type is TaskType.MULTI_LABEL and chosen.oof is not None:
+    if task_type is TaskType.MULTI_LABEL and chosen.oof is not None and chosen.oof_rows is not None:
         # Thresholds from out-of-fold scores on the training split: never from the test split.
         probs = 1.0 / (1.0 + np.exp(-chosen.oof))
-        meta.thresholds = best_f1_thresholds(y_train[scored_rows].astype(np.int64), probs)
+        meta.thresholds = best_f1_thresholds(y_train[chosen.oof_rows].astype(np.int64), probs)
 
     # 3. The winner, refitted on the whole training split.
     report(0.85, f"training {chosen.name}")
@@ -456,6 +456,7 @@ def _score_partial_finetune(
         seconds=time.perf_counter() - started,
         plan=plan.describe(),
         oof=oof[scored_rows],
+        oof_rows=scored_rows,
         setting=setting,
     )
 
