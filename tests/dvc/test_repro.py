@@ -172,7 +172,7 @@ def test_repro_runs_every_stage_and_writes_metrics_plots_and_bundles(workspace: 
         assert sorted(p.name for p in bundle.iterdir()) == sorted(["bundle.json", *meta.files])
         assert meta.task_id == name and meta.dataset_snapshot.startswith(f"datasets/{name}/dvc-")
         assert meta.metrics == _metrics(ws, name) and meta.training["mode"] == "embed"
-        assert meta.selection["quality"] == "balanced" and meta.selection["chosen"]
+        assert meta.selection["quality"] == "fast" and meta.selection["chosen"] == "lite0-ms1"
     assert BundleMeta.from_json((ws.path / "data/bundles/tags/bundle.json").read_text()).negative_label == {
         "id": "none",
         "name": "none",

@@ -93,7 +93,7 @@ def test_train_retrain_and_switch_production(client: TestClient, task_type: str)
     assert [m["version"] for m in models] == [1]
     _check_metrics(task_type, models[0]["metrics"])
 
-    second = wait(client, train(client, task["id"])["id"])
+    second = wait(client, train(client, task["id"], quality="fast")["id"])  # the default ran above
     assert second["status"] == "SUCCEEDED" and second["version"] == 2
     assert client.get(f"{TASKS}/{task['id']}").json()["production_version"] == 2
     versions = [
