@@ -356,7 +356,7 @@ def running_server(workdir: Path, name: str, *, code: Path, log_level: str) -> I
     cache_dir.mkdir(parents=True)
     env = server_env(TASKVISION_CACHE_DIR=str(cache_dir), PYTHONUNBUFFERED="1", PYTHONPATH=str(code))
     with running_service(
-        data_dir=data_dir, log_path=workdir / f"{name}.log", env=env, log_level=log_level, name=name
+        data_dir=data_dir, log_path=workdir / f"{name}.log", env=env, log_level=log_level, name=name, cwd=code
     ) as server:
         yield server
 

@@ -35,7 +35,8 @@ logger = logging.getLogger(__name__)
 
 Array = npt.NDArray[np.float32]
 View = tuple[str, bool]  # (backbone id, mirrored)
-BATCH = 32
+BATCH = 32  # images decoded ahead
+RUN_BATCH = 8  # images per ONNX Runtime run: larger batches are no faster on 2 cores, and grow its arena
 WRITERS = 4
 
 _EMBEDDERS: dict[str, backbone.Embedder] = {}
@@ -180,7 +181,7 @@ def embed_views(
                             continue
                         arrays = np.stack([inputs[k - span.start][backbone_id] for k in members])
                         vectors = training_embedder(backbone_id).embed_arrays(
-                            mirror(arrays) if mirrored else arrays, batch_size=BATCH
+                            mirror(arrays) if mirrored else arrays, batch_size=RUN_BATCH
                         )
                         for k, vector in zip(members, vectors, strict=True):
                             result[view][todo[k]] = vector

@@ -46,6 +46,7 @@ from PIL import Image, ImageEnhance, ImageOps
 
 from components.lib import heads
 from components.lib.embeddings import (
+    RUN_BATCH,
     View,
     batches_of_images,
     cache_key,
@@ -173,7 +174,12 @@ def compute_activations(
                     )
                 )
             batch = np.concatenate(views)
-            embedding, tap = session.run(None, {"input": batch})
+            runs = [
+                session.run(None, {"input": batch[i : i + RUN_BATCH]})
+                for i in range(0, len(batch), RUN_BATCH)
+            ]
+            embedding = np.concatenate([run[0] for run in runs])
+            tap = np.concatenate([run[1] for run in runs])
             if maps is None:
                 maps = np.zeros((len(rows), plan.views, *tap.shape[1:]), dtype=np.float16)
             n = len(span)
