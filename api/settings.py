@@ -138,6 +138,9 @@ class Settings(BaseSettings):
     )
     train_gpu_count: int = Field(default=0, ge=0, description="GPUs the train step requests on Kubeflow.")
     train_mode: str = "auto"
+    train_quality: Literal["fast", "balanced", "best"] = Field(
+        default="balanced", description="CPU training preset: fast, balanced or best (model selection)."
+    )
     train_augment: str = "flip"
     train_epochs: int = Field(default=25, ge=1)
     train_learning_rate: float = Field(default=0.001, gt=0)
@@ -179,6 +182,7 @@ class Settings(BaseSettings):
         """Pipeline parameters a train request does not set itself."""
         return {
             "mode": self.train_mode,
+            "quality": self.train_quality,
             "augment": self.train_augment,
             "epochs": self.train_epochs,
             "learning_rate": self.train_learning_rate,

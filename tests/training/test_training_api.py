@@ -18,6 +18,7 @@ from api.auth import create_user
 from api.db.models import TrainingRun
 from api.main import create_app
 from api.settings import DEFAULT_BLOCKED_NETWORKS, Settings
+from taskvision.bundle import BundleMeta
 from tests.support.images import image_bytes, shape_image
 from tests.training.helpers import IMAGES, add_label, make_task, train, upload, wait
 
@@ -111,7 +112,7 @@ def test_train_retrain_and_switch_production(client: TestClient, task_type: str)
     assert done["model_id"] == models[0]["id"] and models[0]["run_id"] == run["id"]
     _check_metrics(task_type, models[0]["metrics"])
 
-    second = wait(client, train(client, task["id"])["id"])
+    second = wait(client, train(client, task["id"], quality="fast")["id"])  # the default ran above
     assert second["status"] == "SUCCEEDED" and second["version"] == 2
     assert client.get(f"{TASKS}/{task['id']}").json()["production_version"] == 2
     versions = [
@@ -127,6 +128,25 @@ def test_train_retrain_and_switch_production(client: TestClient, task_type: str)
         if m["production"]
     ]
     assert [m["version"] for m in production] == [1]
+
+
+def test_the_quality_option_reaches_the_train_step(client: TestClient) -> None:
+    task = make_task(client, "regression", per_label=20)
+    refused = client.post(f"{TASKS}/{task['id']}/train", json={"quality": "ultra"})
+    assert refused.status_code == 422 and "quality" in refused.text
+    done = wait(client, train(client, task["id"], quality="fast")["id"])
+    assert done["status"] == "SUCCEEDED" and done["params"]["quality"] == "fast"
+    blobs = client.app.state.services.blobs  # type: ignore[attr-defined]
+    meta = BundleMeta.from_json(blobs.get(f"models/{task['id']}/{done['id']}/bundle.json"))
+    assert meta.selection["quality"] == "fast" and [c["name"] for c in meta.selection["candidates"]] == [
+        "lite0-ms1"
+    ]
+    assert meta.training["quality"] == "fast"
+    # Regression answers stay within the training values' range (plus a margin): radii span 6..41.
+    (low, high) = meta.value_range[0]
+    assert 0 <= low < 10 and 37 < high < 45
+    model = client.get(f"/recognition/v2/model/?task={task['id']}").json()["results"][0]
+    assert model["metrics"]["out_of_range"] >= 0 and "mae" in model["metrics"]
 
 
 def test_a_task_that_cannot_pass_validation_is_refused_at_once(client: TestClient) -> None:
@@ -270,10 +290,11 @@ def test_training_with_postgres_and_s3(postgres_url: str, s3_server: Any, tmp_pa
         task = make_task(client, "multi_class", per_label=20)
         done = wait(client, train(client, task["id"])["id"])
         assert done["status"] == "SUCCEEDED", done
-        assert app.state.services.blobs.list_keys(f"models/{task['id']}/{done['id']}/") == [
-            f"models/{task['id']}/{done['id']}/bundle.json",
-            f"models/{task['id']}/{done['id']}/head.onnx",
-        ]
+        prefix = f"models/{task['id']}/{done['id']}"
+        meta = BundleMeta.from_json(app.state.services.blobs.get(f"{prefix}/bundle.json"))
+        assert app.state.services.blobs.list_keys(f"{prefix}/") == sorted(
+            f"{prefix}/{name}" for name in ["bundle.json", *meta.files]
+        )
 
 
 def test_runs_queue_one_at_a_time(client: TestClient) -> None:
