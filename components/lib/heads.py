@@ -65,9 +65,16 @@ def default_grid(
     return [HeadSetting(LOGISTIC, p) for p in penalties]
 
 
-def _standardize(x: Array) -> tuple[Array, Array]:
+def standardization(x: Array, *, std_floor: float = 0.0) -> tuple[Array, Array]:
+    """Per-feature mean and spread of ``x``; spreads below ``std_floor`` times the median spread are raised.
+
+    A feature (nearly) constant on the training images gets a tiny spread, and so a
+    large weight on raw features; the floor bounds how much a change in it can move
+    the outputs (what a fine-tuned feature that starts to vary does).
+    """
     mean = x.mean(axis=0)
-    std = x.std(axis=0) + 1e-6
+    std = x.std(axis=0)
+    std = np.maximum(std, std_floor * float(np.median(std))) + 1e-6
     return mean.astype(np.float32), std.astype(np.float32)
 
 
@@ -166,6 +173,7 @@ def fit_heads(
     *,
     n_outputs: int,
     max_iter: int = 100,
+    std_floor: float = 0.0,
 ) -> list[tuple[Array, Array]]:
     """Fit one head per setting on raw features ``x``; returns ``(W, b)`` on raw features for each.
 
@@ -174,7 +182,7 @@ def fit_heads(
     standardized. Logistic and Huber fits of increasing penalty start from the
     previous solution (fewer LBFGS steps).
     """
-    mean, std = _standardize(x)
+    mean, std = standardization(x, std_floor=std_floor)
     xs = ((x - mean) / std).astype(np.float32)
     ridge = sorted({s.penalty for s in settings if s.kind == RIDGE})
     ridge_fits = dict(zip(ridge, _ridge_solutions(xs, y, ridge), strict=True)) if ridge else {}
@@ -197,10 +205,19 @@ def fit_heads(
 
 
 def fit_head(
-    x: Array, y: Array, task_type: TaskType, setting: HeadSetting, *, n_outputs: int, max_iter: int = 100
+    x: Array,
+    y: Array,
+    task_type: TaskType,
+    setting: HeadSetting,
+    *,
+    n_outputs: int,
+    max_iter: int = 100,
+    std_floor: float = 0.0,
 ) -> tuple[Array, Array]:
     """One head (see :func:`fit_heads`)."""
-    return fit_heads(x, y, task_type, [setting], n_outputs=n_outputs, max_iter=max_iter)[0]
+    return fit_heads(x, y, task_type, [setting], n_outputs=n_outputs, max_iter=max_iter, std_floor=std_floor)[
+        0
+    ]
 
 
 def predict(x: Array, w: Array, b: Array) -> Array:

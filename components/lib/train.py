@@ -396,10 +396,16 @@ def _start_head(
     task_type: TaskType,
     setting: heads.HeadSetting,
     n_outputs: int,
-) -> tuple[Array, Array]:
-    """The linear head on the frozen multi-scale embedding (centre + mirror) that fine-tuning starts from."""
-    x = np.concatenate([known[(backbone_id, False)][rows], known[(backbone_id, True)][rows]])
-    return heads.fit_head(x, np.concatenate([y[rows], y[rows]]), task_type, setting, n_outputs=n_outputs)
+) -> tuple[tuple[Array, Array], Array]:
+    """The linear head on the frozen final features (centre + mirror) to start fine-tuning from, and those."""
+    final = slice(0, backbone.FINAL_DIM)
+    x = np.concatenate([known[(backbone_id, False)][rows, final], known[(backbone_id, True)][rows, final]])
+    from components.lib.partial_finetune import STD_FLOOR
+
+    start = heads.fit_head(
+        x, np.concatenate([y[rows], y[rows]]), task_type, setting, n_outputs=n_outputs, std_floor=STD_FLOOR
+    )
+    return start, x
 
 
 def _start_setting(
@@ -443,8 +449,8 @@ def _score_partial_finetune(
         held = np.zeros(len(y), dtype=bool)
         held[fold] = True
         rest = np.flatnonzero(~held)
-        start = _start_head(known, plan.backbone_id, rest, y, task_type, setting, n_outputs)
-        tuned = train_tail(pretrained, data.subset(rest), start, y[rest], task_type, plan, seed=seed)
+        start, frozen = _start_head(known, plan.backbone_id, rest, y, task_type, setting, n_outputs)
+        tuned = train_tail(pretrained, data.subset(rest), start, frozen, y[rest], task_type, plan, seed=seed)
         oof[fold] = tuned.logits(data.subset(fold))
     value = heads.score(task_type, y[scored_rows], oof[scored_rows]) * scale
     logger.info("candidate %s: cross-validated score %.4f", plan.name, value)
@@ -484,11 +490,12 @@ def _train_partial_finetune(
 
     spec = backbone.backbone_spec(plan.backbone_id)
     pretrained = backbone.build_torch_model(num_classes=0, backbone_id=plan.backbone_id)
-    start = _start_head(known, plan.backbone_id, np.arange(len(y)), y, task_type, setting, n_outputs)
+    start, frozen = _start_head(known, plan.backbone_id, np.arange(len(y)), y, task_type, setting, n_outputs)
     tuned = train_tail(
         pretrained,
         data,
         start,
+        frozen,
         y,
         task_type,
         plan,

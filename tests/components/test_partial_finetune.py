@@ -9,7 +9,7 @@ import pytest
 
 from components.lib import heads
 from components.lib.evaluate import evaluate_model
-from components.lib.partial_finetune import PartialFinetunePlan, compute_activations, train_tail
+from components.lib.partial_finetune import STD_FLOOR, PartialFinetunePlan, compute_activations, train_tail
 from components.lib.split import split_dataset
 from components.lib.train import TrainConfig, targets, train_model
 from taskvision import backbone
@@ -33,7 +33,7 @@ def shapes(tmp_path_factory: pytest.TempPathFactory) -> tuple[LocalBlobStore, ob
 def test_the_exported_network_computes_what_the_tuned_tail_did(shapes: tuple, tmp_path: Path) -> None:
     store, info, rows = shapes
     data, known = compute_activations(store, rows, PLAN, seed=0, use_cache=False, max_pixels=10**7)
-    assert data.maps.shape == (24, 3, 192, 7, 7) and data.embeddings.shape == (24, 3, 1856)
+    assert data.maps.shape == (24, 3, 192, 7, 7)
     # The centre crop's embedding from the same run is the plain embedding network's.
     arrays = np.stack([_centre(store, row) for row in rows])
     np.testing.assert_allclose(
@@ -41,15 +41,17 @@ def test_the_exported_network_computes_what_the_tuned_tail_did(shapes: tuple, tm
     )
 
     y = targets(info, rows)
+    final = np.concatenate([known[(backbone.BACKBONE_ID, m)][:, : backbone.FINAL_DIM] for m in (False, True)])
     start = heads.fit_head(
-        known[(backbone.BACKBONE_ID, False)],
-        y,
+        final,
+        np.concatenate([y, y]),
         info.task_type,
         heads.HeadSetting(heads.LOGISTIC, 0.1),
         n_outputs=2,
+        std_floor=STD_FLOOR,
     )
     pretrained = backbone.build_torch_model(num_classes=0)
-    tuned = train_tail(pretrained, data, start, y, info.task_type, PLAN, seed=0)
+    tuned = train_tail(pretrained, data, start, final, y, info.task_type, PLAN, seed=0)
     tuned.export(tmp_path / "model.onnx", input_size=224)
     session = backbone.onnx_session(tmp_path / "model.onnx")
     exported = session.run(None, {"input": arrays})[0]
