@@ -83,7 +83,9 @@ class RegressionMetrics(_Metrics):
     mae: float = Field(description="Mean absolute error, in the values' units.")
     rmse: float = Field(description="Root mean squared error, in the values' units.")
     r2: float = Field(description="Coefficient of determination (1 = perfect, 0 = the mean's quality).")
-    out_of_range: int = Field(0, description="Test images whose raw answer fell outside the value range.")
+    out_of_range: int = Field(
+        default=0, description="Test images whose raw answer fell outside the value range."
+    )
     per_label: dict[str, ValuePerLabel]
     test_images: int
 
@@ -107,8 +109,8 @@ class ModelPublic(BaseModel):
 class PredictedLabel(BaseModel):
     id: str
     name: str
-    prob: float | None = Field(None, description="The model's probability (categorization, tagging).")
-    value: float | None = Field(None, description="The value (regression).")
+    prob: float | None = Field(default=None, description="The model's probability (categorization, tagging).")
+    value: float | None = Field(default=None, description="The value (regression).")
 
 
 class ImageLinksPublic(BaseModel):
@@ -126,13 +128,17 @@ class ImagePredictionPublic(BaseModel):
     )
     true_labels: list[PredictedLabel] = Field(description="The image's labels (or value) when trained.")
     predicted_labels: list[PredictedLabel] = Field(description="The answer: the label, tags or value.")
-    scores: list[PredictedLabel] = Field([], description="Every label's probability (not for regression).")
+    scores: list[PredictedLabel] = Field(
+        default=[], description="Every label's probability (not for regression)."
+    )
     confidence: float | None = Field(
         description="How sure the answer was: the top probability (categorization), the least sure tag's "
         "max(p, 1 - p) (tagging); null for regression."
     )
-    error: float | None = Field(None, description="Regression: the absolute error.")
-    out_of_range: bool | None = Field(None, description="Regression: the raw answer was outside the range.")
+    error: float | None = Field(default=None, description="Regression: the absolute error.")
+    out_of_range: bool | None = Field(
+        default=None, description="Regression: the raw answer was outside the range."
+    )
     correct: bool = Field(
         description="Right label or every tag right; regression: error at most twice the test MAE."
     )
