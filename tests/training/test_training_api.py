@@ -130,6 +130,7 @@ def test_train_retrain_and_switch_production(client: TestClient, task_type: str)
     effective = done["effective_params"]
     assert effective["train_images"] + effective["test_images"] == len(_task_images(client, task))
     assert effective["augment"] == "flip" and effective["seed"] == 0 and effective["production"] is True
+    assert effective["mode"] == "embed" and effective["quality"] == "balanced" and effective["chosen_model"]
     state = client.get(f"{TASKS}/{task['id']}").json()
     assert (state["production_version"], state["last_train_status"]) == (1, "TRAINED")
     models = client.get(f"/recognition/v2/model/?task={task['id']}").json()["results"]
