@@ -710,7 +710,7 @@ def bench_dataset(
             clients["ours"],
             servers["ours"],
             ours_task.task_id,
-            {"quality": quality},
+            {"quality": quality, "reselect": True},  # a full model selection, as a first training
             dataset.task_type,
             f"{dataset.name} {quality}",
         )
@@ -1001,7 +1001,7 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                     clients["ours"],
                     ours,
                     flowers_task.task_id,
-                    {"quality": "balanced"},
+                    {"quality": "balanced", "reselect": True},
                     "multi_class",
                     f"flowers balanced, repeat {k + 1}/{args.repeat}",
                 )

@@ -36,6 +36,10 @@ from taskvision.storage import BlobStore
 logger = logging.getLogger(__name__)
 
 
+# Train request options the control plane acts on itself; the pipeline never sees them.
+CONTROL_PLANE_PARAMS = ("production", "reselect")
+
+
 class RunWatcher:
     def __init__(
         self,
@@ -101,7 +105,7 @@ class RunWatcher:
         """The training parameters the pipeline gets: the request's over the service's defaults."""
         return {
             **self.settings.training_defaults(),
-            **{k: v for k, v in run.params.items() if k != "production"},
+            **{k: v for k, v in run.params.items() if k not in CONTROL_PLANE_PARAMS},
         }
 
     def _arguments(self, session: Session, run: TrainingRun) -> dict[str, Any]:
@@ -111,7 +115,7 @@ class RunWatcher:
             session.scalar(
                 select(Model).where(Model.task_id == run.task_id, Model.version == task.production_version)
             )
-            if task is not None and task.production_version is not None
+            if task is not None and task.production_version is not None and not run.params.get("reselect")
             else None
         )
         return {
@@ -134,7 +138,11 @@ class RunWatcher:
             session.commit()
             return
         run.status, run.started, run.message = RunStatus.RUNNING, utcnow(), "started"
-        run.effective_params = {**self._parameters(run), "production": run.params.get("production", True)}
+        run.effective_params = {
+            **self._parameters(run),
+            "production": run.params.get("production", True),
+            "reselect": bool(run.params.get("reselect", False)),
+        }
         webhooks.emit(session, run.workspace_id, "training.started", _event(session, run))
         session.commit()
 

@@ -173,6 +173,18 @@ def test_the_quality_option_reaches_the_train_step(client: TestClient) -> None:
     # Regression answers stay within the training values' range (plus a margin): radii span 6..41.
     (low, high) = meta.value_range[0]
     assert 0 <= low < 10 and 37 < high < 45
+
+    # A retrain of unchanged data refits the current version's choice; reselect scores them all again.
+    again = wait(client, train(client, task["id"], quality="fast")["id"])
+    report = client.get(f"/recognition/v2/model/{again['model_id']}/report").json()
+    assert report["selection"]["reused"]["from_run"] == done["id"]
+    assert report["selection"]["reused"]["changed_images"] == 0
+    assert "only its choice" in report["markdown"]
+    fresh = wait(client, train(client, task["id"], quality="fast", reselect=True)["id"])
+    assert fresh["status"] == "SUCCEEDED" and fresh["effective_params"]["production"] is True
+    assert fresh["effective_params"]["reselect"] is True and again["effective_params"]["reselect"] is False
+    report = client.get(f"/recognition/v2/model/{fresh['model_id']}/report").json()
+    assert "reused" not in report["selection"]
     model = client.get(f"/recognition/v2/model/?task={task['id']}").json()["results"][0]
     assert model["metrics"]["out_of_range"] >= 0 and "mae" in model["metrics"]
 
