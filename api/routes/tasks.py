@@ -204,7 +204,8 @@ def review_queue(
         model, found = review.likely_label_errors(session, blobs, task)
 
         def disagreeing(rows: Sequence[tuple[Any, dict[str, Any]]]) -> list[dict[str, Any]]:
-            assert model is not None
+            if model is None:  # nothing trained yet: nothing to disagree with
+                return []
             return [
                 ReviewItem(
                     kind="disagreement",

@@ -112,6 +112,8 @@ def test_the_disagreement_list_shows_labelled_images_the_model_answers_different
 ) -> None:
     task = create_task(client, "multi_class")
     cat, dog = (create_label(client, "category", name) for name in ("cat", "dog"))
+    untrained = client.get(f"{TASKS}/{task['id']}/review?kind=disagreement")
+    assert untrained.json() == {"count": 0, "next": None, "previous": None, "results": []}
     for label in (cat, dog):
         client.post(f"{TASKS}/{task['id']}/add-label", json={"label_id": label["id"]})
     images = [
