@@ -68,8 +68,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.serving = EmbeddedServing(
         blobs,
         settings.data_dir.resolve() / "serving-cache",
-        capacity=settings.serving_cache_size,
+        memory_mb=settings.serving_memory_mb,
         max_image_pixels=settings.max_image_pixels,
+        int8=settings.serving_int8,
+        batch_window_ms=settings.serving_batch_window_ms,
     )
     app.state.url_signer = UrlSigner(
         load_signing_key(app.state.session_factory), ttl_s=settings.download_url_ttl_s

@@ -1,7 +1,11 @@
 """Embedded serving: the control plane hosts the KServe predictors of production versions itself.
 
-Versions load lazily into a :class:`serving.repository.BundleRepository` and
-stay cached (LRU, ``TASKVISION_SERVING_CACHE_SIZE``). A model is named
+Versions load lazily into a :class:`serving.repository.BundleRepository`
+(one load per version however many requests ask, none blocking the others)
+and stay loaded within ``TASKVISION_SERVING_MEMORY_MB`` (least recently used
+first out). Frozen-backbone heads share one head bank and one backbone per
+feature extractor (INT8 with ``TASKVISION_SERVING_INT8``, calibrated on the
+stored training images in the background). A model is named
 ``<task id>.v<version>``, so switching the production version takes effect on
 the next request (it simply asks for another name). Bundles in a local blob
 directory are read in place; from S3 they are copied once to a local cache.
@@ -13,6 +17,8 @@ import logging
 import threading
 from pathlib import Path
 
+from serving.extractors import Extractors
+from serving.int8 import start_int8
 from serving.model import BundlePredictor
 from serving.repository import BundleRepository
 from taskvision.bundle import BundleMeta
@@ -27,14 +33,30 @@ def model_name(task_id: str, version: int) -> str:
 
 
 class EmbeddedServing:
-    def __init__(self, blobs: BlobStore, cache_dir: Path, *, capacity: int, max_image_pixels: int) -> None:
+    def __init__(
+        self,
+        blobs: BlobStore,
+        cache_dir: Path,
+        *,
+        memory_mb: float,
+        max_image_pixels: int,
+        int8: bool = False,
+        batch_window_ms: float = 0.0,
+    ) -> None:
         self.blobs = blobs
         self.cache_dir = cache_dir
         self._prefixes: dict[str, str] = {}
         self._lock = threading.Lock()
+        self.extractors = Extractors(batch_window_ms=batch_window_ms)
         self.repository = BundleRepository(
-            cache_dir, locate=self._locate, capacity=capacity, max_image_pixels=max_image_pixels
+            cache_dir,
+            locate=self._locate,
+            memory_mb=memory_mb,
+            max_image_pixels=max_image_pixels,
+            extractors=self.extractors,
         )
+        if int8:
+            start_int8(self.extractors, blobs, cache_dir / "int8", max_pixels=max_image_pixels)
 
     def predictor(self, task_id: str, version: int, bundle_prefix: str) -> BundlePredictor:
         """The loaded predictor of a task version (loading it on first use)."""

@@ -36,6 +36,12 @@ class InvalidImageError(BadRequestError):
     code = "invalid_image"
 
 
+class ExplainUnavailableError(BadRequestError):
+    """400: the model cannot be explained (its network is not one the explainer understands)."""
+
+    code = "explain_unavailable"
+
+
 class ImageFetchError(BadRequestError):
     """400: an image URL could not be fetched (refused target, timeout, HTTP error)."""
 

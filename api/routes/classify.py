@@ -1,11 +1,14 @@
 """POST /recognition/v2/classify: answers from a task's production (or a chosen) model version.
 
 Request (Ximilar shape): ``{"task_id" | "task": id, "version": int | null,
-"records": [{"_url": ...} | {"_base64": ...}, ...], "store_images": bool}``.
+"records": [{"_url": ...} | {"_base64": ...}, ...], "store_images": bool,
+"explain": bool}``.
 Each record is answered on its own: a bad record gets ``_status`` 400 with
 the reason, and the others still succeed. Records echo their own fields
 (except the bulky ``_base64``) and gain ``_status``, ``best_label``,
-``labels``, ``_width``, ``_height`` (and ``_stored_image_id``).
+``labels``, ``_width``, ``_height`` (and ``_stored_image_id``; with
+``explain``, ``_explanations``: heat maps of the best label or tags, see
+:mod:`taskvision.explain`).
 """
 
 from __future__ import annotations
@@ -15,7 +18,6 @@ import time
 from typing import Any
 
 import httpx
-import numpy as np
 from fastapi import Request
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from sqlalchemy import select
@@ -53,6 +55,7 @@ class ClassifyRequest(BaseModel):
     version: int | None = None
     records: list[dict[str, Any]] = Field(default_factory=list)
     store_images: bool = False
+    explain: bool = False
 
     @field_validator("records", mode="before")
     @classmethod
@@ -116,9 +119,9 @@ def classify(
             results[i]["_status"] = _error_status(exc)
     reconciler = request.app.state.reconciler
     if reconciler is not None and version == task.production_version:
-        _classify_on_cluster(reconciler, task, raw, results, settings)
+        _classify_on_cluster(reconciler, task, raw, results, settings, explain=data.explain)
     else:
-        _classify_in_process(request, task.id, version, model.bundle_uri, raw, results)
+        _classify_in_process(request, task.id, version, model.bundle_uri, raw, results, explain=data.explain)
     if data.store_images:
         for i, data_bytes in raw.items():
             if results[i].get("_status", {}).get("code") == 200:
@@ -141,28 +144,30 @@ def _classify_in_process(
     bundle_prefix: str,
     raw: dict[int, bytes],
     results: list[dict[str, Any]],
+    *,
+    explain: bool,
 ) -> None:
     """Embedded serving: the version's KServe predictor, hosted by this process."""
     predictor = request.app.state.serving.predictor(task_id, version, bundle_prefix)
-    arrays: dict[int, Any] = {}
-    for i, data in raw.items():
-        try:
-            arrays[i], (width, height) = predictor.decode(data)
-            results[i].update({"_width": width, "_height": height})
-        except TaskVisionError as exc:
-            results[i]["_status"] = _error_status(exc)
-    good = sorted(arrays)
-    if good:
-        outputs = predictor.outputs_for_arrays(np.stack([arrays[i] for i in good]))
-        for i, row in zip(good, outputs, strict=True):
-            results[i].update(predictor.describe(row))
+    answers = predictor.classify(list(raw.values()), explain=explain) if raw else []
+    for i, answer in zip(raw, answers, strict=True):
+        if isinstance(answer, TaskVisionError):
+            results[i]["_status"] = _error_status(answer)
+        else:
+            results[i].update(answer)
             results[i]["_status"] = dict(OK)
 
 
 def _classify_on_cluster(
-    reconciler: Any, task: Any, raw: dict[int, bytes], results: list[dict[str, Any]], settings: Settings
+    reconciler: Any,
+    task: Any,
+    raw: dict[int, bytes],
+    results: list[dict[str, Any]],
+    settings: Settings,
+    *,
+    explain: bool,
 ) -> None:
-    """Cluster serving: the task's InferenceService, over KServe's V1 protocol."""
+    """Cluster serving: the task's InferenceService, over KServe's V1 protocol (``:explain`` to explain)."""
     try:
         endpoint = reconciler.endpoint(task.id)
     except KubernetesUnavailable as exc:
@@ -183,7 +188,8 @@ def _classify_on_cluster(
     good = sorted(encoded)
     if not good:
         return
-    url = f"{str(endpoint.url).rstrip('/')}/v1/models/{endpoint.model_name}:predict"
+    verb = "explain" if explain else "predict"
+    url = f"{str(endpoint.url).rstrip('/')}/v1/models/{endpoint.model_name}:{verb}"
     try:
         response = httpx.post(
             url, json={"instances": [{"b64": encoded[i]} for i in good]}, timeout=settings.isvc_timeout_s

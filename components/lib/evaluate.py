@@ -5,7 +5,9 @@ matrix (also logged as a KFP ClassificationMetrics artifact, which the
 Kubeflow UI draws). multi_label: per-label precision/recall/F1 at the
 thresholds the train step chose on the training split, and mAP. regression:
 MAE, RMSE, R². Probabilities come from :class:`taskvision.inference.BundleModel`,
-the same code path serving uses.
+the same code path serving uses, on FP32 embeddings: the metrics record
+``"precision": "fp32"`` (a server may answer with an INT8 backbone, within the
+tolerance :mod:`taskvision.quantize` checks).
 """
 
 from __future__ import annotations
@@ -19,9 +21,15 @@ from taskvision.inference import BundleModel
 from taskvision.metrics import classification_metrics, regression_metrics, tagging_metrics
 from taskvision.task_types import TaskType
 
+METRICS_PRECISION = "fp32"  # the backbone precision the train step embedded the test split with
+
 
 def evaluate_model(model_dir: Path) -> dict[str, Any]:
     """Metrics of the model folder written by the train step, on its test inputs."""
+    return {**_metrics(model_dir), "precision": METRICS_PRECISION}
+
+
+def _metrics(model_dir: Path) -> dict[str, Any]:
     model = BundleModel.load(model_dir)
     data = np.load(model_dir / "test_inputs.npz")
     if model.meta.frozen_backbone:
