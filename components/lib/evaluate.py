@@ -6,7 +6,7 @@ Kubeflow UI draws). multi_label: per-label precision/recall/F1 at the
 thresholds the train step chose on the training split, and mAP. regression:
 MAE, RMSE, R². Probabilities come from :class:`taskvision.inference.BundleModel`,
 the same code path serving uses, on FP32 embeddings: the metrics record
-``"precision": "fp32"`` (a server may answer with an INT8 backbone, within the
+``"backbone_precision": "fp32"`` (a server may answer with an INT8 backbone, within the
 tolerance :mod:`taskvision.quantize` checks).
 """
 
@@ -26,7 +26,7 @@ METRICS_PRECISION = "fp32"  # the backbone precision the train step embedded the
 
 def evaluate_model(model_dir: Path) -> dict[str, Any]:
     """Metrics of the model folder written by the train step, on its test inputs."""
-    return {**_metrics(model_dir), "precision": METRICS_PRECISION}
+    return {**_metrics(model_dir), "backbone_precision": METRICS_PRECISION}
 
 
 def _metrics(model_dir: Path) -> dict[str, Any]:
