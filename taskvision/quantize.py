@@ -10,18 +10,29 @@ and checks it against FP32 on held-out images of the same kind:
    1 % >= ``MIN_P1_COSINE``). A backbone that fails is not used at all;
 2. **each head** (:func:`answers_within_tolerance`, applied by the server to
    every head it loads): on the check images, the head's INT8 answers must
-   match its FP32 answers (classification: the same best label on at least
-   ``MIN_AGREEMENT`` of them and probabilities within ``MAX_MEAN_PROB_DIFF``
-   on average; regression: values within ``MAX_VALUE_DIFF_STD`` of the
-   target's standard deviation on average). A head that fails is served in
-   FP32.
+   match its FP32 answers: the same answer wherever FP32's is clear, on at
+   least ``MIN_AGREEMENT`` of them, and probabilities that move by at most
+   ``MAX_MEAN_PROB_DIFF`` on average (regression: values within
+   ``MAX_VALUE_DIFF_STD`` target standard deviations on average). A head that
+   fails is served in FP32.
 
-The pooling and concatenation that end the multi-scale embedding stay in
-float: quantizing them too lowered the mean cosine similarity from 0.995 to
-0.956. Quantized models are cached in a folder, keyed by the FP32 export and
-the calibration images, with the check embeddings and a JSON report.
+Two parts of EfficientNet-Lite stay in float (:data:`FLOAT_PREFIXES`,
+:data:`FLOAT_TAIL_OPS`), chosen by measurement on the shared photo sets (an
+ONNX Runtime per-tensor error analysis showed where the error enters):
+
+* the pooling and concatenation that end the multi-scale embedding:
+  quantizing them took the mean cosine similarity from 0.995 down to 0.956;
+* the stem and the first two stages (112 and 56 px wide maps, where 8-bit
+  activations lose the most): keeping them float took the mean cosine from
+  0.992 to 0.999 and the flowers answers that change from 7.7 % to 3.0 %
+  (the largest share of the INT8 speed-up stays: the later stages are most
+  of the work). Calibration method (min-max, moving average, entropy,
+  percentile) changed the cosine by less than 0.002.
+
+Quantized models are cached in a folder, keyed by the FP32 export and the
+calibration images, with the check embeddings and a JSON report.
 Metrics in a bundle are always computed in FP32 (the evaluate step records
-``"precision": "fp32"``); ``bench/classify.py --int8`` reports the accuracy
+``"backbone_precision": "fp32"``); ``bench/classify.py --int8`` reports the accuracy
 change on the shared data sets.
 """
 
@@ -50,13 +61,16 @@ Array = npt.NDArray[np.float32]
 # Tolerances (see the module docstring; measured margins are in the README).
 MIN_MEAN_COSINE = 0.99
 MIN_P1_COSINE = 0.97
-MIN_AGREEMENT = 0.95
-MAX_MEAN_PROB_DIFF = 0.03
+CLEAR_MARGIN = 0.2  # an FP32 answer is clear when its best label leads the next by this much
+MIN_AGREEMENT = 0.99
+MAX_MEAN_PROB_DIFF = 0.05
 MAX_VALUE_DIFF_STD = 0.1
 CHECK_FRACTION = 1 / 3  # of the images given to prepare_int8: held out from calibration, for the checks
 CALIBRATION_BATCH = 8
 # Operators at the end of the embedding that stay in float (pooling, concatenation).
 FLOAT_TAIL_OPS = ("GlobalAveragePool", "ReduceMean", "ReduceMax", "Concat", "Flatten")
+# Nodes of timm's EfficientNet(-Lite) export that stay in float: the stem and stages 0-1.
+FLOAT_PREFIXES = ("/conv_stem", "/bn1", "/blocks.0/", "/blocks.1/")
 
 
 @dataclass(frozen=True)
@@ -121,7 +135,11 @@ def quantize_onnx(fp32_path: Path, calibration: Array, out_path: Path) -> None:
     try:
         quant_pre_process(str(fp32_path), str(pre), skip_symbolic_shape=True)
         prepared = onnx.load(str(pre))
-        tail = [node.name for node in prepared.graph.node if node.op_type in FLOAT_TAIL_OPS]
+        keep_float = [
+            node.name
+            for node in prepared.graph.node
+            if node.op_type in FLOAT_TAIL_OPS or node.name.startswith(FLOAT_PREFIXES)
+        ]
         del prepared
         quantize_static(
             str(pre),
@@ -132,7 +150,7 @@ def quantize_onnx(fp32_path: Path, calibration: Array, out_path: Path) -> None:
             weight_type=QuantType.QInt8,
             per_channel=True,
             calibrate_method=CalibrationMethod.MinMax,
-            nodes_to_exclude=tail,
+            nodes_to_exclude=keep_float,
         )
         os.replace(tmp, out_path)  # atomic: a concurrent reader never sees half a model
     finally:
@@ -162,24 +180,35 @@ def backbone_verdict(check_fp32: Array, check_int8: Array) -> tuple[Verdict, flo
 
 
 def answers_within_tolerance(meta: BundleMeta, logits_fp32: Array, logits_int8: Array) -> Verdict:
-    """Whether a head's INT8 answers match its FP32 answers on the check images."""
+    """Whether a head's INT8 answers match its FP32 answers on the check images.
+
+    Classification: where the FP32 answer is clear (multi_class: the best label leads by
+    ``CLEAR_MARGIN`` or more; multi_label: every tag is that far from its threshold), INT8
+    must give the same answer on ``MIN_AGREEMENT`` of the images; and the largest change
+    of a probability must be at most ``MAX_MEAN_PROB_DIFF`` on average. Regression: the
+    values must move by at most ``MAX_VALUE_DIFF_STD`` target standard deviations on average.
+    """
     fp32, int8 = outputs_from_logits(meta, logits_fp32), outputs_from_logits(meta, logits_int8)
     if meta.task_type is TaskType.REGRESSION:
         scale = np.asarray(meta.target_std or [1.0] * fp32.shape[1], dtype=np.float32)
         diff = float((np.abs(fp32 - int8) / np.maximum(scale, 1e-6)).mean())
         ok = diff <= MAX_VALUE_DIFF_STD
-        return Verdict(ok, f"mean |value diff| {diff:.3f} std (<= {MAX_VALUE_DIFF_STD})")
-    prob_diff = float(np.abs(fp32 - int8).mean())
+        return Verdict(ok, f"mean |value change| {diff:.3f} std (<= {MAX_VALUE_DIFF_STD})")
+    prob_diff = float(np.abs(fp32 - int8).max(axis=1).mean())
     if meta.task_type is TaskType.MULTI_CLASS:
-        agreement = float((fp32.argmax(axis=1) == int8.argmax(axis=1)).mean())
+        top2 = np.sort(fp32, axis=1)[:, -2:]
+        clear = top2[:, 1] - top2[:, 0] >= CLEAR_MARGIN
+        same = fp32.argmax(axis=1) == int8.argmax(axis=1)
     else:
         thresholds = np.asarray(meta.thresholds or [0.5] * fp32.shape[1], dtype=np.float32)
-        agreement = float(((fp32 >= thresholds) == (int8 >= thresholds)).all(axis=1).mean())
+        clear = (np.abs(fp32 - thresholds) >= CLEAR_MARGIN / 2).all(axis=1)
+        same = ((fp32 >= thresholds) == (int8 >= thresholds)).all(axis=1)
+    agreement = float(same[clear].mean()) if clear.any() else 1.0
     ok = agreement >= MIN_AGREEMENT and prob_diff <= MAX_MEAN_PROB_DIFF
     return Verdict(
         ok,
-        f"best-label agreement {agreement:.3f} (>= {MIN_AGREEMENT}), "
-        f"mean |prob diff| {prob_diff:.4f} (<= {MAX_MEAN_PROB_DIFF})",
+        f"same clear answers {agreement:.3f} (>= {MIN_AGREEMENT}) on {int(clear.sum())} images, "
+        f"mean largest |prob change| {prob_diff:.4f} (<= {MAX_MEAN_PROB_DIFF})",
     )
 
 
