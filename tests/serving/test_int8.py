@@ -51,7 +51,7 @@ def test_unclear_answers_may_change_but_probabilities_must_stay_close() -> None:
     fp32 = np.tile(np.asarray([[0.05, 0.0]], np.float32), (100, 1))  # a coin toss: not clear
     swapped = fp32[:, ::-1].copy()
     assert quantize.answers_within_tolerance(meta, fp32, swapped).ok  # 0.51 -> 0.49: within tolerance
-    assert not quantize.answers_within_tolerance(meta, fp32, fp32 + [[1.0, 0.0]]).ok  # moved 0.23
+    assert not quantize.answers_within_tolerance(meta, fp32, fp32 + np.float32([1.0, 0.0])).ok  # moved 0.23
 
 
 def test_regression_values_must_stay_within_a_tenth_of_a_std() -> None:
