@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -29,6 +30,8 @@ logger = logging.getLogger(__name__)
 
 IMAGES_PREFIX = "images/"  # where the control plane keeps uploaded training images
 DEFAULT_CALIBRATION_IMAGES = 300
+MIN_CALIBRATION_IMAGES = 12
+RETRY_S = 600.0  # how often a server with too few stored images looks again
 
 
 def calibration_keys(blobs: BlobStore, count: int) -> list[str]:
@@ -91,13 +94,20 @@ def start_int8(
     count: int = DEFAULT_CALIBRATION_IMAGES,
     max_pixels: int = 80_000_000,
 ) -> threading.Thread:
-    """:func:`enable_int8` in a daemon thread (FP32 serves until it is done)."""
+    """:func:`enable_int8` in a daemon thread (FP32 serves until it is done).
+
+    While the store has too few training images it tries again every ``RETRY_S`` seconds.
+    """
 
     def run() -> None:
-        try:
-            enable_int8(extractors, blobs, cache_dir, count=count, max_pixels=max_pixels)
-        except Exception:
-            logger.exception("INT8 preparation failed; serving FP32")
+        while True:
+            try:
+                if enable_int8(extractors, blobs, cache_dir, count=count, max_pixels=max_pixels):
+                    return
+            except Exception:
+                logger.exception("INT8 preparation failed; serving FP32")
+                return
+            time.sleep(RETRY_S)
 
     thread = threading.Thread(target=run, name="int8-prepare", daemon=True)
     thread.start()

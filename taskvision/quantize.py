@@ -76,6 +76,7 @@ FLOAT_PREFIXES = ("/conv_stem", "/bn1", "/blocks.0/", "/blocks.1/")
 @dataclass(frozen=True)
 class Int8Report:
     feature_id: str
+    fp32_sha256: str  # the FP32 export it was made from
     calibration_images: int
     check_images: int
     mean_cosine: float
@@ -226,24 +227,20 @@ def prepare_int8(feature_id: str, fp32_path: Path, images: Array, directory: Pat
     """Quantize ``fp32_path`` on most of ``images`` (preprocessed), check it on the rest, cache the result.
 
     The result's ``report.accepted`` says whether the backbone passed the check; the caller uses
-    it only then. Reuses a cached quantization of the same export and images.
+    it only then. Reuses a cached quantization of the same export and images. Blocks for about
+    half a minute (2 cores, 200 calibration images).
     """
     if len(images) < 12:
         raise ValueError(f"INT8 calibration needs at least 12 images; got {len(images)}.")
     n_check = max(4, round(len(images) * CHECK_FRACTION))
     calibration, check = images[:-n_check], images[-n_check:]
-    digest = hashlib.sha256()
-    digest.update(feature_id.encode())
-    with fp32_path.open("rb") as fh:
-        digest.update(hashlib.file_digest(fh, "sha256").digest())
+    fp32_digest = _file_sha256(fp32_path)
+    digest = hashlib.sha256(f"{feature_id}-{fp32_digest}".encode())
     digest.update(np.ascontiguousarray(images).tobytes())
-    key = digest.hexdigest()[:16]
-    folder = directory / f"{feature_id}-int8-{key}"
+    folder = directory / f"{feature_id}-int8-{digest.hexdigest()[:16]}"
+    if (found := _read(folder)) is not None:
+        return found
     model_path, report_path, check_path = folder / "model.onnx", folder / "report.json", folder / "check.npz"
-    if model_path.is_file() and report_path.is_file() and check_path.is_file():
-        report = Int8Report(**json.loads(report_path.read_text()))
-        with np.load(check_path) as data:
-            return Int8Backbone(feature_id, model_path, report, data["fp32"], data["int8"])
     started = time.perf_counter()
     logger.info("quantizing %s to INT8 on %d images (%d held out)", feature_id, len(calibration), n_check)
     quantize_onnx(fp32_path, calibration, model_path)
@@ -252,6 +249,7 @@ def prepare_int8(feature_id: str, fp32_path: Path, images: Array, directory: Pat
     verdict, mean, p1 = backbone_verdict(check_fp32, check_int8)
     report = Int8Report(
         feature_id=feature_id,
+        fp32_sha256=fp32_digest,
         calibration_images=len(calibration),
         check_images=n_check,
         mean_cosine=round(mean, 5),
@@ -264,6 +262,37 @@ def prepare_int8(feature_id: str, fp32_path: Path, images: Array, directory: Pat
     report_path.write_text(json.dumps(asdict(report), indent=2))  # last: marks the folder complete
     logger.info("INT8 %s: %s (%s)", feature_id, "accepted" if report.accepted else "REFUSED", report.reason)
     return Int8Backbone(feature_id, model_path, report, check_fp32, check_int8)
+
+
+def find_prepared(feature_id: str, fp32_path: Path, directory: Path) -> Int8Backbone | None:
+    """An accepted quantization of this very FP32 export already in ``directory`` (the newest), if any.
+
+    A server reuses it on restart instead of calibrating again on a different sample of images.
+    """
+    fp32_digest = _file_sha256(fp32_path)
+    folders = sorted(directory.glob(f"{feature_id}-int8-*"), key=lambda f: f.stat().st_mtime, reverse=True)
+    for folder in folders:
+        found = _read(folder)
+        if found is not None and found.report.accepted and found.report.fp32_sha256 == fp32_digest:
+            return found
+    return None
+
+
+def _read(folder: Path) -> Int8Backbone | None:
+    model_path, report_path, check_path = folder / "model.onnx", folder / "report.json", folder / "check.npz"
+    if not (model_path.is_file() and report_path.is_file() and check_path.is_file()):
+        return None
+    try:
+        report = Int8Report(**json.loads(report_path.read_text()))
+    except (TypeError, ValueError):
+        return None  # another version's report
+    with np.load(check_path) as data:
+        return Int8Backbone(report.feature_id, model_path, report, data["fp32"], data["int8"])
+
+
+def _file_sha256(path: Path) -> str:
+    with path.open("rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
 def report_dict(int8: Int8Backbone) -> dict[str, Any]:
