@@ -45,15 +45,33 @@ resize, normalise, embed, head, answer) to show where the time goes.
 The service is measured first and stopped before the baseline starts.
 Client and server share the machine (2 CPUs here): the client's CPU counts.
 
+Training runs in a first instance of the service; the measured instance is a
+second one on the same data directory (what a restart does), started with the
+options under test:
+
+* ``--int8``: ``TASKVISION_SERVING_INT8=true``. The service calibrates its INT8
+  backbone on its stored training images (the 600 flowers) at start; the
+  benchmark waits until it is in use and the head has passed its tolerance
+  check (the server's log says which), times the pieces with the INT8
+  backbone, and (unless ``--skip-accuracy``) reports the accuracy change
+  FP32 -> INT8 on the four shared photo sets: a head fitted on FP32 embeddings
+  the way the train step fits it (5-fold cross-validation, every photo a test
+  photo once), answered from FP32 and from INT8 embeddings of the same photos;
+* ``--batch-window-ms MS``: ``TASKVISION_SERVING_BATCH_WINDOW_MS`` (batching
+  across requests).
+
 Targets (printed as PASS/FAIL): p50 <= 30 ms for one 512 px image (cold);
 >= 60 images/s with 8 clients; no errors under load; memory flat over 5,000
 requests (fitted growth <= 5 MiB over them, i.e. about 1 KiB per request; the
 slope of the second half is reported too: growth that stops is not a leak).
+With ``--int8``: p50 <= 15 ms, >= 120 images/s, and an accuracy (mAP) change of
+at most 0.5 points on each classification set.
 
 Run it by hand (not collected by pytest)::
 
     .venv/bin/python bench/classify.py [--requests 200] [--duration 30] [--clients 8]
-        [--memory-requests 5000] [--memory-every 500] [--out bench/results/classify.json]
+        [--memory-requests 5000] [--memory-every 500] [--int8] [--batch-window-ms MS]
+        [--out bench/results/classify.json]
 
 ``--requests 20 --duration 3 --memory-requests 200 --memory-every 50`` makes a
 quick check. Results: Markdown on stdout, JSON in ``--out``; progress on
@@ -135,6 +153,10 @@ MIB = 1024  # kB per MiB
 # Targets
 TARGET_P50_MS = 30.0
 TARGET_IMAGES_PER_S = 60.0
+TARGET_INT8_P50_MS = 15.0
+TARGET_INT8_IMAGES_PER_S = 120.0
+TARGET_INT8_ACCURACY_CHANGE = 0.5  # points
+INT8_READY_TIMEOUT_S = 900.0
 TARGET_MEMORY_GROWTH_MIB = 5.0  # fitted growth over the memory run
 OTHER_CPU_WARN_PCT = 5.0  # other processes' share of the CPU above which a run is flagged as disturbed
 
@@ -277,17 +299,47 @@ def training_set() -> tuple[str, list[tuple[Path | bytes, str]]]:
 
 
 @contextmanager
-def running_taskvision(workdir: Path, *, log_level: str) -> Iterator[Service]:
-    """``taskvision serve`` on a fresh data dir under ``workdir`` (kept: the baseline reads the bundle)."""
+def running_taskvision(
+    workdir: Path, *, log_level: str, token: str | None = None, log_name: str = "service.log", **env: str
+) -> Iterator[Service]:
+    """``taskvision serve`` on the data dir under ``workdir`` (kept: the baseline reads the bundle).
+
+    The first start makes the data dir and a user; later ones pass that user's ``token``.
+    """
     with running_service(
         data_dir=workdir / "data",
-        log_path=workdir / "service.log",
-        env=server_env(PYTHONUNBUFFERED="1"),
+        log_path=workdir / log_name,
+        env=server_env(PYTHONUNBUFFERED="1", **env),
         log_level=log_level,
         name="service",
         startup_timeout_s=STARTUP_TIMEOUT_S,
+        token=token,
     ) as server:
         yield server
+
+
+def wait_for_int8(service: Service) -> dict[str, Any]:
+    """Wait until the service serves the INT8 backbone; its quantization report and the head's precision."""
+    from taskvision.backbone import EMBEDDING_ID, backbone_onnx_path
+    from taskvision.quantize import find_prepared, report_dict
+
+    deadline = time.monotonic() + INT8_READY_TIMEOUT_S
+    while "INT8 backbone in use" not in service.log_path.read_text(errors="replace"):
+        text = service.log_path.read_text(errors="replace")
+        if "INT8 refused" in text or "INT8 preparation failed" in text or time.monotonic() > deadline:
+            raise RuntimeError(f"the service did not switch INT8 on:\n{text[-3000:]}")
+        time.sleep(1.0)
+    found = find_prepared(
+        EMBEDDING_ID, backbone_onnx_path(), service.data_dir.resolve() / "serving-cache" / "int8"
+    )
+    if found is None:
+        raise RuntimeError("INT8 is in use but its report is not in the serving cache")
+    return report_dict(found)
+
+
+def head_precision(service: Service) -> str:
+    """What the served head runs on, from the service's log (call after some requests)."""
+    return "fp32 (INT8 out of tolerance)" if "stays FP32" in service.log_path.read_text() else "int8"
 
 
 @contextmanager
@@ -435,19 +487,22 @@ def build_and_train(client: Client, server: Service) -> dict[str, Any]:
 # ---- where the time goes (in this process) ----------------------------------------------
 
 
-def breakdown(bundle_dir: Path, images: Sequence[str]) -> dict[str, Any]:
+def breakdown(bundle_dir: Path, images: Sequence[str], *, int8_model: Path | None = None) -> dict[str, Any]:
     """Time the pieces of the service's classify path for single images, on the trained bundle."""
     import numpy as np
 
     from serving.model import DEFAULT_MAX_PIXELS, BundlePredictor
     from taskvision import imaging
-    from taskvision.backbone import Embedder
+    from taskvision.backbone import Embedder, onnx_session
+    from taskvision.bundle import outputs_from_logits
     from taskvision.preprocess import DEFAULT, preprocess_bytes, resize_and_crop, to_array
 
-    embedder = Embedder(cache_size=0)
-    predictor = BundlePredictor("bench", bundle_dir, embedder=embedder)
+    embedder = Embedder(cache_size=0, session=onnx_session(int8_model) if int8_model else None)
+    predictor = BundlePredictor("bench", bundle_dir)
     predictor.load()
-    model = predictor.bundle
+    head, meta = predictor.head, predictor.bundle_meta
+    assert head is not None, "the bench's task is trained with a frozen backbone"
+    precision = "INT8" if int8_model else "FP32"
     pieces: dict[str, list[float]] = {}
 
     @contextmanager
@@ -475,10 +530,10 @@ def breakdown(bundle_dir: Path, images: Sequence[str]) -> dict[str, Any]:
                 array = to_array(crop)
             with stopwatch(whole):
                 preprocess_bytes(data, max_pixels=DEFAULT_MAX_PIXELS)
-            with stopwatch("embed (ONNX Runtime backbone, batch 1)"):
+            with stopwatch(f"embed (ONNX Runtime backbone, {precision}, batch 1)"):
                 embedding = embedder.embed_arrays(np.stack([array]))
-            with stopwatch("head + softmax"):
-                row = model.outputs(model.logits_from_embeddings(embedding))
+            with stopwatch("head (head bank) + softmax"):
+                row = outputs_from_logits(meta, head.logits(embedding))
             with stopwatch("describe (labels sorted)"):
                 answer = predictor.describe(row[0])
             with stopwatch("json.dumps of the answer"):
@@ -489,6 +544,102 @@ def breakdown(bundle_dir: Path, images: Sequence[str]) -> dict[str, Any]:
         summary = {name: round(percentile(ts, 50) * 1000, 2) for name, ts in pieces.items()}
         summary["sum of the pieces"] = round(sum(v for k, v in summary.items() if k != whole), 2)
     return {"images": len(images) - 1, "median_ms": summary, "other_cpu_pct": other.pct}
+
+
+# ---- INT8 accuracy on the shared photo sets ------------------------------------------------------
+
+ACCURACY_SETS = {  # name -> (task type, label columns: None = the "label" column)
+    "flowers": ("multi_class", None),
+    "satellite": ("multi_class", None),
+    "scenes": ("multi_label", ["desert", "mountains", "sea", "sunset", "trees"]),
+    "ages": ("regression", ["age"]),
+}
+
+
+def int8_accuracy(int8_model: Path, *, folds: int = 5, seed: int = 0) -> dict[str, Any]:
+    """FP32 vs INT8 answers of heads fitted on FP32 embeddings, out of fold, on each shared photo set."""
+    import numpy as np
+
+    from components.lib.train import fit_linear
+    from taskvision.backbone import Embedder, backbone_onnx_path, onnx_session
+    from taskvision.metrics import average_precision
+    from taskvision.preprocess import preprocess_bytes
+    from taskvision.task_types import TaskType
+
+    fp32 = Embedder(session=onnx_session(backbone_onnx_path()))
+    int8 = Embedder(session=onnx_session(int8_model))
+    results: dict[str, Any] = {}
+    for name, (kind, columns) in ACCURACY_SETS.items():
+        labels_csv = DATASETS_ROOT / name / "labels.csv"
+        if not labels_csv.is_file():
+            continue
+        with labels_csv.open(newline="") as fh:
+            rows = list(csv.DictReader(fh))
+        started = time.perf_counter()
+        arrays = [
+            preprocess_bytes((DATASETS_ROOT / name / r["path"]).read_bytes(), max_pixels=10**8)[0]
+            for r in rows
+        ]
+        x32 = np.concatenate(
+            [fp32.embed_arrays(np.stack(arrays[i : i + 32])) for i in range(0, len(arrays), 32)]
+        )
+        x8 = np.concatenate(
+            [int8.embed_arrays(np.stack(arrays[i : i + 32])) for i in range(0, len(arrays), 32)]
+        )
+        fold_of = np.random.default_rng(seed).permutation(len(rows)) % folds
+        if kind == "multi_class":
+            names = sorted({r["label"] for r in rows})
+            y = np.asarray([names.index(r["label"]) for r in rows])
+            task_type, n_out = TaskType.MULTI_CLASS, len(names)
+        elif kind == "multi_label":
+            assert columns is not None
+            y = np.asarray([[float(r[c]) for c in columns] for r in rows], dtype=np.float32)
+            task_type, n_out = TaskType.MULTI_LABEL, len(columns)
+        else:
+            assert columns is not None
+            y = np.asarray([[float(r[c]) for c in columns] for r in rows], dtype=np.float32)
+            task_type, n_out = TaskType.REGRESSION, len(columns)
+        out32 = np.zeros((len(rows), n_out), np.float32)
+        out8 = np.zeros((len(rows), n_out), np.float32)
+        for fold in range(folds):
+            train, test = fold_of != fold, fold_of == fold
+            if task_type is TaskType.REGRESSION:
+                mean, std = y[train].mean(axis=0), y[train].std(axis=0)
+                w, b = fit_linear(x32[train], (y[train] - mean) / std, task_type, 1.0, n_outputs=n_out)
+                out32[test], out8[test] = (
+                    (x32[test] @ w.T + b) * std + mean,
+                    (x8[test] @ w.T + b) * std + mean,
+                )
+            else:
+                w, b = fit_linear(x32[train], y[train], task_type, 0.1, n_outputs=n_out)
+                out32[test], out8[test] = x32[test] @ w.T + b, x8[test] @ w.T + b
+        row: dict[str, Any] = {"images": len(rows), "task_type": kind}
+        if task_type is TaskType.MULTI_CLASS:
+            row["metric"] = "accuracy"
+            row["fp32"] = float((out32.argmax(1) == y).mean())
+            row["int8"] = float((out8.argmax(1) == y).mean())
+            row["same_answer"] = float((out32.argmax(1) == out8.argmax(1)).mean())
+        elif task_type is TaskType.MULTI_LABEL:
+            row["metric"] = "mAP"
+            row["fp32"] = float(
+                np.mean([average_precision(y[:, j].astype(np.int64), out32[:, j]) for j in range(n_out)])
+            )
+            row["int8"] = float(
+                np.mean([average_precision(y[:, j].astype(np.int64), out8[:, j]) for j in range(n_out)])
+            )
+            row["same_answer"] = float(((out32 >= 0) == (out8 >= 0)).all(axis=1).mean())
+        else:
+            row["metric"] = "MAE"
+            row["fp32"] = float(np.abs(out32 - y).mean())
+            row["int8"] = float(np.abs(out8 - y).mean())
+            row["mean_abs_change"] = float(np.abs(out32 - out8).mean())
+        row["change_points" if kind != "regression" else "change"] = round(
+            (row["int8"] - row["fp32"]) * (100 if kind != "regression" else 1), 3
+        )
+        row["seconds"] = round(time.perf_counter() - started, 1)
+        results[name] = row
+        logger.info("  %s: %s", name, row)
+    return results
 
 
 # ---- measurements ----------------------------------------------------------------
@@ -791,23 +942,25 @@ def naive_server_main(bundle_dir: Path, port: int) -> int:
 
 
 def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
+    int8 = report["config"]["int8"]
+    p50_target = TARGET_INT8_P50_MS if int8 else TARGET_P50_MS
+    rate_target = TARGET_INT8_IMAGES_PER_S if int8 else TARGET_IMAGES_PER_S
     service = report["service"]
     p50 = service["latency"]["1 record, cold"]["latency_ms"]["p50"]
     tput = service["throughput"]["images_per_s"]
     load_errors = service["throughput"]["errors"] + service["memory"]["errors"]
     all_errors = load_errors + sum(row["errors"] for row in service["latency"].values())
     memory = service["memory"]
-    return [
+    out = [
         {
-            "target": f"p50 <= {TARGET_P50_MS:.0f} ms for a single {IMAGE_SIZE} px image (cold)",
+            "target": f"p50 <= {p50_target:.0f} ms for a single {IMAGE_SIZE} px image (cold)",
             "value": f"{p50} ms",
-            "pass": p50 <= TARGET_P50_MS,
+            "pass": p50 <= p50_target,
         },
         {
-            "target": f">= {TARGET_IMAGES_PER_S:.0f} images/s with "
-            f"{service['throughput']['clients']} clients",
+            "target": f">= {rate_target:.0f} images/s with {service['throughput']['clients']} clients",
             "value": f"{tput} images/s",
-            "pass": tput >= TARGET_IMAGES_PER_S,
+            "pass": tput >= rate_target,
         },
         {
             "target": "no errors under load",
@@ -823,6 +976,17 @@ def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
             "pass": bool(memory["flat"]),
         },
     ]
+    for name, row in report.get("int8_accuracy", {}).items():
+        if row["task_type"] == "regression":
+            continue
+        out.append(
+            {
+                "target": f"INT8 {row['metric']} change on {name} <= {TARGET_INT8_ACCURACY_CHANGE} points",
+                "value": f"{row['fp32']:.4f} -> {row['int8']:.4f} ({row['change_points']:+.2f} points)",
+                "pass": abs(row["change_points"]) <= TARGET_INT8_ACCURACY_CHANGE,
+            }
+        )
+    return out
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -831,7 +995,8 @@ def markdown(report: dict[str, Any]) -> str:
     load = ", ".join(f"{x:.2f}" for x in machine["load_average_at_start"])
     images = cfg["images"]
     out = [
-        f"## Classify benchmark ({report['date']})",
+        f"## Classify benchmark ({report['date']}, {'INT8' if cfg['int8'] else 'FP32'} backbone, "
+        f"batching window {cfg['batch_window_ms']} ms)",
         "",
         f"{machine['nproc']} CPUs ({machine['cpu_model']}), load average at start {load}, "
         f"Python {machine['python']}, commit {commit}. Task: multi_class on {training['dataset']}, "
@@ -905,6 +1070,23 @@ def markdown(report: dict[str, Any]) -> str:
         "|---|---:|",
     ]
     out += [f"| {name} | {ms} |" for name, ms in report["breakdown"]["median_ms"].items()]
+    if "int8" in report:
+        q = report["int8"]
+        out += [
+            "",
+            f"INT8 backbone: calibrated on {q['calibration_images']} stored training images in "
+            f"{q['quantize_s']} s, checked on {q['check_images']} others ({q['reason']}); the head runs on "
+            f"{q.get('head_precision', '?')}.",
+        ]
+    if report.get("int8_accuracy"):
+        out += ["", "| set | metric | FP32 | INT8 | change | same answer |", "|---|---|---:|---:|---:|---:|"]
+        for name, row in report["int8_accuracy"].items():
+            change = row.get("change_points", row.get("change"))
+            same = row.get("same_answer", row.get("mean_abs_change"))
+            out.append(
+                f"| {name} ({row['images']}) | {row['metric']} | {row['fp32']:.4f} | {row['int8']:.4f} | "
+                f"{change:+.3f} | {same:.4f} |"
+            )
     out += ["", "Targets:", ""]
     out += [f"- {'PASS' if t['pass'] else 'FAIL'}: {t['target']}: {t['value']}" for t in report["targets"]]
     return "\n".join(out)
@@ -931,6 +1113,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         choices=["default", "PASSIVE", "ACTIVE"],
         help="OMP_WAIT_POLICY of the naive baseline (default: unset, as a textbook server runs; "
         "PASSIVE makes eager torch about 2x slower at batch 1 on 2 cores)",
+    )
+    parser.add_argument("--int8", action="store_true", help="measure the service with its INT8 backbone")
+    parser.add_argument(
+        "--skip-accuracy", action="store_true", help="with --int8: skip the shared-set accuracy comparison"
+    )
+    parser.add_argument(
+        "--batch-window-ms", type=float, default=0.0, help="the service's batching window (0: off)"
     )
     parser.add_argument("--seed", type=int, default=20240601)
     parser.add_argument("--server-log-level", default="info", choices=["debug", "info", "warning", "error"])
@@ -987,18 +1176,36 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "naive_omp_wait_policy": args.naive_omp_wait_policy,
         "images": image_info,
     }
+    report["config"]["int8"] = args.int8
+    report["config"]["batch_window_ms"] = args.batch_window_ms
+    options = {"TASKVISION_SERVING_BATCH_WINDOW_MS": str(args.batch_window_ms)}
+    if args.int8:
+        options["TASKVISION_SERVING_INT8"] = "true"
     workdir = Path(tempfile.mkdtemp(prefix="taskvision-classify-bench-"))
     try:
-        with running_taskvision(workdir, log_level=args.server_log_level) as service:
-            client = Client(service)
-            report["training"] = build_and_train(client, service)
-            bundle_dir = Path(report["training"]["bundle_dir"])
-            task_id = report["training"]["task_id"]
+        with running_taskvision(workdir, log_level=args.server_log_level, log_name="train.log") as trainer:
+            report["training"] = build_and_train(Client(trainer), trainer)
+            token = trainer.token
+        bundle_dir = Path(report["training"]["bundle_dir"])
+        task_id = report["training"]["task_id"]
+        with running_taskvision(workdir, log_level=args.server_log_level, token=token, **options) as service:
+            int8_model = None
+            if args.int8:
+                logger.info("waiting for the service to calibrate and switch on its INT8 backbone")
+                report["int8"] = wait_for_int8(service)
+                int8_model = Path(report["int8"]["path"])
+                logger.info("INT8 in use: %s", report["int8"]["reason"])
             logger.info("timing the pieces of one request in-process (%d images)", BREAKDOWN_IMAGES)
-            report["breakdown"] = breakdown(bundle_dir, images[-BREAKDOWN_IMAGES:])
+            report["breakdown"] = breakdown(bundle_dir, images[-BREAKDOWN_IMAGES:], int8_model=int8_model)
             logger.info("breakdown: %s", report["breakdown"]["median_ms"])
             report["service"], service_answers = measure(service, task_id, images, cached, args, memory=True)
             report["service"]["server_log"] = server_log_summary(service.log_path)
+            if args.int8:
+                report["int8"]["head_precision"] = head_precision(service)
+        if args.int8 and not args.skip_accuracy:
+            assert int8_model is not None
+            logger.info("accuracy FP32 -> INT8 on the shared photo sets (5-fold CV)")
+            report["int8_accuracy"] = int8_accuracy(int8_model)
         naive_omp = None if args.naive_omp_wait_policy == "default" else args.naive_omp_wait_policy
         with running_naive(workdir, bundle_dir, omp_wait_policy=naive_omp) as naive:
             report["naive"], naive_answers = measure(naive, task_id, images, cached, args, memory=False)

@@ -19,9 +19,7 @@ from taskvision.storage import LocalBlobStore
 from taskvision.task_types import TaskType
 from tests.serving.bundles import meta_for, write_head_bundle
 
-DATASETS = Path(__file__).resolve().parents[3] / "shared" / "datasets"
-if not DATASETS.is_dir():  # a worktree beside the main checkout: the data sets are the main one's
-    DATASETS = Path("/work/shared/datasets")
+DATASETS = Path(__file__).resolve().parents[3] / "shared" / "datasets"  # ../shared beside the repository
 
 
 def _photos(name: str) -> list[tuple[Path, str]]:
