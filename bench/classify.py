@@ -389,10 +389,16 @@ class Call:
     processing_s: float | None = None  # the server's own "statistics.processing time"
 
 
-def classify(client: Client, task_id: str, images: Sequence[tuple[int, str]]) -> Call:
-    """Send one classify request (the body is serialized before the clock starts) and check the answer."""
+def classify(
+    client: Client, task_id: str, images: Sequence[tuple[int, str]], *, explain: bool = False
+) -> Call:
+    """Send one classify request (the body is serialized before the clock starts) and check the answer.
+
+    With ``explain`` every record must come back with its ``_explanations`` (a heat map each).
+    """
     records = ",".join('{"_base64": "%s"}' % b64 for _, b64 in images)  # noqa: UP031  # base64 needs no escaping
-    body = f'{{"task_id": {json.dumps(task_id)}, "records": [{records}]}}'.encode()
+    extra = ', "explain": true' if explain else ""
+    body = f'{{"task_id": {json.dumps(task_id)}, "records": [{records}]{extra}}}'.encode()
     session = client.session
     start = time.perf_counter()
     try:
@@ -417,6 +423,8 @@ def classify(client: Client, task_id: str, images: Sequence[tuple[int, str]]) ->
         label = answer.get("best_label")
         if status != 200 or not isinstance(label, dict):
             return Call(seconds, len(images), False, error=f"record status {answer.get('_status')}")
+        if explain and not answer.get("_explanations"):
+            return Call(seconds, len(images), False, error="no _explanations in an explained record")
         best.append((index, str(label.get("id")), float(label.get("prob", math.nan))))
     processing = (data.get("statistics") or {}).get("processing time")
     return Call(seconds, len(images), True, best=best, processing_s=processing)
@@ -694,6 +702,16 @@ def latency_runs(
         ten = run_sequential(client, task_id, lambda: pool.take(10), requests_n)
     out["10 records, cold"] = {**summarize(ten), "other_cpu_pct": other.pct}
     logger.info("  10 records, cold: %s", out["10 records, cold"]["latency_ms"])
+    if with_cached:  # the service: what "explain": true costs
+        classify(client, task_id, pool.take(1), explain=True)  # the maps backbone's session loads
+        with OtherCpu([pid]) as other:
+            calls = [classify(client, task_id, pool.take(1), explain=True) for _ in range(requests_n)]
+        out["1 record, cold, explain"] = {**summarize(calls), "other_cpu_pct": other.pct}
+        logger.info("  1 record, cold, explain: %s", out["1 record, cold, explain"]["latency_ms"])
+        with OtherCpu([pid]) as other:
+            calls = [classify(client, task_id, pool.take(10), explain=True) for _ in range(requests_n // 4)]
+        out["10 records, cold, explain"] = {**summarize(calls), "other_cpu_pct": other.pct}
+        logger.info("  10 records, cold, explain: %s", out["10 records, cold, explain"]["latency_ms"])
     if with_cached:
         same_one = [(-1, cached[0])]
         same_ten = [(-1 - i, b64) for i, b64 in enumerate(cached[:10])]
