@@ -21,7 +21,11 @@ Loaded versions stay within ``memory_mb``: frozen-backbone heads count their
 arrays (they live in one :class:`serving.head_bank.HeadBank`), versions with
 their own ONNX Runtime session count about three times their model file (see
 :mod:`serving.model`). When a load goes over the budget, the least recently
-used versions are unloaded; the next request for one loads it again.
+used versions are unloaded; the next request for one loads it again. A version
+loaded through the repository API (``/v2/repository/models/<name>/load``, what
+the KServe data plane serves) stays listed while evicted, as a model that is
+not ready, and its next request reloads it (:meth:`BundleRepository.get_model`);
+requests in progress keep the predictor they started with.
 """
 
 from __future__ import annotations
@@ -79,6 +83,7 @@ class BundleRepository(ModelRepository):
         self.bank = HeadBank()
         self._sizes: OrderedDict[str, int] = OrderedDict()  # loaded versions, least recently used first
         self._flights: dict[str, _Flight] = {}
+        self._listed: set[str] = set()  # loaded through the repository API: stay listed when evicted
         self._lock = threading.Lock()  # bookkeeping only: never held while loading
         self.loads = 0  # versions loaded so far (each load of a version counts once)
         self.evictions = 0
@@ -91,7 +96,10 @@ class BundleRepository(ModelRepository):
 
     def load_model(self, name: str) -> bool:
         """Load ``name`` now, replacing a loaded copy (a repository load asks for fresh files)."""
-        return self._load(name, replace=True).ready
+        ready = self._load(name, replace=True).ready
+        with self._lock:
+            self._listed.add(name)
+        return ready
 
     def unload(self, name: str) -> None:
         with self._lock:
@@ -99,7 +107,21 @@ class BundleRepository(ModelRepository):
             if flight is not None:
                 flight.cancelled = True
             self._sizes.pop(name, None)
+            self._listed.discard(name)
             super().unload(name)
+
+    def get_model(self, name: str) -> BundlePredictor | None:
+        """The model KServe's data plane serves; an evicted one is loaded again first."""
+        model = self.models.get(name)
+        if model is not None and not model.ready:
+            return self._load(name, replace=False)
+        assert model is None or isinstance(model, BundlePredictor)
+        return model
+
+    async def is_model_ready(self, name: str) -> bool:
+        """Whether ``name`` is loaded now (an evicted version is listed but not ready)."""
+        model = self.models.get(name)
+        return bool(model is not None and model.ready)
 
     # ---- the embedded server's entry point ----------------------------------------------------
 
@@ -107,7 +129,7 @@ class BundleRepository(ModelRepository):
         """The loaded predictor for ``name``, loading it first if needed (once, whoever asks)."""
         with self._lock:
             model = self.models.get(name)
-            if model is not None:
+            if model is not None and model.ready:
                 self._sizes.move_to_end(name)
                 assert isinstance(model, BundlePredictor)
                 return model
@@ -123,7 +145,7 @@ class BundleRepository(ModelRepository):
 
     def _load(self, name: str, *, replace: bool) -> BundlePredictor:
         with self._lock:
-            if not replace and (model := self.models.get(name)) is not None:
+            if not replace and (model := self.models.get(name)) is not None and model.ready:
                 assert isinstance(model, BundlePredictor)
                 return model
             flight = self._flights.get(name)
@@ -161,11 +183,14 @@ class BundleRepository(ModelRepository):
         path = self.locate(name)
         if not (path / "bundle.json").is_file():
             raise FileNotFoundError(f"No model bundle for {name!r} at {path}")
-        predictor = BundlePredictor(
-            name, path, max_image_pixels=self.max_image_pixels, extractors=self.extractors, bank=self.bank
-        )
+        predictor = self._predictor(name, path)
         predictor.load()
         return predictor
+
+    def _predictor(self, name: str, path: Path) -> BundlePredictor:
+        return BundlePredictor(
+            name, path, max_image_pixels=self.max_image_pixels, extractors=self.extractors, bank=self.bank
+        )
 
     def _evict_over_budget(self, *, keep: str) -> None:
         """Unload least recently used versions until the rest fit (called with the lock held)."""
@@ -180,3 +205,5 @@ class BundleRepository(ModelRepository):
                 logger.debug("unloading %s (least recently used, over the memory budget)", oldest)
                 self.evictions += 1
                 super().unload(oldest)
+                if oldest in self._listed:  # stays listed, not ready: its next request reloads it
+                    self.update(self._predictor(oldest, Path(self.models_dir) / oldest))
