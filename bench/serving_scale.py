@@ -32,8 +32,9 @@ of today's code, e.g. ``git worktree add /tmp/serving-baseline 6ce2135``),
 
 ``/proc/loadavg`` is read at the start and end of each phase and the other
 processes' CPU share measured (``other CPU %``): the machine is shared, so
-compare the two sides within one run (ratios), and rerun timing-critical
-phases when it is quieter (``--only first,later`` etc.).
+compare the two sides within one run (ratios), and rerun the timing-critical
+phases when it is quieter (the new side alone: no ``--baseline-src``, and
+``--skip-s3``).
 
 Targets (new side): RSS <= 1 GB with every task servable; p50 <= 30 ms for the
 first request to a task and <= 15 ms for later ones; >= 60 images/s with 8
