@@ -1029,8 +1029,9 @@ def markdown(report: dict[str, Any]) -> str:
         "| server p50 ms | images/s | other CPU % |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
+    servers = [server for server in ("service", "naive") if server in report]
     for name in report["service"]["latency"]:
-        for server in ("service", "naive"):
+        for server in servers:
             row = report[server]["latency"].get(name)
             if row is None:
                 continue
@@ -1041,7 +1042,7 @@ def markdown(report: dict[str, Any]) -> str:
                 f"{row.get('ms_per_image_p50', '')} | {row['server_processing_ms_p50']} | | "
                 f"{row['other_cpu_pct']} |"
             )
-    for server in ("service", "naive"):
+    for server in servers:
         row = report[server]["throughput"]
         lat = row["latency_ms"]
         out.append(
@@ -1051,18 +1052,21 @@ def markdown(report: dict[str, Any]) -> str:
             f"{row['server_processing_ms_p50']} | "
             f"**{row['images_per_s']}** | {row['other_cpu_pct']} |"
         )
-    s_tp, n_tp = report["service"]["throughput"], report["naive"]["throughput"]
+    s_tp = report["service"]["throughput"]
+    naive = report.get("naive") or {"throughput": {}}
+    n_tp = naive["throughput"]
     out += [
         "",
         f"CPU per image under load: TaskVision server {s_tp['server_cpu_ms_per_image']} ms "
-        f"(client {s_tp['client_cpu_ms_per_image']} ms); naive server {n_tp['server_cpu_ms_per_image']} ms "
-        f"(client {n_tp['client_cpu_ms_per_image']} ms). Server RSS at the end: TaskVision "
+        f"(client {s_tp['client_cpu_ms_per_image']} ms); "
+        f"naive server {n_tp.get('server_cpu_ms_per_image')} ms "
+        f"(client {n_tp.get('client_cpu_ms_per_image')} ms). Server RSS at the end: TaskVision "
         f"{report['service']['rss_at_end_mib']} MiB (peak {report['service']['vmhwm_mib']}), naive "
-        f"{report['naive']['rss_at_end_mib']} MiB (peak {report['naive']['vmhwm_mib']}). "
+        f"{naive.get('rss_at_end_mib')} MiB (peak {naive.get('vmhwm_mib')}). "
         f"Best labels agree on {report['agreement']['same_best_label']}/{report['agreement']['compared']} "
         f"images (max prob difference {report['agreement']['max_prob_diff']}). Naive baseline: torch on "
-        f"{report['naive'].get('torch_threads')} threads, OMP_WAIT_POLICY "
-        f"{report['naive'].get('omp_wait_policy')}; TaskVision: OMP_WAIT_POLICY=PASSIVE. "
+        f"{naive.get('torch_threads')} threads, OMP_WAIT_POLICY "
+        f"{naive.get('omp_wait_policy')}; TaskVision: OMP_WAIT_POLICY=PASSIVE. "
         f"'other CPU %': the share of the machine's CPU that processes other than this benchmark "
         f"and the server under test used meanwhile (above {OTHER_CPU_WARN_PCT:.0f} % the figures "
         f"are distorted).",
@@ -1139,6 +1143,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--batch-window-ms", type=float, default=0.0, help="the service's batching window (0: off)"
     )
+    parser.add_argument("--skip-naive", action="store_true", help="do not run the naive baseline")
     parser.add_argument("--seed", type=int, default=20240601)
     parser.add_argument("--server-log-level", default="info", choices=["debug", "info", "warning", "error"])
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="where to write the JSON results")
@@ -1225,11 +1230,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             logger.info("accuracy FP32 -> INT8 on the shared photo sets (5-fold CV)")
             report["int8_accuracy"] = int8_accuracy(int8_model)
         naive_omp = None if args.naive_omp_wait_policy == "default" else args.naive_omp_wait_policy
-        with running_naive(workdir, bundle_dir, omp_wait_policy=naive_omp) as naive:
-            report["naive"], naive_answers = measure(naive, task_id, images, cached, args, memory=False)
-            report["naive"]["server_log"] = server_log_summary(naive.log_path)
-            report["naive"]["torch_threads"] = naive.health.get("torch_threads")
-            report["naive"]["omp_wait_policy"] = naive.health.get("omp_wait_policy")
+        naive_answers: dict[int, tuple[str, float]] = {}
+        if not args.skip_naive:
+            with running_naive(workdir, bundle_dir, omp_wait_policy=naive_omp) as naive:
+                report["naive"], naive_answers = measure(naive, task_id, images, cached, args, memory=False)
+                report["naive"]["server_log"] = server_log_summary(naive.log_path)
+                report["naive"]["torch_threads"] = naive.health.get("torch_threads")
+                report["naive"]["omp_wait_policy"] = naive.health.get("omp_wait_policy")
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     common = sorted(set(service_answers) & set(naive_answers))
@@ -1243,6 +1250,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     report["disturbed_runs"] = [
         f"{server} {name}"
         for server in ("service", "naive")
+        if server in report
         for name, row in [
             *report[server]["latency"].items(),
             ("throughput", report[server]["throughput"]),
