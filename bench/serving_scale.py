@@ -233,6 +233,7 @@ class Call:
     ok: bool
     error: str | None = None
     started: float = 0.0
+    processing_s: float | None = None  # the server's own "statistics.processing time"
 
 
 def classify(client: Client, task_id: str, image_b64: str) -> Call:
@@ -248,10 +249,12 @@ def classify(client: Client, task_id: str, image_b64: str) -> Call:
         seconds = time.perf_counter() - started
         if response.status_code != 200:
             return Call(seconds, False, f"HTTP {response.status_code}: {response.text[:200]}", started)
-        record = response.json()["records"][0]
+        answer = response.json()
+        record = answer["records"][0]
         if record.get("_status", {}).get("code") != 200:
             return Call(seconds, False, f"record {record.get('_status')}", started)
-        return Call(seconds, True, started=started)
+        processing = (answer.get("statistics") or {}).get("processing time")
+        return Call(seconds, True, started=started, processing_s=processing)
     except (requests.RequestException, ValueError, KeyError) as exc:
         return Call(time.perf_counter() - started, False, repr(exc)[:200], started)
 
@@ -278,6 +281,9 @@ def summary(calls: Sequence[Call], *, wall_s: float | None = None) -> dict[str, 
         "first_errors": [c.error for c in calls if not c.ok][:3],
         "latency_ms": latency_summary([c.seconds for c in ok]),
     }
+    processing = [c.processing_s for c in ok if c.processing_s is not None]
+    if processing:
+        out["server_processing_ms_p50"] = round(percentile(processing, 50) * 1000, 2)
     if wall_s:
         out["wall_s"] = round(wall_s, 1)
         out["images_per_s"] = round(len(ok) / wall_s, 1)
@@ -549,9 +555,11 @@ def markdown(report: dict[str, Any]) -> str:
         ("first request p50 ms", ["first", "latency_ms", "p50"]),
         ("first request p95 ms", ["first", "latency_ms", "p95"]),
         ("first requests: errors", ["first", "errors"]),
+        ("first requests: server processing p50 ms", ["first", "server_processing_ms_p50"]),
         ("RSS after the first requests MiB", ["first", "rss_after", "rss_mib"]),
         ("later requests p50 ms", ["later", "latency_ms", "p50"]),
         ("later requests p95 ms", ["later", "latency_ms", "p95"]),
+        ("later requests: server processing p50 ms", ["later", "server_processing_ms_p50"]),
         ("RSS after the later requests MiB", ["later", "rss_after", "rss_mib"]),
         (f"{cfg['clients']} clients, random tasks: images/s", ["throughput", "images_per_s"]),
         (f"{cfg['clients']} clients: errors", ["throughput", "errors"]),
