@@ -85,6 +85,7 @@ from _common import (
     init_script,
     latency_summary,
     machine_info,
+    percentile,
     proc_status,
     running_service,
     server_env,
