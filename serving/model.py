@@ -272,55 +272,38 @@ class BundlePredictor(Model):
     def explained(self, prepared: Prepared) -> tuple[Array, list[list[dict[str, Any]]]]:
         """Outputs (FP32) and, per image, the heat maps of its best label (or each tag above threshold)."""
         meta = self.bundle_meta
-        answers: list[dict[str, Any]] = []
+        outputs, grids = self._outputs_and_grids(prepared)
+        index = {lb["id"]: i for i, lb in enumerate(meta.labels)}
+        config = self._configs[0]
+        explanations = []
+        for image, row in enumerate(outputs):
+            best = self.describe(row)["best_label"]
+            chosen = [lb for lb in (best if isinstance(best, list) else [best]) if lb["id"] in index]
+            width, height = prepared.sizes[image] if prepared.sizes else (config.input_size,) * 2
+            explanations.append(
+                [
+                    explain.explanation(grids[image, index[lb["id"]]], lb, width, height, config)
+                    for lb in chosen
+                ]
+            )
+        return outputs, explanations
+
+    def _outputs_and_grids(self, prepared: Prepared) -> tuple[Array, Array]:
+        """Outputs (N, K) and every output's map over the image (N, K, H, W)."""
+        meta = self.bundle_meta
+        task_type = str(meta.task_type)
         if self.head is not None:
             if len(self.features) != 1:
                 raise ExplainUnavailableError("Explanations need a head over one backbone's features.")
             maps = explain.shared_maps_backbone(self.features[0]).run(prepared.inputs[DEFAULT])
             outputs = outputs_from_logits(meta, self.head.logits(maps.embeddings))
-            answers = [self.describe(row) for row in outputs]
-            weight, bias = self.head.weight, self.head.bias
-
-            def grids(image: int, indices: list[int]) -> Array:
-                rows, _ = explain.explained_rows(str(meta.task_type), weight, bias, indices)
-                single = explain.FeatureMaps(
-                    embeddings=maps.embeddings[image : image + 1],
-                    final=maps.final[image : image + 1],
-                    block3=maps.block3[image : image + 1],
-                    block4=maps.block4[image : image + 1],
-                    block5=maps.block5[image : image + 1],
-                )
-                return explain.cam(single, rows)[0]
-
-        elif not meta.frozen_backbone:
+            return outputs, explain.cam(maps, explain.explained_rows(task_type, self.head.weight))
+        if not meta.frozen_backbone:
             network = self._gradcam_network()
             logits, feature_map = network.run(prepared.inputs[DEFAULT])
-            outputs = outputs_from_logits(meta, logits)
-            answers = [self.describe(row) for row in outputs]
-            zeros = np.zeros(network.weight.shape[0], dtype=np.float32)
-
-            def grids(image: int, indices: list[int]) -> Array:
-                rows, _ = explain.explained_rows(str(meta.task_type), network.weight, zeros, indices)
-                return explain.grad_cam(feature_map[image : image + 1], rows)[0]
-
-        else:
-            raise ExplainUnavailableError("This model's head is not a linear layer; it cannot be explained.")
-        index = {lb["id"]: i for i, lb in enumerate(meta.labels)}
-        config = self._configs[0]
-        explanations = []
-        for image, answer in enumerate(answers):
-            best = answer["best_label"]
-            chosen = [lb for lb in (best if isinstance(best, list) else [best]) if lb["id"] in index]
-            maps_of_image = grids(image, [index[lb["id"]] for lb in chosen]) if chosen else None
-            width, height = prepared.sizes[image] if prepared.sizes else (config.input_size,) * 2
-            explanations.append(
-                [
-                    explain.explanation(maps_of_image[k], label, width, height, config)
-                    for k, label in enumerate(chosen)
-                    if maps_of_image is not None
-                ]
-            )
-        return outputs, explanations
+            rows = explain.explained_rows(task_type, network.weight)
+            return outputs_from_logits(meta, logits), explain.grad_cam(feature_map, rows)
+        raise ExplainUnavailableError("This model's head is not a linear layer; it cannot be explained.")
 
     def _gradcam_network(self) -> explain.GradCamNetwork:
         with self._lock:

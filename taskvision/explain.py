@@ -201,12 +201,11 @@ def cam(maps: FeatureMaps, weights: Array) -> Array:
     return fine.astype(np.float32)
 
 
-def explained_rows(task_type: str, weight: Array, bias: Array, indices: list[int]) -> tuple[Array, Array]:
-    """The weight rows and biases whose score is explained for each output index (see module docstring)."""
+def explained_rows(task_type: str, weight: Array) -> Array:
+    """Per output, the weights of the score that is explained (see the module docstring)."""
     if task_type == "multi_class":
-        weight = weight - weight.mean(axis=0, keepdims=True)
-        bias = bias - bias.mean()
-    return weight[indices], bias[indices]
+        return np.asarray(weight - weight.mean(axis=0, keepdims=True), dtype=np.float32)
+    return weight
 
 
 # ---- Grad-CAM of a fine-tuned network ------------------------------------------------------------

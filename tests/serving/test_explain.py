@@ -144,8 +144,8 @@ def test_grad_cam_of_a_network_equals_torch_autograd(tmp_path: Path) -> None:
     network = explain.GradCamNetwork(data)
     image = np.random.default_rng(1).standard_normal((1, 3, 224, 224)).astype(np.float32)
     logits, feature_map = network.run(image)
-    rows, _ = explain.explained_rows("multi_class", network.weight, np.zeros(3, np.float32), [2])
-    ours = explain.grad_cam(feature_map, rows)[0, 0]
+    rows = explain.explained_rows("multi_class", network.weight)
+    ours = explain.grad_cam(feature_map, rows)[0, 2]
 
     conv = torch.nn.Conv2d(3, 8, 16, stride=16)
     conv.weight.data, conv.bias.data = torch.from_numpy(params["conv_w"]), torch.from_numpy(params["conv_b"])
