@@ -309,7 +309,8 @@ def running_taskvision(
     with running_service(
         data_dir=workdir / "data",
         log_path=workdir / log_name,
-        env=server_env(PYTHONUNBUFFERED="1", **env),
+        # PYTHONPATH: this checkout's code, whichever checkout the venv has installed.
+        env=server_env(PYTHONPATH=str(REPO_ROOT), PYTHONUNBUFFERED="1", **env),
         log_level=log_level,
         name="service",
         startup_timeout_s=STARTUP_TIMEOUT_S,
