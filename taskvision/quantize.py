@@ -278,6 +278,11 @@ def find_prepared(feature_id: str, fp32_path: Path, directory: Path) -> Int8Back
     return None
 
 
+def read_prepared(folder: Path) -> Int8Backbone | None:
+    """The quantization :func:`prepare_int8` left in ``folder`` (None when it is not complete)."""
+    return _read(folder)
+
+
 def _read(folder: Path) -> Int8Backbone | None:
     model_path, report_path, check_path = folder / "model.onnx", folder / "report.json", folder / "check.npz"
     if not (model_path.is_file() and report_path.is_file() and check_path.is_file()):

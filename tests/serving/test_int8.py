@@ -114,6 +114,10 @@ def test_a_head_uses_int8_only_within_tolerance(tmp_path: Path) -> None:
     extractors = Extractors()
     (int8,) = enable_int8(extractors, store, tmp_path / "int8", count=24)
     assert int8.report.accepted
+    # A restart reuses it, even with no stored image to calibrate on.
+    restarted = Extractors()
+    (reused,) = enable_int8(restarted, LocalBlobStore(tmp_path / "empty"), tmp_path / "int8")
+    assert reused.path == int8.path and restarted.int8(EMBEDDING_ID) is not None
     change = int8.check_int8 - int8.check_fp32
     direction = change.mean(axis=0) / np.linalg.norm(change.mean(axis=0))
     # A calm regression head: tiny weights, its values barely move.
