@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Sequence
 from typing import Protocol
 
 import numpy as np
@@ -25,21 +26,25 @@ Array = npt.NDArray[np.float32]
 
 
 class Embeds(Protocol):
-    def embed_arrays(self, arrays: Array, *, batch_size: int = 32) -> Array: ...
+    def embed_arrays(
+        self, arrays: Array, *, batch_size: int = 32, keys: Sequence[bytes] | None = None
+    ) -> Array: ...
 
 
 class _Batch:
     def __init__(self) -> None:
         self.parts: list[Array] = []
+        self.keys: list[bytes] | None = []  # None once a caller came without keys
         self.size = 0
         self.closed = False
         self.done = threading.Event()
         self.result: Array | None = None
         self.error: BaseException | None = None
 
-    def add(self, arrays: Array) -> int:
+    def add(self, arrays: Array, keys: Sequence[bytes] | None) -> int:
         offset = self.size
         self.parts.append(arrays)
+        self.keys = None if keys is None or self.keys is None else [*self.keys, *keys]
         self.size += len(arrays)
         return offset
 
@@ -58,16 +63,18 @@ class BatchingEmbedder:
         self.runs = 0  # backbone runs made (for tests and benchmarks)
         self.images = 0  # images in them
 
-    def embed_arrays(self, arrays: Array, *, batch_size: int = 32) -> Array:
+    def embed_arrays(
+        self, arrays: Array, *, batch_size: int = 32, keys: Sequence[bytes] | None = None
+    ) -> Array:
         if len(arrays) >= self.max_batch:  # a full batch by itself: nothing to wait for
-            return self._run([arrays], batch_size)
+            return self._run([arrays], batch_size, keys)
         with self._cond:
             batch = self._open
             leader = batch is None or batch.closed or batch.size + len(arrays) > self.max_batch
             if leader:
                 batch = self._open = _Batch()
             assert batch is not None
-            offset = batch.add(arrays)
+            offset = batch.add(arrays, keys)
             if batch.size >= self.max_batch:
                 self._cond.notify_all()
         if leader:
@@ -91,15 +98,15 @@ class BatchingEmbedder:
             if self._open is batch:
                 self._open = None
         try:
-            batch.result = self._run(batch.parts, batch_size)
+            batch.result = self._run(batch.parts, batch_size, batch.keys)
         except BaseException as exc:  # every caller of the batch gets the error
             batch.error = exc
         finally:
             batch.done.set()
 
-    def _run(self, parts: list[Array], batch_size: int) -> Array:
+    def _run(self, parts: list[Array], batch_size: int, keys: Sequence[bytes] | None) -> Array:
         arrays = parts[0] if len(parts) == 1 else np.concatenate(parts)
         with self._cond:
             self.runs += 1
             self.images += len(arrays)
-        return self.embedder.embed_arrays(arrays, batch_size=batch_size)
+        return self.embedder.embed_arrays(arrays, batch_size=batch_size, keys=keys)

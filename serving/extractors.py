@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -133,10 +133,17 @@ class Extractors:
         features: tuple[str, ...],
         inputs: Mapping[PreprocessConfig, Array],
         precision: Precision = Precision.FP32,
+        *,
+        keys: Sequence[bytes] | None = None,
     ) -> Array:
-        """The concatenated feature vectors (N, D) of preprocessed images (``inputs`` per preprocessing)."""
+        """The concatenated feature vectors (N, D) of preprocessed images (``inputs`` per preprocessing).
+
+        ``keys`` name the images' content for the embedding caches (a hash of the encoded image).
+        """
         parts = [
-            self.embedder(feature_id, precision).embed_arrays(inputs[feature_source(feature_id).preprocess])
+            self.embedder(feature_id, precision).embed_arrays(
+                inputs[feature_source(feature_id).preprocess], keys=keys
+            )
             for feature_id in features
         ]
         return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)
