@@ -34,7 +34,8 @@ of today's code, e.g. ``git worktree add /tmp/serving-baseline 6ce2135``),
 processes' CPU share measured (``other CPU %``): the machine is shared, so
 compare the two sides within one run (ratios), and rerun the timing-critical
 phases when it is quieter (the new side alone: no ``--baseline-src``, and
-``--skip-s3``).
+``--skip-s3``). ``--int8``: the new side serves with its INT8 backbone, calibrated
+on ``--training-images`` flowers photos stored as the user's training images.
 
 Targets (new side): RSS <= 1 GB with every task servable; p50 <= 30 ms for the
 first request to a task and <= 15 ms for later ones; >= 60 images/s with 8
@@ -140,8 +141,14 @@ class Tasks:
     labels: list[int]
 
 
-def make_tasks(data_dir: Path, count: int, *, seed: int, storage: dict[str, Any] | None = None) -> Tasks:
-    """A user and ``count`` multi_class tasks with imported random heads (see the module docstring)."""
+def make_tasks(
+    data_dir: Path, count: int, *, seed: int, storage: dict[str, Any] | None = None, training_images: int = 0
+) -> Tasks:
+    """A user and ``count`` multi_class tasks with imported random heads (see the module docstring).
+
+    ``training_images``: that many flowers photos stored as the user's (unlabelled) training images,
+    through the upload path (:mod:`api.ingest`), for a server that calibrates INT8 on them.
+    """
     import numpy as np
 
     from api.auth import create_user
@@ -149,6 +156,7 @@ def make_tasks(data_dir: Path, count: int, *, seed: int, storage: dict[str, Any]
     from api.db.migrate import upgrade
     from api.db.models import Label, Task, TaskLabel
     from api.db.session import make_engine, make_session_factory
+    from api.ingest import prepare_image, store_image
     from api.settings import Settings
     from taskvision.backbone import BACKBONE_ID, EMBEDDING_DIM
     from taskvision.bundle import HEAD_FILE, BundleMeta, linear_head_onnx
@@ -166,6 +174,11 @@ def make_tasks(data_dir: Path, count: int, *, seed: int, storage: dict[str, Any]
     try:
         with make_session_factory(engine)() as session:
             user, token = create_user(session, "bench")
+            photos = sorted((DATASETS_ROOT / "flowers" / "images").glob("*.jpg"))[:training_images]
+            for photo in photos:
+                store_image(
+                    session, blobs, user, prepare_image(photo.read_bytes(), noresize=False, settings=settings)
+                )
             for i in range(count):
                 k = int(rng.integers(2, 21))
                 task = Task(workspace_id=user.workspace_id, name=f"scale task {i}", type="multi_class")
@@ -211,16 +224,38 @@ def make_tasks(data_dir: Path, count: int, *, seed: int, storage: dict[str, Any]
 # ---- the server under test ------------------------------------------------------------------------
 
 
+def wait_for_int8(data_dir: Path, timeout_s: float = 900.0) -> dict[str, Any]:
+    """Wait until the server's INT8 backbone is prepared and accepted (its report in the serving cache)."""
+    from taskvision.backbone import EMBEDDING_ID, backbone_onnx_path
+    from taskvision.quantize import find_prepared, report_dict
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        found = find_prepared(EMBEDDING_ID, backbone_onnx_path(), data_dir / "serving-cache" / "int8")
+        if found is not None:
+            time.sleep(2.0)  # the server switches it on right after writing the report
+            return report_dict(found)
+        time.sleep(1.0)
+    raise RuntimeError(f"no accepted INT8 backbone after {timeout_s:.0f} s")
+
+
 @contextmanager
 def serving(
-    side: str, src: Path, data_dir: Path, token: str, log_path: Path, **env: str
+    side: str,
+    src: Path,
+    data_dir: Path,
+    token: str,
+    log_path: Path,
+    *,
+    log_level: str = "warning",
+    **env: str,
 ) -> Iterator[Service]:
     """``taskvision serve`` of the checkout ``src`` on ``data_dir`` (PYTHONPATH=src)."""
     with running_service(
         data_dir=data_dir,
         log_path=log_path,
         env=server_env(PYTHONPATH=str(src), PYTHONUNBUFFERED="1", **env),
-        log_level="warning",
+        log_level=log_level,
         name=side,
         startup_timeout_s=120.0,
         token=token,
@@ -536,7 +571,14 @@ def markdown(report: dict[str, Any]) -> str:
         + f"; commit {machine['git_commit']}{' (dirty)' if machine['git_dirty'] else ''}; "
         f"{cfg['tasks']} tasks ({cfg['labels']['min']}-{cfg['labels']['max']} labels, mean "
         f"{cfg['labels']['mean']}), registered in {cfg['setup_s']} s; new side with "
-        f"TASKVISION_SERVING_MEMORY_MB={cfg['memory_mb']}.",
+        f"TASKVISION_SERVING_MEMORY_MB={cfg['memory_mb']}"
+        + (
+            ", INT8 (heads kept FP32 by their tolerance check: "
+            f"{report.get('int8', {}).get('heads_kept_fp32')})"
+            if cfg.get("int8")
+            else ""
+        )
+        + ".",
         "",
         "| | new | baseline |",
         "|---|---:|---:|",
@@ -619,6 +661,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--s3-delay", type=float, default=2.0, help="seconds per delayed S3 request")
     parser.add_argument("--s3-seconds", type=float, default=12.0, help="length of the slow-load phase")
     parser.add_argument("--skip-s3", action="store_true")
+    parser.add_argument("--int8", action="store_true", help="the new side serves with its INT8 backbone")
+    parser.add_argument(
+        "--training-images", type=int, default=300, help="with --int8: stored photos it calibrates on"
+    )
     parser.add_argument("--seed", type=int, default=15)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args(argv)
@@ -641,7 +687,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         images = Images(image_pool(POOL, args.seed))
         logger.info("registering %d tasks", args.tasks)
         started = time.perf_counter()
-        tasks = make_tasks(workdir / "data", args.tasks, seed=args.seed)
+        tasks = make_tasks(
+            workdir / "data",
+            args.tasks,
+            seed=args.seed,
+            training_images=args.training_images if args.int8 else 0,
+        )
         setup_s = time.perf_counter() - started
         report["config"] = {
             "tasks": args.tasks,
@@ -658,15 +709,26 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "s3_tasks": args.s3_tasks,
             "s3_delay_s": args.s3_delay,
             "sides": {side: str(src) for side, src in sides.items()},
+            "int8": args.int8,
             "image_pool": POOL,
         }
         report["sides"] = {}
         for side, src in sides.items():
             count = args.tasks if side == "new" else min(args.tasks, args.baseline_tasks or args.tasks)
             env = {"TASKVISION_SERVING_MEMORY_MB": str(args.memory_mb)} if side == "new" else {}
+            if side == "new" and args.int8:
+                env["TASKVISION_SERVING_INT8"] = "true"
             shutil.rmtree(workdir / "data" / "serving-cache", ignore_errors=True)
-            with serving(side, src, workdir / "data", tasks.token, workdir / f"{side}.log", **env) as server:
+            level = "info" if side == "new" and args.int8 else "warning"  # info: heads kept in FP32 say so
+            with serving(
+                side, src, workdir / "data", tasks.token, workdir / f"{side}.log", log_level=level, **env
+            ) as server:
+                if side == "new" and args.int8:
+                    logger.info("waiting for the server's INT8 backbone")
+                    report["int8"] = wait_for_int8(workdir / "data")
                 report["sides"][side] = measure_side(server, tasks, count, images, args)
+                if side == "new" and args.int8:
+                    report["int8"]["heads_kept_fp32"] = server.log_path.read_text().count("stays FP32")
         if not args.skip_s3:
             report["slow_load"] = s3_phase(args, workdir, sides, images)
     finally:
