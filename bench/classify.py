@@ -338,9 +338,20 @@ def wait_for_int8(service: Service) -> dict[str, Any]:
     return report_dict(found)
 
 
-def head_precision(service: Service) -> str:
-    """What the served head runs on, from the service's log (call after some requests)."""
-    return "fp32 (INT8 out of tolerance)" if "stays FP32" in service.log_path.read_text() else "int8"
+def head_precision(bundle_dir: Path, int8_model: Path) -> str:
+    """What the served head runs on: the same tolerance check the service makes, in this process."""
+    from serving.extractors import Extractors
+    from serving.model import BundlePredictor
+    from taskvision.quantize import read_prepared
+
+    int8 = read_prepared(int8_model.parent)
+    if int8 is None:
+        raise RuntimeError(f"no INT8 report beside {int8_model}")
+    extractors = Extractors()
+    extractors.use_int8(int8)
+    predictor = BundlePredictor("bench", bundle_dir, extractors=extractors)
+    predictor.load()
+    return str(predictor.precision())
 
 
 @contextmanager
@@ -1225,7 +1236,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             report["service"], service_answers = measure(service, task_id, images, cached, args, memory=True)
             report["service"]["server_log"] = server_log_summary(service.log_path)
             if args.int8:
-                report["int8"]["head_precision"] = head_precision(service)
+                assert int8_model is not None
+                report["int8"]["head_precision"] = head_precision(bundle_dir, int8_model)
         if args.int8 and not args.skip_accuracy:
             assert int8_model is not None
             logger.info("accuracy FP32 -> INT8 on the shared photo sets (5-fold CV)")

@@ -719,16 +719,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             if side == "new" and args.int8:
                 env["TASKVISION_SERVING_INT8"] = "true"
             shutil.rmtree(workdir / "data" / "serving-cache", ignore_errors=True)
-            level = "info" if side == "new" and args.int8 else "warning"  # info: heads kept in FP32 say so
-            with serving(
-                side, src, workdir / "data", tasks.token, workdir / f"{side}.log", log_level=level, **env
-            ) as server:
+            with serving(side, src, workdir / "data", tasks.token, workdir / f"{side}.log", **env) as server:
                 if side == "new" and args.int8:
                     logger.info("waiting for the server's INT8 backbone")
                     report["int8"] = wait_for_int8(workdir / "data")
                 report["sides"][side] = measure_side(server, tasks, count, images, args)
-                if side == "new" and args.int8:
-                    report["int8"]["heads_kept_fp32"] = server.log_path.read_text().count("stays FP32")
         if not args.skip_s3:
             report["slow_load"] = s3_phase(args, workdir, sides, images)
     finally:
