@@ -20,7 +20,8 @@ $(VENV)/.installed: pyproject.toml
 run: venv
 	$(BIN)/taskvision serve --host $(HOST) --port $(PORT) --data-dir $(DATA_DIR)
 
-test: venv
+# The whole suite: static checks first (seconds), then every test.
+test: venv lint typecheck
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 lint: venv

@@ -9,7 +9,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from api.db.models import ApiToken, User
-from taskvision.errors import AuthenticationError, ConflictError
+from taskvision.errors import AuthenticationError, ConflictError, NotFoundError
 
 
 def hash_token(token: str) -> str:
@@ -40,14 +40,39 @@ def create_user(session: Session, name: str) -> tuple[User, str]:
     return user, token
 
 
-def authenticate(session: Session, authorization: str | None) -> User:
-    """Return the user of an ``Authorization: Token <key>`` header, or raise 401."""
-    if not authorization:
-        raise AuthenticationError("Authentication credentials were not provided.")
+def rotate_token(session: Session, name: str) -> str:
+    """Replace every token of user ``name`` with a new one and return it. Commits.
+
+    The old tokens stop working at once (their hashes are deleted in the same transaction).
+    """
+    user = session.scalar(select(User).where(User.name == name))
+    if user is None:
+        raise NotFoundError(f"no user named {name!r}")
+    for old in list(user.tokens):
+        session.delete(old)
+    token = issue_token(session, user)
+    session.commit()
+    return token
+
+
+def _key(authorization: str) -> str:
     scheme, _, key = authorization.strip().partition(" ")
     key = key.strip()
     if scheme.lower() not in ("token", "bearer") or not key:
         raise AuthenticationError("Use the header 'Authorization: Token <your API token>'.")
+    return key
+
+
+def token_key(authorization: str | None) -> str:
+    """A stable, non-secret name of the token in a valid Authorization header (its hash)."""
+    return hash_token(_key(authorization or ""))
+
+
+def authenticate(session: Session, authorization: str | None) -> User:
+    """Return the user of an ``Authorization: Token <key>`` header, or raise 401."""
+    if not authorization:
+        raise AuthenticationError("Authentication credentials were not provided.")
+    key = _key(authorization)
     row = session.scalar(select(ApiToken).where(ApiToken.token_hash == hash_token(key)))
     if row is None:
         raise AuthenticationError("Invalid token.")

@@ -6,14 +6,38 @@ import argparse
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
 from api.settings import Settings
 
 
+class CommandError(Exception):
+    """A problem the command reports in one line (``error: ...``, exit status 1), not a traceback."""
+
+
 def _settings(args: argparse.Namespace) -> Settings:
     if getattr(args, "data_dir", None):
-        return Settings(data_dir=Path(args.data_dir))
-    return Settings()
+        return Settings(data_dir=Path(args.data_dir).resolve())
+    return Settings(data_dir=Settings().data_dir.resolve())
+
+
+def _existing_data_dir(settings: Settings) -> Settings:
+    """Commands that work on an installation's data: its data dir must be there (embedded mode)."""
+    if settings.database_url is None and not (settings.data_dir / "taskvision.db").is_file():
+        raise CommandError(
+            f"no TaskVision data in {settings.data_dir} (no taskvision.db): pass the --data-dir "
+            "the service runs with, or set TASKVISION_DATABASE_URL"
+        )
+    return settings
+
+
+def _session_factory(settings: Settings) -> Any:
+    from api.db.migrate import upgrade
+    from api.db.session import make_engine, make_session_factory
+
+    engine = make_engine(settings.effective_database_url)
+    upgrade(engine)
+    return engine, make_session_factory(engine)
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -30,20 +54,57 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _users_create(args: argparse.Namespace) -> int:
     from api.auth import create_user
-    from api.db.migrate import upgrade
-    from api.db.session import make_engine, make_session_factory
     from taskvision.errors import ConflictError
 
     settings = _settings(args)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    engine = make_engine(settings.effective_database_url)
-    upgrade(engine)
+    engine, sessions = _session_factory(settings)
     try:
-        with make_session_factory(engine)() as session:
+        with sessions() as session:
             _, token = create_user(session, args.name)
     except (ConflictError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+        raise CommandError(str(exc)) from exc
+    finally:
+        engine.dispose()
+    print(token)
+    return 0
+
+
+def _users_list(args: argparse.Namespace) -> int:
+    """One line per user: name, workspace, created, and the first characters of each token."""
+    from sqlalchemy import select
+    from sqlalchemy.orm import selectinload
+
+    from api.db.models import User
+
+    engine, sessions = _session_factory(_existing_data_dir(_settings(args)))
+    try:
+        with sessions() as session:
+            users = session.scalars(
+                select(User).options(selectinload(User.tokens)).order_by(User.created)
+            ).all()
+            print("name\tworkspace\tcreated\ttokens")
+            for user in users:
+                tokens = ",".join(f"{token.prefix}..." for token in user.tokens) or "-"
+                print(
+                    f"{user.name}\t{user.workspace_id}\t{user.created.isoformat(timespec='seconds')}\t{tokens}"
+                )
+    finally:
+        engine.dispose()
+    return 0
+
+
+def _users_rotate_token(args: argparse.Namespace) -> int:
+    """Replace every token of a user with a new one; prints only the new token."""
+    from api.auth import rotate_token
+    from taskvision.errors import NotFoundError
+
+    engine, sessions = _session_factory(_existing_data_dir(_settings(args)))
+    try:
+        with sessions() as session:
+            token = rotate_token(session, args.name)
+    except NotFoundError as exc:
+        raise CommandError(str(exc)) from exc
     finally:
         engine.dispose()
     print(token)
@@ -61,30 +122,25 @@ def _pipeline_compile(args: argparse.Namespace) -> int:
 
 
 def _import_bundle(args: argparse.Namespace) -> int:
-    from api.bundles import import_bundle
-    from api.db.migrate import upgrade
     from api.db.models import Task
-    from api.db.session import make_engine, make_session_factory
+    from api.services.versions import import_bundle
     from taskvision.errors import TaskVisionError
 
-    settings = _settings(args)
-    engine = make_engine(settings.effective_database_url)
-    upgrade(engine)
+    settings = _existing_data_dir(_settings(args))
+    engine, sessions = _session_factory(settings)
     blobs = settings.open_blob_store()
     try:
-        with make_session_factory(engine)() as session:
+        with sessions() as session:
             task = session.get(Task, args.task)
             if task is None:
-                print(f"error: task {args.task} not found", file=sys.stderr)
-                return 1
+                raise CommandError(f"task {args.task} not found")
             model = import_bundle(session, blobs, task, Path(args.path), production=args.production)
             print(
                 f"task {task.id}: version {model.version}"
                 + (" (production)" if task.production_version == model.version else "")
             )
     except TaskVisionError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+        raise CommandError(str(exc)) from exc
     finally:
         engine.dispose()
     return 0
@@ -113,6 +169,17 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("name")
     create.add_argument("--data-dir", help="as for serve")
     create.set_defaults(func=_users_create)
+    listed = users.add_parser(
+        "list", help="list the users, their workspaces and their tokens' first characters"
+    )
+    listed.add_argument("--data-dir", help="as for serve")
+    listed.set_defaults(func=_users_list)
+    rotate = users.add_parser(
+        "rotate-token", help="give a user a new API token (prints it); the old one stops working"
+    )
+    rotate.add_argument("name")
+    rotate.add_argument("--data-dir", help="as for serve")
+    rotate.set_defaults(func=_users_rotate_token)
 
     pipeline = sub.add_parser("pipeline", help="the Kubeflow training pipeline").add_subparsers(
         dest="pipeline_command", required=True
@@ -153,7 +220,11 @@ def main(argv: list[str] | None = None) -> int:
         level=args.log_level.upper(), stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s"
     )
     logging.getLogger("alembic").setLevel(logging.WARNING)
-    return int(args.func(args))
+    try:
+        return int(args.func(args))
+    except CommandError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.routing import iter_route_contexts
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -52,10 +53,28 @@ def error_response(status: int, detail: str, code: str, **extra: Any) -> JSONRes
     return JSONResponse({"detail": detail, "code": code, **extra}, status_code=status, headers=headers)
 
 
+def allowed_methods(request: Request) -> list[str]:
+    """The methods of the routes that own this path (a path can have one route per method).
+
+    Where both a fixed path and a templated one match (``/training-image/update`` and
+    ``/training-image/{image_id}``), the fixed one owns it, as in the OpenAPI document.
+    """
+    path = request.url.path
+    by_params: dict[int, set[str]] = {}
+    for route in iter_route_contexts(request.app.routes):
+        regex = getattr(route, "path_regex", None)
+        if regex is not None and regex.match(path):
+            by_params.setdefault(len(route.param_convertors), set()).update(route.methods or ())
+    methods = by_params[min(by_params)] if by_params else set()
+    if "GET" in methods:
+        methods.add("HEAD")
+    return sorted(methods)
+
+
 def register_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(TaskVisionError)
     async def _taskvision(_: Request, exc: TaskVisionError) -> JSONResponse:
-        extra: dict[str, Any] = {}
+        extra: dict[str, Any] = dict(exc.extra)
         if isinstance(exc, RequestValidationFailed):
             extra["errors"] = exc.errors
         image_id = getattr(exc, "image_id", None)
@@ -74,8 +93,12 @@ def register_error_handlers(app: FastAPI) -> None:
         return error_response(422, "Invalid request: " + "; ".join(parts), "validation_error", errors=errors)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return error_response(exc.status_code, str(exc.detail), _HTTP_CODES.get(exc.status_code, "error"))
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        response = error_response(exc.status_code, str(exc.detail), _HTTP_CODES.get(exc.status_code, "error"))
+        response.headers.update(exc.headers or {})
+        if exc.status_code == 405:
+            response.headers["Allow"] = ", ".join(allowed_methods(request))
+        return response
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

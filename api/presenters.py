@@ -9,17 +9,25 @@ from fastapi import Request
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from api.db.models import ImageLabel, Label, Model, Task, TaskLabel, TrainingImage, TrainingRun
-from api.schemas import (
-    ImageLabelPublic,
-    ImagePublic,
-    LabelBrief,
-    LabelPublic,
-    ModelPublic,
-    TaskPublic,
-    TaskRef,
-    TrainingRunPublic,
+from api.db.models import (
+    ImageLabel,
+    Label,
+    Model,
+    RunStatus,
+    Task,
+    TaskLabel,
+    TrainingImage,
+    TrainingRun,
+    TrainStatus,
 )
+from api.deps import get_services
+from api.schemas.images import ImageLabelPublic, ImagePublic
+from api.schemas.labels import LabelPublic, TaskRef
+from api.schemas.models import ModelPublic
+from api.schemas.runs import TrainingRunPublic
+from api.schemas.tasks import LabelBrief, TaskPublic
+from api.services import run_progress
+from taskvision.task_types import LabelType, TaskType
 
 
 def label_brief(label: Label) -> LabelBrief:
@@ -36,10 +44,10 @@ def task_public(task: Task) -> dict[str, Any]:
     return TaskPublic(
         id=task.id,
         name=task.name,
-        type=task.type,
+        type=TaskType(task.type),
         description=task.description,
         production_version=task.production_version,
-        last_train_status=task.last_train_status,
+        last_train_status=TrainStatus(task.last_train_status),
         last_train_error=task.last_train_error,
         canary_percent=task.canary_percent,
         serving_error=task.serving_error,
@@ -75,7 +83,7 @@ def labels_public(session: Session, labels: Sequence[Label], *, with_counts: boo
         LabelPublic(
             id=label.id,
             name=label.name,
-            type=label.type,
+            type=LabelType(label.type),
             description=label.description,
             output_name=label.output_name or label.name,
             negative_for_task=label.negative_for_task is not None,
@@ -104,7 +112,7 @@ class ImageLinks:
 
     def __init__(self, request: Request) -> None:
         self.base = str(request.base_url).rstrip("/") + "/recognition/v2/training-image/"
-        self.signer = request.app.state.url_signer
+        self.signer = get_services(request).url_signer
         self.expires = self.signer.expiry()
 
     def url(self, image: TrainingImage, kind: str) -> str:
@@ -148,24 +156,36 @@ def model_public(model: Model) -> dict[str, Any]:
         task=model.task_id,
         task_name=model.task.name,
         version=model.version,
-        train_status=model.train_status,
+        train_status=TrainStatus(model.train_status),
         production=model.task.production_version == model.version,
         metrics=model.metrics or {},
+        run_id=model.run_id,
         created=model.created,
     ).model_dump(mode="json")
 
 
-def run_public(run: TrainingRun) -> dict[str, Any]:
+def runs_public(session: Session, runs: Sequence[TrainingRun]) -> list[dict[str, Any]]:
+    """Runs with their overall progress, time left, queue place and version link (one page at once)."""
+    states = run_progress.describe(session, runs)
+    return [run_public(run, states[run.id]) for run in runs]
+
+
+def run_public(run: TrainingRun, state: run_progress.RunState | None = None) -> dict[str, Any]:
     return TrainingRunPublic(
         id=run.id,
         task=run.task_id,
-        status=run.status,
+        status=RunStatus(run.status),
         step=run.step,
         progress=run.progress,
         message=run.message,
         error=run.error,
         version=run.model_version,
         params=run.params or {},
+        effective_params=run.effective_params or {},
+        overall_progress=state.overall_progress if state else run_progress.overall_progress(run),
+        eta_seconds=state.eta_seconds if state else None,
+        queue_position=state.queue_position if state else None,
+        model_id=state.model_id if state else None,
         created=run.created,
         started=run.started,
         finished=run.finished,

@@ -17,7 +17,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from taskvision.storage import BlobStore, open_blob_store
 
 if TYPE_CHECKING:
-    from api.url_fetch import FetchPolicy
+    from api.services.url_fetch import FetchPolicy
 
 # Where a server-side URL fetch must never go unless the operator allows it:
 # loopback, private (RFC 1918, ULA), link-local (cloud metadata lives there),
@@ -34,9 +34,12 @@ DEFAULT_BLOCKED_NETWORKS = (
     "198.18.0.0/15",
     "224.0.0.0/4",
     "240.0.0.0/4",
-    "::/128",
-    "::1/128",
+    "::/96",  # IPv4-compatible IPv6 (::a.b.c.d), ::1 and :: included
     "::ffff:0:0/96",
+    "64:ff9b::/96",  # NAT64 (RFC 6052): reaches the embedded IPv4 address through a gateway
+    "64:ff9b:1::/48",  # local-use NAT64 (RFC 8215)
+    "2001::/32",  # Teredo: IPv4 server and client addresses inside
+    "2002::/16",  # 6to4: an IPv4 address in bits 16-47
     "fc00::/7",
     "fe80::/10",
     "ff00::/8",
@@ -56,6 +59,11 @@ class Settings(BaseSettings):
     )
     s3_access_key: str | None = None
     s3_secret_key: SecretStr | None = None
+    secret_key: SecretStr | None = Field(
+        default=None,
+        description="Signs download links. Required with a shared database (cluster mode: from the "
+        "Secret); embedded mode keeps a generated key in <data_dir>/signing.key (0600).",
+    )
 
     # Uploads
     max_upload_bytes: int = Field(default=20 * 1024 * 1024, gt=0, description="Cap on one image's bytes.")
@@ -69,8 +77,36 @@ class Settings(BaseSettings):
     )
 
     # Server-side fetching of image URLs
-    url_fetch_timeout_s: float = Field(default=10.0, gt=0)
+    url_fetch_timeout_s: float = Field(
+        default=10.0, gt=0, description="Deadline for all of one request's image URLs together."
+    )
     url_fetch_max_redirects: int = Field(default=3, ge=0)
+    url_fetch_max_in_flight: int = Field(
+        default=64, ge=1, description="Image URL fetches in progress at once in this process."
+    )
+    url_fetch_max_in_flight_per_workspace: int = Field(
+        default=16, ge=1, description="... and for one workspace; more wait for a slot until the deadline."
+    )
+
+    # Webhooks
+    webhook_timeout_s: float = Field(default=5.0, gt=0, description="How long one delivery may take.")
+    webhook_retry_base_s: float = Field(
+        default=10.0, gt=0, description="First retry after this; each next one 3x later (at most an hour)."
+    )
+    webhook_retry_window_s: float = Field(
+        default=24 * 3600.0, gt=0, description="A delivery not answered 2xx by then is recorded as failed."
+    )
+    webhook_max_in_flight: int = Field(default=8, ge=1, description="Deliveries sent at once per process.")
+    webhook_poll_interval_s: float = Field(default=1.0, gt=0)
+
+    # Per-token and per-workspace limits (per process)
+    rate_limit_per_s: float = Field(
+        default=200.0, ge=0, description="Requests per second per API token (0: no limit)."
+    )
+    rate_limit_burst: int = Field(default=400, ge=1, description="Requests a token may send at once.")
+    classify_concurrency_per_workspace: int = Field(
+        default=16, ge=1, description="Classify requests of one workspace served at the same time."
+    )
     url_blocked_networks: list[str] = Field(default=list(DEFAULT_BLOCKED_NETWORKS))
 
     # Training
@@ -85,6 +121,14 @@ class Settings(BaseSettings):
         "when the blob store is S3.",
     )
     train_workers: int = Field(default=1, ge=1, description="Pipelines run at the same time; the rest queue.")
+    pipeline_runner: Literal["warm", "kfp-local"] = Field(
+        default="warm",
+        description="Embedded mode: 'warm' runs the steps in a worker that keeps their libraries loaded "
+        "(a retrain takes seconds); 'kfp-local' runs the pipeline with kfp.local, each step a subprocess.",
+    )
+    warm_worker_idle_s: float = Field(
+        default=1800.0, gt=0, description="A warm training worker without work stops after this long."
+    )
     train_poll_interval_s: float = Field(default=1.0, gt=0)
     blob_gc_grace_s: float = Field(
         default=300.0, ge=0, description="A deleted image's blobs are kept at least this long."
@@ -94,6 +138,9 @@ class Settings(BaseSettings):
     )
     train_gpu_count: int = Field(default=0, ge=0, description="GPUs the train step requests on Kubeflow.")
     train_mode: str = "auto"
+    train_quality: Literal["fast", "balanced", "best"] = Field(
+        default="balanced", description="CPU training preset: fast, balanced or best (model selection)."
+    )
     train_augment: str = "flip"
     train_epochs: int = Field(default=25, ge=1)
     train_learning_rate: float = Field(default=0.001, gt=0)
@@ -151,6 +198,7 @@ class Settings(BaseSettings):
         """Pipeline parameters a train request does not set itself."""
         return {
             "mode": self.train_mode,
+            "quality": self.train_quality,
             "augment": self.train_augment,
             "epochs": self.train_epochs,
             "learning_rate": self.train_learning_rate,
@@ -175,7 +223,7 @@ class Settings(BaseSettings):
         data["s3_access_key"] = "********" if self.s3_access_key else None
         data["database_url"] = make_url(self.effective_database_url).render_as_string(hide_password=True)
         data["storage_url"] = self.effective_storage_url
-        data["pipeline_runner"] = "kubeflow" if self.kfp_host else "kfp.local"
+        data["pipeline_runner"] = "kubeflow" if self.kfp_host else self.pipeline_runner
         return data
 
     def open_blob_store(self) -> BlobStore:
@@ -188,7 +236,7 @@ class Settings(BaseSettings):
 
     def fetch_policy(self) -> FetchPolicy:
         """Limits for fetching a user-given image URL."""
-        from api.url_fetch import FetchPolicy
+        from api.services.url_fetch import FetchPolicy
 
         return FetchPolicy(
             timeout_s=self.url_fetch_timeout_s,

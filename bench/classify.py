@@ -22,14 +22,18 @@ What is measured, with 512x512 JPEG images sent as ``_base64`` records:
   slope is the least-squares fit of RSS against requests;
 * a **naive baseline** in the same run: a minimal FastAPI app in a subprocess
   of this script (``--naive-server``) serving the same trained bundle the
-  textbook way: PIL open + full decode, torchvision ``Resize(256, bicubic)`` +
-  ``CenterCrop(224)`` + ``ToTensor`` + ``Normalize``, the eager torch backbone
-  (``build_embedding_model()``, NCHW, ``torch.no_grad``, torch's
-  default threads, OMP_WAIT_POLICY unset unless ``--naive-omp-wait-policy``
-  says otherwise: PASSIVE would halve its speed), the bundle's head with ONNX Runtime and a numpy softmax; no
-  caching. Same request and answer shape; the same latency and throughput runs.
-  The best labels of both servers are compared on the 1-record images.
+  textbook way: PIL open + full decode, torchvision ``Resize`` (bicubic) +
+  ``CenterCrop`` + ``ToTensor`` + ``Normalize`` at the bundle's sizes; for a
+  head over backbone features, each eager torch backbone
+  (``build_embedding_model(...)``, NCHW, ``torch.no_grad``, torch's default
+  threads, OMP_WAIT_POLICY unset unless ``--naive-omp-wait-policy`` says
+  otherwise: PASSIVE would halve its speed) and the bundle's head with ONNX
+  Runtime; for a whole (fine-tuned) network, its ``model.onnx`` with ONNX
+  Runtime (it exists only as ONNX); a numpy softmax; no caching. Same request
+  and answer shape; the same latency and throughput runs. The best labels of
+  both servers are compared on the 1-record images.
 
+The task is trained with ``--quality`` (default ``balanced``, the service's default).
 The service runs as ``taskvision serve`` (a subprocess, free 127.0.0.1 port,
 fresh temporary data directory, ``OMP_WAIT_POLICY=PASSIVE``; the ONNX export
 cache is the user's usual one). The benchmark creates a user, a multi_class
@@ -315,13 +319,14 @@ def running_taskvision(
         name="service",
         startup_timeout_s=STARTUP_TIMEOUT_S,
         token=token,
+        cwd=REPO_ROOT,
     ) as server:
         yield server
 
 
 def wait_for_int8(service: Service) -> dict[str, Any]:
     """Wait until the service serves the INT8 backbone; its quantization report and the head's precision."""
-    from taskvision.backbone import EMBEDDING_ID, backbone_onnx_path
+    from taskvision.backbone import BACKBONE_ID, backbone_onnx_path
     from taskvision.quantize import find_prepared, report_dict
 
     deadline = time.monotonic() + INT8_READY_TIMEOUT_S
@@ -331,7 +336,7 @@ def wait_for_int8(service: Service) -> dict[str, Any]:
             raise RuntimeError(f"the service did not switch INT8 on:\n{text[-3000:]}")
         time.sleep(1.0)
     found = find_prepared(
-        EMBEDDING_ID, backbone_onnx_path(), service.data_dir.resolve() / "serving-cache" / "int8"
+        BACKBONE_ID, backbone_onnx_path(), service.data_dir.resolve() / "serving-cache" / "int8"
     )
     if found is None:
         raise RuntimeError("INT8 is in use but its report is not in the serving cache")
@@ -445,8 +450,8 @@ def classify(
 # ---- building and training the task -------------------------------------------------
 
 
-def build_and_train(client: Client, server: Service) -> dict[str, Any]:
-    """Create a multi_class task, upload and label its images, train it, wait for production."""
+def build_and_train(client: Client, server: Service, quality: str) -> dict[str, Any]:
+    """Create a multi_class task, upload and label its images, train with ``quality``, wait for production."""
     description, items = training_set()
     names = sorted({label for _, label in items})
     task = expect(client.post(f"{API}/task/", {"name": "classify bench", "type": "multi_class"}), 201, "task")
@@ -469,9 +474,9 @@ def build_and_train(client: Client, server: Service) -> dict[str, Any]:
         list(pool.map(upload, items))
     upload_s = time.perf_counter() - start
 
-    logger.info("training (the service's default mode)")
+    logger.info("training (quality %s)", quality)
     start = time.perf_counter()
-    run = expect(client.post(f"{API}/task/{task['id']}/train"), 202, "train")
+    run = expect(client.post(f"{API}/task/{task['id']}/train", {"quality": quality}), 202, "train")
     deadline = time.monotonic() + TRAIN_TIMEOUT_S
     while True:
         run = expect(client.get(f"{API}/training-run/{run['id']}"), 200, "poll run")
@@ -499,6 +504,9 @@ def build_and_train(client: Client, server: Service) -> dict[str, Any]:
         "version": production,
         "bundle_dir": str(bundles[-1].parent),
         "frozen_backbone": meta.get("frozen_backbone"),
+        "features": meta.get("features"),
+        "quality": quality,
+        "chosen": (meta.get("selection") or {}).get("chosen"),
         "training_mode": (meta.get("training") or {}).get("mode"),
         "test_metrics": {k: v for k, v in (meta.get("metrics") or {}).items() if isinstance(v, int | float)},
     }
@@ -512,16 +520,26 @@ def breakdown(bundle_dir: Path, images: Sequence[str], *, int8_model: Path | Non
     import numpy as np
 
     from serving.model import DEFAULT_MAX_PIXELS, BundlePredictor
-    from taskvision import imaging
-    from taskvision.backbone import Embedder, onnx_session
+    from taskvision import features, imaging
+    from taskvision.backbone import BACKBONE_ID, Embedder, onnx_session
     from taskvision.bundle import outputs_from_logits
-    from taskvision.preprocess import DEFAULT, preprocess_bytes, resize_and_crop, to_array
+    from taskvision.inference import BundleModel
 
-    embedder = Embedder(cache_size=0, session=onnx_session(int8_model) if int8_model else None)
+    embedders: dict[str, Embedder] = {}
+
+    def embedder(backbone_id: str) -> Embedder:  # no cache: every image goes through the backbone
+        if backbone_id not in embedders:
+            # The service's INT8 backbone is Lite0's (serving.int8); the others stay FP32.
+            int8 = int8_model if backbone_id == BACKBONE_ID else None
+            session = onnx_session(int8) if int8 is not None else None
+            embedders[backbone_id] = Embedder(backbone_id=backbone_id, cache_size=0, session=session)
+        return embedders[backbone_id]
+
     predictor = BundlePredictor("bench", bundle_dir)
     predictor.load()
-    head, meta = predictor.head, predictor.bundle_meta
-    assert head is not None, "the bench's task is trained with a frozen backbone"
+    model = BundleModel.load(bundle_dir)  # decodes and prepares images as the predictor does
+    frozen = model.meta.frozen_backbone
+    head = predictor.head  # a frozen backbone's linear head: evaluated from the head bank
     precision = "INT8" if int8_model else "FP32"
     pieces: dict[str, list[float]] = {}
 
@@ -531,8 +549,12 @@ def breakdown(bundle_dir: Path, images: Sequence[str], *, int8_model: Path | Non
         yield
         pieces.setdefault(name, []).append(time.perf_counter() - t0)
 
-    draft = (DEFAULT.resize_to * 2, DEFAULT.resize_to * 2)
-    whole = "= preprocess_bytes (probe + decode + resize + normalise)"
+    run_name = (
+        f"embed ({', '.join(features.backbones_needed(model.meta.features))}; {precision}, "
+        "ONNX Runtime, batch 1)"
+        if frozen
+        else f"whole network ({model.meta.backbone}, tuned; ONNX Runtime, batch 1)"
+    )
     with OtherCpu([]) as other:
         for i, b64 in enumerate(images):
             body = f'{{"task_id": "x", "records": [{{"_base64": "{b64}"}}]}}'.encode()
@@ -540,29 +562,31 @@ def breakdown(bundle_dir: Path, images: Sequence[str], *, int8_model: Path | Non
                 parsed = json.loads(body)
             with stopwatch("base64 decode (imaging.decode_base64)"):
                 data = imaging.decode_base64(parsed["records"][0]["_base64"])
-            with stopwatch("probe size (imaging.upright_size)"):
-                imaging.upright_size(data, max_pixels=DEFAULT_MAX_PIXELS)
-            with stopwatch("JPEG decode (imaging.load_rgb with draft)"):
-                image = imaging.load_rgb(data, max_pixels=DEFAULT_MAX_PIXELS, draft_size=draft)
-            with stopwatch("resize 256 + crop 224 (bicubic)"):
-                crop = resize_and_crop(image)
-            with stopwatch("to float CHW + normalise"):
-                array = to_array(crop)
-            with stopwatch(whole):
-                preprocess_bytes(data, max_pixels=DEFAULT_MAX_PIXELS)
-            with stopwatch(f"embed (ONNX Runtime backbone, {precision}, batch 1)"):
-                embedding = embedder.embed_arrays(np.stack([array]))
-            with stopwatch("head (head bank) + softmax"):
-                row = outputs_from_logits(meta, head.logits(embedding))
+            with stopwatch("probe + JPEG decode with draft (BundleModel.decode)"):
+                image, _ = model.decode(data, max_pixels=DEFAULT_MAX_PIXELS)
+            with stopwatch("resize + crop + normalise (BundleModel.prepare)"):
+                prepared = model.prepare(image)[None]
+            if frozen:
+                with stopwatch(run_name):
+                    vectors = features.embed_prepared(prepared, model.meta.features, embedder=embedder)
+                if head is not None:
+                    with stopwatch("head (head bank) + softmax"):
+                        row = outputs_from_logits(model.meta, head.logits(vectors))
+                else:
+                    with stopwatch("head (its own session) + softmax"):
+                        row = model.outputs(model.logits_from_embeddings(vectors))
+            else:
+                with stopwatch(run_name + " + softmax"):
+                    row = model.outputs(model.logits_from_prepared(prepared))
             with stopwatch("describe (labels sorted)"):
-                answer = predictor.describe(row[0])
+                answer = predictor.describe(np.asarray(row)[0])
             with stopwatch("json.dumps of the answer"):
                 json.dumps({"records": [answer]})
             if i == 0:  # the first image pays one-off costs (session warm-up): drop it
                 for times in pieces.values():
                     times.clear()
         summary = {name: round(percentile(ts, 50) * 1000, 2) for name, ts in pieces.items()}
-        summary["sum of the pieces"] = round(sum(v for k, v in summary.items() if k != whole), 2)
+        summary["sum of the pieces"] = round(sum(summary.values()), 2)
     return {"images": len(images) - 1, "median_ms": summary, "other_cpu_pct": other.pct}
 
 
@@ -580,7 +604,7 @@ def int8_accuracy(int8_model: Path, *, folds: int = 5, seed: int = 0) -> dict[st
     """FP32 vs INT8 answers of heads fitted on FP32 embeddings, out of fold, on each shared photo set."""
     import numpy as np
 
-    from components.lib.train import fit_linear
+    from components.lib.heads import LOGISTIC, RIDGE, HeadSetting, fit_head
     from taskvision.backbone import Embedder, backbone_onnx_path, onnx_session
     from taskvision.metrics import average_precision
     from taskvision.preprocess import preprocess_bytes
@@ -625,13 +649,15 @@ def int8_accuracy(int8_model: Path, *, folds: int = 5, seed: int = 0) -> dict[st
             train, test = fold_of != fold, fold_of == fold
             if task_type is TaskType.REGRESSION:
                 mean, std = y[train].mean(axis=0), y[train].std(axis=0)
-                w, b = fit_linear(x32[train], (y[train] - mean) / std, task_type, 1.0, n_outputs=n_out)
+                w, b = fit_head(
+                    x32[train], (y[train] - mean) / std, task_type, HeadSetting(RIDGE, 1.0), n_outputs=n_out
+                )
                 out32[test], out8[test] = (
                     (x32[test] @ w.T + b) * std + mean,
                     (x8[test] @ w.T + b) * std + mean,
                 )
             else:
-                w, b = fit_linear(x32[train], y[train], task_type, 0.1, n_outputs=n_out)
+                w, b = fit_head(x32[train], y[train], task_type, HeadSetting(LOGISTIC, 0.1), n_outputs=n_out)
                 out32[test], out8[test] = x32[test] @ w.T + b, x8[test] @ w.T + b
         row: dict[str, Any] = {"images": len(rows), "task_type": kind}
         if task_type is TaskType.MULTI_CLASS:
@@ -891,27 +917,47 @@ def naive_server_main(bundle_dir: Path, port: int) -> int:
     from fastapi import Body, FastAPI
     from torchvision import transforms
 
-    from taskvision.backbone import build_embedding_model
+    from taskvision import features
+    from taskvision.backbone import BACKBONES, build_embedding_model
 
     meta = json.loads((bundle_dir / "bundle.json").read_text())
-    if not meta.get("frozen_backbone"):
-        raise SystemExit("the naive baseline serves frozen-backbone bundles (a head over embeddings)")
-    pre = meta.get("preprocess") or {}
-    input_size = int(meta.get("input_size") or 224)
-    crop_pct = float(pre.get("crop_pct", 0.875))
-    mean, std = tuple(pre.get("mean", (0.5, 0.5, 0.5))), tuple(pre.get("std", (0.5, 0.5, 0.5)))
-    transform = transforms.Compose(
-        [
-            transforms.Resize(
-                round(input_size / crop_pct), interpolation=transforms.InterpolationMode.BICUBIC
-            ),
-            transforms.CenterCrop(input_size),
-            transforms.ToTensor(),
-            transforms.Normalize(mean, std),
-        ]
-    )
-    model = build_embedding_model().eval()
-    head = ort.InferenceSession(str(bundle_dir / "head.onnx"), providers=["CPUExecutionProvider"])
+    frozen = bool(meta.get("frozen_backbone"))
+    feature_ids = list(meta.get("features") or features.LEGACY_FEATURES) if frozen else []
+
+    def transform_for(input_size: int, crop_pct: float, mean: Any, std: Any) -> Any:
+        return transforms.Compose(
+            [
+                transforms.Resize(
+                    round(input_size / crop_pct), interpolation=transforms.InterpolationMode.BICUBIC
+                ),
+                transforms.CenterCrop(input_size),
+                transforms.ToTensor(),
+                transforms.Normalize(mean, std),
+            ]
+        )
+
+    if frozen:  # a head over backbone features: each backbone in eager torch
+        backbone_ids = features.backbones_needed(feature_ids)
+        transforms_by_backbone = {
+            b: transform_for(c.input_size, c.crop_pct, c.mean, c.std)
+            for b, c in zip(backbone_ids, features.input_configs(feature_ids), strict=True)
+        }
+        models = {b: build_embedding_model(b).eval() for b in backbone_ids}
+        weights = bundle_dir / "head.onnx"
+    else:  # a whole (fine-tuned) network: only exported as ONNX, so ONNX Runtime runs it
+        pre = meta.get("preprocess") or {}
+        size = int(meta.get("input_size") or 224)
+        transforms_by_backbone = {
+            "network": transform_for(
+                size,
+                float(pre.get("crop_pct", 0.875)),
+                pre.get("mean", (0.5,) * 3),
+                pre.get("std", (0.5,) * 3),
+            )
+        }
+        weights = bundle_dir / "model.onnx"
+    assert set(BACKBONES) >= set(transforms_by_backbone) - {"network"}
+    head = ort.InferenceSession(str(weights), providers=["CPUExecutionProvider"])
     head_input = head.get_inputs()[0].name
     labels = meta["labels"]
     app = FastAPI()
@@ -935,14 +981,23 @@ def naive_server_main(bundle_dir: Path, port: int) -> int:
                 opened = Image.open(io.BytesIO(base64.b64decode(record["_base64"])))
                 image = opened.convert("RGB")  # full-size decode
                 results[i].update({"_width": image.width, "_height": image.height})
-                tensors[i] = transform(image)
+                tensors[i] = {b: t(image) for b, t in transforms_by_backbone.items()}
             except Exception as exc:  # a bad record fails alone
                 results[i]["_status"] = {"code": 400, "text": str(exc)}
         good = sorted(tensors)
         if good:
-            with torch.no_grad():
-                embeddings = model(torch.stack([tensors[i] for i in good])).numpy()
-            logits = head.run(None, {head_input: embeddings.astype(np.float32)})[0]
+            if frozen:
+                vectors = {}
+                with torch.no_grad():
+                    for b, net in models.items():
+                        batch = torch.stack([tensors[i][b] for i in good])
+                        vectors[(b, False)] = net(batch).numpy()
+                        if (b, True) in features.views_needed(feature_ids):
+                            vectors[(b, True)] = net(torch.flip(batch, dims=[3])).numpy()
+                inputs = features.assemble(vectors, feature_ids)
+            else:
+                inputs = np.stack([tensors[i]["network"].numpy() for i in good])
+            logits = head.run(None, {head_input: inputs.astype(np.float32)})[0]
             z = np.exp(logits - logits.max(axis=1, keepdims=True))
             probs = z / z.sum(axis=1, keepdims=True)
             for i, row in zip(good, probs, strict=True):
@@ -1148,6 +1203,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="OMP_WAIT_POLICY of the naive baseline (default: unset, as a textbook server runs; "
         "PASSIVE makes eager torch about 2x slower at batch 1 on 2 cores)",
     )
+    parser.add_argument(
+        "--quality",
+        default="balanced",
+        choices=["fast", "balanced", "best"],
+        help="the task's training quality (--int8 needs a frozen-backbone head over Lite0: fast)",
+    )
     parser.add_argument("--int8", action="store_true", help="measure the service with its INT8 backbone")
     parser.add_argument(
         "--skip-accuracy", action="store_true", help="with --int8: skip the shared-set accuracy comparison"
@@ -1208,6 +1269,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "embedding_cache": cache_size,
         "server_log_level": args.server_log_level,
         "service_omp_wait_policy": "PASSIVE",
+        "quality": args.quality,
         "naive_omp_wait_policy": args.naive_omp_wait_policy,
         "images": image_info,
     }
@@ -1219,7 +1281,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     workdir = Path(tempfile.mkdtemp(prefix="taskvision-classify-bench-"))
     try:
         with running_taskvision(workdir, log_level=args.server_log_level, log_name="train.log") as trainer:
-            report["training"] = build_and_train(Client(trainer), trainer)
+            report["training"] = build_and_train(Client(trainer), trainer, args.quality)
             token = trainer.token
         bundle_dir = Path(report["training"]["bundle_dir"])
         task_id = report["training"]["task_id"]

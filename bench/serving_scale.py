@@ -4,7 +4,7 @@ Setup (not timed): a fresh data directory with one user and ``--tasks``
 multi_class tasks of 2 to 20 labels each (uniformly drawn); each task gets a
 frozen-backbone bundle (a random linear head over the backbone's embedding,
 the shape every CPU-trained bundle has) registered with the code
-``taskvision import-bundle`` runs (:func:`api.bundles.import_bundle`) and made
+``taskvision import-bundle`` runs (:func:`api.services.versions.import_bundle`) and made
 its production version. Tasks and labels are written straight into the
 database (the rows the API would write), 10,000 trainings being out of reach.
 
@@ -147,16 +147,16 @@ def make_tasks(
     """A user and ``count`` multi_class tasks with imported random heads (see the module docstring).
 
     ``training_images``: that many flowers photos stored as the user's (unlabelled) training images,
-    through the upload path (:mod:`api.ingest`), for a server that calibrates INT8 on them.
+    through the upload path (:mod:`api.services.ingest`), for a server that calibrates INT8 on them.
     """
     import numpy as np
 
     from api.auth import create_user
-    from api.bundles import import_bundle
     from api.db.migrate import upgrade
     from api.db.models import Label, Task, TaskLabel
     from api.db.session import make_engine, make_session_factory
-    from api.ingest import prepare_image, store_image
+    from api.services.ingest import prepare_image, store_image
+    from api.services.versions import import_bundle
     from api.settings import Settings
     from taskvision.backbone import BACKBONE_ID, EMBEDDING_DIM
     from taskvision.bundle import HEAD_FILE, BundleMeta, linear_head_onnx
@@ -226,12 +226,12 @@ def make_tasks(
 
 def wait_for_int8(data_dir: Path, timeout_s: float = 900.0) -> dict[str, Any]:
     """Wait until the server's INT8 backbone is prepared and accepted (its report in the serving cache)."""
-    from taskvision.backbone import EMBEDDING_ID, backbone_onnx_path
+    from taskvision.backbone import BACKBONE_ID, backbone_onnx_path
     from taskvision.quantize import find_prepared, report_dict
 
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        found = find_prepared(EMBEDDING_ID, backbone_onnx_path(), data_dir / "serving-cache" / "int8")
+        found = find_prepared(BACKBONE_ID, backbone_onnx_path(), data_dir / "serving-cache" / "int8")
         if found is not None:
             time.sleep(2.0)  # the server switches it on right after writing the report
             return report_dict(found)
@@ -259,6 +259,7 @@ def serving(
         name=side,
         startup_timeout_s=120.0,
         token=token,
+        cwd=src,  # python -m children put their working directory first on the import path
     ) as server:
         yield server
 

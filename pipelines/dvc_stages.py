@@ -35,6 +35,7 @@ from typing import Any
 
 import yaml
 
+from taskvision import blob_layout
 from taskvision.dataset import DatasetInfo, LabelInfo, ManifestRow, read_snapshot, write_snapshot
 from taskvision.storage import BlobStore, LocalBlobStore
 from taskvision.task_types import TaskType
@@ -108,7 +109,9 @@ def find_snapshot(store: BlobStore, snapshot: str | None = None) -> str:
     if snapshot:
         return snapshot.strip("/")
     found = sorted(
-        key.rsplit("/", 1)[0] for key in store.list_keys("datasets/") if key.endswith("/dataset.json")
+        key.rsplit("/", 1)[0]
+        for key in store.list_keys(f"{blob_layout.DATASETS}/")
+        if key.endswith("/dataset.json")
     )
     if len(found) != 1:
         raise StageError(
@@ -179,7 +182,7 @@ def snapshot(paths: Paths, params: dict[str, Any], snapshot_prefix: str | None =
     for entry in meta["images"]:
         data = (paths.generated / entry["file"]).read_bytes()
         sha = hashlib.sha256(data).hexdigest()
-        key = f"images/{WORKSPACE}/{sha[:2]}/{sha}"
+        key = blob_layout.image_key(WORKSPACE, sha)
         if not store.exists(key):
             store.put(key, data, content_type="image/png")
         with Image.open(paths.generated / entry["file"]) as image:
@@ -204,7 +207,7 @@ def snapshot(paths: Paths, params: dict[str, Any], snapshot_prefix: str | None =
         created=datetime.fromtimestamp(0, UTC).isoformat(),
         count=len(rows),
     )
-    prefix = f"datasets/{info.task_id}/{info.snapshot_id}"
+    prefix = blob_layout.dataset_prefix(info.task_id, info.snapshot_id)
     write_snapshot(store, prefix, info, rows)
     return f"{len(rows)} images, {len(info.labels)} labels -> {store.uri(prefix)}"
 
@@ -238,19 +241,20 @@ def split(paths: Paths, params: dict[str, Any], snapshot_prefix: str | None = No
 
 
 def train_config(params: dict[str, Any]) -> Any:
-    """The TrainConfig from params.yaml's ``train`` section (after checking the backbone)."""
+    """The TrainConfig from params.yaml's ``train`` section."""
     from components.lib.train import TrainConfig
-    from taskvision.backbone import BACKBONE_ID
 
     section = _section(params, "train")
-    if section.get("backbone", BACKBONE_ID) != BACKBONE_ID:
+    if "backbone" in section:
         raise StageError(
-            f"train.backbone {section['backbone']!r} is not available; the only one is {BACKBONE_ID!r}."
+            "train.backbone is gone: the backbones are chosen by cross-validation; set train.quality "
+            "(fast, balanced or best) instead."
         )
     defaults = TrainConfig()
     try:
         return TrainConfig(
             mode=str(section.get("mode", "embed")),
+            quality=str(section.get("quality", defaults.quality)),
             augment=str(section.get("augment", defaults.augment)),
             epochs=int(section.get("epochs", defaults.epochs)),
             learning_rate=float(section.get("learning_rate", defaults.learning_rate)),

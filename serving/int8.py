@@ -4,7 +4,10 @@
 answers in FP32 meanwhile): it takes up to ``count`` stored training images
 (``images/`` in the blob store, spread evenly over the content-addressed
 keys), preprocesses them as serving does, and hands them to
-:func:`taskvision.quantize.prepare_int8` for each backbone. An accepted
+:func:`taskvision.quantize.prepare_int8` for each backbone asked for (by
+default Lite0, the backbone of the ``fast`` and ``balanced`` presets' linear
+heads; a head over another backbone's features stays FP32 unless that
+backbone is quantized too). An accepted
 backbone is switched on in :class:`serving.extractors.Extractors`; each head
 then checks its own answers before using it (:meth:`serving.model.BundlePredictor.precision`).
 """
@@ -20,7 +23,8 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
-from serving.extractors import DEFAULT_FEATURES, Extractors, feature_source
+from serving.extractors import Extractors
+from taskvision import backbone
 from taskvision.errors import TaskVisionError
 from taskvision.preprocess import preprocess_bytes
 from taskvision.quantize import Int8Backbone, find_prepared, prepare_int8, read_prepared
@@ -30,6 +34,7 @@ logger = logging.getLogger(__name__)
 
 IMAGES_PREFIX = "images/"  # where the control plane keeps uploaded training images
 DEFAULT_CALIBRATION_IMAGES = 300
+DEFAULT_BACKBONES: tuple[str, ...] = (backbone.BACKBONE_ID,)
 MIN_CALIBRATION_IMAGES = 12
 RETRY_S = 600.0  # how often a server with too few stored images looks again
 
@@ -42,10 +47,10 @@ def calibration_keys(blobs: BlobStore, count: int) -> list[str]:
 
 
 def calibration_arrays(
-    blobs: BlobStore, feature_id: str, *, count: int, max_pixels: int
+    blobs: BlobStore, backbone_id: str, *, count: int, max_pixels: int
 ) -> npt.NDArray[np.float32]:
-    """Stored training images preprocessed for ``feature_id`` (undecodable ones skipped)."""
-    config = feature_source(feature_id).preprocess
+    """Stored training images preprocessed for ``backbone_id`` (undecodable ones skipped)."""
+    config = backbone.backbone_spec(backbone_id).preprocess
     arrays = []
     for key in calibration_keys(blobs, count):
         try:
@@ -62,7 +67,7 @@ def enable_int8(
     blobs: BlobStore,
     cache_dir: Path,
     *,
-    feature_ids: Sequence[str] = DEFAULT_FEATURES,
+    backbone_ids: Sequence[str] = DEFAULT_BACKBONES,
     count: int = DEFAULT_CALIBRATION_IMAGES,
     max_pixels: int = 80_000_000,
 ) -> list[Int8Backbone]:
@@ -73,31 +78,31 @@ def enable_int8(
     calibrate on is left out (not in the result).
     """
     prepared = []
-    for feature_id in feature_ids:
-        fp32_path = feature_source(feature_id).onnx_path()
-        int8 = find_prepared(feature_id, fp32_path, cache_dir)
+    for backbone_id in backbone_ids:
+        fp32_path = backbone.backbone_onnx_path(backbone_id)
+        int8 = find_prepared(backbone_id, fp32_path, cache_dir)
         if int8 is None:
-            arrays = calibration_arrays(blobs, feature_id, count=count, max_pixels=max_pixels)
+            arrays = calibration_arrays(blobs, backbone_id, count=count, max_pixels=max_pixels)
             if len(arrays) < MIN_CALIBRATION_IMAGES:
                 logger.warning(
                     "INT8 not ready for %s: %d stored training images (%d or more needed)",
-                    feature_id,
+                    backbone_id,
                     len(arrays),
                     MIN_CALIBRATION_IMAGES,
                 )
                 continue
-            int8 = _prepare_in_child(feature_id, fp32_path, arrays, cache_dir)
+            int8 = _prepare_in_child(backbone_id, fp32_path, arrays, cache_dir)
             del arrays
         prepared.append(int8)
         if int8.report.accepted:
             extractors.use_int8(int8)
         else:
-            logger.warning("INT8 refused for %s: %s; serving FP32", feature_id, int8.report.reason)
+            logger.warning("INT8 refused for %s: %s; serving FP32", backbone_id, int8.report.reason)
     return prepared
 
 
 def _prepare_in_child(
-    feature_id: str, fp32_path: Path, arrays: npt.NDArray[np.float32], cache_dir: Path
+    backbone_id: str, fp32_path: Path, arrays: npt.NDArray[np.float32], cache_dir: Path
 ) -> Int8Backbone:
     """:func:`prepare_int8` in a child process.
 
@@ -112,17 +117,17 @@ def _prepare_in_child(
         images = Path(scratch) / "calibration.npy"
         np.save(images, arrays)
         with multiprocessing.get_context("spawn").Pool(1) as pool:
-            folder = pool.apply(_prepare, (feature_id, str(fp32_path), str(images), str(cache_dir)))
+            folder = pool.apply(_prepare, (backbone_id, str(fp32_path), str(images), str(cache_dir)))
     found = read_prepared(Path(folder))
     if found is None:
         raise RuntimeError(f"INT8 preparation left no result in {folder}")
     return found
 
 
-def _prepare(feature_id: str, fp32_path: str, images: str, cache_dir: str) -> str:
+def _prepare(backbone_id: str, fp32_path: str, images: str, cache_dir: str) -> str:
     """In the child: quantize and check; the result's folder."""
     arrays = np.load(images, mmap_mode="r")
-    return str(prepare_int8(feature_id, Path(fp32_path), np.asarray(arrays), Path(cache_dir)).path.parent)
+    return str(prepare_int8(backbone_id, Path(fp32_path), np.asarray(arrays), Path(cache_dir)).path.parent)
 
 
 def start_int8(

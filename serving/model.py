@@ -2,8 +2,12 @@
 
 ``BundlePredictor`` is a ``kserve.Model``: ``load`` reads the bundle,
 ``preprocess`` decodes images exactly as evaluation did (the same
-:mod:`taskvision.preprocess` functions), ``predict`` runs the model,
-``postprocess`` names the outputs. It speaks both KServe protocols:
+:mod:`taskvision.preprocess` functions, through the same draft size as
+:meth:`taskvision.inference.BundleModel.decode`), ``predict`` runs the model,
+``postprocess`` names the outputs. A regression answer is clipped to the
+bundle's value range (the training values' range plus a margin) and its
+record says ``"out_of_range": true`` when the raw prediction fell outside it.
+It speaks both KServe protocols:
 
 * V1 ``POST /v1/models/<name>:predict`` with ``{"instances": [{"b64": "..."}, ...]}``
   answers ``{"predictions": [{"best_label": ..., "labels": [...]}, ...]}``;
@@ -16,11 +20,13 @@ The control plane calls :meth:`BundlePredictor.classify` directly (no HTTP).
 
 A frozen-backbone bundle whose head is one linear layer is served from the
 server's :class:`serving.head_bank.HeadBank` (``W`` and ``b`` as numpy arrays)
-over the feature vectors of the process-wide :class:`serving.extractors.Extractors`,
-which embed an image once per backbone however many tasks or versions are
-asked about it (INT8 where its answers stay within tolerance, see
-:mod:`taskvision.quantize`). A fine-tuned bundle (``model.onnx``: image ->
-logits), or a head that is not one linear layer, keeps its own ONNX Runtime
+over the feature vectors its ``features`` name (any list of
+:mod:`taskvision.features` ids, over one or several backbones), computed by
+the process-wide :class:`serving.extractors.Extractors`, which run an image
+through each backbone once however many tasks or versions are asked about it
+(INT8 where its answers stay within tolerance, see :mod:`taskvision.quantize`).
+A fine-tuned bundle (``model.onnx``: image -> logits, a partial fine-tune
+included), or a head that is not one linear layer, keeps its own ONNX Runtime
 session. Explanations: :mod:`taskvision.explain`.
 """
 
@@ -42,15 +48,14 @@ import numpy.typing as npt
 from kserve import Model
 from kserve.errors import InvalidInput
 from kserve.protocol.infer_type import InferOutput, InferRequest, InferResponse
-from PIL import Image
 
-from serving.extractors import Extractors, Precision, bundle_features, feature_source
+from serving.extractors import Extractors, Precision, input_configs
 from serving.head_bank import HeadBank, LinearHead, read_linear_head
-from taskvision import explain, imaging, quantize
-from taskvision.bundle import BundleMeta, outputs_from_logits
+from taskvision import explain, features, imaging, quantize
+from taskvision.bundle import BundleMeta, clip_values, outputs_from_logits
 from taskvision.errors import ExplainUnavailableError, TaskVisionError
-from taskvision.inference import BundleModel
-from taskvision.preprocess import DEFAULT, PreprocessConfig, resize_and_crop, to_array
+from taskvision.inference import BundleModel, preprocess_config
+from taskvision.preprocess import DEFAULT, PreprocessConfig, decode_image, resize_and_crop, to_array
 from taskvision.task_types import TaskType
 
 logger = logging.getLogger(__name__)
@@ -125,7 +130,8 @@ class BundlePredictor(Model):
         self.head: LinearHead | None = None  # frozen backbone, linear head: in the bank
         self.network: BundleModel | None = None  # its own session: fine-tuned, or another kind of head
         self.memory_bytes = 0
-        self._configs: tuple[PreprocessConfig, ...] = (DEFAULT,)
+        self._configs: tuple[PreprocessConfig, ...] = (DEFAULT,)  # the model's inputs' preprocessings
+        self._min_side = 2 * DEFAULT.resize_to  # a JPEG is decoded at reduced scale down to this side
         self._gradcam: explain.GradCamNetwork | None = None
         self._lock = threading.Lock()
         self._precision: tuple[int, Precision] = (-1, Precision.FP32)
@@ -135,9 +141,15 @@ class BundlePredictor(Model):
     def load(self) -> bool:
         meta = BundleMeta.from_json((self.bundle_dir / "bundle.json").read_text())
         if meta.frozen_backbone:
-            self.features = bundle_features(meta)
-            self._configs = tuple(dict.fromkeys(feature_source(f).preprocess for f in self.features))
+            self.features = tuple(meta.features)
+            for feature_id in self.features:
+                features.feature_spec(feature_id)  # an unknown feature fails at load, not per request
+            self._configs = input_configs(self.features)
+            self._min_side = features.draft_side(self.features)
             self.head = read_linear_head(self.bundle_dir, meta, self.features)
+        else:
+            config = preprocess_config(meta)
+            self._configs, self._min_side = (config,), 2 * config.resize_to
         if self.head is None:
             self.network = BundleModel.load(self.bundle_dir)
             weights = (self.bundle_dir / meta.weights_file).stat().st_size
@@ -167,19 +179,12 @@ class BundlePredictor(Model):
     def decode(self, data: bytes) -> tuple[dict[PreprocessConfig, Array], tuple[int, int]]:
         """One image's model inputs (per preprocessing) and its (width, height); TaskVisionError on bad input.
 
-        Decoding is done once per JPEG draft size, exactly as training decoded.
+        The image is decoded once (a JPEG at reduced scale, never below twice the largest
+        resize), as :meth:`taskvision.inference.BundleModel.decode` does for evaluation.
         """
-        width, height = imaging.upright_size(data, max_pixels=self.max_image_pixels)
-        inputs: dict[PreprocessConfig, Array] = {}
-        pictures: dict[int, Image.Image] = {}
-        for config in self._configs:
-            draft = config.resize_to * 2
-            if draft not in pictures:
-                pictures[draft] = imaging.load_rgb(
-                    data, max_pixels=self.max_image_pixels, draft_size=(draft, draft)
-                )
-            inputs[config] = to_array(resize_and_crop(pictures[draft], config), config)
-        return inputs, (width, height)
+        image, size = decode_image(data, max_pixels=self.max_image_pixels, min_side=self._min_side)
+        inputs = {config: to_array(resize_and_crop(image, config), config) for config in self._configs}
+        return inputs, size
 
     def prepare(self, images: Sequence[bytes]) -> tuple[Prepared | None, list[TaskVisionError | None]]:
         """Decode every image; the good ones as one batch, and each image's error (None when good)."""
@@ -209,11 +214,17 @@ class BundlePredictor(Model):
             return self._precision[1]
         precision = Precision.FP32
         if self.head is not None and self.meta is not None:
-            found = [self.extractors.int8(f) for f in self.features]
-            checks = [c for c in found if c is not None]
+            found = {b: self.extractors.int8(b) for b in features.backbones_needed(self.features)}
+            checks = {b: c for b, c in found.items() if c is not None}
             if checks and len(checks) == len(found):
-                fp32 = np.concatenate([c.check_fp32 for c in checks], axis=1)
-                int8 = np.concatenate([c.check_int8 for c in checks], axis=1)
+                # Every backbone's check images are its own; a +hflip part is checked on the image
+                # itself for both views (how INT8's error goes through this head is what is checked).
+                fp32 = features.assemble(
+                    {(b, m): c.check_fp32 for b, c in checks.items() for m in (False, True)}, self.features
+                )
+                int8 = features.assemble(
+                    {(b, m): c.check_int8 for b, c in checks.items() for m in (False, True)}, self.features
+                )
                 verdict = quantize.answers_within_tolerance(
                     self.meta, self.head.logits(fp32), self.head.logits(int8)
                 )
@@ -238,22 +249,32 @@ class BundlePredictor(Model):
         if meta.frozen_backbone:
             embeddings = self.extractors.embed(self.features, prepared.inputs, keys=prepared.keys)
             return self.network.outputs(self.network.logits_from_embeddings(embeddings))
-        return self.network.outputs(self.network.logits_from_arrays(prepared.inputs[DEFAULT]))
+        return self.network.outputs(self.network.logits_from_arrays(prepared.inputs[self._configs[0]]))
 
     def outputs_for_arrays(self, arrays: Array) -> Array:
-        """Probabilities or values for images preprocessed with the default preprocessing."""
-        return self.outputs_for(Prepared(inputs={DEFAULT: arrays}, sizes=[]))
+        """Probabilities or raw values for images (N, 3, S, S) of a model with one preprocessing."""
+        if len(self._configs) != 1:
+            raise ValueError(f"{self.name} takes images in {len(self._configs)} preprocessings.")
+        return self.outputs_for(Prepared(inputs={self._configs[0]: arrays}, sizes=[]))
 
     def describe(self, row: npt.NDArray[np.float32]) -> dict[str, Any]:
-        """One image's answer: ``best_label`` and ``labels`` sorted by probability (or the value)."""
+        """One image's answer: ``best_label`` and ``labels`` sorted by probability (or the value).
+
+        Regression values are clipped to the bundle's value range; ``out_of_range: true``
+        says that the model's raw value was outside it (e.g. a photo unlike the training ones).
+        """
         meta = self.bundle_meta
         labels = meta.labels
         if meta.task_type is TaskType.REGRESSION:
+            clipped, outside = clip_values(meta, np.asarray(row)[None, :])
             values = [
                 {"id": lb["id"], "name": lb["name"], "value": float(v)}
-                for lb, v in zip(labels, row, strict=True)
+                for lb, v in zip(labels, clipped[0], strict=True)
             ]
-            return {"best_label": values[0], "labels": values}
+            answer: dict[str, Any] = {"best_label": values[0], "labels": values}
+            if outside[0]:
+                answer["out_of_range"] = True
+            return answer
         ranked: list[dict[str, Any]] = sorted(
             (
                 {"id": lb["id"], "name": lb["name"], "prob": round(float(p), 5)}
@@ -301,14 +322,13 @@ class BundlePredictor(Model):
         meta = self.bundle_meta
         task_type = str(meta.task_type)
         if self.head is not None:
-            if len(self.features) != 1:
-                raise ExplainUnavailableError("Explanations need a head over one backbone's features.")
-            maps = explain.shared_maps_backbone(self.features[0]).run(prepared.inputs[DEFAULT])
-            outputs = outputs_from_logits(meta, self.head.logits(maps.embeddings))
-            return outputs, explain.cam(maps, explain.explained_rows(task_type, self.head.weight))
+            explain.check_explainable(self.features)
+            rows = explain.explained_rows(task_type, self.head.weight)
+            head_input, grids = explain.linear_head_cam(prepared.inputs[DEFAULT], self.features, rows)
+            return outputs_from_logits(meta, self.head.logits(head_input)), grids
         if not meta.frozen_backbone:
             network = self._gradcam_network()
-            logits, feature_map = network.run(prepared.inputs[DEFAULT])
+            logits, feature_map = network.run(prepared.inputs[self._configs[0]])
             rows = explain.explained_rows(task_type, network.weight)
             return outputs_from_logits(meta, logits), explain.grad_cam(feature_map, rows)
         raise ExplainUnavailableError("This model's head is not a linear layer; it cannot be explained.")
@@ -402,9 +422,12 @@ class BundlePredictor(Model):
                     prediction["_explanations"] = explained
             return {"predictions": predictions}
         meta = self.bundle_meta
-        name = "values" if meta.task_type is TaskType.REGRESSION else "probabilities"
-        tensor = InferOutput(name=name, shape=list(outputs.values.shape), datatype="FP32")
-        tensor.set_data_from_numpy(outputs.values.astype(np.float32), binary_data=False)
+        values = outputs.values
+        name = "probabilities"
+        if meta.task_type is TaskType.REGRESSION:
+            name, values = "values", clip_values(meta, values)[0]
+        tensor = InferOutput(name=name, shape=list(values.shape), datatype="FP32")
+        tensor.set_data_from_numpy(values.astype(np.float32), binary_data=False)
         return InferResponse(
             response_id=outputs.request_id or "",
             model_name=self.name,

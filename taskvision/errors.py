@@ -15,6 +15,7 @@ class TaskVisionError(Exception):
 
     status: int = 500
     code: str = "internal_error"
+    extra: dict[str, object] = {}  # more fields of the JSON answer  # noqa: RUF012 - read-only default
 
     def __init__(self, detail: str, *, code: str | None = None) -> None:
         super().__init__(detail)
@@ -40,6 +41,22 @@ class ExplainUnavailableError(BadRequestError):
     """400: the model cannot be explained (its network is not one the explainer understands)."""
 
     code = "explain_unavailable"
+
+
+class NotTrainableError(BadRequestError):
+    """400: the task's data cannot pass validation; the answer lists why, the counts, the images at fault."""
+
+    code = "not_trainable"
+
+    def __init__(self, problems: list[str], *, counts: dict[str, int], image_ids: list[str]) -> None:
+        super().__init__("The task cannot be trained yet: " + "; ".join(problems) + ".")
+        self.extra = {"problems": problems, "counts": counts, "image_ids": image_ids}
+
+
+class ImageGeometryError(InvalidImageError):
+    """400: the image's shape is refused before decoding (an extreme aspect ratio)."""
+
+    code = "image_geometry"
 
 
 class ImageFetchError(BadRequestError):
@@ -95,6 +112,17 @@ class ImageTooLargeError(PayloadTooLargeError):
     """413: the image declares more pixels than allowed (decompression bomb guard)."""
 
     code = "image_too_large"
+
+
+class TooManyRequestsError(TaskVisionError):
+    """429: a per-token or per-workspace limit was reached; retry after ``retry_after`` seconds."""
+
+    status = 429
+    code = "rate_limited"
+
+    def __init__(self, detail: str, *, retry_after: int = 1, code: str | None = None) -> None:
+        super().__init__(detail, code=code)
+        self.retry_after = max(1, retry_after)
 
 
 class ServiceUnavailableError(TaskVisionError):

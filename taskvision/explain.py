@@ -13,6 +13,18 @@ sums to the logit minus the bias. The maps come from a second ONNX export of
 the same backbone that also outputs them (:func:`maps_onnx_path`), run only
 for requests that ask for explanations.
 
+A head's input is the concatenation of its bundle's ``features``
+(:mod:`taskvision.features`); each part is a slice of the backbone's
+embedding, of the image or (``+hflip``) averaged with its mirror image's. So
+the head's weights split exactly into weights over the image's embedding and
+over the mirror image's (:func:`view_weights`), and the mirror image's map,
+flipped back, adds to the image's. Explanations cover heads over Lite0's
+features (any of its feature ids, mirrored or not, in any combination): the
+grids of Lite1 (240 px) and Lite2 (260 px) neither share Lite0's crop nor
+split evenly into one another (15 and 17 cells against 8 and 9), so a map of a
+head over them would not be exact; such a head is refused with
+:class:`~taskvision.errors.ExplainUnavailableError` (a 400).
+
 **Fine-tuned networks (Grad-CAM).** A fine-tuned bundle's ``model.onnx`` ends
 in global average pooling and a linear classifier (timm's EfficientNet).
 :class:`GradCamNetwork` adds the last feature map ``A`` (the pooling's input)
@@ -21,7 +33,10 @@ to ``A_k[i, j]`` through pooling and a linear layer is ``W_ck / (H W)`` at
 every location, so Grad-CAM's channel weights (the spatially averaged
 gradients) are ``W_ck / (H W)`` and the map is ``ReLU(sum_k W_ck / (H W) A_k)``:
 computed here without automatic differentiation, and checked against torch
-autograd in the tests. A graph that does not end that way is refused
+autograd in the tests. Per-channel constants between the pooling and the
+classifier (a partial fine-tune's head standardizes its input: ``(x - mean) /
+std``) fold into ``W``: a shift changes only the bias, a scale scales ``W``'s
+columns. A graph that does not end that way is refused
 (:class:`~taskvision.errors.ExplainUnavailableError`).
 
 Which score is explained: multi_class explains the class's logit minus the
@@ -35,12 +50,12 @@ the bounding box of the cells at or above half the peak that touch the peak.
 from __future__ import annotations
 
 import base64
-import hashlib
 import io
 import logging
 import os
 import threading
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -48,7 +63,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import numpy.typing as npt
 
-from taskvision import backbone
+from taskvision import backbone, features
 from taskvision.errors import ExplainUnavailableError
 from taskvision.preprocess import DEFAULT, PreprocessConfig
 
@@ -62,6 +77,7 @@ Array = npt.NDArray[np.float32]
 GRID = 14  # the explanation grid: blocks 3-4 of EfficientNet-Lite0 at 224 px (16 px cells)
 HEATMAP_SIZE = 56  # pixels of the PNG's side (the console scales it over the crop)
 MAP_NAMES = ("final", "block3", "block4", "block5")
+MAPS_BACKBONE = backbone.BACKBONE_ID  # the backbone whose maps are explained (Lite0)
 
 
 # ---- the backbone with its feature maps -------------------------------------------------------
@@ -103,8 +119,9 @@ def build_maps_model() -> torch.nn.Module:
 
 def maps_onnx_path() -> Path:
     """The cached ONNX export of :func:`build_maps_model` (exported with torch on first use)."""
-    key = hashlib.sha256(f"maps-v1-{backbone._export_key()}".encode()).hexdigest()[:16]
-    path = backbone.cache_dir() / f"{backbone.EMBEDDING_ID}-maps-{key}.onnx"
+    name = f"{backbone.EMBEDDING_ID}-maps"
+    key = backbone.export_key(f"{name}-v1", MAPS_BACKBONE, str(backbone.EMBEDDING_DIM))
+    path = backbone.cache_dir() / f"{name}-{key}.onnx"
     if not path.exists():
         import torch
 
@@ -163,14 +180,68 @@ _MAPS: dict[str, MapsBackbone] = {}
 _MAPS_LOCK = threading.Lock()
 
 
-def shared_maps_backbone(feature_id: str) -> MapsBackbone:
-    """The process-wide maps backbone of a feature id (only the multi-scale Lite0 embedding has one)."""
-    if feature_id != backbone.EMBEDDING_ID:
-        raise ExplainUnavailableError(f"Explanations are not available for features {feature_id!r}.")
+def shared_maps_backbone(backbone_id: str = MAPS_BACKBONE) -> MapsBackbone:
+    """The process-wide maps backbone (only Lite0 has one; see the module docstring)."""
+    if backbone_id != MAPS_BACKBONE:
+        raise ExplainUnavailableError(f"Explanations are not available for backbone {backbone_id!r}.")
     with _MAPS_LOCK:
-        if feature_id not in _MAPS:
-            _MAPS[feature_id] = MapsBackbone()
-        return _MAPS[feature_id]
+        if backbone_id not in _MAPS:
+            _MAPS[backbone_id] = MapsBackbone()
+        return _MAPS[backbone_id]
+
+
+def check_explainable(feature_ids: Sequence[str]) -> None:
+    """Raise :class:`ExplainUnavailableError` unless a linear head over ``feature_ids`` can be explained."""
+    others = [fid for fid in feature_ids if features.feature_spec(fid).backbone_id != MAPS_BACKBONE]
+    if others:
+        raise ExplainUnavailableError(
+            f"Explanations cover heads over {MAPS_BACKBONE} features only; this model also uses "
+            f"{', '.join(others)}."
+        )
+
+
+def view_weights(feature_ids: Sequence[str], weights: Array) -> dict[bool, Array]:
+    """Rows (R, D) over the concatenated ``feature_ids`` as rows over the backbone's embedding of the
+    image (``False``) and of its mirror image (``True``, only when a ``+hflip`` id needs it).
+
+    ``x @ weights.T`` equals ``e @ out[False].T + e_mirrored @ out[True].T`` exactly.
+    """
+    dim = backbone.EMBEDDING_DIM
+    out = {False: np.zeros((weights.shape[0], dim), dtype=np.float32)}
+    offset = 0
+    for fid in feature_ids:
+        spec = features.feature_spec(fid)
+        part = weights[:, offset : offset + spec.dim]
+        offset += spec.dim
+        if spec.hflip_mean:
+            mirrored = out.setdefault(True, np.zeros_like(out[False]))
+            out[False][:, spec.start : spec.stop] += 0.5 * part
+            mirrored[:, spec.start : spec.stop] += 0.5 * part
+        else:
+            out[False][:, spec.start : spec.stop] += part
+    if offset != weights.shape[1]:
+        raise ValueError(f"The head takes {weights.shape[1]} inputs; {list(feature_ids)} give {offset}.")
+    return out
+
+
+def linear_head_cam(arrays: Array, feature_ids: Sequence[str], rows: Array) -> tuple[Array, Array]:
+    """The head input (N, D) of Lite0-preprocessed images and the maps (N, R, 14, 14) of R weight rows.
+
+    Each map sums to the row's product with the head input.
+    """
+    check_explainable(feature_ids)
+    maps_backbone = shared_maps_backbone()
+    weights = view_weights(feature_ids, rows)
+    views = {False: maps_backbone.run(arrays)}
+    if True in weights:  # the mirror image's input is the input reversed along its width
+        views[True] = maps_backbone.run(np.ascontiguousarray(arrays[:, :, :, ::-1]))
+    head_input = features.assemble(
+        {(MAPS_BACKBONE, mirrored): maps.embeddings for mirrored, maps in views.items()}, feature_ids
+    )
+    grids = cam(views[False], weights[False])
+    if True in views:
+        grids += cam(views[True], weights[True])[:, :, :, ::-1]  # flipped back onto the image
+    return head_input, grids
 
 
 # ---- the maps of a linear head (CAM) ---------------------------------------------------------------
@@ -231,12 +302,21 @@ class GradCamNetwork:
             raise ExplainUnavailableError("The network has no global average pooling to explain.")
         pool = pools[-1]
         tensor = pool.output[0]
-        while True:  # pooled vector -> (Flatten | Reshape | Squeeze)* -> Gemm -> output
+        scale: Array | None = None  # per channel, from Mul / Div by constants on the way
+        # pooled vector -> (Flatten | Reshape | Squeeze | per-channel constant shift or scale)* -> Gemm
+        while True:
             following = consumers.get(tensor, [])
             if len(following) != 1:
                 raise ExplainUnavailableError("The pooled features feed more than one layer.")
             node = following[0]
             if node.op_type in ("Flatten", "Reshape", "Squeeze"):
+                tensor = node.output[0]
+                continue
+            constant = _constant_operand(node, tensor, initializers)
+            if constant is not None:
+                if node.op_type in ("Mul", "Div"):
+                    factor = 1.0 / constant if node.op_type == "Div" else constant
+                    scale = factor if scale is None else scale * factor
                 tensor = node.output[0]
                 continue
             break
@@ -251,7 +331,10 @@ class GradCamNetwork:
         ):
             raise ExplainUnavailableError("The network does not end in pooling and one linear classifier.")
         weight = numpy_helper.to_array(initializers[node.input[1]]).astype(np.float32)
-        self.weight: Array = weight if attributes.get("transB", 0) else weight.T  # (K, C)
+        weight = weight if attributes.get("transB", 0) else weight.T  # (K, C)
+        if scale is not None:  # W (s * x) = (W * s) x
+            weight = weight * np.broadcast_to(scale.reshape(-1), (weight.shape[1],))[None, :]
+        self.weight: Array = np.ascontiguousarray(weight, dtype=np.float32)
         self.logits_name = node.output[0]
         self.map_name = pool.input[0]
         graph.output.append(helper.make_tensor_value_info(self.map_name, onnx.TensorProto.FLOAT, None))
@@ -280,6 +363,26 @@ class GradCamNetwork:
             [self.logits_name, self.map_name], {name: arrays.astype(np.float32)}
         )
         return np.asarray(logits, dtype=np.float32), np.asarray(feature_map, dtype=np.float32)
+
+
+def _constant_operand(node: Any, tensor: str, initializers: dict[str, Any]) -> Array | None:
+    """The per-channel constant of ``tensor + c``, ``- c``, ``* c`` or ``/ c``; else None.
+
+    ``c`` must be a stored constant of at most one value per channel (a vector or a scalar).
+    """
+    from onnx import numpy_helper
+
+    if node.op_type not in ("Add", "Sub", "Mul", "Div") or len(node.input) != 2 or tensor not in node.input:
+        return None
+    other = node.input[1] if node.input[0] == tensor else node.input[0]
+    if other not in initializers or other == tensor:
+        return None
+    if node.op_type in ("Sub", "Div") and node.input[0] != tensor:  # c - x or c / x: not a shift/scale
+        return None
+    value = numpy_helper.to_array(initializers[other]).astype(np.float32)
+    if value.ndim > 1 and any(d != 1 for d in value.shape[:-1]):
+        return None
+    return value
 
 
 def grad_cam(feature_map: Array, weights: Array) -> Array:

@@ -7,6 +7,10 @@ same limits apply wherever an image enters the system:
 * the pixel count is read from the header and checked *before* any pixel is
   decoded, which is what stops a decompression bomb (a tiny PNG that declares
   50000x50000 pixels);
+* so is the shape: an aspect ratio beyond 1:``MAX_ASPECT_RATIO`` is refused
+  before any resize, because every resize here scales the *shorter* side, and
+  a 254-byte PNG of 60000x1 pixels would otherwise become a 15,000,000x256
+  picture (16 GiB) on its way to the model;
 * EXIF orientation is applied, so width/height are what a person sees.
 """
 
@@ -22,7 +26,7 @@ from dataclasses import dataclass
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from taskvision.errors import ImageTooLargeError, InvalidImageError
+from taskvision.errors import ImageGeometryError, ImageTooLargeError, InvalidImageError
 
 # Formats we accept from users. Pillow can open more (EPS, PDF via plugins...),
 # and some of those parse in risky ways, so the list is explicit.
@@ -30,6 +34,11 @@ ALLOWED_FORMATS = frozenset({"JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF"})
 
 # Modes Pillow can write as PNG (what ``downscale`` re-encodes non-JPEG images to).
 _PNG_MODES = frozenset({"1", "L", "LA", "I;16", "I;16B", "P", "RGB", "RGBA"})
+
+# The most elongated picture accepted (longer side / shorter side). Panoramas are about 1:4,
+# a 360-degree strip about 1:10; beyond 1:50 an image carries no usable signal at 224x224
+# and exists only to make resizing expensive.
+MAX_ASPECT_RATIO = 50.0
 
 _DATA_URI = re.compile(r"^data:[\w/+.-]*;base64,", re.IGNORECASE)
 
@@ -79,21 +88,42 @@ def _open(data: bytes) -> Image.Image:
     return image
 
 
-def probe(data: bytes, *, max_pixels: int) -> ImageInfo:
-    """Read an image's header and check its declared size without decoding it.
+def check_geometry(width: int, height: int, *, max_pixels: int) -> None:
+    """Refuse, from the declared size alone, an image whose decoding or resizing would be unbounded.
 
     Raises:
-        InvalidImageError: not an image, or a format we do not accept.
-        ImageTooLargeError: the header declares more than ``max_pixels`` pixels.
+        InvalidImageError: no pixels.
+        ImageTooLargeError: more than ``max_pixels`` pixels.
+        ImageGeometryError: longer side / shorter side beyond ``MAX_ASPECT_RATIO``.
     """
-    image = _open(data)
-    width, height = image.size
     if width <= 0 or height <= 0:
         raise InvalidImageError("The image has no pixels.")
     if width * height > max_pixels:
         raise ImageTooLargeError(
             f"The image declares {width}x{height} pixels; at most {max_pixels} pixels are accepted."
         )
+    ratio = max(width, height) / min(width, height)
+    if ratio > MAX_ASPECT_RATIO:
+        raise ImageGeometryError(
+            f"The image is {width}x{height} pixels, an aspect ratio of 1:{ratio:.4g}; "
+            f"at most 1:{MAX_ASPECT_RATIO:g} is accepted."
+        )
+
+
+def probe(data: bytes, *, max_pixels: int) -> ImageInfo:
+    """Read an image's header and check its declared geometry without decoding it.
+
+    Every path that decodes pixels (upload, thumbnail, classify, validation, the
+    train and evaluate steps) comes through here first.
+
+    Raises:
+        InvalidImageError: not an image, or a format we do not accept.
+        ImageTooLargeError: the header declares more than ``max_pixels`` pixels.
+        ImageGeometryError: the aspect ratio is beyond 1:``MAX_ASPECT_RATIO``.
+    """
+    image = _open(data)
+    width, height = image.size
+    check_geometry(width, height, max_pixels=max_pixels)
     return ImageInfo(format=str(image.format), width=width, height=height)
 
 

@@ -75,7 +75,7 @@ FLOAT_PREFIXES = ("/conv_stem", "/bn1", "/blocks.0/", "/blocks.1/")
 
 @dataclass(frozen=True)
 class Int8Report:
-    feature_id: str
+    backbone_id: str
     fp32_sha256: str  # the FP32 export it was made from
     calibration_images: int
     check_images: int
@@ -90,7 +90,7 @@ class Int8Report:
 class Int8Backbone:
     """A quantized backbone and the FP32/INT8 embeddings of its check images (for the head checks)."""
 
-    feature_id: str
+    backbone_id: str
     path: Path
     report: Int8Report
     check_fp32: Array
@@ -223,7 +223,7 @@ def _embed(path: Path, arrays: Array) -> Array:
     ).astype(np.float32)
 
 
-def prepare_int8(feature_id: str, fp32_path: Path, images: Array, directory: Path) -> Int8Backbone:
+def prepare_int8(backbone_id: str, fp32_path: Path, images: Array, directory: Path) -> Int8Backbone:
     """Quantize ``fp32_path`` on most of ``images`` (preprocessed), check it on the rest, cache the result.
 
     The result's ``report.accepted`` says whether the backbone passed the check; the caller uses
@@ -235,20 +235,20 @@ def prepare_int8(feature_id: str, fp32_path: Path, images: Array, directory: Pat
     n_check = max(4, round(len(images) * CHECK_FRACTION))
     calibration, check = images[:-n_check], images[-n_check:]
     fp32_digest = _file_sha256(fp32_path)
-    digest = hashlib.sha256(f"{feature_id}-{fp32_digest}".encode())
+    digest = hashlib.sha256(f"{backbone_id}-{fp32_digest}".encode())
     digest.update(np.ascontiguousarray(images).tobytes())
-    folder = directory / f"{feature_id}-int8-{digest.hexdigest()[:16]}"
+    folder = directory / f"{backbone_id}-int8-{digest.hexdigest()[:16]}"
     if (found := _read(folder)) is not None:
         return found
     model_path, report_path, check_path = folder / "model.onnx", folder / "report.json", folder / "check.npz"
     started = time.perf_counter()
-    logger.info("quantizing %s to INT8 on %d images (%d held out)", feature_id, len(calibration), n_check)
+    logger.info("quantizing %s to INT8 on %d images (%d held out)", backbone_id, len(calibration), n_check)
     quantize_onnx(fp32_path, calibration, model_path)
     seconds = time.perf_counter() - started
     check_fp32, check_int8 = _embed(fp32_path, check), _embed(model_path, check)
     verdict, mean, p1 = backbone_verdict(check_fp32, check_int8)
     report = Int8Report(
-        feature_id=feature_id,
+        backbone_id=backbone_id,
         fp32_sha256=fp32_digest,
         calibration_images=len(calibration),
         check_images=n_check,
@@ -260,17 +260,17 @@ def prepare_int8(feature_id: str, fp32_path: Path, images: Array, directory: Pat
     )
     np.savez(check_path, fp32=check_fp32, int8=check_int8)
     report_path.write_text(json.dumps(asdict(report), indent=2))  # last: marks the folder complete
-    logger.info("INT8 %s: %s (%s)", feature_id, "accepted" if report.accepted else "REFUSED", report.reason)
-    return Int8Backbone(feature_id, model_path, report, check_fp32, check_int8)
+    logger.info("INT8 %s: %s (%s)", backbone_id, "accepted" if report.accepted else "REFUSED", report.reason)
+    return Int8Backbone(backbone_id, model_path, report, check_fp32, check_int8)
 
 
-def find_prepared(feature_id: str, fp32_path: Path, directory: Path) -> Int8Backbone | None:
+def find_prepared(backbone_id: str, fp32_path: Path, directory: Path) -> Int8Backbone | None:
     """An accepted quantization of this very FP32 export already in ``directory`` (the newest), if any.
 
     A server reuses it on restart instead of calibrating again on a different sample of images.
     """
     fp32_digest = _file_sha256(fp32_path)
-    folders = sorted(directory.glob(f"{feature_id}-int8-*"), key=lambda f: f.stat().st_mtime, reverse=True)
+    folders = sorted(directory.glob(f"{backbone_id}-int8-*"), key=lambda f: f.stat().st_mtime, reverse=True)
     for folder in folders:
         found = _read(folder)
         if found is not None and found.report.accepted and found.report.fp32_sha256 == fp32_digest:
@@ -292,7 +292,7 @@ def _read(folder: Path) -> Int8Backbone | None:
     except (TypeError, ValueError):
         return None  # another version's report
     with np.load(check_path) as data:
-        return Int8Backbone(report.feature_id, model_path, report, data["fp32"], data["int8"])
+        return Int8Backbone(report.backbone_id, model_path, report, data["fp32"], data["int8"])
 
 
 def _file_sha256(path: Path) -> str:

@@ -26,7 +26,7 @@ from api.main import create_app
 from api.settings import Settings
 
 if TYPE_CHECKING:
-    from tests.services import S3Endpoint
+    from tests.support.servers import S3Endpoint
 
 
 @pytest.fixture(autouse=True)
@@ -39,7 +39,7 @@ def _isolate_environment(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.fixture(scope="session")
 def postgres_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    from tests.services import start_postgres
+    from tests.support.servers import start_postgres
 
     with start_postgres(tmp_path_factory.mktemp("postgres")) as url:
         yield url
@@ -47,7 +47,7 @@ def postgres_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Endpoint]:
-    from tests.services import start_seaweedfs
+    from tests.support.servers import start_seaweedfs
 
     with start_seaweedfs(tmp_path_factory.mktemp("seaweedfs")) as endpoint:
         yield endpoint
@@ -91,6 +91,7 @@ def settings(request: pytest.FixtureRequest, tmp_path: Path) -> Settings:
     return Settings(
         data_dir=tmp_path,
         database_url=database_url,
+        secret_key="test-signing-key",
         **s3_storage_settings(endpoint, f"test-{uuid.uuid4().hex[:12]}"),
     )
 
@@ -99,7 +100,7 @@ def settings(request: pytest.FixtureRequest, tmp_path: Path) -> Settings:
 def app(settings: Settings) -> Iterator[FastAPI]:
     application = create_app(settings)
     yield application
-    application.state.engine.dispose()
+    application.state.services.engine.dispose()
 
 
 UserClientFactory = Callable[..., TestClient]
@@ -111,7 +112,7 @@ def make_client(app: FastAPI) -> Iterator[UserClientFactory]:
     clients: list[TestClient] = []
 
     def _make(name: str | None = None) -> TestClient:
-        with app.state.session_factory() as session:
+        with app.state.services.session_factory() as session:
             _, token = create_user(session, name or f"user-{uuid.uuid4().hex[:8]}")
         client = TestClient(app, headers={"Authorization": f"Token {token}"})
         client.token = token  # type: ignore[attr-defined]

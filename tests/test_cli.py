@@ -30,7 +30,7 @@ def test_users_create_prints_only_a_working_token(tmp_path: Path) -> None:
         client = TestClient(app, headers={"Authorization": f"Token {token.strip()}"})
         assert client.get("/account/v2/user").json()["username"] == "carol"
     finally:
-        app.state.engine.dispose()
+        app.state.services.engine.dispose()
 
     again = subprocess.run(
         [TASKVISION, "users", "create", "carol", "--data-dir", str(tmp_path)],
@@ -80,3 +80,52 @@ def test_config_show_prints_the_effective_configuration_without_secrets(tmp_path
     assert shown["database_url"] == "postgresql+psycopg://tv:***@db.internal/taskvision"
     assert shown["storage_url"] == "s3://models?endpoint=http://minio:9000"
     assert (shown["pipeline_runner"], shown["serving_backend"]) == ("kubeflow", "kserve")
+
+
+def _cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([TASKVISION, *args], capture_output=True, text=True, timeout=60, cwd=cwd)
+
+
+def test_import_bundle_without_a_data_dir_is_a_one_line_error(tmp_path: Path) -> None:
+    missing = tmp_path / "nowhere"
+    result = _cli("import-bundle", str(tmp_path), "--task", "t", "--data-dir", str(missing))
+    assert result.returncode == 1 and result.stdout == ""
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: no TaskVision data in")
+    assert "Traceback" not in result.stderr and not missing.exists()
+
+
+def test_users_list_and_rotate_token(tmp_path: Path) -> None:
+    first = _cli("users", "create", "erin", "--data-dir", str(tmp_path)).stdout.strip()
+    _cli("users", "create", "frank", "--data-dir", str(tmp_path))
+    listed = _cli("users", "list", "--data-dir", str(tmp_path))
+    assert listed.returncode == 0
+    lines = listed.stdout.splitlines()
+    assert lines[0] == "name\tworkspace\tcreated\ttokens"
+    assert [line.split("\t")[0] for line in lines[1:]] == ["erin", "frank"]
+    assert lines[1].split("\t")[3] == f"{first[:5]}..."
+    assert first not in listed.stdout  # only the first characters, never a whole token
+
+    rotated = _cli("users", "rotate-token", "erin", "--data-dir", str(tmp_path))
+    assert rotated.returncode == 0 and re.fullmatch(r"[0-9a-f]{40}\n", rotated.stdout)
+    new = rotated.stdout.strip()
+    app = create_app(Settings(data_dir=tmp_path))
+    try:
+        old_client = TestClient(app, headers={"Authorization": f"Token {first}"})
+        new_client = TestClient(app, headers={"Authorization": f"Token {new}"})
+        assert old_client.get("/account/v2/user").status_code == 401
+        assert new_client.get("/account/v2/user").json()["username"] == "erin"
+    finally:
+        app.state.services.engine.dispose()
+    unknown = _cli("users", "rotate-token", "nobody", "--data-dir", str(tmp_path))
+    assert unknown.returncode == 1 and unknown.stderr.endswith("error: no user named 'nobody'\n")
+
+
+def test_config_show_prints_absolute_paths(tmp_path: Path) -> None:
+    import json
+
+    (tmp_path / "work").mkdir()
+    shown = json.loads(_cli("config", "show", "--data-dir", "rel", cwd=tmp_path / "work").stdout)
+    data_dir = tmp_path / "work" / "rel"
+    assert shown["data_dir"] == str(data_dir)
+    assert shown["database_url"] == f"sqlite:///{data_dir / 'taskvision.db'}"
+    assert shown["storage_url"] == str(data_dir / "blobs")

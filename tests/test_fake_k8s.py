@@ -1,4 +1,4 @@
-"""The real Kubernetes and KServe clients against :class:`tests.fake_k8s.FakeKubernetes`.
+"""The real Kubernetes and KServe clients against :class:`tests.support.fake_k8s.FakeKubernetes`.
 
 These tests pin down what ``kubernetes.client.CustomObjectsApi`` and
 ``kserve.KServeClient`` put on the wire, and how they report the API server's
@@ -30,7 +30,7 @@ from kubernetes.client import ApiClient, Configuration, CustomObjectsApi, V1Dele
 from kubernetes.client.rest import ApiException
 from urllib3.exceptions import MaxRetryError
 
-from tests.fake_k8s import (
+from tests.support.fake_k8s import (
     JSON_PATCH,
     MERGE_PATCH,
     FakeKubernetes,

@@ -1,4 +1,4 @@
-"""The real ``kfp.Client`` against :class:`tests.fake_kfp.FakeKfpServer`.
+"""The real ``kfp.Client`` against :class:`tests.support.fake_kfp.FakeKfpServer`.
 
 These tests pin down what the KFP SDK puts on the wire, so the training code
 that submits pipelines can be tested without a Kubeflow cluster.
@@ -23,7 +23,7 @@ from kfp.client import client as kfp_client_module
 from kfp.pipeline_spec import pipeline_spec_pb2
 from kfp_server_api import ApiException
 
-from tests.fake_kfp import KFP_CLIENT_ENV_VARS, FakeKfpServer
+from tests.support.fake_kfp import KFP_CLIENT_ENV_VARS, FakeKfpServer
 
 EXPERIMENTS = "/apis/v2beta1/experiments"
 RUNS = "/apis/v2beta1/runs"

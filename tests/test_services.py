@@ -10,7 +10,7 @@ import pytest
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
-from tests.services import S3Endpoint, start_postgres, start_seaweedfs
+from tests.support.servers import S3Endpoint, start_postgres, start_seaweedfs
 
 
 def _accepts_connections(port: int) -> bool:

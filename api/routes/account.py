@@ -2,30 +2,31 @@
 
 from __future__ import annotations
 
-from typing import Any
-
+from api.db.models import User
 from api.deps import CurrentUser
-from api.routing import SlashAgnosticRouter
-from api.schemas import UserPublic
+from api.http.openapi import errors
+from api.http.routing import SlashAgnosticRouter
+from api.schemas.account import UserPublic, WorkspaceRef
 
-router = SlashAgnosticRouter(prefix="/account/v2", tags=["account"])
+router = SlashAgnosticRouter(prefix="/account/v2", tags=["account"], responses=errors(401, 429))
 
 
-def _user(user: CurrentUser) -> Any:
+def _user(user: User) -> UserPublic:
     return UserPublic(
         id=user.id,
         username=user.name,
         workspace=user.workspace_id,
-        workspaces=[{"id": user.workspace_id, "name": "Default"}],
+        workspaces=[WorkspaceRef(id=user.workspace_id, name="Default")],
         created=user.created,
-    ).model_dump(mode="json")
+    )
 
 
-@router.get("/user")
-def get_user(user: CurrentUser) -> Any:
+@router.get("/user", response_model=UserPublic)
+def get_user(user: CurrentUser) -> UserPublic:
+    """The user the token belongs to, and its workspace."""
     return _user(user)
 
 
-@router.get("/details")
-def get_details(user: CurrentUser) -> Any:
+@router.get("/details", response_model=UserPublic)
+def get_details(user: CurrentUser) -> UserPublic:
     return _user(user)

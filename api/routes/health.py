@@ -4,30 +4,46 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 from sqlalchemy import text
+
+from api.deps import ServicesDep
 
 router = APIRouter(tags=["health"])
 
 
-@router.get("/healthz")
+class Health(BaseModel):
+    status: str
+
+
+class NotReady(BaseModel):
+    status: str
+    detail: str
+    code: str
+    problems: dict[str, str]
+
+
+@router.get("/healthz", response_model=Health)
 def healthz() -> Any:
     """The process is up."""
     return {"status": "ok"}
 
 
-@router.get("/readyz")
-def readyz(request: Request) -> Any:
+@router.get(
+    "/readyz", response_model=Health, responses={503: {"model": NotReady, "description": "Not ready."}}
+)
+def readyz(services: ServicesDep) -> Any:
     """The database answers and the blob store is reachable."""
     problems: dict[str, str] = {}
     try:
-        with request.app.state.session_factory() as session:
+        with services.session_factory() as session:
             session.execute(text("SELECT 1"))
     except Exception as exc:
         problems["database"] = str(exc)
     try:
-        request.app.state.blobs.exists("readyz-probe")
+        services.blobs.exists("readyz-probe")
     except Exception as exc:
         problems["storage"] = str(exc)
     if problems:

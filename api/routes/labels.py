@@ -2,34 +2,46 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import Request, Response
+from fastapi import Query, Request, Response
 from sqlalchemy import delete, select
 
-from api.body import parse
 from api.db.models import ImageLabel, Label, TaskLabel
-from api.deps import BodyDep, CurrentUser, SessionDep, SettingsDep, check_body_workspace
-from api.lookups import get_label, get_task
-from api.pagination import paginate
+from api.deps import CurrentUser, LabelIdPath, SessionDep, body_of
+from api.http.openapi import COMMON, errors
+from api.http.pagination import PageDep, paginate
+from api.http.routing import SlashAgnosticRouter
 from api.presenters import labels_public
-from api.routes import tasks as task_routes
-from api.routing import SlashAgnosticRouter
-from api.schemas import LabelCreate, LabelUpdate, TaskIdBody
+from api.schemas.common import ID_PATTERN, NO_NUL, Page
+from api.schemas.labels import LabelCreate, LabelPublic, LabelUpdate, LabelWiped, TaskIdBody
+from api.services.lookups import get_label, get_task
+from api.services.task_labels import attach_label, detach_label
 from taskvision.errors import ConflictError
 
-router = SlashAgnosticRouter(prefix="/recognition/v2/label", tags=["labels"])
+router = SlashAgnosticRouter(prefix="/recognition/v2/label", tags=["labels"], responses=errors(*COMMON))
+
+LabelCreateBody = Annotated[LabelCreate, body_of(LabelCreate, form=True)]
+LabelUpdateBody = Annotated[LabelUpdate, body_of(LabelUpdate, form=True, required=False)]
+TaskIdBodyDep = Annotated[TaskIdBody, body_of(TaskIdBody, form=True)]
 
 
-@router.get("/")
-def list_labels(request: Request, session: SessionDep, user: CurrentUser, settings: SettingsDep) -> Any:
-    """Labels of the workspace; ``?task=<id>`` keeps a task's labels, ``?search=`` matches names."""
+@router.get("/", response_model=Page[LabelPublic])
+def list_labels(
+    request: Request,
+    session: SessionDep,
+    user: CurrentUser,
+    page: PageDep,
+    task: Annotated[str | None, Query(pattern=ID_PATTERN, description="Only this task's labels.")] = None,
+    search: Annotated[
+        str | None, Query(max_length=255, pattern=NO_NUL, description="Names containing this (any case).")
+    ] = None,
+) -> Any:
+    """Labels of the workspace, oldest first."""
     stmt = select(Label).where(Label.workspace_id == user.workspace_id)
-    task_id = request.query_params.get("task")
-    if task_id:
-        task = get_task(session, user, task_id)
-        stmt = stmt.join(TaskLabel, TaskLabel.label_id == Label.id).where(TaskLabel.task_id == task.id)
-    search = request.query_params.get("search")
+    if task:
+        found = get_task(session, user, task)
+        stmt = stmt.join(TaskLabel, TaskLabel.label_id == Label.id).where(TaskLabel.task_id == found.id)
     if search:
         # The docs' curl example quotes the term: ?search="rose"
         term = search.strip().strip('"').strip("'")
@@ -40,15 +52,13 @@ def list_labels(request: Request, session: SessionDep, user: CurrentUser, settin
         session,
         stmt,
         request=request,
-        settings=settings,
+        page=page,
         serialize=lambda rows: labels_public(session, rows, with_counts=True),
     )
 
 
-@router.post("/", status_code=201)
-def create_label(session: SessionDep, user: CurrentUser, body: BodyDep) -> Any:
-    check_body_workspace(user, body)
-    data = parse(LabelCreate, body)
+@router.post("/", status_code=201, response_model=LabelPublic)
+def create_label(session: SessionDep, user: CurrentUser, data: LabelCreateBody) -> Any:
     label = Label(
         workspace_id=user.workspace_id,
         name=data.name,
@@ -61,14 +71,12 @@ def create_label(session: SessionDep, user: CurrentUser, body: BodyDep) -> Any:
     return labels_public(session, [label], with_counts=True)[0]
 
 
-@router.get("/{label_id}")
-def get_label_detail(label_id: str, session: SessionDep, user: CurrentUser) -> Any:
+@router.get("/{label_id}", response_model=LabelPublic)
+def get_label_detail(label_id: LabelIdPath, session: SessionDep, user: CurrentUser) -> Any:
     return labels_public(session, [get_label(session, user, label_id)], with_counts=True)[0]
 
 
-def _update(label_id: str, session: SessionDep, user: CurrentUser, body: dict[str, Any]) -> Any:
-    check_body_workspace(user, body)
-    data = parse(LabelUpdate, body)
+def _update(label_id: str, session: SessionDep, user: CurrentUser, data: LabelUpdate) -> Any:
     label = get_label(session, user, label_id)
     for field in ("name", "description", "output_name"):
         value = getattr(data, field)
@@ -78,18 +86,19 @@ def _update(label_id: str, session: SessionDep, user: CurrentUser, body: dict[st
     return labels_public(session, [label], with_counts=True)[0]
 
 
-@router.patch("/{label_id}")
-def patch_label(label_id: str, session: SessionDep, user: CurrentUser, body: BodyDep) -> Any:
-    return _update(label_id, session, user, body)
+@router.patch("/{label_id}", response_model=LabelPublic)
+def patch_label(label_id: LabelIdPath, session: SessionDep, user: CurrentUser, data: LabelUpdateBody) -> Any:
+    """Rename or describe a label (fields left out stay as they are)."""
+    return _update(label_id, session, user, data)
 
 
-@router.put("/{label_id}")
-def put_label(label_id: str, session: SessionDep, user: CurrentUser, body: BodyDep) -> Any:
-    return _update(label_id, session, user, body)
+@router.put("/{label_id}", response_model=LabelPublic)
+def put_label(label_id: LabelIdPath, session: SessionDep, user: CurrentUser, data: LabelUpdateBody) -> Any:
+    return _update(label_id, session, user, data)
 
 
-@router.delete("/{label_id}", status_code=204)
-def delete_label(label_id: str, session: SessionDep, user: CurrentUser) -> Response:
+@router.delete("/{label_id}", status_code=204, response_class=Response, responses=errors(409))
+def delete_label(label_id: LabelIdPath, session: SessionDep, user: CurrentUser) -> Response:
     """Delete a label: it is detached from every task and removed from every image."""
     label = get_label(session, user, label_id)
     if label.negative_for_task is not None:
@@ -99,8 +108,8 @@ def delete_label(label_id: str, session: SessionDep, user: CurrentUser) -> Respo
     return Response(status_code=204)
 
 
-@router.delete("/{label_id}/wipe")
-def wipe_label(label_id: str, session: SessionDep, user: CurrentUser) -> Any:
+@router.delete("/{label_id}/wipe", response_model=LabelWiped)
+def wipe_label(label_id: LabelIdPath, session: SessionDep, user: CurrentUser) -> Any:
     """Remove the label from all its images (the label itself stays)."""
     label = get_label(session, user, label_id)
     result = session.execute(delete(ImageLabel).where(ImageLabel.label_id == label.id))
@@ -109,18 +118,16 @@ def wipe_label(label_id: str, session: SessionDep, user: CurrentUser) -> Any:
     return {"id": label.id, "removed_from_images": removed}
 
 
-@router.post("/{label_id}/add-task")
-def add_task(label_id: str, session: SessionDep, user: CurrentUser, body: BodyDep) -> Any:
+@router.post("/{label_id}/add-task", response_model=LabelPublic)
+def add_task(label_id: LabelIdPath, session: SessionDep, user: CurrentUser, data: TaskIdBodyDep) -> Any:
     """The label-side twin of ``POST /task/{id}/add-label``."""
-    data = parse(TaskIdBody, body)
     label = get_label(session, user, label_id)
-    task_routes.add_label(data.task_id, session, user, {"label_id": label.id})
+    attach_label(session, get_task(session, user, data.task_id, referenced=True), label)
     return labels_public(session, [label], with_counts=True)[0]
 
 
-@router.post("/{label_id}/remove-task")
-def remove_task(label_id: str, session: SessionDep, user: CurrentUser, body: BodyDep) -> Any:
-    data = parse(TaskIdBody, body)
+@router.post("/{label_id}/remove-task", response_model=LabelPublic, responses=errors(409))
+def remove_task(label_id: LabelIdPath, session: SessionDep, user: CurrentUser, data: TaskIdBodyDep) -> Any:
     label = get_label(session, user, label_id)
-    task_routes.remove_label(data.task_id, session, user, {"label_id": label.id})
+    detach_label(session, get_task(session, user, data.task_id, referenced=True), label)
     return labels_public(session, [label], with_counts=True)[0]

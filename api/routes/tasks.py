@@ -1,32 +1,57 @@
-"""/recognition/v2/task: tasks, their labels, and which model version is in production."""
+"""/recognition/v2/task: tasks, their labels, which model version is in production, and training."""
 
 from __future__ import annotations
 
 import logging
-from typing import Any
+from collections.abc import Sequence
+from typing import Annotated, Any
 
 from fastapi import Request, Response
 from sqlalchemy import select
-from sqlalchemy.orm import selectinload
+from sqlalchemy.orm import Session, selectinload
 
-from api.body import parse
-from api.db.models import Label, Model, Task, TaskLabel
-from api.deps import BlobsDep, BodyDep, CurrentUser, SessionDep, SettingsDep, check_body_workspace
-from api.lookups import get_label, get_task
-from api.pagination import paginate
-from api.presenters import run_public, task_public
-from api.routing import SlashAgnosticRouter
-from api.schemas import LabelIdBody, TaskCreate, TaskUpdate, TrainRequest
-from taskvision.errors import BadRequestError, ConflictError
-from taskvision.task_types import LABEL_TYPE_FOR_TASK, LabelType, TaskType, label_fits_task
+from api.db.models import Label, Model, Task, TaskLabel, TrainStatus, User
+from api.deps import (
+    BlobsDep,
+    ClassifierDep,
+    CurrentUser,
+    ImageIdPath,
+    ServicesDep,
+    SessionDep,
+    TaskIdPath,
+    TrainingDep,
+    body_of,
+)
+from api.http.openapi import COMMON, errors
+from api.http.pagination import PageDep, paginate, paginate_rows
+from api.http.routing import SlashAgnosticRouter
+from api.presenters import image_public, runs_public, task_public
+from api.schemas.common import Page
+from api.schemas.images import ImagePublic, ReviewDecision, ReviewItem
+from api.schemas.tasks import LabelIdBody, TaskCreate, TaskPublic, TaskUpdate, TrainAccepted, TrainRequest
+from api.services import review
+from api.services.container import Services
+from api.services.lookups import get_image, get_label, get_task
+from api.services.task_labels import attach_label, detach_label
+from api.services.versions import set_production
+from taskvision import blob_layout
+from taskvision.errors import BadRequestError
+from taskvision.task_types import LabelType, TaskType
 
 logger = logging.getLogger(__name__)
 
-router = SlashAgnosticRouter(prefix="/recognition/v2/task", tags=["tasks"])
+router = SlashAgnosticRouter(prefix="/recognition/v2/task", tags=["tasks"], responses=errors(*COMMON))
+
+TaskCreateBody = Annotated[TaskCreate, body_of(TaskCreate, form=True)]
+TaskUpdateBody = Annotated[TaskUpdate, body_of(TaskUpdate, form=True, required=False)]
+LabelIdBodyDep = Annotated[LabelIdBody, body_of(LabelIdBody, form=True)]
+TrainBody = Annotated[TrainRequest, body_of(TrainRequest, required=False)]
+ReviewBody = Annotated[ReviewDecision, body_of(ReviewDecision, required=False)]
 
 
-@router.get("/")
-def list_tasks(request: Request, session: SessionDep, user: CurrentUser, settings: SettingsDep) -> Any:
+@router.get("/", response_model=Page[TaskPublic])
+def list_tasks(request: Request, session: SessionDep, user: CurrentUser, page: PageDep) -> Any:
+    """The workspace's tasks, oldest first."""
     stmt = (
         select(Task)
         .options(selectinload(Task.labels))
@@ -34,23 +59,17 @@ def list_tasks(request: Request, session: SessionDep, user: CurrentUser, setting
         .order_by(Task.created, Task.id)
     )
     return paginate(
-        session,
-        stmt,
-        request=request,
-        settings=settings,
-        serialize=lambda rows: [task_public(t) for t in rows],
+        session, stmt, request=request, page=page, serialize=lambda rows: [task_public(t) for t in rows]
     )
 
 
-@router.post("/", status_code=201)
-def create_task(session: SessionDep, user: CurrentUser, body: BodyDep) -> Any:
-    check_body_workspace(user, body)
-    data = parse(TaskCreate, body)
+@router.post("/", status_code=201, response_model=TaskPublic)
+def create_task(session: SessionDep, user: CurrentUser, data: TaskCreateBody) -> Any:
+    """Create a task. A tagging (multi_label) task gets its negative label ("none of the tags")."""
     task = Task(workspace_id=user.workspace_id, name=data.name, type=data.type, description=data.description)
     session.add(task)
     session.flush()
     if data.type is TaskType.MULTI_LABEL:
-        # A tagging task predicts "none of the tags" through its negative label.
         negative = Label(
             workspace_id=user.workspace_id,
             name=f"{data.name} (negative)",
@@ -67,16 +86,12 @@ def create_task(session: SessionDep, user: CurrentUser, body: BodyDep) -> Any:
     return task_public(task)
 
 
-@router.get("/{task_id}")
-def get_task_detail(task_id: str, session: SessionDep, user: CurrentUser) -> Any:
+@router.get("/{task_id}", response_model=TaskPublic)
+def get_task_detail(task_id: TaskIdPath, session: SessionDep, user: CurrentUser) -> Any:
     return task_public(get_task(session, user, task_id))
 
 
-def _update(
-    task_id: str, request: Request, session: SessionDep, user: CurrentUser, body: dict[str, Any]
-) -> Any:
-    check_body_workspace(user, body)
-    data = parse(TaskUpdate, body)
+def _update(task_id: str, services: Services, session: Session, user: User, data: TaskUpdate) -> Any:
     task = get_task(session, user, task_id, for_update=True)
     if data.name is not None:
         task.name = data.name
@@ -88,40 +103,49 @@ def _update(
         model = session.scalar(
             select(Model).where(Model.task_id == task.id, Model.version == data.production_version)
         )
-        if model is None or model.train_status != "TRAINED":
+        if model is None or model.train_status != TrainStatus.TRAINED:
             raise BadRequestError(
                 f"Task {task.id} has no trained version {data.production_version}.", code="unknown_version"
             )
-        task.production_version = data.production_version
+        set_production(session, task, data.production_version)
     session.commit()
     session.refresh(task)
-    request.app.state.training.wake()  # a new production version or canary share: update serving now
+    services.jobs.wake()  # a new production version or canary share: the reconciler acts now
     return task_public(task)
 
 
-@router.patch("/{task_id}")
-def patch_task(task_id: str, request: Request, session: SessionDep, user: CurrentUser, body: BodyDep) -> Any:
-    return _update(task_id, request, session, user, body)
+@router.patch("/{task_id}", response_model=TaskPublic)
+def patch_task(
+    task_id: TaskIdPath, services: ServicesDep, session: SessionDep, user: CurrentUser, data: TaskUpdateBody
+) -> Any:
+    """Rename, describe, or switch the production version (and, in cluster mode, its canary share)."""
+    return _update(task_id, services, session, user, data)
 
 
-@router.put("/{task_id}")
-def put_task(task_id: str, request: Request, session: SessionDep, user: CurrentUser, body: BodyDep) -> Any:
-    return _update(task_id, request, session, user, body)
+@router.put("/{task_id}", response_model=TaskPublic)
+def put_task(
+    task_id: TaskIdPath, services: ServicesDep, session: SessionDep, user: CurrentUser, data: TaskUpdateBody
+) -> Any:
+    """The same as PATCH (fields left out stay as they are)."""
+    return _update(task_id, services, session, user, data)
 
 
-@router.delete("/{task_id}", status_code=204)
+@router.delete("/{task_id}", status_code=204, response_class=Response, responses=errors(401, 404, 429))
 def delete_task(
-    task_id: str, request: Request, session: SessionDep, user: CurrentUser, blobs: BlobsDep
+    task_id: TaskIdPath,
+    session: SessionDep,
+    user: CurrentUser,
+    blobs: BlobsDep,
+    training: TrainingDep,
+    classifier: ClassifierDep,
 ) -> Response:
     """Delete the task with its negative label, label links, models, runs, snapshots and bundles."""
     task = get_task(session, user, task_id)
-    request.app.state.training.cancel_task_runs(session, task.id)
-    request.app.state.serving.unload_task(task.id)
-    if request.app.state.reconciler is not None:
-        request.app.state.reconciler.delete(task.id)
+    training.cancel_task_runs(session, task.id)
+    classifier.unload_task(task.id)  # cluster mode: its InferenceService goes too
     session.delete(task)  # FK cascades: negative label, label links, models, runs
     session.commit()
-    for prefix in (f"datasets/{task.id}", f"runs/{task.id}", f"models/{task.id}"):
+    for prefix in blob_layout.task_prefixes(task.id):
         try:
             blobs.delete_prefix(prefix)
         except Exception:
@@ -129,51 +153,68 @@ def delete_task(
     return Response(status_code=204)
 
 
-@router.post("/{task_id}/train", status_code=202)
-def train_task(task_id: str, request: Request, session: SessionDep, user: CurrentUser, body: BodyDep) -> Any:
-    """Start a training (answers at once). Optional body: training parameters (``TrainRequest``)."""
-    check_body_workspace(user, body)
-    data = parse(TrainRequest, body)
+@router.post("/{task_id}/train", status_code=202, response_model=TrainAccepted, responses=errors(409))
+def train_task(
+    task_id: TaskIdPath, session: SessionDep, user: CurrentUser, data: TrainBody, training: TrainingDep
+) -> Any:
+    """Start a training; answers at once with the queued run (follow it at /training-run/{id})."""
     task = get_task(session, user, task_id, for_update=True)
-    params = data.model_dump(exclude_none=True)
-    run = request.app.state.training.request_training(session, user, task, params)
-    return {**run_public(run), "task_status": task.last_train_status}
+    run = training.request_training(session, user, task, data.parameters())
+    return {**runs_public(session, [run])[0], "task_status": task.last_train_status}
 
 
-@router.post("/{task_id}/add-label")
-def add_label(task_id: str, session: SessionDep, user: CurrentUser, body: BodyDep) -> Any:
-    check_body_workspace(user, body)
-    data = parse(LabelIdBody, body)
+@router.post("/{task_id}/add-label", response_model=TaskPublic)
+def add_label(task_id: TaskIdPath, session: SessionDep, user: CurrentUser, data: LabelIdBodyDep) -> Any:
+    """Make the task predict this label (a category, tag or value label, by the task's type)."""
     task = get_task(session, user, task_id)
-    label = get_label(session, user, data.label_id)
-    task_type, label_type = TaskType(task.type), LabelType(label.type)
-    if not label_fits_task(label_type, task_type):
-        raise BadRequestError(
-            f"A {task_type} task takes {LABEL_TYPE_FOR_TASK[task_type]} labels; "
-            f"label '{label.name}' is a {label_type}.",
-            code="label_type_mismatch",
-        )
-    if label.negative_for_task is not None and label.negative_for_task != task.id:
-        raise BadRequestError("A negative label belongs to its own task only.", code="negative_label")
-    exists = session.get(TaskLabel, (task.id, label.id))
-    if exists is None:
-        session.add(TaskLabel(task_id=task.id, label_id=label.id))
-        session.commit()
-        session.refresh(task)
+    attach_label(session, task, get_label(session, user, data.label_id, referenced=True))
     return task_public(task)
 
 
-@router.post("/{task_id}/remove-label")
-def remove_label(task_id: str, session: SessionDep, user: CurrentUser, body: BodyDep) -> Any:
-    check_body_workspace(user, body)
-    data = parse(LabelIdBody, body)
+@router.post("/{task_id}/remove-label", response_model=TaskPublic, responses=errors(409))
+def remove_label(task_id: TaskIdPath, session: SessionDep, user: CurrentUser, data: LabelIdBodyDep) -> Any:
+    """Stop the task predicting this label (its images keep it)."""
     task = get_task(session, user, task_id)
-    label = get_label(session, user, data.label_id)
-    if label.negative_for_task == task.id:
-        raise ConflictError("The negative label of a tagging task cannot be removed from it.")
-    link = session.get(TaskLabel, (task.id, label.id))
-    if link is not None:
-        session.delete(link)
-        session.commit()
-        session.refresh(task)
+    detach_label(session, task, get_label(session, user, data.label_id, referenced=True))
     return task_public(task)
+
+
+@router.get("/{task_id}/review", response_model=Page[ReviewItem])
+def review_queue(
+    task_id: TaskIdPath, request: Request, session: SessionDep, user: CurrentUser, page: PageDep
+) -> Any:
+    """Images classify stored for this task (``store_images``) that have none of its labels yet,
+    the most uncertain first, with the model's suggestion (the review queue)."""
+    task = get_task(session, user, task_id)
+    task_type = TaskType(task.type)
+
+    def items(rows: Sequence[Any]) -> list[dict[str, Any]]:
+        return [
+            ReviewItem(
+                image=ImagePublic.model_validate(image_public(image, request)),
+                version=prediction.version,
+                suggested=review.suggestion(task_type, prediction.answer),
+                labels=prediction.answer.get("labels") or [],
+                uncertainty=prediction.uncertainty,
+                predicted=prediction.created,
+            ).model_dump(mode="json")
+            for image, prediction in rows
+        ]
+
+    return paginate_rows(session, review.uncertain_images(task), request=request, page=page, serialize=items)
+
+
+@router.post("/{task_id}/review/{image_id}", response_model=ImagePublic)
+def review_image(
+    task_id: TaskIdPath,
+    image_id: ImageIdPath,
+    request: Request,
+    session: SessionDep,
+    user: CurrentUser,
+    data: ReviewBody,
+) -> Any:
+    """Label a queued image in one call: the suggestion (an empty body), or the labels/value given."""
+    task = get_task(session, user, task_id)
+    image = get_image(session, user, image_id)
+    review.apply_review(session, task, image, label_ids=data.label_ids, value=data.value)
+    return image_public(get_image(session, user, image_id), request)

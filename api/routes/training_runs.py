@@ -2,44 +2,50 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import Request
+from fastapi import Query, Request
 from sqlalchemy import select
 
 from api.db.models import TrainingRun
-from api.deps import CurrentUser, SessionDep, SettingsDep
-from api.lookups import get_task
-from api.pagination import paginate
-from api.presenters import run_public
-from api.routing import SlashAgnosticRouter
+from api.deps import CurrentUser, RunIdPath, SessionDep
+from api.http.openapi import COMMON, errors
+from api.http.pagination import PageDep, paginate
+from api.http.routing import SlashAgnosticRouter
+from api.presenters import runs_public
+from api.schemas.common import ID_PATTERN, Page
+from api.schemas.runs import TrainingRunPublic
+from api.services.lookups import get_task
 from taskvision.errors import NotFoundError
 
-router = SlashAgnosticRouter(prefix="/recognition/v2/training-run", tags=["training runs"])
+router = SlashAgnosticRouter(
+    prefix="/recognition/v2/training-run", tags=["training runs"], responses=errors(*COMMON)
+)
 
 
-@router.get("/")
-def list_runs(request: Request, session: SessionDep, user: CurrentUser, settings: SettingsDep) -> Any:
-    """Training runs, newest first; ``?task=<id>`` keeps one task's."""
+@router.get("/", response_model=Page[TrainingRunPublic])
+def list_runs(
+    request: Request,
+    session: SessionDep,
+    user: CurrentUser,
+    page: PageDep,
+    task: Annotated[str | None, Query(pattern=ID_PATTERN, description="Only this task's runs.")] = None,
+) -> Any:
+    """Training runs, newest first."""
     stmt = select(TrainingRun).where(TrainingRun.workspace_id == user.workspace_id)
-    task_id = request.query_params.get("task")
-    if task_id:
-        stmt = stmt.where(TrainingRun.task_id == get_task(session, user, task_id).id)
+    if task:
+        stmt = stmt.where(TrainingRun.task_id == get_task(session, user, task).id)
     stmt = stmt.order_by(TrainingRun.created.desc(), TrainingRun.id)
     return paginate(
-        session,
-        stmt,
-        request=request,
-        settings=settings,
-        serialize=lambda rows: [run_public(r) for r in rows],
+        session, stmt, request=request, page=page, serialize=lambda rows: runs_public(session, rows)
     )
 
 
-@router.get("/{run_id}")
-def get_run(run_id: str, session: SessionDep, user: CurrentUser) -> Any:
+@router.get("/{run_id}", response_model=TrainingRunPublic)
+def get_run(run_id: RunIdPath, session: SessionDep, user: CurrentUser) -> Any:
     run = session.scalar(
         select(TrainingRun).where(TrainingRun.id == run_id, TrainingRun.workspace_id == user.workspace_id)
     )
     if run is None:
         raise NotFoundError(f"Training run {run_id} not found.")
-    return run_public(run)
+    return runs_public(session, [run])[0]

@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from taskvision import blob_layout
 from taskvision.storage import BlobStore, open_blob_store
 
 # The container image the steps run in on Kubeflow (it has this project installed,
@@ -39,11 +40,26 @@ def open_store(storage_url: str) -> BlobStore:
 
 
 class Progress:
-    """Writes ``{"step", "progress", "message", "updated"}`` to the run's progress.json."""
+    """Writes ``{"step", "progress", "message", "updated"}`` to the run's progress.json.
+
+    :meth:`note` records what a step decided (the mode ``auto`` became, the split sizes,
+    the chosen model) in the run's run_info.json; the control plane shows it as the run's
+    effective parameters.
+    """
 
     def __init__(self, store: BlobStore, run_prefix: str, step: str) -> None:
-        self.store, self.key, self.step = store, f"{run_prefix}/progress.json", step
+        self.store, self.key, self.step = store, blob_layout.progress_key(run_prefix), step
+        self.info_key = blob_layout.run_info_key(run_prefix)
         self._last = 0.0
+
+    def note(self, **values: Any) -> None:
+        """Add ``values`` to the run's effective parameters (JSON-serialisable)."""
+        try:
+            current = json.loads(self.store.get(self.info_key))
+        except (LookupError, ValueError):
+            current = {}
+        current.update(values)
+        self.store.put(self.info_key, json.dumps(current).encode(), content_type="application/json")
 
     def __call__(self, fraction: float, message: str = "", *, force: bool = False) -> None:
         now = time.time()
@@ -80,6 +96,8 @@ def run_step(storage_url: str, run_prefix: str, step: str, work: Callable[[Progr
 def _record_failure(store: BlobStore, run_prefix: str, step: str, message: str) -> None:
     body = {"step": step, "message": message, "time": time.time()}
     try:
-        store.put(f"{run_prefix}/failure.json", json.dumps(body).encode(), content_type="application/json")
+        store.put(
+            blob_layout.failure_key(run_prefix), json.dumps(body).encode(), content_type="application/json"
+        )
     except Exception:  # the original error matters more than the report
         logger.exception("could not record the failure of step %s", step)

@@ -9,7 +9,8 @@ from fastapi.testclient import TestClient
 from sqlalchemy import select
 
 from api.db.models import ApiToken
-from tests.factories import create_label, create_task, image_bytes, upload
+from tests.support.api import create_label, create_task, upload
+from tests.support.images import image_bytes
 
 PROTECTED = [
     ("GET", "/recognition/v2/task"),
@@ -46,7 +47,7 @@ def test_health_and_docs_need_no_token(anonymous: TestClient) -> None:
 
 
 def test_tokens_are_stored_hashed(app, client: TestClient) -> None:
-    with app.state.session_factory() as session:
+    with app.state.services.session_factory() as session:
         stored = session.scalars(select(ApiToken.token_hash)).all()
     assert client.token not in stored  # type: ignore[attr-defined]
     assert hashlib.sha256(client.token.encode()).hexdigest() in stored  # type: ignore[attr-defined]
@@ -92,7 +93,13 @@ def test_other_tenants_objects_answer_404_like_missing_ones(
     attach = other_client.post(
         f"/recognition/v2/task/{bobs_task['id']}/add-label", json={"label_id": label["id"]}
     )
-    assert attach.status_code == 404
+    unknown = other_client.post(
+        f"/recognition/v2/task/{bobs_task['id']}/add-label", json={"label_id": missing}
+    )
+    # An id in a body only refers to an object: unknown is a 400 naming it, the same for
+    # another workspace's label as for a label that does not exist.
+    assert attach.status_code == unknown.status_code == 400
+    assert attach.json()["code"] == unknown.json()["code"] == "unknown_label"
     # Listings never show the other workspace's objects.
     assert other_client.get("/recognition/v2/task").json()["count"] == 1
     assert other_client.get("/recognition/v2/label").json()["count"] == 0

@@ -21,7 +21,7 @@ from fastapi.testclient import TestClient
 from api.auth import create_user
 from api.main import create_app
 from api.settings import DEFAULT_BLOCKED_NETWORKS, Settings
-from tests.factories import image_bytes
+from tests.support.images import image_bytes
 
 IMAGES = "/recognition/v2/training-image"
 PNG = image_bytes(123, size=(120, 90))
@@ -83,7 +83,7 @@ def image_server() -> Iterator[str]:
 
 
 def _client_for(app: FastAPI) -> TestClient:
-    with app.state.session_factory() as session:
+    with app.state.services.session_factory() as session:
         _, token = create_user(session, "fetcher")
     return TestClient(app, headers={"Authorization": f"Token {token}"})
 
@@ -102,7 +102,7 @@ def loopback_allowed(settings: Settings) -> Iterator[TestClient]:
         )
     )
     yield _client_for(app)
-    app.state.engine.dispose()
+    app.state.services.engine.dispose()
 
 
 @pytest.mark.parametrize(

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 from fastapi.testclient import TestClient
 
-from tests.factories import create_label, create_task, image_bytes, upload
+from tests.support.api import create_label, create_task, upload
+from tests.support.images import image_bytes
 
 
 @pytest.mark.parametrize("label_type", ["category", "tag", "value"])

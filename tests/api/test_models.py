@@ -7,11 +7,11 @@ from datetime import UTC, datetime
 from fastapi.testclient import TestClient
 
 from api.db.models import Model, Task
-from tests.factories import create_task
+from tests.support.api import create_task
 
 
 def _add(app, task_id: str, version: int) -> str:
-    with app.state.session_factory() as session:
+    with app.state.services.session_factory() as session:
         task = session.get(Task, task_id)
         model = Model(
             workspace_id=task.workspace_id,
@@ -42,6 +42,7 @@ def test_list_get_and_delete_models(app, client: TestClient) -> None:
         "train_status": "TRAINED",
         "production": False,
         "metrics": {"accuracy": 0.6},
+        "run_id": None,  # added by hand, not by a training run
         "created": detail["created"],
     }
     client.patch(f"/recognition/v2/task/{task['id']}", json={"production_version": 2})

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from fastapi.testclient import TestClient
 
-from tests.factories import create_task
+from tests.support.api import create_task
 
 
 def test_pages_link_with_relative_urls_and_cover_everything(client: TestClient) -> None:
@@ -31,6 +31,8 @@ def test_page_size_is_capped_and_kept_in_links(client: TestClient) -> None:
 
 
 @pytest.mark.parametrize("page", ["-1", "0", "two"])
-def test_bad_page_number_is_400(client: TestClient, page: str) -> None:
+def test_bad_page_number_is_422(client: TestClient, page: str) -> None:
     response = client.get(f"/recognition/v2/task/?page={page}")
-    assert response.status_code == 400 and response.json()["code"] == "invalid_page"
+    # The schema says page is an integer of at least 1: FastAPI's validation answers.
+    assert response.status_code == 422 and response.json()["code"] == "validation_error"
+    assert "page" in response.json()["detail"]

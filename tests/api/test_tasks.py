@@ -8,7 +8,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from api.db.models import Model, Task
-from tests.factories import create_label, create_task
+from tests.support.api import create_label, create_task
 
 
 @pytest.mark.parametrize("task_type", ["multi_class", "multi_label", "regression"])
@@ -95,7 +95,7 @@ def test_update_task(client: TestClient) -> None:
 
 
 def _add_model(app, task_id: str, version: int, status: str = "TRAINED") -> None:
-    with app.state.session_factory() as session:
+    with app.state.services.session_factory() as session:
         workspace = session.get(Task, task_id).workspace_id
         session.add(
             Model(
@@ -159,7 +159,7 @@ def test_add_label_with_form_field_and_unknown_label(client: TestClient) -> None
         == 200
     )
     unknown = client.post(f"/recognition/v2/task/{task['id']}/add-label", json={"label_id": "nope"})
-    assert unknown.status_code == 404
+    assert unknown.status_code == 400 and unknown.json()["code"] == "unknown_label"
     assert client.post(f"/recognition/v2/task/{task['id']}/add-label", json={}).status_code == 422
 
 

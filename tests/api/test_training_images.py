@@ -16,13 +16,14 @@ from sqlalchemy import func, select
 from api.db.models import TrainingImage
 from api.main import create_app
 from api.settings import Settings
-from tests.factories import b64, bomb_png, create_label, create_task, image_bytes, upload
+from tests.support.api import b64, create_label, create_task, upload
+from tests.support.images import bomb_png, image_bytes
 
 IMAGES = "/recognition/v2/training-image"
 
 
 def _count_rows(app: FastAPI) -> int:
-    with app.state.session_factory() as session:
+    with app.state.services.session_factory() as session:
         return int(session.scalar(select(func.count()).select_from(TrainingImage)) or 0)
 
 
@@ -46,7 +47,7 @@ def test_upload_base64_stores_original_and_thumbnail(app: FastAPI, client: TestC
     import hashlib
 
     sha = hashlib.sha256(data).hexdigest()
-    assert any(key.endswith(sha) for key in app.state.blobs.list_keys("images/"))
+    assert any(key.endswith(sha) for key in app.state.services.blobs.list_keys("images/"))
 
 
 def test_upload_data_uri_and_multipart(client: TestClient) -> None:
@@ -112,7 +113,7 @@ def test_concurrent_uploads_of_the_same_image_store_it_once(app: FastAPI, client
     ids = {body["id"] for _, body in results}
     assert len(ids) == 1
     assert _count_rows(app) == 1
-    assert len(app.state.blobs.list_keys("images/")) == 1
+    assert len(app.state.services.blobs.list_keys("images/")) == 1
 
 
 # ---- bad input ---------------------------------------------------------------------
@@ -150,7 +151,7 @@ def test_bad_uploads_fail_cleanly(
     assert response.status_code == status, response.text
     assert response.json()["code"] == code and response.json()["detail"]
     assert _count_rows(app) == 0
-    assert app.state.blobs.list_keys() == []
+    assert app.state.services.blobs.list_keys() == []
 
 
 def test_empty_body_is_a_clear_error(client: TestClient) -> None:
@@ -164,7 +165,7 @@ def test_size_cap_is_413_and_configurable(settings: Settings) -> None:
     try:
         from api.auth import create_user
 
-        with app.state.session_factory() as session:
+        with app.state.services.session_factory() as session:
             _, token = create_user(session, "capped")
         client = TestClient(app, headers={"Authorization": f"Token {token}"})
         big = image_bytes(1, size=(600, 600), fmt="BMP")  # ~1 MB uncompressed
@@ -174,9 +175,9 @@ def test_size_cap_is_413_and_configurable(settings: Settings) -> None:
         multipart = client.post(IMAGES, files={"img_path": ("a.bmp", big, "image/bmp")})
         assert multipart.status_code == 413
         assert client.post(IMAGES, json={"base64": b64(image_bytes(2))}).status_code == 201
-        assert len(app.state.blobs.list_keys("images/")) == 1
+        assert len(app.state.services.blobs.list_keys("images/")) == 1
     finally:
-        app.state.engine.dispose()
+        app.state.services.engine.dispose()
 
 
 def test_a_failed_commit_leaves_no_blob(
@@ -193,20 +194,20 @@ def test_a_failed_commit_leaves_no_blob(
     monkeypatch.undo()
     assert response.status_code == 500 and response.json()["code"] == "internal_error"
     assert _count_rows(app) == 0
-    assert app.state.blobs.list_keys() == []
+    assert app.state.services.blobs.list_keys() == []
 
 
 def test_stored_images_survive_a_restart(settings: Settings, client: TestClient, app: FastAPI) -> None:
     data = image_bytes(10)
     image = upload(client, data, meta_data={"a": 1})
-    app.state.engine.dispose()
+    app.state.services.engine.dispose()
     restarted = create_app(settings)
     try:
         again = TestClient(restarted, headers={"Authorization": f"Token {client.token}"})  # type: ignore[attr-defined]
         assert again.get(f"{IMAGES}/{image['id']}").json()["meta_data"] == {"a": 1}
         assert again.get(f"{IMAGES}/{image['id']}/file").content == data
     finally:
-        restarted.state.engine.dispose()
+        restarted.state.services.engine.dispose()
 
 
 # ---- labels on images ----------------------------------------------------------------
@@ -253,8 +254,9 @@ def test_value_only_for_value_labels_and_update_needs_existing(client: TestClien
     image = upload(client, image_bytes(13))
     url = f"{IMAGES}/{image['id']}"
     assert client.post(url + "/add-label", json={"label_id": category["id"], "value": 1}).status_code == 400
-    assert client.post(url + "/update-label", json={"label_id": value["id"], "value": 2}).status_code == 404
-    assert client.post(url + "/add-label", json={"label_id": "missing"}).status_code == 404
+    not_on_it = client.post(url + "/update-label", json={"label_id": value["id"], "value": 2})
+    assert not_on_it.status_code == 400 and not_on_it.json()["code"] == "label_not_on_image"
+    assert client.post(url + "/add-label", json={"label_id": "missing"}).json()["code"] == "unknown_label"
 
 
 def test_put_replaces_meta_data(client: TestClient) -> None:
@@ -302,7 +304,7 @@ def test_filters(client: TestClient) -> None:
     assert _ids(client, "page=1&real=True") == {e}
     assert _ids(client, "verified=0") == {a, b, c, d, e}
     assert _ids(client, "verified=1") == set()
-    assert client.get(f"{IMAGES}/?test=maybe").status_code == 400
+    assert client.get(f"{IMAGES}/?test=maybe").status_code == 422  # not a boolean (the schema says so)
     assert client.get(f"{IMAGES}/?label_value_{lid}__gte=old").status_code == 400
 
 
@@ -374,18 +376,18 @@ def test_delete_removes_the_row_and_later_the_blobs(app: FastAPI, client: TestCl
     label = create_label(client)
     image = upload(client, image_bytes(80))
     client.post(f"{IMAGES}/{image['id']}/add-label", json={"label_id": label["id"]})
-    assert len(app.state.blobs.list_keys()) == 2
+    assert len(app.state.services.blobs.list_keys()) == 2
     assert client.delete(f"{IMAGES}/{image['id']}").status_code == 204
     assert client.get(f"{IMAGES}/{image['id']}").status_code == 404
     assert client.get(image["img_path"]).status_code == 404
     assert client.get(f"/recognition/v2/label/{label['id']}").json()["images_count"] == 0
     # The blobs wait out the grace period (300 s by default)...
-    assert app.state.training.collect_blobs() == 0
-    assert len(app.state.blobs.list_keys()) == 2
+    assert app.state.services.blob_collector.tick() == 0
+    assert len(app.state.services.blobs.list_keys()) == 2
     # ...then go.
-    assert app.state.training.collect_blobs(grace_s=0) == 1
-    assert app.state.blobs.list_keys() == []
-    assert app.state.training.collect_blobs(grace_s=0) == 0  # nothing is pending any more
+    assert app.state.services.blob_collector.tick(grace_s=0) == 1
+    assert app.state.services.blobs.list_keys() == []
+    assert app.state.services.blob_collector.tick(grace_s=0) == 0  # nothing is pending any more
     # The same image can be uploaded again afterwards.
     again = client.post(IMAGES, json={"base64": b64(image_bytes(80))})
     assert again.status_code == 201
@@ -397,13 +399,13 @@ def test_an_image_uploaded_again_before_collection_keeps_its_blobs(app: FastAPI,
     first = upload(client, data)
     assert client.delete(f"{IMAGES}/{first['id']}").status_code == 204
     second = upload(client, data)  # the same content, so the same blob keys
-    assert app.state.training.collect_blobs(grace_s=0) == 0
+    assert app.state.services.blob_collector.tick(grace_s=0) == 0
     assert client.get(second["img_path"]).content == data
-    assert len(app.state.blobs.list_keys()) == 2
+    assert len(app.state.services.blobs.list_keys()) == 2
     # The entry was dropped: deleting the second copy schedules its own collection.
     assert client.delete(f"{IMAGES}/{second['id']}").status_code == 204
-    assert app.state.training.collect_blobs(grace_s=0) == 1
-    assert app.state.blobs.list_keys() == []
+    assert app.state.services.blob_collector.tick(grace_s=0) == 1
+    assert app.state.services.blobs.list_keys() == []
 
 
 def test_the_watcher_loop_collects_deleted_images_blobs(settings: Settings, client: TestClient) -> None:
@@ -416,23 +418,23 @@ def test_the_watcher_loop_collects_deleted_images_blobs(settings: Settings, clie
     try:
         with TestClient(application, headers={"Authorization": f"Token {client.token}"}) as other:  # type: ignore[attr-defined]
             image = upload(other, image_bytes(83))
-            assert len(application.state.blobs.list_keys()) == 2
+            assert len(application.state.services.blobs.list_keys()) == 2
             assert other.delete(f"{IMAGES}/{image['id']}").status_code == 204
             deadline = time.monotonic() + 10
-            while application.state.blobs.list_keys() and time.monotonic() < deadline:
+            while application.state.services.blobs.list_keys() and time.monotonic() < deadline:
                 time.sleep(0.05)
-            assert application.state.blobs.list_keys() == []
+            assert application.state.services.blobs.list_keys() == []
     finally:
-        application.state.engine.dispose()
+        application.state.services.engine.dispose()
 
 
 def test_a_queued_training_keeps_deleted_images_blobs_until_it_ends(app: FastAPI, client: TestClient) -> None:
     from api.db.models import TrainingRun
 
-    app.state.training.stop()  # no watcher: the run below stays queued
+    app.state.services.jobs.stop()  # no watcher: the run below stays queued
     image = upload(client, image_bytes(82))
     task = create_task(client)
-    with app.state.session_factory() as session:
+    with app.state.services.session_factory() as session:
         workspace = session.get(TrainingImage, image["id"]).workspace_id
         run = TrainingRun(
             workspace_id=workspace, task_id=task["id"], runner="local", snapshot_prefix="datasets/x"
@@ -441,13 +443,13 @@ def test_a_queued_training_keeps_deleted_images_blobs_until_it_ends(app: FastAPI
         session.commit()
         run_id = run.id
     assert client.delete(f"{IMAGES}/{image['id']}").status_code == 204
-    assert app.state.training.collect_blobs(grace_s=0) == 0  # the run's snapshot may read them
-    assert len(app.state.blobs.list_keys()) == 2
-    with app.state.session_factory() as session:
+    assert app.state.services.blob_collector.tick(grace_s=0) == 0  # the run's snapshot may read them
+    assert len(app.state.services.blobs.list_keys()) == 2
+    with app.state.services.session_factory() as session:
         session.get(TrainingRun, run_id).status = "SUCCEEDED"
         session.commit()
-    assert app.state.training.collect_blobs(grace_s=0) == 1
-    assert app.state.blobs.list_keys() == []
+    assert app.state.services.blob_collector.tick(grace_s=0) == 1
+    assert app.state.services.blobs.list_keys() == []
 
 
 def test_downloads_need_the_token_or_a_valid_signed_link(
@@ -467,7 +469,7 @@ def test_downloads_need_the_token_or_a_valid_signed_link(
     path, query = image["img_path"].split("?")
     assert anonymous.get(path + "?" + query.replace("signature=", "signature=0")).status_code == 401
     assert anonymous.get(path.replace("/file/", "/thumb/") + "?" + query).status_code == 401
-    signer = app.state.url_signer
+    signer = app.state.services.url_signer
     past = 1_000_000
     stale = f"{path}?expires={past}&signature={signer.sign(image['id'], 'file', past)}"
     assert anonymous.get(stale).status_code == 401

@@ -13,7 +13,7 @@ from components.lib.split import SplitResult, split_dataset
 from taskvision.dataset import LabelInfo, ManifestRow, write_snapshot
 from taskvision.storage import LocalBlobStore
 from taskvision.task_types import TaskType
-from tests.components.builders import FakeArtifact, RowMaker, info
+from tests.support.snapshots import FakeArtifact, RowMaker, info
 
 FLOWERS = [LabelInfo("l-rose", "rose"), LabelInfo("l-tulip", "tulip"), LabelInfo("l-iris", "iris")]
 

@@ -7,13 +7,13 @@ import pytest
 
 from taskvision.backbone import EMBEDDING_DIM, Embedder, build_embedding_model
 from taskvision.preprocess import preprocess_bytes
-from tests.training import datasets
+from tests.support.images import shape_image
 
 
 @pytest.fixture(scope="module")
 def images() -> np.ndarray:
     arrays = [
-        preprocess_bytes(datasets.shape_image(kind, i), max_pixels=10**7)[0]
+        preprocess_bytes(shape_image(kind, i), max_pixels=10**7)[0]
         for kind in ("circle", "square")
         for i in range(3)
     ]

@@ -10,7 +10,7 @@ from PIL import Image
 
 from taskvision import imaging
 from taskvision.errors import ImageTooLargeError, InvalidImageError
-from tests.factories import bomb_png, image_bytes
+from tests.support.images import bomb_png, image_bytes
 
 
 def test_decode_base64_raw_data_uri_and_wrapped() -> None:

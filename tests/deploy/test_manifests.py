@@ -24,7 +24,7 @@ from sqlalchemy.engine import make_url
 from api.settings import Settings
 from taskvision.storage import parse_s3_url
 from tests.deploy.conftest import MANIFESTS, OVERLAYS, kustomize
-from tests.k8s_schemas import (
+from tests.support.k8s_schemas import (
     SchemaNotFoundError,
     SchemaViolationError,
     custom_resource_errors,
@@ -196,7 +196,7 @@ def test_config_comes_from_the_configmap_and_secrets_from_the_secret(overlay: tu
     assert config["TASKVISION_ISVC_RUNTIME"] == serving_runtime(objs)["metadata"]["name"]
     env = env_of(container)
     assert env["TASKVISION_K8S_NAMESPACE"]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.namespace"}}
-    for key in ("TASKVISION_S3_ACCESS_KEY", "TASKVISION_S3_SECRET_KEY"):
+    for key in ("TASKVISION_S3_ACCESS_KEY", "TASKVISION_S3_SECRET_KEY", "TASKVISION_SECRET_KEY"):
         assert env[key]["valueFrom"]["secretKeyRef"] == {"name": SECRET_NAME, "key": key}
 
 
@@ -277,7 +277,7 @@ def test_control_plane_runs_as_non_root(overlay: tuple[str, list[Obj]]) -> None:
 
 
 def test_servingruntime_runs_our_predictor_image(overlay: tuple[str, list[Obj]], serving_help: str) -> None:
-    from api.inference_services import MODEL_FORMAT
+    from api.services.inference_services import MODEL_FORMAT
 
     _, objs = overlay
     runtime = serving_runtime(objs)["spec"]

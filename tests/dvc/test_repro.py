@@ -169,9 +169,10 @@ def test_repro_runs_every_stage_and_writes_metrics_plots_and_bundles(workspace: 
     for name in DATASETS:
         bundle = ws.path / "data" / "bundles" / name
         meta = BundleMeta.from_json((bundle / "bundle.json").read_text())
-        assert sorted(p.name for p in bundle.iterdir()) == ["bundle.json", "head.onnx"]
+        assert sorted(p.name for p in bundle.iterdir()) == sorted(["bundle.json", *meta.files])
         assert meta.task_id == name and meta.dataset_snapshot.startswith(f"datasets/{name}/dvc-")
         assert meta.metrics == _metrics(ws, name) and meta.training["mode"] == "embed"
+        assert meta.selection["quality"] == "fast" and meta.selection["chosen"] == "lite0-ms1"
     assert BundleMeta.from_json((ws.path / "data/bundles/tags/bundle.json").read_text()).negative_label == {
         "id": "none",
         "name": "none",
@@ -280,7 +281,7 @@ def test_the_exported_bundle_serves_in_a_running_service(workspace: Workspace, t
 
     ws = workspace
     app = create_app(Settings(data_dir=tmp_path))
-    with app.state.session_factory() as session:
+    with app.state.services.session_factory() as session:
         _, token = create_user(session, "dvc-user")
     with TestClient(app, headers={"Authorization": f"Token {token}"}) as client:
         task = client.post("/recognition/v2/task", json={"name": "shapes", "type": "multi_class"}).json()
@@ -324,4 +325,4 @@ def test_the_exported_bundle_serves_in_a_running_service(workspace: Workspace, t
             correct += sum(r["best_label"]["name"] == truth[r["_id"]][1] for r in answer.json()["records"])
         # The service and the evaluate stage run the same preprocessing and model: same accuracy.
         assert correct / len(test_ids) == pytest.approx(_metrics(ws, "shapes")["accuracy"])
-    app.state.engine.dispose()
+    app.state.services.engine.dispose()

@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 from ximilar.client import RecognitionClient
 
-from tests.e2e.conftest import LiveServer
-from tests.training import datasets
+from tests.support.images import shape_image
+from tests.support.live_server import LiveServer
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -49,7 +49,7 @@ def test_train_and_classify_with_the_client(live_server: LiveServer, tmp_path: P
     task.add_label(circle.id)
     task.add_label(square.id)
     records = [
-        {"_base64": base64.b64encode(datasets.shape_image(kind, i)), "labels": [label.id], "noresize": True}
+        {"_base64": base64.b64encode(shape_image(kind, i)), "labels": [label.id], "noresize": True}
         for kind, label in (("circle", circle), ("square", square))
         for i in range(20)
     ]
@@ -61,8 +61,8 @@ def test_train_and_classify_with_the_client(live_server: LiveServer, tmp_path: P
     _wait_trained(client, task.id, 1)
 
     circle_file = tmp_path / "circle.png"
-    circle_file.write_bytes(datasets.shape_image("circle", 900))
-    square_bytes = datasets.shape_image("square", 901)
+    circle_file.write_bytes(shape_image("circle", 900))
+    square_bytes = shape_image("square", 901)
     # For classify the client wants _base64 as text (for uploads it wants bytes).
     result = task.classify(
         [{"_file": str(circle_file), "_id": 1}, {"_base64": base64.b64encode(square_bytes).decode()}]

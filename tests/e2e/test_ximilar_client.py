@@ -21,7 +21,7 @@ import requests
 from PIL import Image as PILImage
 
 if TYPE_CHECKING:
-    from tests.e2e.conftest import LiveServer
+    from tests.support.live_server import LiveServer
 
 ximilar_recognition = pytest.importorskip("ximilar.client.recognition")
 RecognitionClient = ximilar_recognition.RecognitionClient

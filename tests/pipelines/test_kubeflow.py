@@ -27,10 +27,10 @@ from components.lib.register import register_bundle
 from components.lib.split import split_dataset
 from components.lib.train import TrainConfig, train_model
 from components.lib.validate import validate_dataset
-from pipelines.runners import FAILED, RUNNING, SUCCEEDED, KubeflowRunner
+from pipelines.runners import KubeflowRunner, RunnerState
 from taskvision.dataset import read_snapshot
 from taskvision.storage import open_blob_store
-from tests.fake_kfp import KFP_CLIENT_ENV_VARS, FakeKfpServer
+from tests.support.fake_kfp import KFP_CLIENT_ENV_VARS, FakeKfpServer
 from tests.training.helpers import make_task, train, wait
 
 RUNS = "/apis/v2beta1/runs"
@@ -71,14 +71,14 @@ def test_submit_status_and_cancel(kfp_server: FakeKfpServer) -> None:
     assert len(kfp_server.requests_to("POST", "/apis/v2beta1/experiments")) == 1
     assert kfp_server.last_request("POST", RUNS).json["experiment_id"] == body["experiment_id"]
 
-    assert runner.status(handle).state == RUNNING
+    assert runner.status(handle).state == RunnerState.RUNNING
     kfp_server.set_run_state(handle, "RUNNING")
-    assert runner.status(handle).state == RUNNING
+    assert runner.status(handle).state == RunnerState.RUNNING
     kfp_server.set_run_state(handle, "FAILED", error="train: CUDA out of memory")
     failed = runner.status(handle)
-    assert (failed.state, failed.message) == (FAILED, "train: CUDA out of memory")
+    assert (failed.state, failed.message) == (RunnerState.FAILED, "train: CUDA out of memory")
     kfp_server.set_run_state(handle, "SUCCEEDED")
-    assert runner.status(handle).state == SUCCEEDED
+    assert runner.status(handle).state == RunnerState.SUCCEEDED
     other_id = next(rid for rid, run in kfp_server.runs.items() if run["display_name"] == "train-r2")
     runner.cancel(other_id)
     assert kfp_server.requests_to("POST", f"{RUNS}/{other_id}:terminate")
@@ -91,7 +91,7 @@ def test_submit_status_and_cancel(kfp_server: FakeKfpServer) -> None:
 def test_steps_get_s3_credentials_from_a_secret_only_with_an_s3_store(
     kfp_server: FakeKfpServer, tmp_path: Path, storage_url: str | None, secret: str | None
 ) -> None:
-    from api.main import _runner
+    from api.services.container import _runner
 
     settings = Settings(
         data_dir=tmp_path, kfp_host=kfp_server.host, storage_url=storage_url, kfp_s3_secret="tv-s3"
@@ -141,7 +141,7 @@ def _submitted(kfp_server: FakeKfpServer, count: int, timeout: float = 30) -> di
 def test_control_plane_trains_through_kubeflow(kfp_server: FakeKfpServer, tmp_path: Path) -> None:
     settings = Settings(data_dir=tmp_path / "data", kfp_host=kfp_server.host, train_poll_interval_s=0.1)
     app = create_app(settings)
-    with app.state.session_factory() as session:
+    with app.state.services.session_factory() as session:
         _, token = create_user(session, "cluster-user")
     with TestClient(app, headers={"Authorization": f"Token {token}"}) as client:
         task = make_task(client, "multi_class", per_label=20)

@@ -34,14 +34,16 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Trained]:
         url_blocked_networks=blocked,
     )
     app = create_app(settings)
-    with app.state.session_factory() as session:
+    with app.state.services.session_factory() as session:
         _, token = create_user(session, "server-user")
     with TestClient(app, headers={"Authorization": f"Token {token}"}) as client:
         tasks = {
             kind: make_task(client, kind, per_label=20)
             for kind in ("multi_class", "multi_label", "regression")
         }
-        runs = {kind: train(client, task["id"]) for kind, task in tasks.items()}
+        # fast: frozen-backbone heads over the shared embedder (what most of these tests are about).
+        # Whole-network bundles: tests/components/test_partial_finetune.py and the training tests.
+        runs = {kind: train(client, task["id"], quality="fast") for kind, task in tasks.items()}
         for kind, run in runs.items():
             assert wait(client, run["id"])["status"] == "SUCCEEDED", kind
         yield Trained(client=client, tasks=tasks, settings=settings)

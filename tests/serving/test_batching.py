@@ -12,7 +12,7 @@ import pytest
 from serving.batching import BatchingEmbedder
 from taskvision.backbone import Embedder, backbone_onnx_path, onnx_session
 from taskvision.preprocess import preprocess_bytes
-from tests.training import datasets
+from tests.support.images import shape_image
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +21,7 @@ def embedder() -> Embedder:
 
 
 def _images(n: int) -> list[np.ndarray]:
-    return [preprocess_bytes(datasets.shape_image("circle", i), max_pixels=10**7)[0] for i in range(n)]
+    return [preprocess_bytes(shape_image("circle", i), max_pixels=10**7)[0] for i in range(n)]
 
 
 def test_concurrent_callers_share_runs_and_get_their_own_rows(embedder: Embedder) -> None:

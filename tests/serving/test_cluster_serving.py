@@ -20,14 +20,14 @@ import yaml
 from fastapi.testclient import TestClient
 
 from api.auth import create_user
-from api.inference_services import InferenceServiceManager, service_name
 from api.main import create_app
+from api.services.inference_services import InferenceServiceManager, service_name
 from api.settings import Settings
-from tests.factories import b64
-from tests.fake_k8s import FakeKubernetes
-from tests.k8s_schemas import load_crd_schemas, validate_custom_resource
 from tests.serving.test_model_server import _start
-from tests.training import datasets
+from tests.support.api import b64
+from tests.support.fake_k8s import FakeKubernetes
+from tests.support.images import shape_image
+from tests.support.k8s_schemas import load_crd_schemas, validate_custom_resource
 from tests.training.helpers import make_task, train, wait
 
 pytestmark = pytest.mark.slow
@@ -65,7 +65,7 @@ def _cluster_client(k8s: FakeKubernetes, tmp_path: Path) -> Iterator[TestClient]
         train_poll_interval_s=0.1,
     )
     app = create_app(settings)
-    with app.state.session_factory() as session:
+    with app.state.services.session_factory() as session:
         _, token = create_user(session, "cluster")
     with TestClient(app, headers={"Authorization": f"Token {token}"}) as client:
         yield client
@@ -105,18 +105,20 @@ def test_inference_services_follow_the_production_version(
     assert predictor["minReplicas"] == 0 and predictor["maxReplicas"] == 3
     assert predictor["model"]["runtime"] == "taskvision-predictor"
     assert predictor["model"]["modelFormat"] == {"name": "taskvision-bundle"}
-    assert predictor["model"]["storageUri"] == app.state.blobs.uri(f"models/{task['id']}/{first['id']}")
+    assert predictor["model"]["storageUri"] == app.state.services.blobs.uri(
+        f"models/{task['id']}/{first['id']}"
+    )
     assert "canaryTrafficPercent" not in predictor
     assert created["metadata"]["labels"]["taskvision.io/task"] == task["id"]
 
     # Not ready yet: classify answers 503 with a retry hint.
-    record = [{"_base64": b64(datasets.shape_image("circle", 77))}]
+    record = [{"_base64": b64(shape_image("circle", 77))}]
     waiting = cluster.post("/recognition/v2/classify", json={"task_id": task["id"], "records": record})
     assert waiting.status_code == 503 and waiting.headers["Retry-After"] == "10"
     assert "retry" in waiting.json()["detail"]
 
     # KServe reports it Ready; the "pod" is a real KServe ModelServer with the bundle.
-    bundle = Path(app.state.blobs.root) / "models" / task["id"] / first["id"]
+    bundle = Path(app.state.services.blobs.root) / "models" / task["id"] / first["id"]
     child, url = _start(
         ["--model-dir", str(bundle), "--model_name", service_name(task["id"])], tmp_path / "s.log"
     )
@@ -137,7 +139,9 @@ def test_inference_services_follow_the_production_version(
         assert answer.status_code == 200, answer.text
         result = answer.json()["records"][0]
         assert result["best_label"]["name"] == "circle" and result["_width"] == 96
-        assert app.state.serving.repository.get_models() == {}  # nothing was served in-process
+        assert (
+            app.state.services.classifier.fallback.repository.get_models() == {}
+        )  # nothing was served in-process
     finally:
         child.terminate()
         child.wait(timeout=20)
@@ -186,7 +190,7 @@ def test_the_control_plane_keeps_working_while_the_api_server_is_down(
         assert cluster.delete(f"/recognition/v2/task/{other['id']}/").status_code == 204
         refused = cluster.post(
             "/recognition/v2/classify",
-            json={"task_id": task["id"], "records": [{"_base64": b64(datasets.shape_image("circle", 1))}]},
+            json={"task_id": task["id"], "records": [{"_base64": b64(shape_image("circle", 1))}]},
         )
         assert refused.status_code == 503
     finally:
@@ -235,7 +239,7 @@ def test_services_of_tasks_that_no_longer_exist_are_swept(k8s: FakeKubernetes, t
         assert _isvc(k8s, "not-ours") is not None  # not labelled as TaskVision's: left alone
         task = client.post("/recognition/v2/task", json={"name": "kept", "type": "multi_class"}).json()
         k8s.add_object(manager.build(task["id"], 1, f"s3://bucket/models/{task['id']}/1"))
-        client.app.state.reconciler.sweep()  # type: ignore[attr-defined]
+        client.app.state.services.reconciler.sweep()  # type: ignore[attr-defined]
         assert _isvc(k8s, task["id"]) is not None  # its task exists
         list_calls = k8s.requests_to("GET", f"/apis/{GROUP}/{VERSION}/namespaces/{NS}/{PLURAL}")
         assert (

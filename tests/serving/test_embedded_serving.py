@@ -7,13 +7,13 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from api.serving import EmbeddedServing
+from api.services.classifiers import EmbeddedClassifier
 from taskvision.storage import LocalBlobStore
-from tests.serving.bundles import write_head_bundle
-from tests.training import datasets
+from tests.support.bundles import write_head_bundle
+from tests.support.images import shape_image
 
 DELAY_S = 2.0
-IMAGE = datasets.shape_image("square", 3)
+IMAGE = shape_image("square", 3)
 
 
 class SlowStore:
@@ -51,16 +51,16 @@ class SlowStore:
         return self.inner.uri(key)
 
 
-def _serving(tmp_path: Path, tasks: int) -> tuple[EmbeddedServing, SlowStore]:
+def _serving(tmp_path: Path, tasks: int) -> tuple[EmbeddedClassifier, SlowStore]:
     inner = LocalBlobStore(tmp_path / "blobs")
     for i in range(tasks):
         write_head_bundle(tmp_path / "blobs" / "models" / f"task-{i}" / "run", n_labels=2 + i, seed=i)
     store = SlowStore(inner, slow_prefix="models/task-0/")
-    serving = EmbeddedServing(store, tmp_path / "cache", memory_mb=64, max_image_pixels=10**7)
+    serving = EmbeddedClassifier(store, tmp_path / "cache", memory_mb=64, max_image_pixels=10**7)
     return serving, store
 
 
-def _classify(serving: EmbeddedServing, task: int) -> float:
+def _classify(serving: EmbeddedClassifier, task: int) -> float:
     start = time.perf_counter()
     (answer,) = serving.predictor(f"task-{task}", 1, f"models/task-{task}/run").classify([IMAGE])
     assert isinstance(answer, dict) and len(answer["labels"]) == 2 + task

@@ -12,11 +12,11 @@ import pytest
 from PIL import Image, ImageDraw
 
 from serving.model import BundlePredictor
-from taskvision import explain
+from taskvision import backbone, explain
 from taskvision.backbone import EMBEDDING_DIM, shared_embedder
 from taskvision.errors import ExplainUnavailableError
 from taskvision.task_types import TaskType
-from tests.serving.bundles import meta_for, network_onnx, write_head_bundle, write_network_bundle
+from tests.support.bundles import meta_for, network_onnx, write_head_bundle, write_network_bundle
 
 SIZE = 224
 
@@ -62,7 +62,7 @@ def shapes_head(tmp_path_factory: pytest.TempPathFactory) -> Path:
     With an "empty" class, each object class's evidence is its object (with two classes
     only, "square" would also mean "no red anywhere", which is all over the background).
     """
-    from components.lib.train import fit_linear
+    from components.lib.heads import LOGISTIC, HeadSetting, fit_head
     from taskvision.preprocess import preprocess_bytes
 
     rng = random.Random(3)
@@ -72,7 +72,9 @@ def shapes_head(tmp_path_factory: pytest.TempPathFactory) -> Path:
         labels.append(i % 3)
     arrays = np.stack([preprocess_bytes(data, max_pixels=10**7)[0] for data in images])
     embeddings = shared_embedder().embed_arrays(arrays)
-    weight, bias = fit_linear(embeddings, np.asarray(labels), TaskType.MULTI_CLASS, 0.1, n_outputs=3)
+    weight, bias = fit_head(
+        embeddings, np.asarray(labels), TaskType.MULTI_CLASS, HeadSetting(LOGISTIC, 0.1), n_outputs=3
+    )
     directory = tmp_path_factory.mktemp("explain") / "shapes"
     write_head_bundle(directory, weight=weight, bias=bias)
     return directory
@@ -100,6 +102,37 @@ def test_the_heat_map_peaks_on_the_object(shapes_head: Path) -> None:
 
 
 @pytest.mark.slow
+def test_a_head_over_mirrored_features_peaks_on_the_object(shapes_head: Path, tmp_path: Path) -> None:
+    """``+hflip`` features average the image's and its mirror image's embeddings: the mirror image's
+    map is flipped back onto the image, so the peak stays on the object (not on its mirror place)."""
+    from serving.head_bank import read_linear_head
+    from taskvision import features
+    from taskvision.bundle import BundleMeta
+
+    plain = read_linear_head(
+        shapes_head, BundleMeta.from_json((shapes_head / "bundle.json").read_text()), features.LEGACY_FEATURES
+    )
+    assert plain is not None
+    mirrored = [features.feature_id(backbone.BACKBONE_ID, hflip=True)]
+    write_head_bundle(tmp_path / "mirrored", weight=plain.weight, bias=plain.bias, features=mirrored)
+    predictor = BundlePredictor("mirrored", tmp_path / "mirrored")
+    predictor.load()
+    rng = random.Random(12)
+    # Off the vertical centre line, where the object and its mirror place are far apart.
+    cases = [
+        (kind, (rng.choice([rng.randrange(50, 80), rng.randrange(145, 175)]), rng.randrange(50, 175)))
+        for kind in ("disc", "square")
+        for _ in range(4)
+    ]
+    answers = predictor.classify([_scene(rng, kind, centre) for kind, centre in cases], explain=True)
+    for (kind, (x, y)), answer in zip(cases, answers, strict=True):
+        assert isinstance(answer, dict)
+        assert answer["best_label"]["name"] == ("label 0" if kind == "disc" else "label 1")
+        px, py = _peak(answer)
+        assert abs(px - x) <= 32 and abs(py - y) <= 32, (kind, (x, y), (px, py))
+
+
+@pytest.mark.slow
 def test_the_maps_backbone_gives_the_served_embedding() -> None:
     from taskvision.preprocess import preprocess_bytes
 
@@ -107,7 +140,7 @@ def test_the_maps_backbone_gives_the_served_embedding() -> None:
     arrays = np.stack(
         [preprocess_bytes(_scene(rng, "disc", _centre(rng)), max_pixels=10**7)[0] for _ in range(3)]
     )
-    maps = explain.shared_maps_backbone(explain.backbone.EMBEDDING_ID).run(arrays)
+    maps = explain.shared_maps_backbone().run(arrays)
     np.testing.assert_allclose(maps.embeddings, shared_embedder().embed_arrays(arrays), atol=2e-4)
     assert maps.final.shape == (3, 1280, 7, 7) and maps.block3.shape == (3, 80, 14, 14)
 
@@ -174,6 +207,51 @@ def test_a_fine_tuned_bundle_is_explained_with_grad_cam(tmp_path: Path) -> None:
     for explained in answer["_explanations"]:
         assert explained["heatmap_box"] == [14, 14, 210, 210]  # 224 px -> 256, centre 224 crop
         assert explained["heatmap"].startswith("data:image/png;base64,")
+
+
+@pytest.mark.slow
+def test_a_partial_fine_tune_is_explained_with_grad_cam(tmp_path: Path) -> None:
+    """The exported partial fine-tune standardizes the pooled features before its linear layer;
+    Grad-CAM folds that into the weights and still equals torch autograd's."""
+    import torch
+
+    from components.lib.partial_finetune import _head, _network
+    from taskvision.bundle import MODEL_FILE
+    from taskvision.preprocess import preprocess_bytes
+
+    rng = np.random.default_rng(7)
+    weight = rng.standard_normal((3, backbone.FINAL_DIM)).astype(np.float32) * 0.1
+    mean = rng.random(backbone.FINAL_DIM).astype(np.float32)
+    std = (rng.random(backbone.FINAL_DIM) + 0.5).astype(np.float32)
+    network = _network(
+        backbone.build_torch_model(num_classes=0), _head(weight, np.zeros(3, np.float32), mean, std)
+    )
+    folder = tmp_path / "partial"
+    folder.mkdir()
+    backbone.export_onnx(network, folder / MODEL_FILE, input_size=224)
+    (folder / "bundle.json").write_text(meta_for(TaskType.MULTI_CLASS, 3, frozen=False).to_json())
+    predictor = BundlePredictor("partial", folder)
+    predictor.load()
+    image = _scene(random.Random(2), "disc", (80, 120))
+    (answer,) = predictor.classify([image], explain=True)
+    assert isinstance(answer, dict)
+    (explained,) = answer["_explanations"]
+    assert explained["id"] == answer["best_label"]["id"] and explained["heatmap_box"] == [14, 14, 210, 210]
+
+    gradcam = explain.GradCamNetwork((folder / MODEL_FILE).read_bytes())
+    arrays = preprocess_bytes(image, max_pixels=10**7)[0][None]
+    logits, feature_map = gradcam.run(arrays)
+    best = int(logits[0].argmax())
+    ours = explain.grad_cam(feature_map, explain.explained_rows("multi_class", gradcam.weight))[0, best]
+    activations = network.model.forward_features(torch.from_numpy(arrays))
+    activations.retain_grad()
+    scores = network.head(activations.mean(dim=(2, 3)))
+    (scores[0, best] - scores[0].mean()).backward()
+    assert activations.grad is not None
+    alpha = activations.grad.mean(dim=(2, 3), keepdim=True)
+    reference = (alpha * activations).sum(dim=1)[0].detach().numpy()
+    np.testing.assert_allclose(logits, scores.detach().numpy(), atol=1e-3)
+    np.testing.assert_allclose(ours, reference, atol=1e-3 * float(np.abs(reference).max()))
 
 
 def test_graphs_that_do_not_end_in_pooling_and_a_classifier_are_refused(tmp_path: Path) -> None:

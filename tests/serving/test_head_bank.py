@@ -10,7 +10,7 @@ import onnxruntime as ort
 from serving.extractors import DEFAULT_FEATURES
 from serving.head_bank import HeadBank, linear_head_from_onnx, npz_bytes, read_linear_head
 from taskvision.bundle import BundleMeta, linear_head_onnx
-from tests.serving.bundles import network_onnx, random_head, write_head_bundle
+from tests.support.bundles import network_onnx, random_head, write_head_bundle
 
 
 def test_a_gemm_head_is_read_as_arrays_that_answer_like_onnx_runtime(tmp_path: Path) -> None:

@@ -12,9 +12,9 @@ from fastapi.testclient import TestClient
 from api.auth import create_user
 from api.main import create_app
 from api.settings import Settings
-from tests.factories import b64
 from tests.serving.test_model_server import bundle  # noqa: F401 - the fixture
-from tests.training import datasets
+from tests.support.api import b64
+from tests.support.images import shape_image
 from tests.training.helpers import add_label
 
 pytestmark = pytest.mark.slow
@@ -32,7 +32,7 @@ def _import(path: Path, task_id: str, data_dir: Path) -> subprocess.CompletedPro
 
 def test_import_checks_the_bundle_then_serves_it(bundle: Path, tmp_path: Path) -> None:  # noqa: F811
     app = create_app(Settings(data_dir=tmp_path))
-    with app.state.session_factory() as session:
+    with app.state.services.session_factory() as session:
         _, token = create_user(session, "importer")
     client = TestClient(app, headers={"Authorization": f"Token {token}"})
     task = client.post("/recognition/v2/task", json={"name": "shapes", "type": "multi_class"}).json()
@@ -48,7 +48,7 @@ def test_import_checks_the_bundle_then_serves_it(bundle: Path, tmp_path: Path) -
 
     answer = client.post(
         "/recognition/v2/classify",
-        json={"task_id": task["id"], "records": [{"_base64": b64(datasets.shape_image("circle", 321))}]},
+        json={"task_id": task["id"], "records": [{"_base64": b64(shape_image("circle", 321))}]},
     ).json()
     best = answer["records"][0]["best_label"]
     assert best["name"] == "circle" and best["id"] == circle  # the task's own label ids
@@ -56,12 +56,12 @@ def test_import_checks_the_bundle_then_serves_it(bundle: Path, tmp_path: Path) -
     again = _import(bundle, task["id"], tmp_path)
     assert again.returncode == 0 and "version 2" in again.stdout
     assert client.get(f"/recognition/v2/task/{task['id']}").json()["production_version"] == 1
-    app.state.engine.dispose()
+    app.state.services.engine.dispose()
 
 
 def test_a_bundle_that_does_not_fit_the_task_is_refused(bundle: Path, tmp_path: Path) -> None:  # noqa: F811
     app = create_app(Settings(data_dir=tmp_path))
-    with app.state.session_factory() as session:
+    with app.state.services.session_factory() as session:
         _, token = create_user(session, "importer")
     client = TestClient(app, headers={"Authorization": f"Token {token}"})
     colours = client.post("/recognition/v2/task", json={"name": "colours", "type": "multi_class"}).json()
@@ -74,4 +74,4 @@ def test_a_bundle_that_does_not_fit_the_task_is_refused(bundle: Path, tmp_path: 
     assert wrong_type.returncode == 1 and "multi_class model" in wrong_type.stderr
     assert _import(tmp_path / "nothing", colours["id"], tmp_path).returncode == 1
     assert client.get("/recognition/v2/model/").json()["count"] == 0
-    app.state.engine.dispose()
+    app.state.services.engine.dispose()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import os
 from pathlib import Path
 
 import numpy as np
@@ -11,15 +12,18 @@ import pytest
 from serving.extractors import Extractors, Precision
 from serving.int8 import enable_int8
 from serving.model import BundlePredictor
-from taskvision import quantize
-from taskvision.backbone import EMBEDDING_ID, Embedder, backbone_onnx_path, onnx_session
+from taskvision import features, quantize
+from taskvision.backbone import BACKBONE_ID, Embedder, backbone_onnx_path, onnx_session
 from taskvision.bundle import BundleMeta
 from taskvision.preprocess import preprocess_bytes
 from taskvision.storage import LocalBlobStore
 from taskvision.task_types import TaskType
-from tests.serving.bundles import meta_for, write_head_bundle
+from tests.support.bundles import meta_for, write_head_bundle
 
-DATASETS = Path(__file__).resolve().parents[3] / "shared" / "datasets"  # ../shared beside the repository
+# The shared photo sets beside the repository (a worktree elsewhere names them, as for the benchmarks).
+DATASETS = Path(
+    os.environ.get("TASKVISION_BENCH_DATASETS") or Path(__file__).resolve().parents[3] / "shared" / "datasets"
+)
 
 
 def _photos(name: str) -> list[tuple[Path, str]]:
@@ -66,7 +70,7 @@ def test_regression_values_must_stay_within_a_tenth_of_a_std() -> None:
 @pytest.mark.skipif(not DATASETS.is_dir(), reason="the shared photo data sets are not here")
 def test_int8_answers_match_fp32_on_real_photos(tmp_path: Path) -> None:
     """Stored training images calibrate it; heads trained in FP32 keep their accuracy (5-fold CV)."""
-    from components.lib.train import fit_linear
+    from components.lib.heads import LOGISTIC, HeadSetting, fit_head
 
     flowers, satellite = _photos("flowers"), _photos("satellite")
     rng = np.random.default_rng(0)
@@ -79,7 +83,7 @@ def test_int8_answers_match_fp32_on_real_photos(tmp_path: Path) -> None:
     extractors = Extractors()
     (int8,) = enable_int8(extractors, store, tmp_path / "int8", count=96)
     assert int8.report.accepted, int8.report
-    assert int8.report.mean_cosine >= 0.995 and extractors.int8(EMBEDDING_ID) is int8
+    assert int8.report.mean_cosine >= 0.995 and extractors.int8(BACKBONE_ID) is int8
 
     fp32 = Embedder(session=onnx_session(backbone_onnx_path()))
     quantized = Embedder(session=onnx_session(int8.path))
@@ -93,7 +97,9 @@ def test_int8_answers_match_fp32_on_real_photos(tmp_path: Path) -> None:
         right32 = right8 = same = 0
         for fold in range(5):
             train, test = folds != fold, folds == fold
-            w, b = fit_linear(x32[train], y[train], TaskType.MULTI_CLASS, 0.1, n_outputs=len(names))
+            w, b = fit_head(
+                x32[train], y[train], TaskType.MULTI_CLASS, HeadSetting(LOGISTIC, 0.1), n_outputs=len(names)
+            )
             p32, p8 = (x32[test] @ w.T + b).argmax(1), (x8[test] @ w.T + b).argmax(1)
             right32 += int((p32 == y[test]).sum())
             right8 += int((p8 == y[test]).sum())
@@ -106,18 +112,18 @@ def test_int8_answers_match_fp32_on_real_photos(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_a_head_uses_int8_only_within_tolerance(tmp_path: Path) -> None:
     """A head whose answers INT8 barely moves uses it; one that INT8 moves out of tolerance stays FP32."""
-    from tests.training import datasets
+    from tests.support.images import shape_image
 
     store = LocalBlobStore(tmp_path / "blobs")
     for i in range(24):
-        store.put(f"images/ws/{i:03d}", datasets.shape_image(("circle", "square")[i % 2], 500 + i))
+        store.put(f"images/ws/{i:03d}", shape_image(("circle", "square")[i % 2], 500 + i))
     extractors = Extractors()
     (int8,) = enable_int8(extractors, store, tmp_path / "int8", count=24)
     assert int8.report.accepted
     # A restart reuses it, even with no stored image to calibrate on.
     restarted = Extractors()
     (reused,) = enable_int8(restarted, LocalBlobStore(tmp_path / "empty"), tmp_path / "int8")
-    assert reused.path == int8.path and restarted.int8(EMBEDDING_ID) is not None
+    assert reused.path == int8.path and restarted.int8(BACKBONE_ID) is not None
     change = int8.check_int8 - int8.check_fp32
     direction = change.mean(axis=0) / np.linalg.norm(change.mean(axis=0))
     # A calm regression head: tiny weights, its values barely move.
@@ -138,17 +144,44 @@ def test_a_head_uses_int8_only_within_tolerance(tmp_path: Path) -> None:
     wild.load()
     assert calm.precision() is Precision.INT8
     assert wild.precision() is Precision.FP32
-    image = datasets.shape_image("circle", 900)
+    # A head over Lite0 and Lite1 features needs both in INT8: only Lite0 is, so it stays FP32 ...
+    lite0, lite1 = (
+        features.feature_id(BACKBONE_ID),
+        features.feature_id("tf_efficientnet_lite1.in1k", kind="final"),
+    )
+    two = np.concatenate([calm_w, np.zeros((1, features.feature_dim([lite1])), np.float32)], axis=1)
+    write_head_bundle(
+        tmp_path / "two",
+        weight=two,
+        bias=np.zeros(1, np.float32),
+        task_type=TaskType.REGRESSION,
+        features=[lite0, lite1],
+    )
+    # ... and a head over Lite0's mirror-averaged features is checked like the plain one.
+    write_head_bundle(
+        tmp_path / "mirrored",
+        weight=calm_w,
+        bias=np.zeros(1, np.float32),
+        task_type=TaskType.REGRESSION,
+        features=[features.feature_id(BACKBONE_ID, hflip=True)],
+    )
+    two_backbones = BundlePredictor("two", tmp_path / "two", extractors=extractors)
+    mirrored = BundlePredictor("mirrored", tmp_path / "mirrored", extractors=extractors)
+    two_backbones.load()
+    mirrored.load()
+    assert two_backbones.precision() is Precision.FP32
+    assert mirrored.precision() is Precision.INT8
+    image = shape_image("circle", 900)
     (answer,) = calm.classify([image])
     assert isinstance(answer, dict) and answer["best_label"]["name"] == "label 0"
 
 
 def test_int8_stays_off_without_enough_stored_images(tmp_path: Path) -> None:
-    from tests.training import datasets
+    from tests.support.images import shape_image
 
     store = LocalBlobStore(tmp_path / "blobs")
     for i in range(5):
-        store.put(f"images/ws/{i}", datasets.shape_image("circle", i))
+        store.put(f"images/ws/{i}", shape_image("circle", i))
     extractors = Extractors()
     assert enable_int8(extractors, store, tmp_path / "int8") == []
-    assert extractors.int8(EMBEDDING_ID) is None
+    assert extractors.int8(BACKBONE_ID) is None

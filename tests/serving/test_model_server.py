@@ -20,7 +20,8 @@ from components.lib.split import split_dataset
 from components.lib.train import TrainConfig, train_model
 from taskvision.bundle import BundleMeta
 from taskvision.storage import LocalBlobStore
-from tests.training import datasets
+from tests.support.images import shape_image
+from tests.support.snapshots import shapes_in_store
 
 pytestmark = pytest.mark.slow
 
@@ -30,7 +31,7 @@ def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small frozen-backbone bundle trained with the pipeline's own train step."""
     root = tmp_path_factory.mktemp("bundle")
     store = LocalBlobStore(root / "blobs")
-    info, rows = datasets.shapes_in_store(store, per_label=12)
+    info, rows = shapes_in_store(store, per_label=12)
     out = root / "bundle"
     train_model(
         info, rows, split_dataset(info, rows), store, out, TrainConfig(mode="embed", cache_embeddings=False)
@@ -85,7 +86,7 @@ def _b64(data: bytes) -> str:
 
 
 def test_v1_and_v2_protocols_give_the_same_answer(one_model: str) -> None:
-    circle, square = datasets.shape_image("circle", 50), datasets.shape_image("square", 51)
+    circle, square = shape_image("circle", 50), shape_image("square", 51)
     assert requests.get(f"{one_model}/v2/models/shapes/ready", timeout=5).status_code == 200
     v1 = requests.post(
         f"{one_model}/v1/models/shapes:predict",
@@ -128,7 +129,7 @@ def test_a_repository_of_bundles_loads_and_unloads_on_demand(bundle: Path, tmp_p
         shutil.copytree(bundle, models / name)
     child, url = _start(["--model-dir", str(models)], tmp_path / "server.log")
     try:
-        body = {"instances": [_b64(datasets.shape_image("circle", 60))]}
+        body = {"instances": [_b64(shape_image("circle", 60))]}
         assert requests.post(f"{url}/v1/models/task-a.v1:predict", json=body, timeout=10).status_code == 404
         loaded = requests.post(f"{url}/v2/repository/models/task-a.v1/load", timeout=60)
         assert loaded.status_code == 200, loaded.text

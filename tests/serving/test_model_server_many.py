@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.serving.bundles import write_head_bundle, write_network_bundle
 from tests.serving.test_model_server import _start
-from tests.training import datasets
+from tests.support.bundles import write_head_bundle, write_network_bundle
+from tests.support.images import shape_image
 
 pytestmark = pytest.mark.slow
 
@@ -29,15 +29,13 @@ def test_many_bundles_within_a_memory_budget(tmp_path: Path) -> None:
     store = tmp_path / "blobs"  # the service's blob store, with its stored training images
     for i in range(24):
         (store / "images" / "ws").mkdir(parents=True, exist_ok=True)
-        (store / "images" / "ws" / f"{i:03d}").write_bytes(
-            datasets.shape_image(("circle", "square")[i % 2], 800 + i)
-        )
+        (store / "images" / "ws" / f"{i:03d}").write_bytes(shape_image(("circle", "square")[i % 2], 800 + i))
     # About 32 KB a 3-label version (its head and 10 KiB): 0.1 MB holds three of them.
     log = tmp_path / "server.log"
     child, url = _start(
         ["--model-dir", str(models), "--memory-mb", "0.1", "--int8-calibration", str(store)], log
     )
-    body = {"instances": [{"b64": _b64(datasets.shape_image("circle", 5))}]}
+    body = {"instances": [{"b64": _b64(shape_image("circle", 5))}]}
     try:
         names = [f"task-{i}.v1" for i in range(12)] + ["tuned.v1"]
         for name in names:

@@ -13,10 +13,10 @@ import pytest
 
 from serving.model import BundlePredictor
 from serving.repository import BundleRepository
-from tests.serving.bundles import write_head_bundle, write_network_bundle
-from tests.training import datasets
+from tests.support.bundles import write_head_bundle, write_network_bundle
+from tests.support.images import shape_image
 
-IMAGE = datasets.shape_image("circle", 7)
+IMAGE = shape_image("circle", 7)
 
 
 def _bundles(root: Path, count: int, n_labels: int = 4) -> None:

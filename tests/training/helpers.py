@@ -7,8 +7,8 @@ from typing import Any
 
 from fastapi.testclient import TestClient
 
-from tests.factories import b64
-from tests.training import datasets
+from tests.support.api import b64
+from tests.support.images import shape_image, size_image, tag_image
 
 TASKS = "/recognition/v2/task"
 IMAGES = "/recognition/v2/training-image"
@@ -38,8 +38,8 @@ def make_task(client: TestClient, task_type: str, per_label: int = 24) -> dict[s
             add_label(client, task["id"], "square", "category"),
         )
         for i in range(per_label):
-            upload(client, datasets.shape_image("circle", i), [circle])
-            upload(client, datasets.shape_image("square", i), [square])
+            upload(client, shape_image("circle", i), [circle])
+            upload(client, shape_image("square", i), [square])
     elif task_type == "multi_label":
         negative = next(label["id"] for label in task["labels"] if label["negative_for_task"])
         red, striped = (
@@ -47,15 +47,15 @@ def make_task(client: TestClient, task_type: str, per_label: int = 24) -> dict[s
             add_label(client, task["id"], "striped", "tag"),
         )
         for i in range(per_label // 2 + 2):
-            upload(client, datasets.tag_image(True, False, i), [red])
-            upload(client, datasets.tag_image(False, True, i), [striped])
-            upload(client, datasets.tag_image(True, True, i), [red, striped])
-            upload(client, datasets.tag_image(False, False, i), [negative])
+            upload(client, tag_image(True, False, i), [red])
+            upload(client, tag_image(False, True, i), [striped])
+            upload(client, tag_image(True, True, i), [red, striped])
+            upload(client, tag_image(False, False, i), [negative])
     else:
         size = add_label(client, task["id"], "radius", "value")
         for i in range(per_label * 2):
             radius = 6 + (i * 7) % 36
-            upload(client, datasets.size_image(radius, i), [size], {size: float(radius)})
+            upload(client, size_image(radius, i), [size], {size: float(radius)})
     return task
 
 
