@@ -149,7 +149,23 @@ class Settings(BaseSettings):
     test_fraction: float = Field(default=0.2, gt=0, lt=1)
 
     # Serving
-    serving_cache_size: int = Field(default=8, ge=1, description="Model versions kept loaded (LRU).")
+    serving_memory_mb: float = Field(
+        default=256.0,
+        gt=0,
+        description="Memory for loaded model versions (heads, fine-tuned sessions); least recently used "
+        "versions are unloaded beyond it and load again on their next request.",
+    )
+    serving_int8: bool = Field(
+        default=False,
+        description="Serve frozen-backbone heads over an INT8 backbone, calibrated on stored training "
+        "images at start-up; each head uses it only if its answers stay within tolerance.",
+    )
+    serving_batch_window_ms: float = Field(
+        default=0.0,
+        ge=0,
+        le=50,
+        description="Concurrent classify requests share backbone runs within this window (0: off).",
+    )
     serving_backend: Literal["embedded", "kserve"] = Field(
         default="embedded", description="kserve: one InferenceService per task (cluster mode)."
     )

@@ -50,8 +50,13 @@ logger = logging.getLogger(__name__)
 
 API = "/recognition/v2"
 REPO_ROOT = Path(__file__).resolve().parent.parent
-# The shared photo sets sit next to the main checkout; a git worktree elsewhere names them here.
-DATASETS_ROOT = Path(os.environ.get("TASKVISION_BENCH_DATASETS") or REPO_ROOT.parent / "shared" / "datasets")
+# The shared photo sets sit next to the main checkout; a git worktree elsewhere names them here
+# (TASKVISION_BENCH_DATASETS; BENCH_DATASETS, its older name, is read too).
+DATASETS_ROOT = Path(
+    os.environ.get("TASKVISION_BENCH_DATASETS")
+    or os.environ.get("BENCH_DATASETS")
+    or REPO_ROOT.parent / "shared" / "datasets"
+)
 STARTUP_TIMEOUT_S = 60.0
 REQUEST_TIMEOUT_S = 120.0
 
@@ -158,31 +163,36 @@ def running_service(
     log_level: str,
     name: str = "server",
     startup_timeout_s: float = STARTUP_TIMEOUT_S,
+    token: str | None = None,
+    executable: Path | None = None,
     cwd: Path | None = None,
 ) -> Iterator[Service]:
     """``taskvision serve`` on ``data_dir`` (fresh) with a user ``bench``; always stopped afterwards.
 
-    The server's stdout and stderr go to ``log_path``; the caller deletes both when it is done.
+    With ``token`` the data dir is not fresh: the user that token belongs to is used again.
+    ``executable`` is another ``taskvision`` entry point (default: this venv's). The server's
+    stdout and stderr go to ``log_path``; the caller deletes both when it is done.
     ``cwd``: its working directory (``python -m`` children put it first on their import path,
     so a server running another checkout's code needs that checkout as its working directory).
     """
-    executable = Path(sys.executable).with_name("taskvision")
+    executable = executable or Path(sys.executable).with_name("taskvision")
     if not executable.exists():
         raise SystemExit(f"{executable} not found: install the project into this venv (make venv).")
     process: subprocess.Popen[bytes] | None = None
     try:
-        created = subprocess.run(
-            [str(executable), "users", "create", "bench", "--data-dir", str(data_dir)],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=startup_timeout_s,
-            check=False,
-            cwd=cwd,
-        )
-        if created.returncode != 0:
-            raise RuntimeError(f"'taskvision users create' failed: {created.stderr.strip()}")
-        token = created.stdout.strip()
+        if token is None:
+            created = subprocess.run(
+                [str(executable), "users", "create", "bench", "--data-dir", str(data_dir)],
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=startup_timeout_s,
+                check=False,
+                cwd=cwd,
+            )
+            if created.returncode != 0:
+                raise RuntimeError(f"'taskvision users create' failed: {created.stderr.strip()}")
+            token = created.stdout.strip()
         port = free_port()
         command = [str(executable), "--log-level", log_level, "serve", "--host", "127.0.0.1"]
         command += ["--port", str(port), "--data-dir", str(data_dir)]

@@ -37,6 +37,12 @@ class InvalidImageError(BadRequestError):
     code = "invalid_image"
 
 
+class ExplainUnavailableError(BadRequestError):
+    """400: the model cannot be explained (its network is not one the explainer understands)."""
+
+    code = "explain_unavailable"
+
+
 class NotTrainableError(BadRequestError):
     """400: the task's data cannot pass validation; the answer lists why, the counts, the images at fault."""
 

@@ -1,11 +1,14 @@
 """POST /recognition/v2/classify: answers from a task's production (or a chosen) model version.
 
 Request (Ximilar shape): ``{"task_id" | "task": id, "version": int | null,
-"records": [{"_url": ...} | {"_base64": ...}, ...], "store_images": bool}``.
+"records": [{"_url": ...} | {"_base64": ...}, ...], "store_images": bool,
+"explain": bool}``.
 Each record is answered on its own: a bad record gets ``_status`` 400 with
 the reason, and the others still succeed. Records echo their own fields
 (except the bulky ``_base64``) and gain ``_status``, ``best_label``,
-``labels``, ``_width``, ``_height`` (and ``_stored_image_id``).
+``labels``, ``_width``, ``_height`` (and ``_stored_image_id``; with
+``"explain": true``, ``_explanations``: heat maps of the best label or tags,
+see :mod:`taskvision.explain`).
 
 This route validates the request, gathers each record's image bytes and
 shapes the answer; the model runs in the configured backend
@@ -91,7 +94,7 @@ async def classify(
         target = await run_in_threadpool(_resolve_target, session, user, task_id, data.version)
         fetched = await _fetch_urls(data.records, settings, fetch_slots, user.workspace_id)
         records, sources = await run_in_threadpool(
-            _answer, classifier, target, data.records, fetched, settings
+            _answer, classifier, target, data.records, fetched, settings, data.explain
         )
         if data.store_images:
             await run_in_threadpool(
@@ -170,11 +173,12 @@ def _answer(
     records: list[dict[str, Any]],
     fetched: dict[int, Source],
     settings: Settings,
+    explain: bool = False,
 ) -> tuple[list[dict[str, Any]], list[Source]]:
     """Each record's answer in the Ximilar shape, and its image bytes (for store_images)."""
     sources = [_source(record, fetched, i, settings) for i, record in enumerate(records)]
     images = {i: source for i, source in enumerate(sources) if isinstance(source, bytes)}
-    answers: dict[int, Answer] = classifier.classify(target, images) if images else {}
+    answers: dict[int, Answer] = classifier.classify(target, images, explain=explain) if images else {}
     results: list[dict[str, Any]] = []
     for i, record in enumerate(records):
         result = {k: v for k, v in record.items() if k != "_base64"}

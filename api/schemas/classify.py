@@ -35,6 +35,11 @@ class ClassifyRequest(RequestBody):
         json_schema_extra={"items": {"$ref": "#/components/schemas/ClassifyRecord"}, "minItems": 1},
     )
     store_images: bool = Field(default=False, description="Keep each image as an unlabelled training image.")
+    explain: bool = Field(
+        default=False,
+        description="Add to each record ``_explanations``: a heat map of where the image made the model "
+        "give its best label (multi_label: each tag above its threshold; regression: the value).",
+    )
 
     @field_validator("records", mode="before")
     @classmethod
@@ -61,6 +66,23 @@ class LabelValue(BaseModel):
     value: float
 
 
+class Explanation(BaseModel):
+    """Where in the image one label's score came from (class activation map; see taskvision.explain)."""
+
+    id: str
+    name: str
+    heatmap: str = Field(
+        description="A grayscale PNG (data URI): the positive part of the map, 0-255, to draw stretched "
+        "over heatmap_box."
+    )
+    heatmap_box: list[int] = Field(
+        description="[left, top, right, bottom]: the centre crop the model saw, in the image's pixels."
+    )
+    top_region: list[int] = Field(
+        description="[left, top, right, bottom]: the region around the map's peak (at least half of it)."
+    )
+
+
 class ClassifiedRecord(BaseModel):
     """A record's answer: its own fields (without ``_base64``) and the prediction."""
 
@@ -78,6 +100,12 @@ class ClassifiedRecord(BaseModel):
     width: int | None = Field(default=None, alias="_width")
     height: int | None = Field(default=None, alias="_height")
     stored_image_id: str | None = Field(default=None, alias="_stored_image_id")
+    out_of_range: bool | None = Field(
+        default=None, description="regression: the raw value fell outside the training range (clipped)."
+    )
+    explanations: list[Explanation] | None = Field(
+        default=None, alias="_explanations", description="With explain: one heat map per explained label."
+    )
 
 
 class ClassifyResponse(BaseModel):

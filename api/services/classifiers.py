@@ -2,14 +2,19 @@
 
 * :class:`EmbeddedClassifier` (embedded mode): the control plane hosts the
   KServe predictors itself. Versions load lazily into a
-  :class:`serving.repository.BundleRepository` and stay cached (LRU,
-  ``TASKVISION_SERVING_CACHE_SIZE``). A model is named ``<task id>.v<version>``,
-  so a production switch takes effect on the next request. Bundles in a local
-  blob directory are read in place; from S3 they are copied once to a local cache.
+  :class:`serving.repository.BundleRepository` (one load per version however
+  many requests ask, none blocking the others) and stay loaded within
+  ``TASKVISION_SERVING_MEMORY_MB`` (least recently used first out).
+  Frozen-backbone heads share one head bank and one embedder per backbone
+  (INT8 with ``TASKVISION_SERVING_INT8``, calibrated on the stored training
+  images in the background). A model is named ``<task id>.v<version>``, so a
+  production switch takes effect on the next request. Bundles in a local blob
+  directory are read in place; from S3 they are copied once to a local cache.
 * :class:`InferenceServiceClassifier` (cluster mode): the task's KServe
-  InferenceService, over the V1 protocol, for its production version (the
-  serving reconciler keeps it there); any other version asked for by number is
-  answered in-process by an embedded classifier.
+  InferenceService, over the V1 protocol (``:predict``, or ``:explain`` for
+  explanations), for its production version (the serving reconciler keeps it
+  there); any other version asked for by number is answered in-process by an
+  embedded classifier.
 
 The classify route keeps only request validation and the Ximilar response
 shape; it hands a backend the decoded images' bytes and gets per image either
@@ -27,10 +32,11 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import httpx
-import numpy as np
 
 from api.services.inference_services import KubernetesUnavailable
 from api.services.serving_reconciler import ServingReconciler
+from serving.extractors import Extractors
+from serving.int8 import start_int8
 from serving.model import BundlePredictor
 from serving.repository import BundleRepository
 from taskvision import imaging
@@ -40,7 +46,8 @@ from taskvision.storage import BlobStore, LocalBlobStore
 
 logger = logging.getLogger(__name__)
 
-# Per image: the answer's fields (best_label, labels, _width, _height) or why that image failed.
+# Per image: the answer's fields (best_label, labels, _width, _height; _explanations when asked)
+# or why that image failed.
 Answer = dict[str, Any] | TaskVisionError
 
 
@@ -56,8 +63,10 @@ class ClassifyTarget:
 
 
 class Classifier(Protocol):
-    def classify(self, target: ClassifyTarget, images: Mapping[int, bytes]) -> dict[int, Answer]:
-        """Answer each image (keyed by its record's index)."""
+    def classify(
+        self, target: ClassifyTarget, images: Mapping[int, bytes], *, explain: bool = False
+    ) -> dict[int, Answer]:
+        """Answer each image (keyed by its record's index); with ``explain``, with heat maps."""
         ...
 
     def unload_task(self, task_id: str) -> None:
@@ -76,14 +85,30 @@ def model_name(task_id: str, version: int) -> str:
 class EmbeddedClassifier:
     """The version's KServe predictor, hosted by this process."""
 
-    def __init__(self, blobs: BlobStore, cache_dir: Path, *, capacity: int, max_image_pixels: int) -> None:
+    def __init__(
+        self,
+        blobs: BlobStore,
+        cache_dir: Path,
+        *,
+        memory_mb: float,
+        max_image_pixels: int,
+        int8: bool = False,
+        batch_window_ms: float = 0.0,
+    ) -> None:
         self.blobs = blobs
         self.cache_dir = cache_dir
         self._prefixes: dict[str, str] = {}
         self._lock = threading.Lock()
+        self.extractors = Extractors(batch_window_ms=batch_window_ms)
         self.repository = BundleRepository(
-            cache_dir, locate=self._locate, capacity=capacity, max_image_pixels=max_image_pixels
+            cache_dir,
+            locate=self._locate,
+            memory_mb=memory_mb,
+            max_image_pixels=max_image_pixels,
+            extractors=self.extractors,
         )
+        if int8:
+            start_int8(self.extractors, blobs, cache_dir / "int8", max_pixels=max_image_pixels)
 
     def predictor(self, task_id: str, version: int, bundle_prefix: str) -> BundlePredictor:
         """The loaded predictor of a task version (loading it on first use)."""
@@ -98,24 +123,12 @@ class EmbeddedClassifier:
                 f"Version {version} of task {task_id} cannot be loaded right now; retry later."
             ) from exc
 
-    def classify(self, target: ClassifyTarget, images: Mapping[int, bytes]) -> dict[int, Answer]:
+    def classify(
+        self, target: ClassifyTarget, images: Mapping[int, bytes], *, explain: bool = False
+    ) -> dict[int, Answer]:
         predictor = self.predictor(target.task_id, target.version, target.bundle_uri)
-        answers: dict[int, Answer] = {}
-        arrays: dict[int, Any] = {}
-        for i, data in images.items():
-            try:
-                arrays[i], (width, height) = predictor.decode(data)
-                answers[i] = {"_width": width, "_height": height}
-            except TaskVisionError as exc:
-                answers[i] = exc
-        good = sorted(arrays)
-        if good:
-            outputs = predictor.outputs_for_arrays(np.stack([arrays[i] for i in good]))
-            for i, row in zip(good, outputs, strict=True):
-                answer = answers[i]
-                assert isinstance(answer, dict)
-                answer.update(predictor.describe(row))
-        return answers
+        answers = predictor.classify(list(images.values()), explain=explain) if images else []
+        return dict(zip(images, answers, strict=True))
 
     def unload_task(self, task_id: str) -> None:
         for name in list(self.repository.get_models()):
@@ -156,9 +169,11 @@ class InferenceServiceClassifier:
         self.max_image_pixels = max_image_pixels
         self.timeout_s = timeout_s
 
-    def classify(self, target: ClassifyTarget, images: Mapping[int, bytes]) -> dict[int, Answer]:
+    def classify(
+        self, target: ClassifyTarget, images: Mapping[int, bytes], *, explain: bool = False
+    ) -> dict[int, Answer]:
         if target.version != target.production_version:
-            return self.fallback.classify(target, images)
+            return self.fallback.classify(target, images, explain=explain)
         try:
             endpoint = self.reconciler.endpoint(target.task_id)
         except KubernetesUnavailable as exc:
@@ -182,7 +197,8 @@ class InferenceServiceClassifier:
         good = sorted(encoded)
         if not good:
             return answers
-        url = f"{str(endpoint.url).rstrip('/')}/v1/models/{endpoint.model_name}:predict"
+        verb = "explain" if explain else "predict"
+        url = f"{str(endpoint.url).rstrip('/')}/v1/models/{endpoint.model_name}:{verb}"
         try:
             response = httpx.post(
                 url, json={"instances": [{"b64": encoded[i]} for i in good]}, timeout=self.timeout_s

@@ -81,8 +81,10 @@ def build_services(settings: Settings) -> Services:
     embedded = EmbeddedClassifier(
         blobs,
         settings.data_dir.resolve() / "serving-cache",
-        capacity=settings.serving_cache_size,
+        memory_mb=settings.serving_memory_mb,
         max_image_pixels=settings.max_image_pixels,
+        int8=settings.serving_int8,
+        batch_window_ms=settings.serving_batch_window_ms,
     )
     classifier: Classifier = embedded
     reconciler = None

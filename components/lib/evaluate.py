@@ -13,7 +13,10 @@ Per-image predictions (``predictions.jsonl`` in the bundle, one JSON object a
 line): every test image, and every training image as answered by a model of
 model selection that did not see it (out of fold, ``train_oof.npz``), so a
 user can find the test images the model gets wrong and the training images
-whose label the model disputes. The Markdown report also shows what model
+whose label the model disputes. The metrics come from FP32 embeddings and say
+so (``"backbone_precision": "fp32"``; a server may answer with an INT8
+backbone, within the tolerance :mod:`taskvision.quantize` checks). The
+Markdown report also shows what model
 selection tried and chose.
 """
 
@@ -34,6 +37,8 @@ from taskvision.metrics import classification_metrics, regression_metrics, taggi
 from taskvision.task_types import TaskType
 
 Array = npt.NDArray[Any]
+
+METRICS_PRECISION = "fp32"  # the backbone precision the train step embedded the test split with
 
 # A regression answer counts as wrong when its error is above this many times the test MAE:
 # the outliers worth a look, not the usual noise around every answer.
@@ -63,7 +68,7 @@ def evaluate(model_dir: Path) -> Evaluation:
     data = np.load(model_dir / TEST_INPUTS_FILE)
     y = data["targets"]
     if len(y) == 0:
-        return Evaluation({"test_images": 0})
+        return Evaluation({"test_images": 0, "backbone_precision": METRICS_PRECISION})
     outputs = _outputs(model, data)
     names = [label["name"] for label in meta.labels]
     metrics: dict[str, Any]
@@ -74,6 +79,7 @@ def evaluate(model_dir: Path) -> Evaluation:
     else:
         clipped, outside = clip_values(meta, outputs)
         metrics = {**regression_metrics(y, clipped, names), "out_of_range": int(outside.sum())}
+    metrics["backbone_precision"] = METRICS_PRECISION
     tolerance = REGRESSION_WRONG_FACTOR * float(metrics.get("mae", 0.0))
     predictions = image_predictions(meta, "test", _ids(data, len(y)), y, outputs, tolerance=tolerance)
     oof_path = model_dir / TRAIN_OOF_FILE

@@ -117,7 +117,7 @@ def test_evaluate_without_test_images(tmp_path: Path) -> None:
         embeddings=np.zeros((0, 2), dtype=np.float32),
         targets=np.zeros((0,), dtype=np.float32),
     )
-    assert evaluate_model(tmp_path) == {"test_images": 0}
+    assert evaluate_model(tmp_path) == {"test_images": 0, "backbone_precision": "fp32"}
 
 
 def test_markdown_report_shows_headline_and_per_label_metrics() -> None:

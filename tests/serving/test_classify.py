@@ -249,3 +249,34 @@ def test_a_huge_photo_is_answered(trained: Trained) -> None:
         "records"
     ][0]
     assert record["_status"]["code"] == 200 and (record["_width"], record["_height"]) == (6000, 4000)
+
+
+def test_explain_adds_a_heat_map_for_each_best_label(trained: Trained) -> None:
+    import io
+
+    from PIL import Image
+
+    client = trained.client
+    circle = [{"_base64": b64(shape_image("circle", 701))}]
+    (record,) = classify(client, trained.tasks["multi_class"]["id"], circle, explain=True)["records"]
+    (heat,) = record["_explanations"]
+    assert (heat["id"], heat["name"]) == (record["best_label"]["id"], "circle")
+    assert heat["heatmap"].startswith("data:image/png;base64,")
+    png = Image.open(io.BytesIO(base64.b64decode(heat["heatmap"].split(",", 1)[1])))
+    assert png.format == "PNG" and png.mode == "L" and png.size == (56, 56)
+    left, top, right, bottom = heat["heatmap_box"]  # the centre crop of the 96 px image
+    assert 0 <= left < right <= 96 and 0 <= top < bottom <= 96
+    x0, y0, x1, y1 = heat["top_region"]
+    assert left <= x0 < x1 <= right and top <= y0 < y1 <= bottom
+
+    both = [{"_base64": b64(tag_image(True, True, 702))}]
+    (tags,) = classify(client, trained.tasks["multi_label"]["id"], both, explain=True)["records"]
+    assert sorted(e["name"] for e in tags["_explanations"]) == ["red", "striped"]  # each tag above threshold
+    (value,) = classify(
+        client,
+        trained.tasks["regression"]["id"],
+        [{"_base64": b64(size_image(20, 703))}],
+        explain=True,
+    )["records"]
+    assert [e["name"] for e in value["_explanations"]] == ["radius"]
+    assert "_explanations" not in classify(client, trained.tasks["multi_class"]["id"], circle)["records"][0]

@@ -41,7 +41,8 @@ def test_a_bundle_written_before_features_existed_answers_as_it_did(kind: str) -
     assert "features" not in json.loads((FIXTURES / kind / "bundle.json").read_text())
     predictor = BundlePredictor(kind, FIXTURES / kind)
     predictor.load()
-    assert predictor.bundle.meta.features == list(features.LEGACY_FEATURES)
+    assert predictor.bundle_meta.features == list(features.LEGACY_FEATURES)
+    assert predictor.head is not None and predictor.head.features == features.LEGACY_FEATURES  # head bank
     for name, data in probes().items():
         answer = predictor.predict_images([data])[0]
         assert answer["best_label"]["id"] == expected[name]["best_label"]["id"]

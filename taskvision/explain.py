@@ -1,0 +1,468 @@
+"""Explanations: class-activation maps of a classification, as small heat-map PNGs and a top region.
+
+**Frozen-backbone heads (CAM).** The head is linear over the backbone's
+multi-scale embedding, and every part of that embedding is a pooling of a
+feature map: the final 1280-channel map (7x7, average-pooled) and blocks 3, 4
+(14x14, averaged) and 5 (7x7, averaged and max-pooled). So a logit splits
+exactly into one contribution per image location: location (i, j) of a
+map with H x W cells contributes ``w . A[:, i, j] / (H W)`` for an averaged
+part, and the maximum of a max-pooled channel contributes ``w_k A_k`` at the
+location where it was taken. :func:`cam` adds these up on a 14x14 grid
+(a 7x7 cell is shared equally by the four 14x14 cells it covers); the grid
+sums to the logit minus the bias. The maps come from a second ONNX export of
+the same backbone that also outputs them (:func:`maps_onnx_path`), run only
+for requests that ask for explanations.
+
+A head's input is the concatenation of its bundle's ``features``
+(:mod:`taskvision.features`); each part is a slice of the backbone's
+embedding, of the image or (``+hflip``) averaged with its mirror image's. So
+the head's weights split exactly into weights over the image's embedding and
+over the mirror image's (:func:`view_weights`), and the mirror image's map,
+flipped back, adds to the image's. Explanations cover heads over Lite0's
+features (any of its feature ids, mirrored or not, in any combination): the
+grids of Lite1 (240 px) and Lite2 (260 px) neither share Lite0's crop nor
+split evenly into one another (15 and 17 cells against 8 and 9), so a map of a
+head over them would not be exact; such a head is refused with
+:class:`~taskvision.errors.ExplainUnavailableError` (a 400).
+
+**Fine-tuned networks (Grad-CAM).** A fine-tuned bundle's ``model.onnx`` ends
+in global average pooling and a linear classifier (timm's EfficientNet).
+:class:`GradCamNetwork` adds the last feature map ``A`` (the pooling's input)
+as an output of the graph. The gradient of class score ``y_c`` with respect
+to ``A_k[i, j]`` through pooling and a linear layer is ``W_ck / (H W)`` at
+every location, so Grad-CAM's channel weights (the spatially averaged
+gradients) are ``W_ck / (H W)`` and the map is ``ReLU(sum_k W_ck / (H W) A_k)``:
+computed here without automatic differentiation, and checked against torch
+autograd in the tests. Per-channel constants between the pooling and the
+classifier (a partial fine-tune's head standardizes its input: ``(x - mean) /
+std``) fold into ``W``: a shift changes only the bias, a scale scales ``W``'s
+columns. A graph that does not end that way is refused
+(:class:`~taskvision.errors.ExplainUnavailableError`).
+
+Which score is explained: multi_class explains the class's logit minus the
+mean logit (softmax depends only on those differences); multi_label and
+regression explain the output's own logit. The heat map is the positive part
+of the map scaled to 0-255, a grayscale PNG laid over ``heatmap_box`` (the
+centre crop the model saw, in the original image's pixels); ``top_region`` is
+the bounding box of the cells at or above half the peak that touch the peak.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import logging
+import os
+import threading
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import numpy.typing as npt
+
+from taskvision import backbone, features
+from taskvision.errors import ExplainUnavailableError
+from taskvision.preprocess import DEFAULT, PreprocessConfig
+
+if TYPE_CHECKING:
+    import onnxruntime
+    import torch
+
+logger = logging.getLogger(__name__)
+
+Array = npt.NDArray[np.float32]
+GRID = 14  # the explanation grid: blocks 3-4 of EfficientNet-Lite0 at 224 px (16 px cells)
+HEATMAP_SIZE = 56  # pixels of the PNG's side (the console scales it over the crop)
+MAP_NAMES = ("final", "block3", "block4", "block5")
+MAPS_BACKBONE = backbone.BACKBONE_ID  # the backbone whose maps are explained (Lite0)
+
+
+# ---- the backbone with its feature maps -------------------------------------------------------
+
+
+def build_maps_model() -> torch.nn.Module:
+    """The multi-scale embedding network that also returns the feature maps it pools."""
+    import torch
+
+    class MultiScaleWithMaps(torch.nn.Module):
+        def __init__(self, model: Any) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            m = self.model
+            x = m.bn1(m.conv_stem(x))
+            maps = []
+            for index, block in enumerate(m.blocks):
+                x = block(x)
+                if index in (3, 4, 5):
+                    maps.append(x)
+            final = m.bn2(m.conv_head(x))
+            b3, b4, b5 = maps
+            embedding = torch.cat(
+                [
+                    final.mean(dim=(2, 3)),
+                    b3.mean(dim=(2, 3)),
+                    b4.mean(dim=(2, 3)),
+                    b5.mean(dim=(2, 3)),
+                    b5.amax(dim=(2, 3)),
+                ],
+                dim=1,
+            )
+            return embedding, final, b3, b4, b5
+
+    return MultiScaleWithMaps(backbone.build_torch_model(num_classes=0)).eval()
+
+
+def maps_onnx_path() -> Path:
+    """The cached ONNX export of :func:`build_maps_model` (exported with torch on first use)."""
+    name = f"{backbone.EMBEDDING_ID}-maps"
+    key = backbone.export_key(f"{name}-v1", MAPS_BACKBONE, str(backbone.EMBEDDING_DIM))
+    path = backbone.cache_dir() / f"{name}-{key}.onnx"
+    if not path.exists():
+        import torch
+
+        logger.info("exporting %s with its feature maps to ONNX at %s (once)", backbone.EMBEDDING_ID, path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        names = ["embedding", *MAP_NAMES]
+        with torch.inference_mode(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            torch.onnx.export(
+                build_maps_model(),
+                (torch.zeros(1, 3, DEFAULT.input_size, DEFAULT.input_size),),
+                str(tmp),
+                input_names=["input"],
+                output_names=names,
+                dynamic_axes={"input": {0: "batch"}, **{name: {0: "batch"} for name in names}},
+                opset_version=17,
+                dynamo=False,
+            )
+        os.replace(tmp, path)
+    return path
+
+
+@dataclass(frozen=True)
+class FeatureMaps:
+    """One batch through the maps backbone: the embedding (N, D) and the maps it pools."""
+
+    embeddings: Array
+    final: Array  # (N, 1280, 7, 7)
+    block3: Array  # (N, 80, 14, 14)
+    block4: Array  # (N, 112, 14, 14)
+    block5: Array  # (N, 192, 7, 7)
+
+
+class MapsBackbone:
+    """The backbone export with feature maps, on ONNX Runtime (loaded on first use, thread-safe)."""
+
+    def __init__(self, session: onnxruntime.InferenceSession | None = None) -> None:
+        self._session = session
+        self._lock = threading.Lock()
+
+    @property
+    def session(self) -> onnxruntime.InferenceSession:
+        with self._lock:
+            if self._session is None:
+                self._session = backbone.onnx_session(maps_onnx_path(), spinning=False)
+            return self._session
+
+    def run(self, arrays: Array) -> FeatureMaps:
+        outputs = self.session.run(None, {"input": arrays.astype(np.float32, copy=False)})
+        embedding, final, b3, b4, b5 = (np.asarray(o, dtype=np.float32) for o in outputs)
+        return FeatureMaps(embeddings=embedding, final=final, block3=b3, block4=b4, block5=b5)
+
+
+_MAPS: dict[str, MapsBackbone] = {}
+_MAPS_LOCK = threading.Lock()
+
+
+def shared_maps_backbone(backbone_id: str = MAPS_BACKBONE) -> MapsBackbone:
+    """The process-wide maps backbone (only Lite0 has one; see the module docstring)."""
+    if backbone_id != MAPS_BACKBONE:
+        raise ExplainUnavailableError(f"Explanations are not available for backbone {backbone_id!r}.")
+    with _MAPS_LOCK:
+        if backbone_id not in _MAPS:
+            _MAPS[backbone_id] = MapsBackbone()
+        return _MAPS[backbone_id]
+
+
+def check_explainable(feature_ids: Sequence[str]) -> None:
+    """Raise :class:`ExplainUnavailableError` unless a linear head over ``feature_ids`` can be explained."""
+    others = [fid for fid in feature_ids if features.feature_spec(fid).backbone_id != MAPS_BACKBONE]
+    if others:
+        raise ExplainUnavailableError(
+            f"Explanations cover heads over {MAPS_BACKBONE} features only; this model also uses "
+            f"{', '.join(others)}."
+        )
+
+
+def view_weights(feature_ids: Sequence[str], weights: Array) -> dict[bool, Array]:
+    """Rows (R, D) over the concatenated ``feature_ids`` as rows over the backbone's embedding of the
+    image (``False``) and of its mirror image (``True``, only when a ``+hflip`` id needs it).
+
+    ``x @ weights.T`` equals ``e @ out[False].T + e_mirrored @ out[True].T`` exactly.
+    """
+    dim = backbone.EMBEDDING_DIM
+    out = {False: np.zeros((weights.shape[0], dim), dtype=np.float32)}
+    offset = 0
+    for fid in feature_ids:
+        spec = features.feature_spec(fid)
+        part = weights[:, offset : offset + spec.dim]
+        offset += spec.dim
+        if spec.hflip_mean:
+            mirrored = out.setdefault(True, np.zeros_like(out[False]))
+            out[False][:, spec.start : spec.stop] += 0.5 * part
+            mirrored[:, spec.start : spec.stop] += 0.5 * part
+        else:
+            out[False][:, spec.start : spec.stop] += part
+    if offset != weights.shape[1]:
+        raise ValueError(f"The head takes {weights.shape[1]} inputs; {list(feature_ids)} give {offset}.")
+    return out
+
+
+def linear_head_cam(arrays: Array, feature_ids: Sequence[str], rows: Array) -> tuple[Array, Array]:
+    """The head input (N, D) of Lite0-preprocessed images and the maps (N, R, 14, 14) of R weight rows.
+
+    Each map sums to the row's product with the head input.
+    """
+    check_explainable(feature_ids)
+    maps_backbone = shared_maps_backbone()
+    weights = view_weights(feature_ids, rows)
+    views = {False: maps_backbone.run(arrays)}
+    if True in weights:  # the mirror image's input is the input reversed along its width
+        views[True] = maps_backbone.run(np.ascontiguousarray(arrays[:, :, :, ::-1]))
+    head_input = features.assemble(
+        {(MAPS_BACKBONE, mirrored): maps.embeddings for mirrored, maps in views.items()}, feature_ids
+    )
+    grids = cam(views[False], weights[False])
+    if True in views:
+        grids += cam(views[True], weights[True])[:, :, :, ::-1]  # flipped back onto the image
+    return head_input, grids
+
+
+# ---- the maps of a linear head (CAM) ---------------------------------------------------------------
+
+
+def cam(maps: FeatureMaps, weights: Array) -> Array:
+    """Per-location contributions (N, R, 14, 14) to ``embedding @ weights.T`` for R weight rows (R, D).
+
+    Each grid sums to the corresponding product (the logit without its bias).
+    """
+    n = maps.final.shape[0]
+    c_final, c3, c4, c5 = (m.shape[1] for m in (maps.final, maps.block3, maps.block4, maps.block5))
+    w_final, w3, w4, w5_mean, w5_max = np.split(
+        weights.astype(np.float32), np.cumsum([c_final, c3, c4, c5, c5])[:-1], axis=1
+    )
+    coarse = np.einsum("rk,nkij->nrij", w_final, maps.final) / 49.0
+    coarse += np.einsum("rk,nkij->nrij", w5_mean, maps.block5) / 49.0
+    # Max-pooled block 5: channel k's maximum is taken at one location; its whole term goes there.
+    flat = maps.block5.reshape(n, c5, -1)
+    where = flat.argmax(axis=2)  # (N, C5)
+    peak = np.take_along_axis(flat, where[:, :, None], axis=2)[:, :, 0]  # (N, C5)
+    for image in range(n):
+        contribution = w5_max * peak[image][None, :]  # (R, C5)
+        np.add.at(coarse[image].reshape(weights.shape[0], -1).T, where[image], contribution.T)
+    fine = np.einsum("rk,nkij->nrij", w3, maps.block3) / 196.0
+    fine += np.einsum("rk,nkij->nrij", w4, maps.block4) / 196.0
+    fine += np.repeat(np.repeat(coarse, 2, axis=2), 2, axis=3) / 4.0
+    return fine.astype(np.float32)
+
+
+def explained_rows(task_type: str, weight: Array) -> Array:
+    """Per output, the weights of the score that is explained (see the module docstring)."""
+    if task_type == "multi_class":
+        return np.asarray(weight - weight.mean(axis=0, keepdims=True), dtype=np.float32)
+    return weight
+
+
+# ---- Grad-CAM of a fine-tuned network ------------------------------------------------------------
+
+
+class GradCamNetwork:
+    """A fine-tuned ``model.onnx`` that also outputs its last feature map, with its classifier weights."""
+
+    def __init__(self, model_bytes: bytes) -> None:
+        import onnx
+        from onnx import helper, numpy_helper
+
+        model = onnx.load_model_from_string(model_bytes)
+        graph = model.graph
+        consumers: dict[str, list[Any]] = {}
+        for node in graph.node:
+            for name in node.input:
+                consumers.setdefault(name, []).append(node)
+        initializers = {t.name: t for t in graph.initializer}
+        outputs = {o.name for o in graph.output}
+        pools = [node for node in graph.node if node.op_type == "GlobalAveragePool"]
+        if not pools:
+            raise ExplainUnavailableError("The network has no global average pooling to explain.")
+        pool = pools[-1]
+        tensor = pool.output[0]
+        scale: Array | None = None  # per channel, from Mul / Div by constants on the way
+        # pooled vector -> (Flatten | Reshape | Squeeze | per-channel constant shift or scale)* -> Gemm
+        while True:
+            following = consumers.get(tensor, [])
+            if len(following) != 1:
+                raise ExplainUnavailableError("The pooled features feed more than one layer.")
+            node = following[0]
+            if node.op_type in ("Flatten", "Reshape", "Squeeze"):
+                tensor = node.output[0]
+                continue
+            constant = _constant_operand(node, tensor, initializers)
+            if constant is not None:
+                if node.op_type in ("Mul", "Div"):
+                    factor = 1.0 / constant if node.op_type == "Div" else constant
+                    scale = factor if scale is None else scale * factor
+                tensor = node.output[0]
+                continue
+            break
+        attributes = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        if (
+            node.op_type != "Gemm"
+            or node.input[0] != tensor
+            or node.output[0] not in outputs
+            or node.input[1] not in initializers
+            or attributes.get("transA", 0)
+            or attributes.get("alpha", 1.0) != 1.0
+        ):
+            raise ExplainUnavailableError("The network does not end in pooling and one linear classifier.")
+        weight = numpy_helper.to_array(initializers[node.input[1]]).astype(np.float32)
+        weight = weight if attributes.get("transB", 0) else weight.T  # (K, C)
+        if scale is not None:  # W (s * x) = (W * s) x
+            weight = weight * np.broadcast_to(scale.reshape(-1), (weight.shape[1],))[None, :]
+        self.weight: Array = np.ascontiguousarray(weight, dtype=np.float32)
+        self.logits_name = node.output[0]
+        self.map_name = pool.input[0]
+        graph.output.append(helper.make_tensor_value_info(self.map_name, onnx.TensorProto.FLOAT, None))
+        self._bytes = model.SerializeToString()
+        self._session: onnxruntime.InferenceSession | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def nbytes(self) -> int:
+        return len(self._bytes)
+
+    def run(self, arrays: Array) -> tuple[Array, Array]:
+        """Logits (N, K) and the last feature map (N, C, H, W)."""
+        import onnxruntime as ort
+
+        with self._lock:
+            if self._session is None:
+                options = ort.SessionOptions()
+                options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+                self._session = ort.InferenceSession(
+                    self._bytes, sess_options=options, providers=["CPUExecutionProvider"]
+                )
+            session = self._session
+        name = session.get_inputs()[0].name
+        logits, feature_map = session.run(
+            [self.logits_name, self.map_name], {name: arrays.astype(np.float32)}
+        )
+        return np.asarray(logits, dtype=np.float32), np.asarray(feature_map, dtype=np.float32)
+
+
+def _constant_operand(node: Any, tensor: str, initializers: dict[str, Any]) -> Array | None:
+    """The per-channel constant of ``tensor + c``, ``- c``, ``* c`` or ``/ c``; else None.
+
+    ``c`` must be a stored constant of at most one value per channel (a vector or a scalar).
+    """
+    from onnx import numpy_helper
+
+    if node.op_type not in ("Add", "Sub", "Mul", "Div") or len(node.input) != 2 or tensor not in node.input:
+        return None
+    other = node.input[1] if node.input[0] == tensor else node.input[0]
+    if other not in initializers or other == tensor:
+        return None
+    if node.op_type in ("Sub", "Div") and node.input[0] != tensor:  # c - x or c / x: not a shift/scale
+        return None
+    value = numpy_helper.to_array(initializers[other]).astype(np.float32)
+    if value.ndim > 1 and any(d != 1 for d in value.shape[:-1]):
+        return None
+    return value
+
+
+def grad_cam(feature_map: Array, weights: Array) -> Array:
+    """Grad-CAM (N, R, H, W) for R classifier rows (R, C) over a GAP + linear tail (before the ReLU)."""
+    _, _, h, w = feature_map.shape
+    return np.einsum("rk,nkij->nrij", weights / float(h * w), feature_map).astype(np.float32)
+
+
+# ---- what a client gets ---------------------------------------------------------------------------
+
+
+def crop_box(
+    width: int, height: int, config: PreprocessConfig = DEFAULT
+) -> tuple[float, float, float, float]:
+    """The centre crop the model saw, in the original (upright) image's pixels: (left, top, right, bottom).
+
+    Mirrors :func:`taskvision.preprocess.resize_and_crop`.
+    """
+    scale = config.resize_to / min(width, height)
+    resized_w = max(config.input_size, round(width * scale))
+    resized_h = max(config.input_size, round(height * scale))
+    left = (resized_w - config.input_size) // 2
+    top = (resized_h - config.input_size) // 2
+    sx, sy = width / resized_w, height / resized_h
+    return (left * sx, top * sy, (left + config.input_size) * sx, (top + config.input_size) * sy)
+
+
+def heatmap_png(grid: Array, size: int = HEATMAP_SIZE) -> bytes:
+    """The positive part of ``grid`` (H, W) scaled to 0-255, resized to ``size`` px, as a grayscale PNG."""
+    from PIL import Image
+
+    positive = np.maximum(grid, 0.0)
+    peak = float(positive.max())
+    scaled = positive / peak * 255.0 if peak > 0 else positive
+    image = Image.fromarray(np.round(scaled).astype(np.uint8), mode="L")
+    image = image.resize((size, size), Image.Resampling.BILINEAR)
+    out = io.BytesIO()
+    image.save(out, format="PNG", optimize=True)
+    return out.getvalue()
+
+
+def top_cells(grid: Array, fraction: float = 0.5) -> tuple[int, int, int, int]:
+    """Bounding cells (row0, col0, row1, col1; exclusive ends) of the region at >= ``fraction`` of the
+    peak that is connected (4-neighbours) to the peak."""
+    peak_index = np.unravel_index(int(np.argmax(grid)), grid.shape)
+    peak = float(grid[peak_index])
+    if peak <= 0:
+        r, c = int(peak_index[0]), int(peak_index[1])
+        return r, c, r + 1, c + 1
+    mask = grid >= fraction * peak
+    seen = {(int(peak_index[0]), int(peak_index[1]))}
+    stack = list(seen)
+    while stack:
+        r, c = stack.pop()
+        for nr, nc in ((r - 1, c), (r + 1, c), (r, c - 1), (r, c + 1)):
+            if 0 <= nr < grid.shape[0] and 0 <= nc < grid.shape[1] and mask[nr, nc] and (nr, nc) not in seen:
+                seen.add((nr, nc))
+                stack.append((nr, nc))
+    rows = [r for r, _ in seen]
+    cols = [c for _, c in seen]
+    return min(rows), min(cols), max(rows) + 1, max(cols) + 1
+
+
+def explanation(
+    grid: Array, label: dict[str, Any], width: int, height: int, config: PreprocessConfig = DEFAULT
+) -> dict[str, Any]:
+    """One explained label of one image, as the classify answer carries it."""
+    left, top, right, bottom = crop_box(width, height, config)
+    rows, cols = grid.shape
+    r0, c0, r1, c1 = top_cells(grid)
+    cell_w, cell_h = (right - left) / cols, (bottom - top) / rows
+    return {
+        "id": label["id"],
+        "name": label["name"],
+        "heatmap": "data:image/png;base64," + base64.b64encode(heatmap_png(grid)).decode("ascii"),
+        "heatmap_box": [round(left), round(top), round(right), round(bottom)],
+        "top_region": [
+            round(left + c0 * cell_w),
+            round(top + r0 * cell_h),
+            round(left + c1 * cell_w),
+            round(top + r1 * cell_h),
+        ],
+    }

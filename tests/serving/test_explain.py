@@ -1,0 +1,274 @@
+"""Explanations: heat maps peak on the object that decided the answer; CAM and Grad-CAM are exact."""
+
+from __future__ import annotations
+
+import base64
+import io
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+
+from serving.model import BundlePredictor
+from taskvision import backbone, explain
+from taskvision.backbone import EMBEDDING_DIM, shared_embedder
+from taskvision.errors import ExplainUnavailableError
+from taskvision.task_types import TaskType
+from tests.support.bundles import meta_for, network_onnx, write_head_bundle, write_network_bundle
+
+SIZE = 224
+
+
+def _scene(rng: random.Random, kind: str | None, centre: tuple[int, int], radius: int = 22) -> bytes:
+    """A smooth random background with a red disc or a blue square at ``centre`` (or nothing)."""
+    coarse = Image.frombytes("RGB", (8, 8), bytes(rng.randrange(120, 230) for _ in range(8 * 8 * 3)))
+    image = coarse.resize((SIZE, SIZE), Image.Resampling.BILINEAR)
+    draw = ImageDraw.Draw(image)
+    x, y = centre
+    box = (x - radius, y - radius, x + radius, y + radius)
+    if kind == "disc":
+        draw.ellipse(box, fill=(220, 30, 30))
+    elif kind == "square":
+        draw.rectangle(box, fill=(30, 40, 210))
+    out = io.BytesIO()
+    image.save(out, format="PNG")
+    return out.getvalue()
+
+
+def _centre(rng: random.Random) -> tuple[int, int]:
+    # Inside the centre crop the model sees (224 px resized to 256, centre 224: the middle 196 px).
+    return rng.randrange(50, 175), rng.randrange(50, 175)
+
+
+def _peak(record: dict[str, object]) -> tuple[float, float]:
+    """Where the heat map PNG is brightest, in the image's pixels."""
+    (explained,) = record["_explanations"]  # type: ignore[misc]
+    uri: str = explained["heatmap"]
+    assert uri.startswith("data:image/png;base64,")
+    heat = np.asarray(Image.open(io.BytesIO(base64.b64decode(uri.split(",", 1)[1]))), dtype=np.float32)
+    left, top, right, bottom = explained["heatmap_box"]
+    row, col = np.unravel_index(int(heat.argmax()), heat.shape)
+    return left + (col + 0.5) * (right - left) / heat.shape[1], top + (row + 0.5) * (
+        bottom - top
+    ) / heat.shape[0]
+
+
+@pytest.fixture(scope="module")
+def shapes_head(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A linear head trained (as the train step fits heads) on discs, squares and empty scenes.
+
+    With an "empty" class, each object class's evidence is its object (with two classes
+    only, "square" would also mean "no red anywhere", which is all over the background).
+    """
+    from components.lib.heads import LOGISTIC, HeadSetting, fit_head
+    from taskvision.preprocess import preprocess_bytes
+
+    rng = random.Random(3)
+    images, labels = [], []
+    for i in range(90):
+        images.append(_scene(rng, ("disc", "square", None)[i % 3], _centre(rng)))
+        labels.append(i % 3)
+    arrays = np.stack([preprocess_bytes(data, max_pixels=10**7)[0] for data in images])
+    embeddings = shared_embedder().embed_arrays(arrays)
+    weight, bias = fit_head(
+        embeddings, np.asarray(labels), TaskType.MULTI_CLASS, HeadSetting(LOGISTIC, 0.1), n_outputs=3
+    )
+    directory = tmp_path_factory.mktemp("explain") / "shapes"
+    write_head_bundle(directory, weight=weight, bias=bias)
+    return directory
+
+
+@pytest.mark.slow
+def test_the_heat_map_peaks_on_the_object(shapes_head: Path) -> None:
+    predictor = BundlePredictor("shapes", shapes_head)
+    predictor.load()
+    rng = random.Random(11)
+    cases = [(kind, _centre(rng)) for kind in ("disc", "square") for _ in range(8)]
+    answers = predictor.classify([_scene(rng, kind, centre) for kind, centre in cases], explain=True)
+    for (kind, (x, y)), answer in zip(cases, answers, strict=True):
+        assert isinstance(answer, dict)
+        assert answer["best_label"]["name"] == ("label 0" if kind == "disc" else "label 1")
+        (explained,) = answer["_explanations"]
+        assert explained["id"] == answer["best_label"]["id"]
+        px, py = _peak(answer)
+        assert abs(px - x) <= 32 and abs(py - y) <= 32, (kind, (x, y), (px, py))  # within two map cells
+        left, top, right, bottom = explained["top_region"]
+        assert left <= x <= right and top <= y <= bottom, (kind, (x, y), explained["top_region"])
+    # The same answers without explanations (explanations run the FP32 maps backbone).
+    plain = predictor.classify([_scene(random.Random(11), "disc", _centre(random.Random(11)))])
+    assert isinstance(plain[0], dict) and "_explanations" not in plain[0]
+
+
+@pytest.mark.slow
+def test_a_head_over_mirrored_features_peaks_on_the_object(shapes_head: Path, tmp_path: Path) -> None:
+    """``+hflip`` features average the image's and its mirror image's embeddings: the mirror image's
+    map is flipped back onto the image, so the peak stays on the object (not on its mirror place)."""
+    from serving.head_bank import read_linear_head
+    from taskvision import features
+    from taskvision.bundle import BundleMeta
+
+    plain = read_linear_head(
+        shapes_head, BundleMeta.from_json((shapes_head / "bundle.json").read_text()), features.LEGACY_FEATURES
+    )
+    assert plain is not None
+    mirrored = [features.feature_id(backbone.BACKBONE_ID, hflip=True)]
+    write_head_bundle(tmp_path / "mirrored", weight=plain.weight, bias=plain.bias, features=mirrored)
+    predictor = BundlePredictor("mirrored", tmp_path / "mirrored")
+    predictor.load()
+    rng = random.Random(12)
+    # Off the vertical centre line, where the object and its mirror place are far apart.
+    cases = [
+        (kind, (rng.choice([rng.randrange(50, 80), rng.randrange(145, 175)]), rng.randrange(50, 175)))
+        for kind in ("disc", "square")
+        for _ in range(4)
+    ]
+    answers = predictor.classify([_scene(rng, kind, centre) for kind, centre in cases], explain=True)
+    for (kind, (x, y)), answer in zip(cases, answers, strict=True):
+        assert isinstance(answer, dict)
+        assert answer["best_label"]["name"] == ("label 0" if kind == "disc" else "label 1")
+        px, py = _peak(answer)
+        assert abs(px - x) <= 32 and abs(py - y) <= 32, (kind, (x, y), (px, py))
+
+
+@pytest.mark.slow
+def test_the_maps_backbone_gives_the_served_embedding() -> None:
+    from taskvision.preprocess import preprocess_bytes
+
+    rng = random.Random(5)
+    arrays = np.stack(
+        [preprocess_bytes(_scene(rng, "disc", _centre(rng)), max_pixels=10**7)[0] for _ in range(3)]
+    )
+    maps = explain.shared_maps_backbone().run(arrays)
+    np.testing.assert_allclose(maps.embeddings, shared_embedder().embed_arrays(arrays), atol=2e-4)
+    assert maps.final.shape == (3, 1280, 7, 7) and maps.block3.shape == (3, 80, 14, 14)
+
+
+def test_cam_splits_each_logit_exactly_over_the_image() -> None:
+    rng = np.random.default_rng(0)
+    maps = explain.FeatureMaps(
+        embeddings=np.zeros((2, EMBEDDING_DIM), np.float32),
+        final=rng.random((2, 1280, 7, 7), dtype=np.float32),
+        block3=rng.random((2, 80, 14, 14), dtype=np.float32),
+        block4=rng.random((2, 112, 14, 14), dtype=np.float32),
+        block5=rng.random((2, 192, 7, 7), dtype=np.float32),
+    )
+    embedding = np.concatenate(
+        [
+            maps.final.mean(axis=(2, 3)),
+            maps.block3.mean(axis=(2, 3)),
+            maps.block4.mean(axis=(2, 3)),
+            maps.block5.mean(axis=(2, 3)),
+            maps.block5.max(axis=(2, 3)),
+        ],
+        axis=1,
+    )
+    weights = rng.standard_normal((3, EMBEDDING_DIM)).astype(np.float32)
+    grids = explain.cam(maps, weights)
+    assert grids.shape == (2, 3, 14, 14)
+    np.testing.assert_allclose(grids.sum(axis=(2, 3)), embedding @ weights.T, rtol=1e-4, atol=1e-3)
+
+
+def test_grad_cam_of_a_network_equals_torch_autograd(tmp_path: Path) -> None:
+    import torch
+
+    data, params = network_onnx(3, seed=4)
+    network = explain.GradCamNetwork(data)
+    image = np.random.default_rng(1).standard_normal((1, 3, 224, 224)).astype(np.float32)
+    logits, feature_map = network.run(image)
+    rows = explain.explained_rows("multi_class", network.weight)
+    ours = explain.grad_cam(feature_map, rows)[0, 2]
+
+    conv = torch.nn.Conv2d(3, 8, 16, stride=16)
+    conv.weight.data, conv.bias.data = torch.from_numpy(params["conv_w"]), torch.from_numpy(params["conv_b"])
+    fc = torch.nn.Linear(8, 3)
+    fc.weight.data, fc.bias.data = torch.from_numpy(params["fc_w"]), torch.from_numpy(params["fc_b"])
+    activations = torch.relu(conv(torch.from_numpy(image)))
+    activations.retain_grad()
+    scores = fc(activations.mean(dim=(2, 3)))
+    (scores[0, 2] - scores[0].mean()).backward()  # multi_class: the class against the mean
+    assert activations.grad is not None
+    alpha = activations.grad.mean(dim=(2, 3), keepdim=True)
+    reference = (alpha * activations).sum(dim=1)[0].detach().numpy()
+    np.testing.assert_allclose(logits, scores.detach().numpy(), atol=1e-4)
+    np.testing.assert_allclose(ours, reference, rtol=1e-4, atol=1e-5)
+
+
+def test_a_fine_tuned_bundle_is_explained_with_grad_cam(tmp_path: Path) -> None:
+    write_network_bundle(tmp_path / "tuned", n_labels=3, seed=2, task_type=TaskType.MULTI_LABEL)
+    predictor = BundlePredictor("tuned", tmp_path / "tuned")
+    predictor.load()
+    image = _scene(random.Random(1), "disc", (112, 112))
+    (answer,) = predictor.classify([image], explain=True)
+    assert isinstance(answer, dict)
+    tags = [lb for lb in answer["best_label"] if lb["id"].startswith("label-")]
+    assert [e["id"] for e in answer["_explanations"]] == [t["id"] for t in tags]  # each tag above threshold
+    for explained in answer["_explanations"]:
+        assert explained["heatmap_box"] == [14, 14, 210, 210]  # 224 px -> 256, centre 224 crop
+        assert explained["heatmap"].startswith("data:image/png;base64,")
+
+
+@pytest.mark.slow
+def test_a_partial_fine_tune_is_explained_with_grad_cam(tmp_path: Path) -> None:
+    """The exported partial fine-tune standardizes the pooled features before its linear layer;
+    Grad-CAM folds that into the weights and still equals torch autograd's."""
+    import torch
+
+    from components.lib.partial_finetune import _head, _network
+    from taskvision.bundle import MODEL_FILE
+    from taskvision.preprocess import preprocess_bytes
+
+    rng = np.random.default_rng(7)
+    weight = rng.standard_normal((3, backbone.FINAL_DIM)).astype(np.float32) * 0.1
+    mean = rng.random(backbone.FINAL_DIM).astype(np.float32)
+    std = (rng.random(backbone.FINAL_DIM) + 0.5).astype(np.float32)
+    network = _network(
+        backbone.build_torch_model(num_classes=0), _head(weight, np.zeros(3, np.float32), mean, std)
+    )
+    folder = tmp_path / "partial"
+    folder.mkdir()
+    backbone.export_onnx(network, folder / MODEL_FILE, input_size=224)
+    (folder / "bundle.json").write_text(meta_for(TaskType.MULTI_CLASS, 3, frozen=False).to_json())
+    predictor = BundlePredictor("partial", folder)
+    predictor.load()
+    image = _scene(random.Random(2), "disc", (80, 120))
+    (answer,) = predictor.classify([image], explain=True)
+    assert isinstance(answer, dict)
+    (explained,) = answer["_explanations"]
+    assert explained["id"] == answer["best_label"]["id"] and explained["heatmap_box"] == [14, 14, 210, 210]
+
+    gradcam = explain.GradCamNetwork((folder / MODEL_FILE).read_bytes())
+    arrays = preprocess_bytes(image, max_pixels=10**7)[0][None]
+    logits, feature_map = gradcam.run(arrays)
+    best = int(logits[0].argmax())
+    ours = explain.grad_cam(feature_map, explain.explained_rows("multi_class", gradcam.weight))[0, best]
+    activations = network.model.forward_features(torch.from_numpy(arrays))
+    activations.retain_grad()
+    scores = network.head(activations.mean(dim=(2, 3)))
+    (scores[0, best] - scores[0].mean()).backward()
+    assert activations.grad is not None
+    alpha = activations.grad.mean(dim=(2, 3), keepdim=True)
+    reference = (alpha * activations).sum(dim=1)[0].detach().numpy()
+    np.testing.assert_allclose(logits, scores.detach().numpy(), atol=1e-3)
+    np.testing.assert_allclose(ours, reference, atol=1e-3 * float(np.abs(reference).max()))
+
+
+def test_graphs_that_do_not_end_in_pooling_and_a_classifier_are_refused(tmp_path: Path) -> None:
+    from taskvision.bundle import linear_head_onnx
+
+    with pytest.raises(ExplainUnavailableError):
+        explain.GradCamNetwork(linear_head_onnx(np.ones((2, 4), np.float32), np.zeros(2, np.float32)))
+    meta = meta_for(TaskType.MULTI_CLASS, 2, frozen=True)
+    assert meta.frozen_backbone
+
+
+def test_top_region_and_crop_box() -> None:
+    grid = np.zeros((14, 14), np.float32)
+    grid[3:5, 9:12] = 1.0
+    grid[4, 10] = 2.0
+    grid[12, 1] = 1.5  # bright but not connected to the peak
+    assert explain.top_cells(grid) == (3, 9, 5, 12)
+    assert explain.crop_box(224, 224) == (14.0, 14.0, 210.0, 210.0)
+    left, top, right, bottom = explain.crop_box(1000, 500)  # shorter side 500 -> 256
+    assert (round(top), round(bottom)) == (31, 469) and round(right - left) == round(bottom - top)
