@@ -8,6 +8,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
+from api import console
 from api.errors import register_error_handlers
 from api.http import openapi
 from api.http.request_guard import RequestGuard
@@ -44,5 +45,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for module in (health, account, tasks, labels, training_images, models, training_runs, classify):
         app.include_router(module.router)
     docs.install(app)
+    console.install(app, services)  # the web console: /console (and / leads there)
     openapi.install(app)
     return app

@@ -1,0 +1,136 @@
+"""The train page: the options (defaults shown), the live progress of the run, the task's recent runs.
+
+The run panel is a fragment that htmx reloads every second while the run is
+active (``/tasks/<id>/runs/<run id>``); once the run has ended, the fragment
+comes back without its trigger and the polling stops. It shows the run's
+current fields (status, step, progress, message, error). Phase 2 fills
+``RunView.overall``, ``eta_s`` and ``queue_position`` from the data-loop API and
+the template's ``run_overall`` block draws them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
+
+from api.console import actions, queries
+from api.console.deps import CsrfChecked, ViewerDep
+from api.console.pages.common import act, form_fields, load_task, task_context, task_url
+from api.console.rendering import render
+from api.console.training_form import chosen_options, option_fields
+from api.db.models import RunStatus, Task, TrainingRun
+from api.deps import ServicesDep, SessionDep, SettingsDep
+from taskvision.errors import NotFoundError
+
+router = APIRouter()
+
+STEPS = ("validate", "split", "train", "evaluate", "register")
+STATUS_WORDS = {
+    RunStatus.QUEUED: "Waiting for a free trainer",
+    RunStatus.STARTING: "Starting",
+    RunStatus.RUNNING: "Training",
+    RunStatus.FINISHING: "Registering the new version",
+    RunStatus.SUCCEEDED: "Done",
+    RunStatus.FAILED: "Failed",
+    RunStatus.CANCELED: "Canceled",
+}
+
+
+@dataclass(frozen=True)
+class RunView:
+    """A run as the progress panel shows it."""
+
+    run: TrainingRun
+    status_words: str
+    active: bool
+    step_index: int | None  # 0-based position of the current step in STEPS
+    elapsed_s: float | None
+    in_production: bool
+    # Phase 2 (data-loop API): the run's overall progress 0-1, the time left, its place in the queue.
+    overall: float | None = None
+    eta_s: float | None = None
+    queue_position: int | None = None
+
+    @property
+    def steps(self) -> list[tuple[str, str]]:
+        """Each step with its state: done, current or to do."""
+        states = []
+        for i, step in enumerate(STEPS):
+            if self.run.status == RunStatus.SUCCEEDED or (
+                self.step_index is not None and i < self.step_index
+            ):
+                state = "done"
+            elif i == self.step_index:
+                state = "failed" if self.run.status == RunStatus.FAILED else "current"
+            else:
+                state = "todo"
+            states.append((step, state))
+        return states
+
+
+def run_view(task: Task, run: TrainingRun, now: datetime | None = None) -> RunView:
+    now = now or datetime.now(UTC)
+    start = run.started or run.created
+    end = run.finished or now
+    return RunView(
+        run=run,
+        status_words=STATUS_WORDS.get(RunStatus(run.status), run.status),
+        active=run.status in RunStatus.active(),
+        step_index=STEPS.index(run.step) if run.step in STEPS else None,
+        elapsed_s=(end - start).total_seconds() if start else None,
+        in_production=run.model_version is not None and run.model_version == task.production_version,
+    )
+
+
+@router.get("/tasks/{task_id}/train")
+def train_page(
+    request: Request, task_id: str, session: SessionDep, settings: SettingsDep, viewer: ViewerDep
+) -> Response:
+    task = load_task(session, viewer, task_id)
+    runs = queries.runs(session, task, limit=10)
+    return render(
+        request,
+        "train.html",
+        {
+            **task_context(task, "train"),
+            "options": option_fields(settings),
+            "current": run_view(task, runs[0]) if runs else None,
+            "runs": [run_view(task, run) for run in runs],
+        },
+        viewer=viewer,
+    )
+
+
+@router.post("/tasks/{task_id}/train", dependencies=[CsrfChecked])
+async def start_training(
+    request: Request, task_id: str, session: SessionDep, services: ServicesDep, viewer: ViewerDep
+) -> Response:
+    task = load_task(session, viewer, task_id)
+    form = await form_fields(request)
+
+    def start() -> str:
+        params = chosen_options(services.settings, form)
+        actions.train(session, services, viewer.user, task.id, params)
+        return "Training queued."
+
+    return act(request, session, task_url(task, "/train"), start)
+
+
+@router.get("/tasks/{task_id}/runs/{run_id}")
+def run_panel(
+    request: Request, task_id: str, run_id: str, session: SessionDep, viewer: ViewerDep
+) -> Response:
+    """The progress panel of one run (what htmx polls)."""
+    task = load_task(session, viewer, task_id)
+    run = queries.run(session, task, run_id)
+    if run is None:
+        raise NotFoundError(f"Training run {run_id} not found.")
+    current = run_view(task, run)
+    # When the run has just ended, the task's header (status, production version) is swapped in too.
+    oob = bool(request.headers.get("hx-request")) and not current.active
+    return render(
+        request, "_run.html", {**task_context(task, "train"), "current": current, "oob": oob}, viewer=viewer
+    )
