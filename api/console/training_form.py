@@ -28,6 +28,14 @@ TITLES = {
     "seed": "Random seed",
     "production": "Put the new version in production when it is ready",
 }
+# Said where the schema's description says nothing (or only repeats the title).
+HELP = {
+    "augment": "flip: also learn from mirrored copies of the training images; none: only the images as they are.",
+    "min_images_per_label": "A training stops at its first step when a label has fewer images.",
+    "test_fraction": "These images are kept out of training to measure the new version.",
+    "seed": "The same seed and the same images give the same split and the same model.",
+    "production": "Off: the new version waits in the versions list until you switch to it.",
+}
 # Shown under "More options"; any other field (one the API adds later) is shown up front.
 ADVANCED = {"epochs", "learning_rate", "batch_size", "min_images_per_label", "test_fraction", "seed"}
 
@@ -106,7 +114,7 @@ def option_fields(settings: Settings) -> list[OptionField]:
             OptionField(
                 name=name,
                 title=TITLES.get(name, name.replace("_", " ").capitalize()),
-                help=info.description or "",
+                help=HELP.get(name, info.description or ""),
                 kind=kind,
                 default=default,
                 choices=choices,

@@ -1,0 +1,180 @@
+"""Browser tests of the web console: Playwright (Python) drives Debian's Chromium against the real server.
+
+One ``taskvision serve`` (uvicorn, its own data directory) and one Chromium serve every test of this
+folder. Tests that need a trained model share ``shapes``: a categorization task trained once. Each
+test gets a fresh browser context (no cookies), signed in as a user of its own where it matters.
+
+Playwright cannot download its own browser here; it runs ``/usr/bin/chromium`` (``apt-get install
+chromium``; ``.ci/run`` installs it). Without it, or without the playwright package, every test of
+the folder is skipped with one reason. A failing test leaves a screenshot in ``var/test-artifacts/``.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pytest
+import requests
+
+from tests.support.live_server import LiveServer, running_server
+
+if TYPE_CHECKING:
+    from playwright.sync_api import Browser, Page
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--no-sandbox",  # the tests may run as root
+    "--headless",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+ARTIFACTS = Path(__file__).resolve().parents[2] / "var" / "test-artifacts"
+DESKTOP = {"width": 1280, "height": 900}
+PHONE = {"width": 390, "height": 844}
+TIMEOUT_MS = 15_000
+
+
+def _missing() -> str | None:
+    if not CHROMIUM.exists():
+        return f"browser tests need Chromium at {CHROMIUM} (apt-get install chromium)"
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        return "browser tests need the playwright package (pip install playwright)"
+    return None
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _browser_available() -> None:
+    reason = _missing()
+    if reason:
+        pytest.skip(reason)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    here = Path(__file__).parent
+    for item in items:
+        if Path(str(item.fspath)).is_relative_to(here):
+            item.add_marker(pytest.mark.browser)
+            item.add_marker(pytest.mark.slow)
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    report = yield
+    setattr(item, f"report_{report.when}", report)
+    return report
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+    with running_server(tmp_path_factory.mktemp("console-browser")) as live:
+        yield live
+
+
+@pytest.fixture(scope="session")
+def browser() -> Iterator[Browser]:
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        yield chromium
+        chromium.close()
+
+
+@pytest.fixture
+def new_page(browser: Browser, request: pytest.FixtureRequest) -> Iterator[Callable[..., Page]]:
+    """Open pages in fresh contexts (desktop size unless told); a failing test leaves screenshots."""
+    pages: list[Page] = []
+
+    def open_page(viewport: dict[str, int] | None = None, **options: Any) -> Page:
+        context = browser.new_context(viewport=viewport or DESKTOP, **options)
+        context.set_default_timeout(TIMEOUT_MS)
+        page = context.new_page()
+        pages.append(page)
+        return page
+
+    yield open_page
+    failed = any(
+        getattr(request.node, f"report_{when}", None) is not None
+        and getattr(request.node, f"report_{when}").failed
+        for when in ("setup", "call")
+    )
+    for i, page in enumerate(pages):
+        if failed:
+            ARTIFACTS.mkdir(parents=True, exist_ok=True)
+            name = re.sub(r"[^A-Za-z0-9_.-]+", "_", request.node.nodeid)[-150:]
+            path = ARTIFACTS / f"{name}-{i}.png"
+            try:
+                page.screenshot(path=str(path), full_page=True)
+                print(f"screenshot of the failure: {path}")
+            except Exception as exc:  # the page may be gone; the failure itself matters more
+                print(f"no screenshot: {exc}")
+        page.context.close()
+
+
+@pytest.fixture
+def page(new_page: Callable[..., Page]) -> Page:
+    return new_page()
+
+
+def sign_in(page: Page, server: LiveServer, token: str) -> None:
+    page.goto(f"{server.ip_url}console/sign-in")
+    page.get_by_label("API token").fill(token)
+    page.get_by_role("button", name="Sign in").click()
+    page.wait_for_url(re.compile(r".*/console/tasks$"))
+
+
+# ---- a trained task shared by the tests that only read it ---------------------------------------
+
+
+@dataclass(frozen=True)
+class TrainedTask:
+    token: str
+    task_id: str
+    name: str
+
+
+def api(server: LiveServer, token: str) -> requests.Session:
+    session = requests.Session()
+    session.headers["Authorization"] = f"Token {token}"
+    return session
+
+
+@pytest.fixture(scope="session")
+def shapes(server: LiveServer) -> TrainedTask:
+    """A categorization task (circle / square, 24 images each) trained once through the REST API."""
+    from tests.support.api import b64
+    from tests.support.images import shape_image
+
+    token = server.new_user("shapes")
+    http = api(server, token)
+    base = f"{server.ip_url}recognition/v2"
+    task = http.post(f"{base}/task/", json={"name": "Shapes", "type": "multi_class"}).json()
+    for kind in ("circle", "square"):
+        label = http.post(f"{base}/label/", json={"name": kind, "type": "category"}).json()
+        http.post(f"{base}/task/{task['id']}/add-label", json={"label_id": label["id"]}).raise_for_status()
+        for i in range(24):
+            image = http.post(
+                f"{base}/training-image/", json={"base64": b64(shape_image(kind, 500 + i))}
+            ).json()
+            http.post(
+                f"{base}/training-image/{image['id']}/add-label", json={"label_id": label["id"]}
+            ).raise_for_status()
+    http.post(f"{base}/task/{task['id']}/train").raise_for_status()
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        state = http.get(f"{base}/task/{task['id']}").json()
+        if state["production_version"] == 1:
+            return TrainedTask(token=token, task_id=task["id"], name="Shapes")
+        assert state["last_train_status"] != "TRAINING_FAILED", state["last_train_error"]
+        time.sleep(0.5)
+    raise AssertionError("the shared task did not finish training")
