@@ -30,7 +30,7 @@ TITLES = {
 }
 # Said where the schema's description says nothing (or only repeats the title).
 HELP = {
-    "augment": "flip: also learn from mirrored copies of the training images; none: only the images as they are.",
+    "augment": "flip: also learn from mirrored copies of the training images; none: the images as they are.",
     "min_images_per_label": "A training stops at its first step when a label has fewer images.",
     "test_fraction": "These images are kept out of training to measure the new version.",
     "seed": "The same seed and the same images give the same split and the same model.",

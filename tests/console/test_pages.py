@@ -117,7 +117,7 @@ def test_a_regression_task_shows_its_value_label_and_value_range(console: Consol
     )
     assert 'role="alert"' in refused.text and 'value="12.5"' in refused.text
     page = console.get(f"/console/tasks/{task_id}").text
-    assert "value label" in page and "12.50 – 61.00" in page
+    assert "value label" in page and "12.50 \u2013 61.00" in page
     assert [lb["value"] for im in _rest(console, "training-image/")["results"] for lb in im["labels"]] == [
         12.5,
         61.0,
