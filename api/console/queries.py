@@ -145,7 +145,7 @@ class LabelStat:
 
 
 def label_stats(session: Session, task: Task) -> list[LabelStat]:
-    """The task's labels in the order they were attached, with their image counts (one query)."""
+    """The task's labels in the order they were attached (a negative label last), with their image counts."""
     labels = task.labels
     ids = [label.id for label in labels]
     rows = {
@@ -176,7 +176,7 @@ def label_stats(session: Session, task: Task) -> list[LabelStat]:
                 max_value=high,
             )
         )
-    return stats
+    return sorted(stats, key=lambda stat: stat.negative)
 
 
 def attachable_labels(session: Session, task: Task, label_type: str) -> list[Label]:

@@ -71,7 +71,7 @@ def add_images_directly(
     test_share: float = 0.2,
     seed: int = 0,
 ) -> None:
-    """``count`` labelled image rows for ``task``'s workspace, committed in batches."""
+    """``count`` image rows in ``task``'s workspace, labelled in turn with ``label_ids`` (none if empty)."""
     rng = random.Random(seed)
     picture = image_bytes(seed, size=(96, 96), fmt="JPEG")
     shared = hashlib.sha256(picture).hexdigest()
@@ -93,9 +93,8 @@ def add_images_directly(
                 meta_data={"file_name": f"generated-{i:05d}.jpg"},
                 test_image=rng.random() < test_share,
             )
-            label_id = label_ids[i % len(label_ids)]
-            image.label_links.append(
-                ImageLabel(label_id=label_id, value=float(rng.uniform(5, 45)) if values else None)
-            )
+            if label_ids:
+                value = float(rng.uniform(5, 45)) if values else None
+                image.label_links.append(ImageLabel(label_id=label_ids[i % len(label_ids)], value=value))
             session.add(image)
         session.commit()

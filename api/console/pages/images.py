@@ -70,6 +70,8 @@ def image_grid(
             "filter_url": lambda name, lb=None: _page_url(task, name, lb, 1),
             "here": _page_url(task, show, label, page),
             "value_label": value_label,
+            # the task's own labels first, a tagging task's negative label ("none of the tags") last
+            "labels": sorted(task.labels, key=lambda lb: lb.negative_for_task == task.id),
             "regression": task.type == TaskType.REGRESSION,
         },
         viewer=viewer,
