@@ -1,4 +1,4 @@
-"""In Chromium: hostile names never run as script, forms need their CSRF token, the cookie is not an API key."""
+"""In Chromium: hostile names run no script, forms need their CSRF token, the cookie is no API key."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""In Chromium: the pages of a tagging and of a regression task (negative label, values, their evaluations)."""
+"""In Chromium: the pages of a tagging and of a regression task (negative label, values, evaluations)."""
 
 from __future__ import annotations
 
