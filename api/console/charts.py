@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 NAME_WIDTH = 180  # the label names' column
-PLOT_WIDTH = 330
+PLOT_WIDTH = 300
 ROW_HEIGHT = 30
 TOP = 26  # room for the minimum's caption
 MAX_NAME_CHARS = 24
@@ -25,6 +25,7 @@ class Bar:
     width: float
     below_minimum: bool
     missing: int  # images still needed to reach the minimum
+    text_x: float  # where its figure is written (past the minimum's line when the bar is short of it)
 
 
 @dataclass(frozen=True)
@@ -54,24 +55,30 @@ def label_bars(rows: list[tuple[str, int, bool]], *, minimum: int | None) -> Bar
     """
     top = max([count for _, count, _ in rows] + [minimum or 0, 1])
     scale = PLOT_WIDTH / (top * 1.1)
-    bars = [
-        Bar(
-            name=name,
-            short_name=_short(name),
-            value=count,
-            y=TOP + i * ROW_HEIGHT,
-            width=round(count * scale, 1),
-            below_minimum=bool(checked and minimum is not None and count < minimum),
-            missing=max(0, (minimum or 0) - count) if checked else 0,
+    minimum_x = round(NAME_WIDTH + minimum * scale, 1) if minimum is not None else None
+    bars = []
+    for i, (name, count, checked) in enumerate(rows):
+        width = round(count * scale, 1)
+        below = bool(checked and minimum is not None and count < minimum)
+        end = NAME_WIDTH + width
+        bars.append(
+            Bar(
+                name=name,
+                short_name=_short(name),
+                value=count,
+                y=TOP + i * ROW_HEIGHT,
+                width=width,
+                below_minimum=below,
+                missing=max(0, (minimum or 0) - count) if checked else 0,
+                text_x=(max(end, minimum_x) if below and minimum_x is not None else end) + 6,
+            )
         )
-        for i, (name, count, checked) in enumerate(rows)
-    ]
     return BarChart(
         bars=bars,
         minimum=minimum,
-        minimum_x=round(NAME_WIDTH + minimum * scale, 1) if minimum is not None else None,
+        minimum_x=minimum_x,
         plot_x=NAME_WIDTH,
-        width=NAME_WIDTH + PLOT_WIDTH + 90,
+        width=NAME_WIDTH + PLOT_WIDTH + 150,
         height=TOP + max(1, len(bars)) * ROW_HEIGHT + 6,
         row_height=ROW_HEIGHT,
     )

@@ -1,8 +1,9 @@
 """Browser tests of the web console: Playwright (Python) drives Debian's Chromium against the real server.
 
 One ``taskvision serve`` (uvicorn, its own data directory) and one Chromium serve every test of this
-folder. Tests that need a trained model share ``shapes``: a categorization task trained once. Each
-test gets a fresh browser context (no cookies), signed in as a user of its own where it matters.
+folder. Tests that only read pages share ``shapes``: a categorization task with images and a version
+(imported, with metrics: the journey is what trains). Each test gets a fresh browser context (no
+cookies), signed in as a user of its own where it matters.
 
 Playwright cannot download its own browser here; it runs ``/usr/bin/chromium`` (``apt-get install
 chromium``; ``.ci/run`` installs it). Without it, or without the playwright package, every test of
@@ -11,8 +12,9 @@ the folder is skipped with one reason. A failing test leaves a screenshot in ``v
 
 from __future__ import annotations
 
+import os
 import re
-import time
+import subprocess
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,12 +23,12 @@ from typing import TYPE_CHECKING, Any
 import pytest
 import requests
 
-from tests.support.live_server import LiveServer, running_server
+from tests.support.live_server import TASKVISION, LiveServer, running_server
 
 if TYPE_CHECKING:
     from playwright.sync_api import Browser, Page
 
-CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM = Path(os.environ.get("CHROMIUM", "/usr/bin/chromium"))  # another path: CHROMIUM=...
 CHROMIUM_ARGS = [
     "--no-sandbox",  # the tests may run as root
     "--headless",
@@ -42,29 +44,45 @@ PHONE = {"width": 390, "height": 844}
 TIMEOUT_MS = 15_000
 
 
+try:
+    import playwright.sync_api  # noqa: F401
+
+    PLAYWRIGHT_MISSING = ""
+except ImportError:  # the dev extra brings it; without it these modules cannot even be imported
+    PLAYWRIGHT_MISSING = "the playwright package is missing (pip install playwright)"
+    collect_ignore_glob = ["test_*.py"]
+
+
 def _missing() -> str | None:
+    if PLAYWRIGHT_MISSING:
+        return PLAYWRIGHT_MISSING
     if not CHROMIUM.exists():
-        return f"browser tests need Chromium at {CHROMIUM} (apt-get install chromium)"
-    try:
-        import playwright.sync_api  # noqa: F401
-    except ImportError:
-        return "browser tests need the playwright package (pip install playwright)"
+        return f"Chromium not found at {CHROMIUM} (apt-get install chromium, or set CHROMIUM=path)"
     return None
 
 
-@pytest.fixture(scope="session", autouse=True)
-def _browser_available() -> None:
-    reason = _missing()
-    if reason:
-        pytest.skip(reason)
+_not_run: list[str] = []
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark this folder's tests; without a browser, set them aside and say why once (terminal summary)."""
     here = Path(__file__).parent
-    for item in items:
-        if Path(str(item.fspath)).is_relative_to(here):
-            item.add_marker(pytest.mark.browser)
-            item.add_marker(pytest.mark.slow)
+    ours = [item for item in items if Path(str(item.fspath)).is_relative_to(here)]
+    for item in ours:
+        item.add_marker(pytest.mark.browser)
+        item.add_marker(pytest.mark.slow)
+    reason = _missing()
+    if reason and ours:
+        config.hook.pytest_deselected(items=ours)
+        items[:] = [item for item in items if item not in ours]
+        _not_run.append(f"{len(ours)} browser tests not run: {reason}")
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if PLAYWRIGHT_MISSING and not _not_run:
+        terminalreporter.write_line(f"browser tests not run: {PLAYWRIGHT_MISSING}")
+    for line in _not_run:
+        terminalreporter.write_line(line)
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)
@@ -149,10 +167,32 @@ def api(server: LiveServer, token: str) -> requests.Session:
     return session
 
 
+def import_bundle(server: LiveServer, task_id: str, folder: Path) -> None:
+    """``taskvision import-bundle`` into the running server's data directory (a new version)."""
+    result = subprocess.run(
+        [
+            str(TASKVISION),
+            "import-bundle",
+            str(folder),
+            "--task",
+            task_id,
+            "--data-dir",
+            str(server.data_dir),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+
+
 @pytest.fixture(scope="session")
-def shapes(server: LiveServer) -> TrainedTask:
-    """A categorization task (circle / square, 24 images each) trained once through the REST API."""
+def shapes(server: LiveServer, tmp_path_factory: pytest.TempPathFactory) -> TrainedTask:
+    """A categorization task (circle / square, 24 images each) with one version that has metrics."""
+    from taskvision.task_types import TaskType
     from tests.support.api import b64
+    from tests.support.console_data import evaluated_bundle
     from tests.support.images import shape_image
 
     token = server.new_user("shapes")
@@ -163,18 +203,10 @@ def shapes(server: LiveServer) -> TrainedTask:
         label = http.post(f"{base}/label/", json={"name": kind, "type": "category"}).json()
         http.post(f"{base}/task/{task['id']}/add-label", json={"label_id": label["id"]}).raise_for_status()
         for i in range(24):
-            image = http.post(
-                f"{base}/training-image/", json={"base64": b64(shape_image(kind, 500 + i))}
-            ).json()
+            image = http.post(f"{base}/training-image/", json={"base64": b64(shape_image(kind, 500 + i))})
             http.post(
-                f"{base}/training-image/{image['id']}/add-label", json={"label_id": label["id"]}
+                f"{base}/training-image/{image.json()['id']}/add-label", json={"label_id": label["id"]}
             ).raise_for_status()
-    http.post(f"{base}/task/{task['id']}/train").raise_for_status()
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        state = http.get(f"{base}/task/{task['id']}").json()
-        if state["production_version"] == 1:
-            return TrainedTask(token=token, task_id=task["id"], name="Shapes")
-        assert state["last_train_status"] != "TRAINING_FAILED", state["last_train_error"]
-        time.sleep(0.5)
-    raise AssertionError("the shared task did not finish training")
+    bundle = tmp_path_factory.mktemp("shapes-bundle") / "bundle"
+    import_bundle(server, task["id"], evaluated_bundle(bundle, TaskType.MULTI_CLASS, ["circle", "square"]))
+    return TrainedTask(token=token, task_id=task["id"], name="Shapes")

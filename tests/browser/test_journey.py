@@ -13,6 +13,7 @@ from pathlib import Path
 import requests
 from playwright.sync_api import Page, expect
 
+from tests.browser.axe import violations
 from tests.browser.conftest import sign_in
 from tests.support.images import shape_image
 from tests.support.live_server import LiveServer
@@ -77,6 +78,7 @@ def test_a_new_user_labels_trains_evaluates_tries_and_switches_back(
     # train: the run panel follows it without a reload until the version is in production
     _train_and_wait(page, 1)
     expect(page.locator("#task-meta")).to_contain_text("production: version 1")
+    assert violations(page) == []  # the train page with its finished run
     page.get_by_role("link", name="See its evaluation").click()
 
     # the evaluation: headline figures, the confusion matrix with named axes, per-label figures

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-import subprocess
 from pathlib import Path
 
 import requests
@@ -11,11 +10,11 @@ from playwright.sync_api import Page, expect
 
 from taskvision.task_types import TaskType
 from tests.browser.axe import violations
-from tests.browser.conftest import api, sign_in
+from tests.browser.conftest import api, import_bundle, sign_in
 from tests.support.api import b64
 from tests.support.console_data import evaluated_bundle
 from tests.support.images import size_image, tag_image
-from tests.support.live_server import TASKVISION, LiveServer
+from tests.support.live_server import LiveServer
 
 
 def _task(
@@ -27,25 +26,6 @@ def _task(
         created = http.post(f"{base}/label/", json={"name": label, "type": label_type}).json()
         http.post(f"{base}/task/{task['id']}/add-label", json={"label_id": created["id"]}).raise_for_status()
     return dict(http.get(f"{base}/task/{task['id']}").json())
-
-
-def _import(server: LiveServer, task_id: str, folder: Path) -> None:
-    result = subprocess.run(
-        [
-            str(TASKVISION),
-            "import-bundle",
-            str(folder),
-            "--task",
-            task_id,
-            "--data-dir",
-            str(server.data_dir),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr
 
 
 def test_tagging_pages(page: Page, server: LiveServer, tmp_path: Path) -> None:
@@ -84,7 +64,9 @@ def test_tagging_pages(page: Page, server: LiveServer, tmp_path: Path) -> None:
     assert violations(page) == []
 
     names = [lb["name"] for lb in task["labels"] if not lb["negative_for_task"]]
-    _import(server, task["id"], evaluated_bundle(tmp_path / "tags", TaskType.MULTI_LABEL, names, seed=3))
+    import_bundle(
+        server, task["id"], evaluated_bundle(tmp_path / "tags", TaskType.MULTI_LABEL, names, seed=3)
+    )
     page.goto(f"{server.ip_url}console/tasks/{task['id']}/versions/1")
     expect(page.locator(".figures")).to_contain_text("mAP")
     headers = page.locator("table thead th")
@@ -140,7 +122,9 @@ def test_regression_pages(page: Page, server: LiveServer, tmp_path: Path) -> Non
     values = sorted(lb["value"] for im in http.get(f"{base}/").json()["results"] for lb in im["labels"])
     assert values == [7.0, 7.0, 42.0]
 
-    _import(server, task["id"], evaluated_bundle(tmp_path / "sizes", TaskType.REGRESSION, ["radius"], seed=4))
+    import_bundle(
+        server, task["id"], evaluated_bundle(tmp_path / "sizes", TaskType.REGRESSION, ["radius"], seed=4)
+    )
     page.goto(f"{server.ip_url}console/tasks/{task['id']}/versions/1")
     expect(page.locator(".figures dt")).to_have_text(["MAE", "RMSE", "R²"])
     assert violations(page) == []

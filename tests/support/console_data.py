@@ -33,15 +33,24 @@ from tests.support.images import image_bytes
 
 
 def evaluated_bundle(
-    folder: Path, task_type: TaskType, names: list[str], *, seed: int = 0, test_images: int = 40
+    folder: Path,
+    task_type: TaskType,
+    names: list[str],
+    *,
+    seed: int = 0,
+    test_images: int = 40,
+    skill: float = 2.5,
 ) -> Path:
-    """A linear bundle for ``names`` with the metrics of a made-up, mostly right model on its test split."""
+    """A linear bundle for ``names`` with the metrics of a made-up model on its test split.
+
+    ``skill`` is how far the right answer stands out from the noise (2.5: mostly right).
+    """
     rng = np.random.default_rng(seed)
     n = len(names)
     if task_type is TaskType.MULTI_CLASS:
         truth = rng.integers(0, n, size=test_images)
         logits = rng.normal(0, 1, size=(test_images, n))
-        logits[np.arange(test_images), truth] += 2.5
+        logits[np.arange(test_images), truth] += skill
         probs = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
         metrics = classification_metrics(truth, probs, names)
     elif task_type is TaskType.MULTI_LABEL:
