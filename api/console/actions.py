@@ -58,7 +58,7 @@ def update_task(
     services: Services, session: Session, user: User, task_id: str, fields: dict[str, Any]
 ) -> None:
     """Rename/describe the task, switch its production version or set the canary share."""
-    data = TaskUpdate.model_validate(fields, strict=True)
+    data = parse(TaskUpdate, fields)
     task_routes.patch_task(task_id=task_id, services=services, session=session, user=user, data=data)
 
 
@@ -89,7 +89,7 @@ def rename_label(session: Session, user: User, label_id: str, form: Mapping[str,
 
 def train(session: Session, services: Services, user: User, task_id: str, params: dict[str, Any]) -> str:
     """Queue a training with these options (already typed); returns the run's id."""
-    data = TrainRequest.model_validate(params, strict=True)
+    data = parse(TrainRequest, params)
     run = task_routes.train_task(
         task_id=task_id, session=session, user=user, data=data, training=services.training
     )
@@ -97,7 +97,7 @@ def train(session: Session, services: Services, user: User, task_id: str, params
 
 
 def _bulk(session: Session, user: User, **fields: Any) -> int:
-    data = BulkImageUpdate.model_validate(fields, strict=True)
+    data = parse(BulkImageUpdate, fields)
     return int(image_routes.bulk_update(session=session, user=user, data=data)["updated"])
 
 
@@ -157,7 +157,7 @@ async def classify(
     record: dict[str, Any],
 ) -> dict[str, Any]:
     """Classify one record (``_base64`` or ``_url``) as ``POST /v2/classify`` would; the Ximilar answer."""
-    data = ClassifyRequest.model_validate({"task_id": task_id, "version": version, "records": [record]})
+    data = parse(ClassifyRequest, {"task_id": task_id, "version": version, "records": [record]})
     answer: dict[str, Any] = await classify_route.classify(
         session=session,
         user=user,

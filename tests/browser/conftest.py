@@ -151,11 +151,11 @@ def sign_in(page: Page, server: LiveServer, token: str) -> None:
     page.wait_for_url(re.compile(r".*/console/tasks$"))
 
 
-# ---- a trained task shared by the tests that only read it ---------------------------------------
+# ---- a task with a version, shared by the tests that only read it ---------------------------------
 
 
 @dataclass(frozen=True)
-class TrainedTask:
+class SharedTask:
     token: str
     task_id: str
     name: str
@@ -188,7 +188,7 @@ def import_bundle(server: LiveServer, task_id: str, folder: Path) -> None:
 
 
 @pytest.fixture(scope="session")
-def shapes(server: LiveServer, tmp_path_factory: pytest.TempPathFactory) -> TrainedTask:
+def shapes(server: LiveServer, tmp_path_factory: pytest.TempPathFactory) -> SharedTask:
     """A categorization task (circle / square, 24 images each) with one version that has metrics."""
     from taskvision.task_types import TaskType
     from tests.support.api import b64
@@ -209,4 +209,4 @@ def shapes(server: LiveServer, tmp_path_factory: pytest.TempPathFactory) -> Trai
             ).raise_for_status()
     bundle = tmp_path_factory.mktemp("shapes-bundle") / "bundle"
     import_bundle(server, task["id"], evaluated_bundle(bundle, TaskType.MULTI_CLASS, ["circle", "square"]))
-    return TrainedTask(token=token, task_id=task["id"], name="Shapes")
+    return SharedTask(token=token, task_id=task["id"], name="Shapes")

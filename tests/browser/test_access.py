@@ -10,12 +10,12 @@ import pytest
 from playwright.sync_api import Page, expect
 
 from tests.browser.axe import violations
-from tests.browser.conftest import PHONE, TrainedTask, sign_in
+from tests.browser.conftest import PHONE, SharedTask, sign_in
 from tests.support.images import tag_image
 from tests.support.live_server import LiveServer
 
 
-def _pages(server: LiveServer, task: TrainedTask) -> dict[str, str]:
+def _pages(server: LiveServer, task: SharedTask) -> dict[str, str]:
     base = f"{server.ip_url}console/tasks/{task.task_id}"
     return {
         "tasks": f"{server.ip_url}console/tasks",
@@ -40,7 +40,7 @@ def _try_an_image(page: Page, tmp_path: Path) -> None:
 
 
 def test_no_page_has_a_serious_or_critical_accessibility_violation(
-    new_page: Callable[..., Page], server: LiveServer, shapes: TrainedTask, tmp_path: Path
+    new_page: Callable[..., Page], server: LiveServer, shapes: SharedTask, tmp_path: Path
 ) -> None:
     page = new_page()
     page.goto(f"{server.ip_url}console/sign-in")
@@ -59,7 +59,7 @@ def test_no_page_has_a_serious_or_critical_accessibility_violation(
     "name", ["tasks", "labels", "images", "train", "versions", "evaluation", "try", "account"]
 )
 def test_pages_fit_a_phone_screen(
-    new_page: Callable[..., Page], server: LiveServer, shapes: TrainedTask, name: str
+    new_page: Callable[..., Page], server: LiveServer, shapes: SharedTask, name: str
 ) -> None:
     page = new_page(viewport=PHONE, is_mobile=True, has_touch=True)
     sign_in(page, server, shapes.token)

@@ -293,6 +293,19 @@ def test_versions_switch_production_compare_and_evaluate(
     assert "Canary" not in page  # embedded mode has none
 
 
+def test_the_canary_share_is_set_and_cleared(console: ConsoleUser) -> None:
+    """Cluster mode shows the form; the route is the REST PATCH's own, whatever the mode."""
+    task_id = create_task(console)
+    answer = console.post(f"/console/tasks/{task_id}/versions/canary", {"canary_percent": "25"})
+    assert flash(console, answer) == "ok: New versions get 25 % of the traffic first."
+    assert _rest(console, f"task/{task_id}")["canary_percent"] == 25
+    refused = console.post(f"/console/tasks/{task_id}/versions/canary", {"canary_percent": "150"})
+    assert flash(console, refused).startswith("error: Invalid request: canary_percent")
+    cleared = console.post(f"/console/tasks/{task_id}/versions/canary", {"canary_percent": ""})
+    assert flash(console, cleared) == "ok: New versions get all traffic."
+    assert _rest(console, f"task/{task_id}")["canary_percent"] is None
+
+
 def test_tagging_and_regression_evaluations_show_their_figures(
     app: FastAPI, console: ConsoleUser, tmp_path: Path
 ) -> None:
