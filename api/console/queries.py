@@ -13,6 +13,7 @@ the last evaluation" as two more entries.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -22,6 +23,7 @@ from sqlalchemy import ColumnElement, Select, and_, exists, func, select
 from sqlalchemy.orm import Session, selectinload
 
 from api.db.models import ImageLabel, Label, Model, Task, TaskLabel, TrainingImage, TrainingRun
+from api.schemas.common import ID_PATTERN
 from taskvision.task_types import TaskType
 
 # ---- tasks ----------------------------------------------------------------------------------
@@ -310,6 +312,8 @@ def image_page(
 
 def owned_image_ids(session: Session, workspace_id: str, image_ids: list[str]) -> list[str]:
     """The ids among ``image_ids`` that are images of the workspace (others are ignored)."""
+    # Only well-formed ids reach SQL (PostgreSQL refuses NUL in text; a posted form may hold anything).
+    image_ids = [i for i in image_ids if re.fullmatch(ID_PATTERN, i)]
     if not image_ids:
         return []
     return list(

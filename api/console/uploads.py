@@ -69,6 +69,12 @@ class UploadSummary:
         }
 
 
+def _clean_name(name: str) -> str:
+    """A file name fit for the image's meta data: no control characters, valid UTF-8, at most 255."""
+    text = "".join(ch for ch in name if ch >= " " and ch != "\x7f")
+    return text.encode("utf-8", "replace").decode("utf-8")[-255:] or "upload"
+
+
 def _store_one(
     session: Session,
     blobs: BlobStore,
@@ -81,7 +87,7 @@ def _store_one(
 ) -> None:
     try:
         prepared = prepare_image(data, noresize=False, settings=settings)
-        image = store_image(session, blobs, user, prepared, meta_data={"file_name": name[-255:]})
+        image = store_image(session, blobs, user, prepared, meta_data={"file_name": _clean_name(name)})
     except DuplicateImageError as exc:
         summary.duplicates += 1
         summary.images_by_folder[folder].append(exc.image_id)

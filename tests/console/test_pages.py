@@ -379,3 +379,22 @@ def test_the_account_page_shows_the_workspace_and_the_tokens_first_characters(co
     user = console.client.get("/account/v2/user", headers=console.api).json()
     assert user["workspace"] in page and f"<code>{console.token[:5]}…</code>" in page
     assert console.token not in page
+
+
+def test_odd_form_values_are_answered_never_a_500(console: ConsoleUser) -> None:
+    task_id = create_task(console)
+    label = add_label(console, task_id, "circle")
+    odd = console.post(
+        f"/console/tasks/{task_id}/images/bulk",
+        {"action": "set-label", "label_id": label, "image_ids": ["bad\x00id", "x" * 5000]},
+    )
+    assert flash(console, odd) == "error: Select at least one image first."
+    for version in ("\u00b2", "99999999999999999999", "-1"):
+        answer = console.post(f"/console/tasks/{task_id}/versions/production", {"version": version})
+        assert flash(console, answer).startswith("error: "), version
+    archive = io.BytesIO()
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("a\x01b\x7f.png", image_bytes(9))
+    assert _upload(console, task_id, "odd.zip", archive.getvalue(), label)["uploaded"] == 1
+    names = [image["meta_data"]["file_name"] for image in _rest(console, "training-image/")["results"]]
+    assert names == ["ab.png"]  # control characters are not kept

@@ -180,7 +180,7 @@ async def upload(
     """One file of an upload (an image or a zip); answers the summary as JSON for console.js."""
     task = load_task(session, viewer, task_id)
     declared = request.headers.get("content-length", "")
-    if not declared.isdigit() or int(declared) > uploads.MAX_REQUEST_BYTES:
+    if not (declared.isascii() and declared.isdigit()) or int(declared) > uploads.MAX_REQUEST_BYTES:
         raise PayloadTooLargeError(f"Send at most {uploads.MAX_REQUEST_BYTES} bytes per file.")
     form = await request.form(max_files=1)
     file = form.get("file")

@@ -105,12 +105,12 @@ async def try_image(
     task = load_task(session, viewer, task_id)
     limit = services.settings.max_upload_bytes
     declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit + 1024 * 1024:
+    if declared.isascii() and declared.isdigit() and int(declared) > limit + 1024 * 1024:
         raise PayloadTooLargeError(f"The image is larger than {limit} bytes.")
     form = await request.form(max_files=1)
     upload, url = form.get("file"), str(form.get("url") or "").strip()
     raw_version = str(form.get("version") or "")
-    version = int(raw_version) if raw_version.isdigit() else None
+    version = int(raw_version) if raw_version.isascii() and raw_version.isdigit() else None
     preview = None
     record: dict[str, Any]
     if isinstance(upload, UploadFile) and upload.filename:

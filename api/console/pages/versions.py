@@ -106,7 +106,7 @@ async def switch_production(
 
     def switch() -> str:
         raw = str(form.get("version", ""))
-        if not raw.isdigit():
+        if not (raw.isascii() and raw.isdigit()):
             raise BadRequestError("Choose a version.", code="unknown_version")
         actions.update_task(services, session, viewer.user, task.id, {"production_version": int(raw)})
         return f"Version {int(raw)} is now in production."
@@ -124,7 +124,7 @@ async def set_canary(
 
     def canary() -> str:
         raw = str(form.get("canary_percent", "")).strip()
-        if raw and not raw.isdigit():
+        if raw and not (raw.isascii() and raw.isdigit()):
             raise BadRequestError("Enter a whole percentage from 1 to 99, or nothing.", code="invalid_canary")
         percent = int(raw) if raw else None
         actions.update_task(services, session, viewer.user, task.id, {"canary_percent": percent})
