@@ -3,13 +3,22 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
+import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from api.auth import rotate_token
 from api.console.security import SESSION_COOKIE
+from api.settings import Settings
 from tests.console.conftest import FORM_TOKEN, ConsoleUser, console_codec, create_task, location
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    """Sessions and headers do not depend on the database: the embedded deployment is enough here."""
+    return Settings(data_dir=tmp_path)
 
 
 def _sign_in_response(client: TestClient, token: str, next_url: str = "/console/tasks") -> object:
@@ -22,7 +31,8 @@ def _sign_in_response(client: TestClient, token: str, next_url: str = "/console/
 
 
 def test_the_site_root_leads_to_the_console_and_its_pages_to_the_sign_in(anonymous: TestClient) -> None:
-    assert location(anonymous.get("/", follow_redirects=False)) == "/console/tasks"
+    for root in ("/", "/console", "/console/"):
+        assert location(anonymous.get(root, follow_redirects=False)) == "/console/tasks"
     answer = anonymous.get("/console/tasks/abc/images?page=2", follow_redirects=False)
     assert location(answer) == "/console/sign-in?next=%2Fconsole%2Ftasks%2Fabc%2Fimages%3Fpage%3D2"
     page = anonymous.get("/console/sign-in")
