@@ -151,6 +151,40 @@ def sign_in(page: Page, server: LiveServer, token: str) -> None:
     page.wait_for_url(re.compile(r".*/console/tasks$"))
 
 
+_DATA_TRANSFER = """([files, text]) => {
+  const transfer = new DataTransfer();
+  for (const [name, b64, type] of files) {
+    const bytes = Uint8Array.from(atob(b64), c => c.charCodeAt(0));
+    transfer.items.add(new File([bytes], name, {type}));
+  }
+  if (text) transfer.setData("text/plain", text);
+  return transfer;
+}"""
+
+
+def drop_files(page: Page, selector: str, files: dict[str, bytes]) -> None:
+    """Drag files from the desktop onto ``selector`` (dragenter, dragover, drop, as a browser does)."""
+    import base64
+
+    transfer = page.evaluate_handle(
+        _DATA_TRANSFER, [[(n, base64.b64encode(d).decode(), "image/png") for n, d in files.items()], ""]
+    )
+    for kind in ("dragenter", "dragover", "drop"):
+        page.dispatch_event(selector, kind, {"dataTransfer": transfer})
+
+
+def paste(page: Page, *, image: bytes | None = None, text: str = "") -> None:
+    """Paste into the page: an image (as a copied screenshot would be) or text."""
+    import base64
+
+    files = [("pasted.png", base64.b64encode(image).decode(), "image/png")] if image else []
+    page.evaluate(
+        f"""args => document.dispatchEvent(new ClipboardEvent("paste",
+              {{clipboardData: ({_DATA_TRANSFER})(args), bubbles: true, cancelable: true}}))""",
+        [files, text],
+    )
+
+
 # ---- a task with a version, shared by the tests that only read it ---------------------------------
 
 

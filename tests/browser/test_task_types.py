@@ -10,7 +10,7 @@ from playwright.sync_api import Page, expect
 
 from taskvision.task_types import TaskType
 from tests.browser.axe import violations
-from tests.browser.conftest import api, import_bundle, sign_in
+from tests.browser.conftest import api, drop_files, import_bundle, paste, sign_in
 from tests.support.api import b64
 from tests.support.console_data import evaluated_bundle
 from tests.support.images import size_image, tag_image
@@ -75,11 +75,14 @@ def test_tagging_pages(page: Page, server: LiveServer, tmp_path: Path) -> None:
     assert violations(page) == []
 
     page.get_by_role("link", name="Try it").click()
-    probe = tmp_path / "probe.png"
-    probe.write_bytes(tag_image(True, True, 99))
-    page.get_by_label("Choose an image").set_input_files(str(probe))
+    paste(page, text="https://example.com/photo.jpg")  # a pasted URL fills the URL field
+    expect(page.get_by_label("or an image URL")).to_have_value("https://example.com/photo.jpg")
+    paste(page, image=tag_image(True, True, 99))  # a pasted image replaces it
+    expect(page.locator("[data-try-name]")).to_have_text("pasted.png")
+    expect(page.get_by_label("or an image URL")).to_have_value("")
     page.get_by_role("button", name="Classify").click()
     expect(page.locator(".best")).to_contain_text("Tags:")
+    expect(page.locator(".result-image")).to_be_visible()
     expect(page.locator(".probs li")).to_have_count(2)
     assert violations(page) == []
 
@@ -101,8 +104,16 @@ def test_regression_pages(page: Page, server: LiveServer, tmp_path: Path) -> Non
     expect(row).to_contain_text("value label")
     expect(row).to_contain_text("10.00 \u2013 30.00")
 
-    # an inline edit saves without leaving the page
+    # two more images dropped on the page (no label: a regression value is set per image)
     page.get_by_role("link", name="Images").click()
+    drop_files(
+        page, "[data-upload-url] [data-dropzone]", {"a.png": size_image(12, 50), "b.png": size_image(14, 51)}
+    )
+    expect(page.locator("[data-upload-status]")).to_have_text("2 uploaded.")
+    page.get_by_role("link", name="Show the images").click()
+    expect(page.get_by_role("link", name=re.compile("^Unlabelled"))).to_contain_text("2")
+
+    # an inline edit saves without leaving the page
     page.evaluate("() => { window.stillHere = true; }")
     field = page.locator(".value-form input[name=value]").first
     field.fill("42")
@@ -129,9 +140,8 @@ def test_regression_pages(page: Page, server: LiveServer, tmp_path: Path) -> Non
     expect(page.locator(".figures dt")).to_have_text(["MAE", "RMSE", "R²"])
     assert violations(page) == []
     page.get_by_role("link", name="Try it").click()
-    probe = tmp_path / "probe.png"
-    probe.write_bytes(size_image(25, 77))
-    page.get_by_label("Choose an image").set_input_files(str(probe))
+    drop_files(page, "[data-try] [data-dropzone]", {"disc.png": size_image(25, 77)})
+    expect(page.locator("[data-try-name]")).to_have_text("disc.png")
     page.get_by_role("button", name="Classify").click()
     expect(page.locator(".result .figure dt")).to_have_text("radius")
     expect(page.locator(".result .figure dd")).to_have_text(re.compile(r"^-?\d+\.\d\d$"))
