@@ -262,10 +262,12 @@ def test_a_failed_run_says_why_in_words_and_stops_polling(app: FastAPI, console:
         services.watcher._fail(session, run, "label 'bedroom' has 3 images; at least 20 are needed")
         session.commit()
         run_id = run.id
-    panel = console.get(f"/console/tasks/{task_id}/runs/{run_id}", headers={"HX-Request": "true"}).text
+    answer = console.get(f"/console/tasks/{task_id}/runs/{run_id}", headers={"HX-Request": "true"})
+    assert answer.headers["HX-Refresh"] == "true"  # the page that watched it reloads
+    panel = console.get(f"/console/tasks/{task_id}/train").text
     assert "hx-trigger" not in panel and "Why it failed" in panel
     assert "label &#39;bedroom&#39; has 3 images; at least 20 are needed" in panel
-    assert 'id="task-meta" hx-swap-oob="true"' in panel and "failed" in panel
+    assert "A training of this task is running" not in panel
 
 
 def test_versions_switch_production_compare_and_evaluate(

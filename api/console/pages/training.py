@@ -1,8 +1,9 @@
 """The train page: the options (defaults shown), the live progress of the run, the task's recent runs.
 
 The run panel is a fragment that htmx reloads every second while the run is
-active (``/tasks/<id>/runs/<run id>``); once the run has ended, the fragment
-comes back without its trigger and the polling stops. It shows the run's
+active (``/tasks/<id>/runs/<run id>``); once the run has ended, the answer
+tells htmx to reload the whole page (``HX-Refresh``), whose panel then has no
+trigger, so the polling stops. It shows the run's
 current fields (status, step, progress, message, error). Phase 2 fills
 ``RunView.overall``, ``eta_s`` and ``queue_position`` from the data-loop API and
 the template's ``run_overall`` block draws them.
@@ -129,8 +130,13 @@ def run_panel(
     if run is None:
         raise NotFoundError(f"Training run {run_id} not found.")
     current = run_view(task, run)
-    # When the run has just ended, the task's header (status, production version) is swapped in too.
-    oob = bool(request.headers.get("hx-request")) and not current.active
+    # The run has ended while the page watched it: reload the page, so that the task's status, the
+    # Train button and the list of runs are current too.
+    headers = {"HX-Refresh": "true"} if request.headers.get("hx-request") and not current.active else None
     return render(
-        request, "_run.html", {**task_context(task, "train"), "current": current, "oob": oob}, viewer=viewer
+        request,
+        "_run.html",
+        {**task_context(task, "train"), "current": current},
+        viewer=viewer,
+        headers=headers,
     )
