@@ -74,7 +74,7 @@ def allowed_methods(request: Request) -> list[str]:
 def register_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(TaskVisionError)
     async def _taskvision(_: Request, exc: TaskVisionError) -> JSONResponse:
-        extra: dict[str, Any] = {}
+        extra: dict[str, Any] = dict(exc.extra)
         if isinstance(exc, RequestValidationFailed):
             extra["errors"] = exc.errors
         image_id = getattr(exc, "image_id", None)

@@ -12,7 +12,18 @@ from api import console
 from api.errors import register_error_handlers
 from api.http import openapi
 from api.http.request_guard import RequestGuard
-from api.routes import account, classify, docs, health, labels, models, tasks, training_images, training_runs
+from api.routes import (
+    account,
+    classify,
+    docs,
+    health,
+    labels,
+    models,
+    tasks,
+    training_images,
+    training_runs,
+    webhooks,
+)
 from api.services.container import build_services
 from api.settings import Settings
 from taskvision import __version__
@@ -42,7 +53,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.services = services
     app.add_middleware(RequestGuard)
     register_error_handlers(app)
-    for module in (health, account, tasks, labels, training_images, models, training_runs, classify):
+    for module in (
+        health,
+        account,
+        tasks,
+        labels,
+        training_images,
+        models,
+        training_runs,
+        classify,
+        webhooks,
+    ):
         app.include_router(module.router)
     docs.install(app)
     console.install(app, services)  # the web console: /console (and / leads there)

@@ -26,6 +26,7 @@ from api.schemas.labels import LabelPublic, TaskRef
 from api.schemas.models import ModelPublic
 from api.schemas.runs import TrainingRunPublic
 from api.schemas.tasks import LabelBrief, TaskPublic
+from api.services import run_progress
 from taskvision.task_types import LabelType, TaskType
 
 
@@ -158,11 +159,18 @@ def model_public(model: Model) -> dict[str, Any]:
         train_status=TrainStatus(model.train_status),
         production=model.task.production_version == model.version,
         metrics=model.metrics or {},
+        run_id=model.run_id,
         created=model.created,
     ).model_dump(mode="json")
 
 
-def run_public(run: TrainingRun) -> dict[str, Any]:
+def runs_public(session: Session, runs: Sequence[TrainingRun]) -> list[dict[str, Any]]:
+    """Runs with their overall progress, time left, queue place and version link (one page at once)."""
+    states = run_progress.describe(session, runs)
+    return [run_public(run, states[run.id]) for run in runs]
+
+
+def run_public(run: TrainingRun, state: run_progress.RunState | None = None) -> dict[str, Any]:
     return TrainingRunPublic(
         id=run.id,
         task=run.task_id,
@@ -173,6 +181,11 @@ def run_public(run: TrainingRun) -> dict[str, Any]:
         error=run.error,
         version=run.model_version,
         params=run.params or {},
+        effective_params=run.effective_params or {},
+        overall_progress=state.overall_progress if state else run_progress.overall_progress(run),
+        eta_seconds=state.eta_seconds if state else None,
+        queue_position=state.queue_position if state else None,
+        model_id=state.model_id if state else None,
         created=run.created,
         started=run.started,
         finished=run.finished,

@@ -88,6 +88,17 @@ class Settings(BaseSettings):
         default=16, ge=1, description="... and for one workspace; more wait for a slot until the deadline."
     )
 
+    # Webhooks
+    webhook_timeout_s: float = Field(default=5.0, gt=0, description="How long one delivery may take.")
+    webhook_retry_base_s: float = Field(
+        default=10.0, gt=0, description="First retry after this; each next one 3x later (at most an hour)."
+    )
+    webhook_retry_window_s: float = Field(
+        default=24 * 3600.0, gt=0, description="A delivery not answered 2xx by then is recorded as failed."
+    )
+    webhook_max_in_flight: int = Field(default=8, ge=1, description="Deliveries sent at once per process.")
+    webhook_poll_interval_s: float = Field(default=1.0, gt=0)
+
     # Per-token and per-workspace limits (per process)
     rate_limit_per_s: float = Field(
         default=200.0, ge=0, description="Requests per second per API token (0: no limit)."
@@ -110,6 +121,14 @@ class Settings(BaseSettings):
         "when the blob store is S3.",
     )
     train_workers: int = Field(default=1, ge=1, description="Pipelines run at the same time; the rest queue.")
+    pipeline_runner: Literal["warm", "kfp-local"] = Field(
+        default="warm",
+        description="Embedded mode: 'warm' runs the steps in a worker that keeps their libraries loaded "
+        "(a retrain takes seconds); 'kfp-local' runs the pipeline with kfp.local, each step a subprocess.",
+    )
+    warm_worker_idle_s: float = Field(
+        default=1800.0, gt=0, description="A warm training worker without work stops after this long."
+    )
     train_poll_interval_s: float = Field(default=1.0, gt=0)
     blob_gc_grace_s: float = Field(
         default=300.0, ge=0, description="A deleted image's blobs are kept at least this long."
@@ -119,6 +138,9 @@ class Settings(BaseSettings):
     )
     train_gpu_count: int = Field(default=0, ge=0, description="GPUs the train step requests on Kubeflow.")
     train_mode: str = "auto"
+    train_quality: Literal["fast", "balanced", "best"] = Field(
+        default="balanced", description="CPU training preset: fast, balanced or best (model selection)."
+    )
     train_augment: str = "flip"
     train_epochs: int = Field(default=25, ge=1)
     train_learning_rate: float = Field(default=0.001, gt=0)
@@ -165,6 +187,7 @@ class Settings(BaseSettings):
         """Pipeline parameters a train request does not set itself."""
         return {
             "mode": self.train_mode,
+            "quality": self.train_quality,
             "augment": self.train_augment,
             "epochs": self.train_epochs,
             "learning_rate": self.train_learning_rate,
@@ -189,7 +212,7 @@ class Settings(BaseSettings):
         data["s3_access_key"] = "********" if self.s3_access_key else None
         data["database_url"] = make_url(self.effective_database_url).render_as_string(hide_password=True)
         data["storage_url"] = self.effective_storage_url
-        data["pipeline_runner"] = "kubeflow" if self.kfp_host else "kfp.local"
+        data["pipeline_runner"] = "kubeflow" if self.kfp_host else self.pipeline_runner
         return data
 
     def open_blob_store(self) -> BlobStore:

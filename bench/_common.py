@@ -50,7 +50,8 @@ logger = logging.getLogger(__name__)
 
 API = "/recognition/v2"
 REPO_ROOT = Path(__file__).resolve().parent.parent
-DATASETS_ROOT = REPO_ROOT.parent / "shared" / "datasets"
+# The shared photo sets sit next to the main checkout; a git worktree elsewhere names them here.
+DATASETS_ROOT = Path(os.environ.get("TASKVISION_BENCH_DATASETS") or REPO_ROOT.parent / "shared" / "datasets")
 STARTUP_TIMEOUT_S = 60.0
 REQUEST_TIMEOUT_S = 120.0
 
@@ -157,10 +158,13 @@ def running_service(
     log_level: str,
     name: str = "server",
     startup_timeout_s: float = STARTUP_TIMEOUT_S,
+    cwd: Path | None = None,
 ) -> Iterator[Service]:
     """``taskvision serve`` on ``data_dir`` (fresh) with a user ``bench``; always stopped afterwards.
 
     The server's stdout and stderr go to ``log_path``; the caller deletes both when it is done.
+    ``cwd``: its working directory (``python -m`` children put it first on their import path,
+    so a server running another checkout's code needs that checkout as its working directory).
     """
     executable = Path(sys.executable).with_name("taskvision")
     if not executable.exists():
@@ -174,6 +178,7 @@ def running_service(
             text=True,
             timeout=startup_timeout_s,
             check=False,
+            cwd=cwd,
         )
         if created.returncode != 0:
             raise RuntimeError(f"'taskvision users create' failed: {created.stderr.strip()}")
@@ -182,7 +187,7 @@ def running_service(
         command = [str(executable), "--log-level", log_level, "serve", "--host", "127.0.0.1"]
         command += ["--port", str(port), "--data-dir", str(data_dir)]
         with log_path.open("wb") as log_file:  # a file, not a pipe: a full pipe would stall the server
-            process = subprocess.Popen(command, env=env, stdout=log_file, stderr=subprocess.STDOUT)
+            process = subprocess.Popen(command, env=env, stdout=log_file, stderr=subprocess.STDOUT, cwd=cwd)
         server = Service(
             name=name,
             process=process,

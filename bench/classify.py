@@ -22,14 +22,18 @@ What is measured, with 512x512 JPEG images sent as ``_base64`` records:
   slope is the least-squares fit of RSS against requests;
 * a **naive baseline** in the same run: a minimal FastAPI app in a subprocess
   of this script (``--naive-server``) serving the same trained bundle the
-  textbook way: PIL open + full decode, torchvision ``Resize(256, bicubic)`` +
-  ``CenterCrop(224)`` + ``ToTensor`` + ``Normalize``, the eager torch backbone
-  (``build_embedding_model()``, NCHW, ``torch.no_grad``, torch's
-  default threads, OMP_WAIT_POLICY unset unless ``--naive-omp-wait-policy``
-  says otherwise: PASSIVE would halve its speed), the bundle's head with ONNX Runtime and a numpy softmax; no
-  caching. Same request and answer shape; the same latency and throughput runs.
-  The best labels of both servers are compared on the 1-record images.
+  textbook way: PIL open + full decode, torchvision ``Resize`` (bicubic) +
+  ``CenterCrop`` + ``ToTensor`` + ``Normalize`` at the bundle's sizes; for a
+  head over backbone features, each eager torch backbone
+  (``build_embedding_model(...)``, NCHW, ``torch.no_grad``, torch's default
+  threads, OMP_WAIT_POLICY unset unless ``--naive-omp-wait-policy`` says
+  otherwise: PASSIVE would halve its speed) and the bundle's head with ONNX
+  Runtime; for a whole (fine-tuned) network, its ``model.onnx`` with ONNX
+  Runtime (it exists only as ONNX); a numpy softmax; no caching. Same request
+  and answer shape; the same latency and throughput runs. The best labels of
+  both servers are compared on the 1-record images.
 
+The task is trained with ``--quality`` (default ``balanced``, the service's default).
 The service runs as ``taskvision serve`` (a subprocess, free 127.0.0.1 port,
 fresh temporary data directory, ``OMP_WAIT_POLICY=PASSIVE``; the ONNX export
 cache is the user's usual one). The benchmark creates a user, a multi_class
@@ -373,8 +377,8 @@ def classify(client: Client, task_id: str, images: Sequence[tuple[int, str]]) ->
 # ---- building and training the task -------------------------------------------------
 
 
-def build_and_train(client: Client, server: Service) -> dict[str, Any]:
-    """Create a multi_class task, upload and label its images, train it, wait for production."""
+def build_and_train(client: Client, server: Service, quality: str) -> dict[str, Any]:
+    """Create a multi_class task, upload and label its images, train with ``quality``, wait for production."""
     description, items = training_set()
     names = sorted({label for _, label in items})
     task = expect(client.post(f"{API}/task/", {"name": "classify bench", "type": "multi_class"}), 201, "task")
@@ -397,9 +401,9 @@ def build_and_train(client: Client, server: Service) -> dict[str, Any]:
         list(pool.map(upload, items))
     upload_s = time.perf_counter() - start
 
-    logger.info("training (the service's default mode)")
+    logger.info("training (quality %s)", quality)
     start = time.perf_counter()
-    run = expect(client.post(f"{API}/task/{task['id']}/train"), 202, "train")
+    run = expect(client.post(f"{API}/task/{task['id']}/train", {"quality": quality}), 202, "train")
     deadline = time.monotonic() + TRAIN_TIMEOUT_S
     while True:
         run = expect(client.get(f"{API}/training-run/{run['id']}"), 200, "poll run")
@@ -427,6 +431,9 @@ def build_and_train(client: Client, server: Service) -> dict[str, Any]:
         "version": production,
         "bundle_dir": str(bundles[-1].parent),
         "frozen_backbone": meta.get("frozen_backbone"),
+        "features": meta.get("features"),
+        "quality": quality,
+        "chosen": (meta.get("selection") or {}).get("chosen"),
         "training_mode": (meta.get("training") or {}).get("mode"),
         "test_metrics": {k: v for k, v in (meta.get("metrics") or {}).items() if isinstance(v, int | float)},
     }
@@ -440,14 +447,18 @@ def breakdown(bundle_dir: Path, images: Sequence[str]) -> dict[str, Any]:
     import numpy as np
 
     from serving.model import DEFAULT_MAX_PIXELS, BundlePredictor
-    from taskvision import imaging
+    from taskvision import features, imaging
     from taskvision.backbone import Embedder
-    from taskvision.preprocess import DEFAULT, preprocess_bytes, resize_and_crop, to_array
 
-    embedder = Embedder(cache_size=0)
-    predictor = BundlePredictor("bench", bundle_dir, embedder=embedder)
+    embedders: dict[str, Embedder] = {}
+
+    def embedder(backbone_id: str) -> Embedder:  # no cache: every image goes through the backbone
+        return embedders.setdefault(backbone_id, Embedder(backbone_id=backbone_id, cache_size=0))
+
+    predictor = BundlePredictor("bench", bundle_dir)
     predictor.load()
     model = predictor.bundle
+    frozen = model.meta.frozen_backbone
     pieces: dict[str, list[float]] = {}
 
     @contextmanager
@@ -456,8 +467,11 @@ def breakdown(bundle_dir: Path, images: Sequence[str]) -> dict[str, Any]:
         yield
         pieces.setdefault(name, []).append(time.perf_counter() - t0)
 
-    draft = (DEFAULT.resize_to * 2, DEFAULT.resize_to * 2)
-    whole = "= preprocess_bytes (probe + decode + resize + normalise)"
+    run_name = (
+        f"embed ({', '.join(features.backbones_needed(model.meta.features))}; ONNX Runtime, batch 1)"
+        if frozen
+        else f"whole network ({model.meta.backbone}, tuned; ONNX Runtime, batch 1)"
+    )
     with OtherCpu([]) as other:
         for i, b64 in enumerate(images):
             body = f'{{"task_id": "x", "records": [{{"_base64": "{b64}"}}]}}'.encode()
@@ -465,29 +479,27 @@ def breakdown(bundle_dir: Path, images: Sequence[str]) -> dict[str, Any]:
                 parsed = json.loads(body)
             with stopwatch("base64 decode (imaging.decode_base64)"):
                 data = imaging.decode_base64(parsed["records"][0]["_base64"])
-            with stopwatch("probe size (imaging.upright_size)"):
-                imaging.upright_size(data, max_pixels=DEFAULT_MAX_PIXELS)
-            with stopwatch("JPEG decode (imaging.load_rgb with draft)"):
-                image = imaging.load_rgb(data, max_pixels=DEFAULT_MAX_PIXELS, draft_size=draft)
-            with stopwatch("resize 256 + crop 224 (bicubic)"):
-                crop = resize_and_crop(image)
-            with stopwatch("to float CHW + normalise"):
-                array = to_array(crop)
-            with stopwatch(whole):
-                preprocess_bytes(data, max_pixels=DEFAULT_MAX_PIXELS)
-            with stopwatch("embed (ONNX Runtime backbone, batch 1)"):
-                embedding = embedder.embed_arrays(np.stack([array]))
-            with stopwatch("head + softmax"):
-                row = model.outputs(model.logits_from_embeddings(embedding))
+            with stopwatch("probe + JPEG decode with draft (BundleModel.decode)"):
+                image, _ = model.decode(data, max_pixels=DEFAULT_MAX_PIXELS)
+            with stopwatch("resize + crop + normalise (BundleModel.prepare)"):
+                prepared = model.prepare(image)[None]
+            if frozen:
+                with stopwatch(run_name):
+                    vectors = features.embed_prepared(prepared, model.meta.features, embedder=embedder)
+                with stopwatch("head + softmax"):
+                    row = model.outputs(model.logits_from_embeddings(vectors))
+            else:
+                with stopwatch(run_name + " + softmax"):
+                    row = model.outputs(model.logits_from_prepared(prepared))
             with stopwatch("describe (labels sorted)"):
-                answer = predictor.describe(row[0])
+                answer = predictor.describe(np.asarray(row)[0])
             with stopwatch("json.dumps of the answer"):
                 json.dumps({"records": [answer]})
             if i == 0:  # the first image pays one-off costs (session warm-up): drop it
                 for times in pieces.values():
                     times.clear()
         summary = {name: round(percentile(ts, 50) * 1000, 2) for name, ts in pieces.items()}
-        summary["sum of the pieces"] = round(sum(v for k, v in summary.items() if k != whole), 2)
+        summary["sum of the pieces"] = round(sum(summary.values()), 2)
     return {"images": len(images) - 1, "median_ms": summary, "other_cpu_pct": other.pct}
 
 
@@ -710,27 +722,47 @@ def naive_server_main(bundle_dir: Path, port: int) -> int:
     from fastapi import Body, FastAPI
     from torchvision import transforms
 
-    from taskvision.backbone import build_embedding_model
+    from taskvision import features
+    from taskvision.backbone import BACKBONES, build_embedding_model
 
     meta = json.loads((bundle_dir / "bundle.json").read_text())
-    if not meta.get("frozen_backbone"):
-        raise SystemExit("the naive baseline serves frozen-backbone bundles (a head over embeddings)")
-    pre = meta.get("preprocess") or {}
-    input_size = int(meta.get("input_size") or 224)
-    crop_pct = float(pre.get("crop_pct", 0.875))
-    mean, std = tuple(pre.get("mean", (0.5, 0.5, 0.5))), tuple(pre.get("std", (0.5, 0.5, 0.5)))
-    transform = transforms.Compose(
-        [
-            transforms.Resize(
-                round(input_size / crop_pct), interpolation=transforms.InterpolationMode.BICUBIC
-            ),
-            transforms.CenterCrop(input_size),
-            transforms.ToTensor(),
-            transforms.Normalize(mean, std),
-        ]
-    )
-    model = build_embedding_model().eval()
-    head = ort.InferenceSession(str(bundle_dir / "head.onnx"), providers=["CPUExecutionProvider"])
+    frozen = bool(meta.get("frozen_backbone"))
+    feature_ids = list(meta.get("features") or features.LEGACY_FEATURES) if frozen else []
+
+    def transform_for(input_size: int, crop_pct: float, mean: Any, std: Any) -> Any:
+        return transforms.Compose(
+            [
+                transforms.Resize(
+                    round(input_size / crop_pct), interpolation=transforms.InterpolationMode.BICUBIC
+                ),
+                transforms.CenterCrop(input_size),
+                transforms.ToTensor(),
+                transforms.Normalize(mean, std),
+            ]
+        )
+
+    if frozen:  # a head over backbone features: each backbone in eager torch
+        backbone_ids = features.backbones_needed(feature_ids)
+        transforms_by_backbone = {
+            b: transform_for(c.input_size, c.crop_pct, c.mean, c.std)
+            for b, c in zip(backbone_ids, features.input_configs(feature_ids), strict=True)
+        }
+        models = {b: build_embedding_model(b).eval() for b in backbone_ids}
+        weights = bundle_dir / "head.onnx"
+    else:  # a whole (fine-tuned) network: only exported as ONNX, so ONNX Runtime runs it
+        pre = meta.get("preprocess") or {}
+        size = int(meta.get("input_size") or 224)
+        transforms_by_backbone = {
+            "network": transform_for(
+                size,
+                float(pre.get("crop_pct", 0.875)),
+                pre.get("mean", (0.5,) * 3),
+                pre.get("std", (0.5,) * 3),
+            )
+        }
+        weights = bundle_dir / "model.onnx"
+    assert set(BACKBONES) >= set(transforms_by_backbone) - {"network"}
+    head = ort.InferenceSession(str(weights), providers=["CPUExecutionProvider"])
     head_input = head.get_inputs()[0].name
     labels = meta["labels"]
     app = FastAPI()
@@ -754,14 +786,23 @@ def naive_server_main(bundle_dir: Path, port: int) -> int:
                 opened = Image.open(io.BytesIO(base64.b64decode(record["_base64"])))
                 image = opened.convert("RGB")  # full-size decode
                 results[i].update({"_width": image.width, "_height": image.height})
-                tensors[i] = transform(image)
+                tensors[i] = {b: t(image) for b, t in transforms_by_backbone.items()}
             except Exception as exc:  # a bad record fails alone
                 results[i]["_status"] = {"code": 400, "text": str(exc)}
         good = sorted(tensors)
         if good:
-            with torch.no_grad():
-                embeddings = model(torch.stack([tensors[i] for i in good])).numpy()
-            logits = head.run(None, {head_input: embeddings.astype(np.float32)})[0]
+            if frozen:
+                vectors = {}
+                with torch.no_grad():
+                    for b, net in models.items():
+                        batch = torch.stack([tensors[i][b] for i in good])
+                        vectors[(b, False)] = net(batch).numpy()
+                        if (b, True) in features.views_needed(feature_ids):
+                            vectors[(b, True)] = net(torch.flip(batch, dims=[3])).numpy()
+                inputs = features.assemble(vectors, feature_ids)
+            else:
+                inputs = np.stack([tensors[i]["network"].numpy() for i in good])
+            logits = head.run(None, {head_input: inputs.astype(np.float32)})[0]
             z = np.exp(logits - logits.max(axis=1, keepdims=True))
             probs = z / z.sum(axis=1, keepdims=True)
             for i, row in zip(good, probs, strict=True):
@@ -932,6 +973,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="OMP_WAIT_POLICY of the naive baseline (default: unset, as a textbook server runs; "
         "PASSIVE makes eager torch about 2x slower at batch 1 on 2 cores)",
     )
+    parser.add_argument(
+        "--quality",
+        default="balanced",
+        choices=["fast", "balanced", "best"],
+        help="the task's training quality",
+    )
     parser.add_argument("--seed", type=int, default=20240601)
     parser.add_argument("--server-log-level", default="info", choices=["debug", "info", "warning", "error"])
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="where to write the JSON results")
@@ -984,6 +1031,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "embedding_cache": cache_size,
         "server_log_level": args.server_log_level,
         "service_omp_wait_policy": "PASSIVE",
+        "quality": args.quality,
         "naive_omp_wait_policy": args.naive_omp_wait_policy,
         "images": image_info,
     }
@@ -991,7 +1039,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     try:
         with running_taskvision(workdir, log_level=args.server_log_level) as service:
             client = Client(service)
-            report["training"] = build_and_train(client, service)
+            report["training"] = build_and_train(client, service, args.quality)
             bundle_dir = Path(report["training"]["bundle_dir"])
             task_id = report["training"]["task_id"]
             logger.info("timing the pieces of one request in-process (%d images)", BREAKDOWN_IMAGES)

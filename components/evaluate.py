@@ -48,6 +48,6 @@ def evaluate(
         if matrix:
             confusion.log_confusion_matrix(matrix["labels"], matrix["matrix"])
         with open(report.path, "w") as fh:
-            fh.write(markdown_report(meta.task_type, values))
+            fh.write(markdown_report(meta.task_type, values, selection=meta.selection))
 
     run_step(storage_url, run_prefix, "evaluate", work)

@@ -36,5 +36,6 @@ def split(
         with open(split_out.path, "w") as fh:
             fh.write(result.to_json())
         split_out.metadata.update({"train": len(result.train), "test": len(result.test)})
+        progress.note(train_images=len(result.train), test_images=len(result.test))
 
     run_step(storage_url, run_prefix, "split", work)

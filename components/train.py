@@ -15,6 +15,7 @@ def train(
     run_id: str,
     split_in: dsl.Input[dsl.Dataset],
     mode: str,
+    quality: str,
     augment: str,
     epochs: int,
     learning_rate: float,
@@ -22,7 +23,7 @@ def train(
     seed: int,
     model: dsl.Output[dsl.Model],
 ) -> None:
-    """Train a model over the pretrained EfficientNet-Lite0 backbone.
+    """Train a model over pretrained EfficientNet-Lite backbones, chosen by cross-validation.
 
     Args:
         storage_url: Blob store holding the snapshot (directory, file:// or s3://).
@@ -30,13 +31,17 @@ def train(
         run_prefix: Key prefix where this run reports progress and failures.
         run_id: The control plane's id of this training run.
         split_in: The split step's train/test image ids.
-        mode: "embed" (frozen backbone + linear head), "finetune" (end to end) or "auto" (finetune on GPU).
+        mode: "embed" (CPU: model selection by cross-validation), "finetune" (end to end) or "auto"
+            (finetune on GPU).
+        quality: embed mode's preset: "fast" (Lite0 features, linear head), "balanced" (also a partial
+            fine-tune of Lite0's last block) or "best" (Lite0/1/2 features and their concatenations, test-time
+            flips, a longer partial fine-tune).
         augment: "flip" adds mirrored training images, "none" does not.
         epochs: Fine-tuning epochs.
         learning_rate: Fine-tuning learning rate (SGD with momentum 0.9, cosine schedule).
         batch_size: Fine-tuning batch size.
         seed: Seed for cross-validation folds and fine-tuning.
-        model: The model folder: bundle.json, head.onnx or model.onnx, test_inputs.npz.
+        model: The model folder: bundle.json, head.onnx + head.npz or model.onnx, test_inputs.npz.
     """
     from pathlib import Path
 
@@ -52,6 +57,7 @@ def train(
             split = SplitResult.from_json(fh.read())
         config = TrainConfig(
             mode=mode,
+            quality=quality,
             augment=augment,
             epochs=epochs,
             learning_rate=learning_rate,
@@ -69,6 +75,12 @@ def train(
             run_id=run_id,
             progress=progress,
         )
-        model.metadata.update({"task_type": str(meta.task_type), "mode": meta.training["mode"]})
+        model.metadata.update(
+            {
+                "task_type": str(meta.task_type),
+                "mode": meta.training["mode"],
+                "chosen": str(meta.selection.get("chosen", "")),
+            }
+        )
 
     run_step(storage_url, run_prefix, "train", work)

@@ -241,19 +241,20 @@ def split(paths: Paths, params: dict[str, Any], snapshot_prefix: str | None = No
 
 
 def train_config(params: dict[str, Any]) -> Any:
-    """The TrainConfig from params.yaml's ``train`` section (after checking the backbone)."""
+    """The TrainConfig from params.yaml's ``train`` section."""
     from components.lib.train import TrainConfig
-    from taskvision.backbone import BACKBONE_ID
 
     section = _section(params, "train")
-    if section.get("backbone", BACKBONE_ID) != BACKBONE_ID:
+    if "backbone" in section:
         raise StageError(
-            f"train.backbone {section['backbone']!r} is not available; the only one is {BACKBONE_ID!r}."
+            "train.backbone is gone: the backbones are chosen by cross-validation; set train.quality "
+            "(fast, balanced or best) instead."
         )
     defaults = TrainConfig()
     try:
         return TrainConfig(
             mode=str(section.get("mode", "embed")),
+            quality=str(section.get("quality", defaults.quality)),
             augment=str(section.get("augment", defaults.augment)),
             epochs=int(section.get("epochs", defaults.epochs)),
             learning_rate=float(section.get("learning_rate", defaults.learning_rate)),

@@ -2,8 +2,11 @@
 
 ``BundlePredictor`` is a ``kserve.Model``: ``load`` reads the bundle,
 ``preprocess`` decodes images exactly as evaluation did
-(:func:`taskvision.preprocess.preprocess_bytes`), ``predict`` runs the bundle
-(:class:`taskvision.inference.BundleModel`), ``postprocess`` names the outputs.
+(:meth:`taskvision.inference.BundleModel.decode` and ``prepare``), ``predict``
+runs the bundle (:class:`taskvision.inference.BundleModel`), ``postprocess``
+names the outputs. A regression answer is clipped to the bundle's value range
+(the training values' range plus a margin) and its record says
+``"out_of_range": true`` when the raw prediction fell outside it.
 It speaks both KServe protocols:
 
 * V1 ``POST /v1/models/<name>:predict`` with ``{"instances": [{"b64": "..."}, ...]}``
@@ -13,9 +16,11 @@ It speaks both KServe protocols:
   (regression: ``values``) of shape [N, outputs].
 
 The control plane calls :meth:`BundlePredictor.predict_images` directly (no HTTP).
-Heads over the shared frozen backbone take embeddings from one process-wide
-:class:`taskvision.backbone.Embedder` with a content-keyed cache, so an image
-is embedded once however many tasks or versions are asked about it.
+Heads over shared frozen backbones take their features from
+:mod:`taskvision.features`, which runs one process-wide
+:class:`taskvision.backbone.Embedder` per backbone with a content-keyed cache,
+so an image goes through a backbone once however many tasks or versions are
+asked about it.
 """
 
 from __future__ import annotations
@@ -33,11 +38,11 @@ from kserve import Model
 from kserve.errors import InvalidInput
 from kserve.protocol.infer_type import InferOutput, InferRequest, InferResponse
 
-from taskvision import imaging
+from taskvision import features, imaging
 from taskvision.backbone import Embedder, shared_embedder
+from taskvision.bundle import clip_values
 from taskvision.errors import TaskVisionError
 from taskvision.inference import BundleModel
-from taskvision.preprocess import preprocess_bytes
 from taskvision.task_types import TaskType
 
 logger = logging.getLogger(__name__)
@@ -75,15 +80,22 @@ class BundlePredictor(Model):
         super().__init__(name)
         self.bundle_dir = bundle_dir
         self.max_image_pixels = max_image_pixels
-        self._embedder = embedder
+        self._embedder = embedder  # used for its own backbone; the shared ones for the others
         self.model: BundleModel | None = None
 
     # ---- lifecycle -----------------------------------------------------------
 
+    def embedder(self, backbone_id: str) -> Embedder:
+        """A backbone's embedder: the one this predictor was given, for its backbone; else the shared one."""
+        if self._embedder is not None and self._embedder.spec.id == backbone_id:
+            return self._embedder
+        return shared_embedder(backbone_id)
+
     def load(self) -> bool:
         self.model = BundleModel.load(self.bundle_dir)
-        if self.model.meta.frozen_backbone and self._embedder is None:
-            self._embedder = shared_embedder()
+        if self.model.meta.frozen_backbone:
+            for backbone_id in features.backbones_needed(self.model.meta.features):
+                self.embedder(backbone_id)  # its ONNX Runtime session is ready before the first request
         self.ready = True
         logger.info("loaded %s from %s", self.name, self.bundle_dir)
         return self.ready
@@ -97,27 +109,33 @@ class BundlePredictor(Model):
     # ---- direct use (the control plane) -----------------------------------------
 
     def decode(self, data: bytes) -> tuple[npt.NDArray[np.float32], tuple[int, int]]:
-        """One image's model input and its (width, height); raises TaskVisionError on bad input."""
-        return preprocess_bytes(data, max_pixels=self.max_image_pixels)
+        """One image's model input (a flat array) and its (width, height); TaskVisionError on bad input."""
+        image, size = self.bundle.decode(data, max_pixels=self.max_image_pixels)
+        return self.bundle.prepare(image), size
 
     def outputs_for_arrays(self, arrays: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
-        """Probabilities (classification) or values (regression) for preprocessed images."""
+        """Probabilities (classification) or raw values (regression) for stacked :meth:`decode` inputs."""
         model = self.bundle
-        if model.meta.frozen_backbone:
-            assert self._embedder is not None
-            return model.outputs(model.logits_from_embeddings(self._embedder.embed_arrays(arrays)))
-        return model.outputs(model.logits_from_arrays(arrays))
+        return model.outputs(model.logits_from_prepared(arrays, embedder=self.embedder))
 
     def describe(self, row: npt.NDArray[np.float32]) -> dict[str, Any]:
-        """One image's answer: ``best_label`` and ``labels`` sorted by probability (or the value)."""
+        """One image's answer: ``best_label`` and ``labels`` sorted by probability (or the value).
+
+        Regression values are clipped to the bundle's value range; ``out_of_range: true``
+        says that the model's raw value was outside it (e.g. a photo unlike the training ones).
+        """
         meta = self.bundle.meta
         labels = meta.labels
         if meta.task_type is TaskType.REGRESSION:
+            clipped, outside = clip_values(meta, np.asarray(row)[None, :])
             values = [
                 {"id": lb["id"], "name": lb["name"], "value": float(v)}
-                for lb, v in zip(labels, row, strict=True)
+                for lb, v in zip(labels, clipped[0], strict=True)
             ]
-            return {"best_label": values[0], "labels": values}
+            answer: dict[str, Any] = {"best_label": values[0], "labels": values}
+            if outside[0]:
+                answer["out_of_range"] = True
+            return answer
         ranked: list[dict[str, Any]] = sorted(
             (
                 {"id": lb["id"], "name": lb["name"], "prob": round(float(p), 5)}
@@ -174,9 +192,12 @@ class BundlePredictor(Model):
         outputs: _Outputs = result
         if outputs.protocol == "v1":
             return {"predictions": [self.describe(row) for row in outputs.values]}
-        name = "values" if self.bundle.meta.task_type is TaskType.REGRESSION else "probabilities"
-        tensor = InferOutput(name=name, shape=list(outputs.values.shape), datatype="FP32")
-        tensor.set_data_from_numpy(outputs.values.astype(np.float32), binary_data=False)
+        values = outputs.values
+        name = "probabilities"
+        if self.bundle.meta.task_type is TaskType.REGRESSION:
+            name, values = "values", clip_values(self.bundle.meta, values)[0]
+        tensor = InferOutput(name=name, shape=list(values.shape), datatype="FP32")
+        tensor.set_data_from_numpy(values.astype(np.float32), binary_data=False)
         return InferResponse(
             response_id=outputs.request_id or "",
             model_name=self.name,

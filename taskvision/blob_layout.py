@@ -6,7 +6,8 @@ keys with these functions (a local directory and an S3 bucket use the same keys)
     images/<workspace>/<sha[:2]>/<sha>             an uploaded image (content-addressed)
     thumbs/<workspace>/<sha[:2]>/<sha>.jpg         its JPEG thumbnail
     datasets/<task>/<snapshot>/                    a frozen training set: dataset.json + manifest.jsonl
-    runs/<task>/<run>/                             a training run's reports: progress.json, failure.json, ...
+    runs/<task>/<run>/                             a training run's reports: progress.json, failure.json,
+                                                   run_info.json
     models/<task>/<run>/                           a model bundle: bundle.json + weights
     embeddings/<embedding>/<variant>/<sha[:2]>/<sha>.npy   cached backbone embeddings of an image
 
@@ -27,6 +28,7 @@ EMBEDDINGS = "embeddings"
 
 PROGRESS_FILE = "progress.json"
 FAILURE_FILE = "failure.json"
+RUN_INFO_FILE = "run_info.json"
 
 
 def image_key(workspace_id: str, sha256: str) -> str:
@@ -56,6 +58,11 @@ def progress_key(run_prefix: str) -> str:
 
 def failure_key(run_prefix: str) -> str:
     return f"{run_prefix}/{FAILURE_FILE}"
+
+
+def run_info_key(run_prefix: str) -> str:
+    """What a run's steps decided (its effective parameters)."""
+    return f"{run_prefix}/{RUN_INFO_FILE}"
 
 
 def embedding_key(embedding_id: str, variant: str, sha256: str) -> str:

@@ -2,14 +2,23 @@
 
 A bundle is a folder (local or under ``models/<task>/<run>/`` in the blob store)::
 
-    bundle.json   task type, ordered labels, backbone, preprocessing, thresholds,
-                  target scaling, metrics, dataset snapshot, training parameters
-    head.onnx     frozen-backbone models: embedding (N, 1280) -> logits (N, K)
-    model.onnx    fine-tuned models: image (N, 3, 224, 224) -> logits (N, K)
+    bundle.json   task type, ordered labels, backbone, preprocessing, features,
+                  thresholds, target scaling and value range, metrics, what model
+                  selection tried (``selection``), dataset snapshot, training parameters
+    head.onnx     frozen-backbone models: features (N, D) -> logits (N, K), one Gemm
+    head.npz      the same head as plain arrays: ``weight`` (K, D) and ``bias`` (K,)
+    model.onnx    fine-tuned models (whole network): image (N, 3, S, S) -> logits (N, K)
+
+A frozen-backbone head's input is the concatenation of the vectors its
+``features`` ids name (:mod:`taskvision.features`); a bundle written before that
+list existed means Lite0's multi-scale embedding, and loads as such.
 
 Logits become answers the same way for every bundle (:func:`outputs_from_logits`):
 softmax for multi_class, sigmoid for multi_label, ``logit * std + mean`` for
-regression. Serving never reads the database, only this.
+regression. A regression answer is then clipped to ``value_range`` (the
+training values' range plus a margin, see :func:`value_range`), and flagged
+when its raw value fell outside (:func:`clip_values`). Serving never reads the
+database, only this.
 """
 
 from __future__ import annotations
@@ -21,11 +30,14 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from taskvision.features import LEGACY_FEATURES
 from taskvision.task_types import TaskType
 
 FORMAT = "taskvision.bundle/v1"
 HEAD_FILE = "head.onnx"
+HEAD_ARRAYS_FILE = "head.npz"
 MODEL_FILE = "model.onnx"
+RANGE_MARGIN = 0.05  # of the training values' span, on each side
 
 
 @dataclass
@@ -41,6 +53,10 @@ class BundleMeta:
     target_mean: list[float] = field(default_factory=list)  # regression: per output
     target_std: list[float] = field(default_factory=list)
     negative_label: dict[str, str] | None = None  # multi_label: answered when no tag passes
+    # Frozen-backbone heads: ordered feature ids whose vectors, concatenated, are the head's input.
+    features: list[str] = field(default_factory=lambda: list(LEGACY_FEATURES))
+    value_range: list[list[float]] = field(default_factory=list)  # regression: per output [low, high]
+    selection: dict[str, Any] = field(default_factory=dict)  # what model selection tried and chose
     metrics: dict[str, Any] = field(default_factory=dict)
     dataset_snapshot: str = ""
     training: dict[str, Any] = field(default_factory=dict)
@@ -51,6 +67,11 @@ class BundleMeta:
     @property
     def weights_file(self) -> str:
         return HEAD_FILE if self.frozen_backbone else MODEL_FILE
+
+    @property
+    def files(self) -> list[str]:
+        """The weight files of this bundle besides bundle.json."""
+        return [HEAD_FILE, HEAD_ARRAYS_FILE] if self.frozen_backbone else [MODEL_FILE]
 
     def to_json(self) -> str:
         data = asdict(self)
@@ -82,6 +103,42 @@ def outputs_from_logits(meta: BundleMeta, logits: npt.NDArray[np.float32]) -> np
     mean = np.asarray(meta.target_mean, dtype=np.float32)
     std = np.asarray(meta.target_std, dtype=np.float32)
     return (logits * std + mean).astype(np.float32)
+
+
+def value_range(y: npt.NDArray[np.float32], *, margin: float = RANGE_MARGIN) -> list[list[float]]:
+    """Per output, the training values' [min, max] widened by ``margin`` of their span on each side.
+
+    The margin does not cross zero when every training value is on one side of it:
+    a quantity that was never negative (an age, a count, a price) is not answered negative.
+    """
+    table = np.asarray(y, dtype=np.float64).reshape(len(y), -1)
+    ranges = []
+    for column in table.T:
+        low, high = float(column.min()), float(column.max())
+        pad = margin * (high - low)
+        new_low, new_high = low - pad, high + pad
+        if low >= 0:
+            new_low = max(new_low, 0.0)
+        if high <= 0:
+            new_high = min(new_high, 0.0)
+        ranges.append([new_low, new_high])
+    return ranges
+
+
+def clip_values(
+    meta: BundleMeta, values: npt.NDArray[np.float32]
+) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.bool_]]:
+    """Regression values clipped to the bundle's ``value_range``, and which rows were outside it.
+
+    A bundle without a range (written before ranges existed) answers unclipped.
+    """
+    values = np.asarray(values, dtype=np.float32).reshape(len(values), -1)
+    if not meta.value_range:
+        return values, np.zeros(len(values), dtype=bool)
+    low = np.asarray([r[0] for r in meta.value_range], dtype=np.float32)
+    high = np.asarray([r[1] for r in meta.value_range], dtype=np.float32)
+    outside: npt.NDArray[np.bool_] = np.asarray(((values < low) | (values > high)).any(axis=1))
+    return np.clip(values, low, high).astype(np.float32), outside
 
 
 def linear_head_onnx(weight: npt.NDArray[np.float32], bias: npt.NDArray[np.float32]) -> bytes:

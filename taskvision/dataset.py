@@ -14,6 +14,7 @@ read them. Nothing here touches the database.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -89,3 +90,80 @@ def read_manifest_records(store: BlobStore, prefix: str) -> list[dict[str, Any]]
         for line in store.get(f"{prefix}/manifest.jsonl").decode().splitlines()
         if line.strip()
     ]
+
+
+@dataclass
+class Trainability:
+    """Whether a snapshot's labels can be trained on, from the labels alone (no image is read).
+
+    The one set of rules behind both the train request's immediate answer (the API's fail-fast
+    check) and the pipeline's validate step, which adds the checks that need the image bytes.
+    """
+
+    problems: list[str] = field(default_factory=list)
+    counts: dict[str, int] = field(default_factory=dict)  # images per label name
+    image_ids: list[str] = field(default_factory=list)  # images at fault (e.g. two categories)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def _images(n: int) -> str:
+    return f"{n} image" if n == 1 else f"{n} images"
+
+
+def _finite(value: object) -> bool:
+    return isinstance(value, int | float) and math.isfinite(value)
+
+
+def _images_have(n: int) -> str:
+    return f"{n} image has" if n == 1 else f"{n} images have"
+
+
+def trainability(info: DatasetInfo, rows: list[ManifestRow], *, min_images_per_label: int) -> Trainability:
+    """Every reason the labels of ``rows`` cannot train a model of ``info``'s type, in words."""
+    report = Trainability()
+    classification = info.task_type is not TaskType.REGRESSION
+    if not rows:
+        report.problems.append("The task has no labelled training images.")
+    if classification and len(info.labels) < 2:
+        report.problems.append(f"The task has {len(info.labels)} label(s); at least 2 are needed to train.")
+    if not classification and not info.output_labels:
+        report.problems.append("A regression task needs a value label.")
+    per_label: dict[str, int] = {}
+    trainable: dict[str, int] = {}
+    for row in rows:
+        for lid in row.labels:
+            per_label[lid] = per_label.get(lid, 0) + 1
+            if not row.test_image:
+                trainable[lid] = trainable.get(lid, 0) + 1
+    if rows and info.task_type is TaskType.MULTI_CLASS:
+        several = [row.image_id for row in rows if len(row.labels) > 1]
+        if several:
+            report.problems.append(
+                f"{_images_have(len(several))} more than one category of this task; "
+                "a categorization image needs exactly one."
+            )
+            report.image_ids.extend(several)
+    if rows and info.task_type is TaskType.REGRESSION:
+        for label in info.output_labels:
+            missing = [row.image_id for row in rows if not _finite(row.values.get(label.id))]
+            if missing:
+                report.problems.append(f"{_images_have(len(missing))} no finite value for '{label.name}'.")
+                report.image_ids.extend(missing)
+    for label in info.labels:
+        count = per_label.get(label.id, 0)
+        report.counts[label.name] = count
+        if label.negative or not rows:
+            continue
+        if count and not trainable.get(label.id):
+            report.problems.append(
+                f"label '{label.name}' has no training images: all {count} are marked as test images"
+            )
+        elif count < min_images_per_label:
+            what = _images(count) if classification else f"{_images(count)} with a value"
+            report.problems.append(
+                f"label '{label.name}' has {what}; at least {min_images_per_label} are needed"
+            )
+    return report

@@ -15,6 +15,7 @@ class TaskVisionError(Exception):
 
     status: int = 500
     code: str = "internal_error"
+    extra: dict[str, object] = {}  # more fields of the JSON answer  # noqa: RUF012 - read-only default
 
     def __init__(self, detail: str, *, code: str | None = None) -> None:
         super().__init__(detail)
@@ -34,6 +35,16 @@ class InvalidImageError(BadRequestError):
     """400: the bytes are not a decodable image, or not valid base64."""
 
     code = "invalid_image"
+
+
+class NotTrainableError(BadRequestError):
+    """400: the task's data cannot pass validation; the answer lists why, the counts, the images at fault."""
+
+    code = "not_trainable"
+
+    def __init__(self, problems: list[str], *, counts: dict[str, int], image_ids: list[str]) -> None:
+        super().__init__("The task cannot be trained yet: " + "; ".join(problems) + ".")
+        self.extra = {"problems": problems, "counts": counts, "image_ids": image_ids}
 
 
 class ImageGeometryError(InvalidImageError):

@@ -21,8 +21,30 @@ def _prf(tp: float, fp: float, fn: float) -> dict[str, float]:
     return {"precision": precision, "recall": recall, "f1": f1}
 
 
+def expected_calibration_error(
+    correct: FloatArray | IntArray, confidence: FloatArray, *, bins: int = 10
+) -> float:
+    """How far stated confidence is from the observed frequency: the mean over ``bins`` equal-width
+    confidence bins of |frequency - mean confidence|, weighted by the bin's share of the rows.
+
+    ``correct`` is 1/0 per row (the prediction was right, or the tag is present), ``confidence``
+    the probability the model gave it. 0 is perfectly calibrated.
+    """
+    correct, confidence = np.asarray(correct, dtype=float), np.asarray(confidence, dtype=float)
+    if len(correct) == 0:
+        return 0.0
+    index = np.minimum((confidence * bins).astype(int), bins - 1)
+    total = 0.0
+    for b in range(bins):
+        members = index == b
+        if members.any():
+            total += members.sum() * abs(correct[members].mean() - confidence[members].mean())
+    return float(total / len(correct))
+
+
 def classification_metrics(y_true: IntArray, probs: FloatArray, label_names: list[str]) -> dict[str, Any]:
-    """multi_class: accuracy, per-label and macro precision/recall/F1, confusion matrix (rows = truth)."""
+    """multi_class: accuracy, per-label and macro precision/recall/F1, confusion matrix (rows = truth),
+    expected calibration error of the top label's probability."""
     n = len(label_names)
     y_pred = probs.argmax(axis=1)
     confusion = np.zeros((n, n), dtype=np.int64)
@@ -40,6 +62,7 @@ def classification_metrics(y_true: IntArray, probs: FloatArray, label_names: lis
         "precision": macro["precision"],
         "recall": macro["recall"],
         "f1": macro["f1"],
+        "ece": expected_calibration_error((y_pred == y_true).astype(float), probs.max(axis=1)),
         "per_label": per_label,
         "confusion_matrix": {"labels": label_names, "matrix": confusion.tolist()},
         "test_images": len(y_true),
@@ -80,7 +103,8 @@ def best_f1_thresholds(y_true: IntArray, scores: FloatArray, *, default: float =
 def tagging_metrics(
     y_true: IntArray, probs: FloatArray, label_names: list[str], thresholds: list[float]
 ) -> dict[str, Any]:
-    """multi_label: per-label P/R/F1 at the given thresholds, macro averages, mAP, exact-match accuracy."""
+    """multi_label: per-label P/R/F1 at the given thresholds, macro averages, mAP, exact-match accuracy,
+    and expected calibration error (per label of its tag probability; ``ece`` is their mean)."""
     predicted = probs >= np.asarray(thresholds)[None, :]
     per_label = {}
     aps = []
@@ -91,6 +115,7 @@ def tagging_metrics(
         per_label[name] = {
             **_prf(float((truth & pred).sum()), float((~truth & pred).sum()), float((truth & ~pred).sum())),
             "average_precision": ap,
+            "ece": expected_calibration_error(y_true[:, j], probs[:, j]),
             "threshold": thresholds[j],
             "support": int(truth.sum()),
         }
@@ -101,6 +126,7 @@ def tagging_metrics(
         "precision": macro["precision"],
         "recall": macro["recall"],
         "f1": macro["f1"],
+        "ece": float(np.mean([m["ece"] for m in per_label.values()])) if per_label else 0.0,
         "per_label": per_label,
         "test_images": len(y_true),
     }

@@ -3,7 +3,9 @@
 EfficientNet-Lite0 (timm ``tf_efficientnet_lite0``) was trained on 224x224
 crops normalised with mean = std = 0.5 and bicubic resizing. Evaluation (and
 so serving) resizes the shorter side to 224 / 0.875 = 256 and takes the
-centre 224x224 crop. Implemented with PIL and numpy, so serving needs no torch.
+centre 224x224 crop (:data:`DEFAULT`). Lite1 and Lite2 do the same at 240 and
+260 (crop fractions 0.882 and 0.890; see :mod:`taskvision.backbone`).
+Implemented with PIL and numpy, so serving needs no torch.
 """
 
 from __future__ import annotations
@@ -83,15 +85,22 @@ def _normalisation_table(
     return table
 
 
+def decode_image(data: bytes, *, max_pixels: int, min_side: int) -> tuple[Image.Image, tuple[int, int]]:
+    """Decode image bytes for model inputs. Returns (upright RGB picture, original (width, height)).
+
+    Every model input (training, evaluation, serving, any backbone) is decoded
+    here, through :mod:`taskvision.imaging`'s checks. Large JPEGs are decoded at
+    a reduced scale, never below ``min_side`` (twice the largest resize the
+    picture is for), since the models see only a few hundred pixels.
+    """
+    width, height = imaging.upright_size(data, max_pixels=max_pixels)
+    image = imaging.load_rgb(data, max_pixels=max_pixels, draft_size=(min_side, min_side))
+    return image, (width, height)
+
+
 def preprocess_bytes(
     data: bytes, *, max_pixels: int, config: PreprocessConfig = DEFAULT
 ) -> tuple[npt.NDArray[np.float32], tuple[int, int]]:
-    """Decode image bytes and preprocess for evaluation. Returns (CHW array, original (width, height)).
-
-    Large JPEGs are decoded at a reduced scale (never at full size) since the
-    model only sees 224 pixels.
-    """
-    draft = (config.resize_to * 2, config.resize_to * 2)
-    width, height = imaging.upright_size(data, max_pixels=max_pixels)
-    image = imaging.load_rgb(data, max_pixels=max_pixels, draft_size=draft)
-    return to_array(resize_and_crop(image, config), config), (width, height)
+    """Decode image bytes and preprocess for evaluation. Returns (CHW array, original (width, height))."""
+    image, size = decode_image(data, max_pixels=max_pixels, min_side=config.resize_to * 2)
+    return to_array(resize_and_crop(image, config), config), size

@@ -65,8 +65,8 @@ def _probe_all(data_dir: str) -> dict[str, dict[str, Any]]:
     from api.services.versions import import_bundle
     from api.settings import Settings
     from components.lib import finetune, validate
-    from components.lib.train import TrainConfig, embed_rows
-    from taskvision import imaging
+    from components.lib.embeddings import embed_views
+    from taskvision import backbone, imaging
     from taskvision.dataset import DatasetInfo, LabelInfo, ManifestRow
     from taskvision.storage import LocalBlobStore
     from taskvision.task_types import TaskType
@@ -100,7 +100,7 @@ def _probe_all(data_dir: str) -> dict[str, dict[str, Any]]:
         created="",
         count=1,
     )
-    config = TrainConfig(mode="embed", cache_embeddings=False)
+    view = (backbone.BACKBONE_ID, False)
 
     def row_for(data: bytes, name: str) -> ManifestRow:
         store.put(f"images/{name}", data)
@@ -132,7 +132,7 @@ def _probe_all(data_dir: str) -> dict[str, dict[str, Any]]:
         "thumbnail": lambda d: len(imaging.thumbnail_jpeg(d, max_side=256, max_pixels=80_000_000)),
         "downscale": lambda d: imaging.downscale(d, max_shorter_side=1024, max_pixels=80_000_000),
         "validation": validation,
-        "train_step": lambda d: embed_rows(store, [row_for(d, "t")], config).shape,
+        "train_step": lambda d: embed_views(store, [row_for(d, "t")], [view], use_cache=False)[view].shape,
         # The evaluate step's inputs are decoded by the train step's loaders (fine-tune: test images).
         "evaluate_step": lambda d: finetune._load(store, row_for(d, "e"), 80_000_000).size,
     }

@@ -244,6 +244,8 @@ class Model(Base):
     train_status: Mapped[str] = mapped_column(String(32), default=TrainStatus.TRAINED)
     metrics: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     bundle_uri: Mapped[str] = mapped_column(String(1024), default="")
+    # The training run that made it (None for an imported bundle).
+    run_id: Mapped[str | None] = mapped_column(String(36), nullable=True)
     created: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
     task: Mapped[Task] = relationship(lazy="joined")
@@ -261,7 +263,10 @@ class TrainingRun(Base):
     runner: Mapped[str] = mapped_column(String(16))
     handle: Mapped[str] = mapped_column(String(255), default="")  # the runner's id (a KFP run id)
     snapshot_prefix: Mapped[str] = mapped_column(String(255))
-    params: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    params: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)  # as asked for
+    # What the run actually used: the service's defaults filled in, and what its steps resolved
+    # (the mode "auto" became, the split sizes, the chosen model).
+    effective_params: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     step: Mapped[str] = mapped_column(String(32), default="")
     progress: Mapped[float] = mapped_column(Float, default=0.0)
     message: Mapped[str] = mapped_column(Text, default="")
@@ -269,4 +274,59 @@ class TrainingRun(Base):
     model_version: Mapped[int | None] = mapped_column(Integer, nullable=True)
     created: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     started: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    finished: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+
+
+class ImagePrediction(Base):
+    """What a task's model answered for a stored image (classify with store_images): the review queue."""
+
+    __tablename__ = "image_predictions"
+    __table_args__ = (Index("ix_image_predictions_task_uncertainty", "task_id", "uncertainty"),)
+
+    image_id: Mapped[str] = mapped_column(
+        ForeignKey("training_images.id", ondelete="CASCADE"), primary_key=True
+    )
+    task_id: Mapped[str] = mapped_column(ForeignKey("tasks.id", ondelete="CASCADE"), primary_key=True)
+    version: Mapped[int] = mapped_column(Integer)
+    answer: Mapped[dict[str, Any]] = mapped_column(JSON)  # best_label, labels (as classify answered)
+    uncertainty: Mapped[float] = mapped_column(Float)  # 0 sure .. 1 unsure
+    created: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class WebhookEndpoint(Base):
+    """A URL of a workspace that is told about its trainings and production switches."""
+
+    __tablename__ = "webhook_endpoints"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    workspace_id: Mapped[str] = mapped_column(String(36), index=True)
+    url: Mapped[str] = mapped_column(String(2048))
+    events: Mapped[list[str]] = mapped_column(JSON)
+    secret: Mapped[str] = mapped_column(String(128))  # signs deliveries (HMAC-SHA256)
+    created: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class DeliveryStatus(StrEnum):
+    PENDING = "PENDING"  # waiting for its next attempt
+    SUCCEEDED = "SUCCEEDED"
+    FAILED = "FAILED"  # no 2xx within the retry window
+
+
+class WebhookDelivery(Base):
+    """One event sent (or being retried) to one endpoint."""
+
+    __tablename__ = "webhook_deliveries"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    endpoint_id: Mapped[str] = mapped_column(
+        ForeignKey("webhook_endpoints.id", ondelete="CASCADE"), index=True
+    )
+    event: Mapped[str] = mapped_column(String(64))
+    payload: Mapped[dict[str, Any]] = mapped_column(JSON)
+    status: Mapped[str] = mapped_column(String(16), default=DeliveryStatus.PENDING, index=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    last_status_code: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    last_error: Mapped[str] = mapped_column(Text, default="")
+    next_attempt: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    created: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     finished: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)

@@ -71,3 +71,23 @@ def paginate(
         "previous": _page_url(request, pr.page - 1) if pr.page > 1 else None,
         "results": serialize(rows),
     }
+
+
+def paginate_rows(
+    session: Session,
+    stmt: Select[Any],
+    *,
+    request: Request,
+    page: PageRequest,
+    serialize: Callable[[Sequence[Any]], list[Any]],
+) -> dict[str, Any]:
+    """As :func:`paginate`, for a statement of several columns (rows are tuples)."""
+    count = session.scalar(select(func.count()).select_from(stmt.order_by(None).subquery())) or 0
+    rows = session.execute(stmt.offset((page.page - 1) * page.page_size).limit(page.page_size)).all()
+    has_next = page.page * page.page_size < count
+    return {
+        "count": count,
+        "next": _page_url(request, page.page + 1) if has_next else None,
+        "previous": _page_url(request, page.page - 1) if page.page > 1 else None,
+        "results": serialize(rows),
+    }

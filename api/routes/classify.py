@@ -37,6 +37,7 @@ from api.deps import (
 from api.http.openapi import COMMON, also_document, errors
 from api.http.routing import SlashAgnosticRouter
 from api.schemas.classify import MAX_RECORDS, ClassifyRecord, ClassifyRequest, ClassifyResponse
+from api.services import review
 from api.services.classifiers import Answer, Classifier, ClassifyTarget
 from api.services.ingest import prepare_image, store_image
 from api.services.lookups import get_task
@@ -94,7 +95,7 @@ async def classify(
         )
         if data.store_images:
             await run_in_threadpool(
-                _store_all, session, blobs, user, settings, data.records, records, sources
+                _store_all, session, blobs, user, settings, target, data.records, records, sources
             )
     return {
         "task_id": target.task_id,
@@ -196,11 +197,13 @@ def _store_all(
     blobs: BlobStore,
     user: User,
     settings: Settings,
+    target: ClassifyTarget,
     records: list[dict[str, Any]],
     results: list[dict[str, Any]],
     sources: list[Source],
 ) -> None:
     """Keep each classified image as an (unlabelled) training image for later review."""
+    task = get_task(session, user, target.task_id)
     for record, result, source in zip(records, results, sources, strict=True):
         if not isinstance(source, bytes) or result.get("_status", {}).get("code") != 200:
             continue
@@ -210,3 +213,7 @@ def _store_all(
             result["_stored_image_id"] = store_image(session, blobs, user, prepared, meta_data=meta).id
         except DuplicateImageError as exc:
             result["_stored_image_id"] = exc.image_id
+        # What the model said, for the review queue (GET /task/{id}/review).
+        review.record_prediction(
+            session, image_id=result["_stored_image_id"], task=task, version=target.version, answer=result
+        )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Annotated, Any
 
 from fastapi import Request, Response
@@ -14,6 +15,7 @@ from api.deps import (
     BlobsDep,
     ClassifierDep,
     CurrentUser,
+    ImageIdPath,
     ServicesDep,
     SessionDep,
     TaskIdPath,
@@ -21,14 +23,17 @@ from api.deps import (
     body_of,
 )
 from api.http.openapi import COMMON, errors
-from api.http.pagination import PageDep, paginate
+from api.http.pagination import PageDep, paginate, paginate_rows
 from api.http.routing import SlashAgnosticRouter
-from api.presenters import run_public, task_public
+from api.presenters import image_public, runs_public, task_public
 from api.schemas.common import Page
+from api.schemas.images import ImagePublic, ReviewDecision, ReviewItem
 from api.schemas.tasks import LabelIdBody, TaskCreate, TaskPublic, TaskUpdate, TrainAccepted, TrainRequest
+from api.services import review
 from api.services.container import Services
-from api.services.lookups import get_label, get_task
+from api.services.lookups import get_image, get_label, get_task
 from api.services.task_labels import attach_label, detach_label
+from api.services.versions import set_production
 from taskvision import blob_layout
 from taskvision.errors import BadRequestError
 from taskvision.task_types import LabelType, TaskType
@@ -41,6 +46,7 @@ TaskCreateBody = Annotated[TaskCreate, body_of(TaskCreate, form=True)]
 TaskUpdateBody = Annotated[TaskUpdate, body_of(TaskUpdate, form=True, required=False)]
 LabelIdBodyDep = Annotated[LabelIdBody, body_of(LabelIdBody, form=True)]
 TrainBody = Annotated[TrainRequest, body_of(TrainRequest, required=False)]
+ReviewBody = Annotated[ReviewDecision, body_of(ReviewDecision, required=False)]
 
 
 @router.get("/", response_model=Page[TaskPublic])
@@ -101,7 +107,7 @@ def _update(task_id: str, services: Services, session: Session, user: User, data
             raise BadRequestError(
                 f"Task {task.id} has no trained version {data.production_version}.", code="unknown_version"
             )
-        task.production_version = data.production_version
+        set_production(session, task, data.production_version)
     session.commit()
     session.refresh(task)
     services.jobs.wake()  # a new production version or canary share: the reconciler acts now
@@ -154,7 +160,7 @@ def train_task(
     """Start a training; answers at once with the queued run (follow it at /training-run/{id})."""
     task = get_task(session, user, task_id, for_update=True)
     run = training.request_training(session, user, task, data.parameters())
-    return {**run_public(run), "task_status": task.last_train_status}
+    return {**runs_public(session, [run])[0], "task_status": task.last_train_status}
 
 
 @router.post("/{task_id}/add-label", response_model=TaskPublic)
@@ -171,3 +177,44 @@ def remove_label(task_id: TaskIdPath, session: SessionDep, user: CurrentUser, da
     task = get_task(session, user, task_id)
     detach_label(session, task, get_label(session, user, data.label_id, referenced=True))
     return task_public(task)
+
+
+@router.get("/{task_id}/review", response_model=Page[ReviewItem])
+def review_queue(
+    task_id: TaskIdPath, request: Request, session: SessionDep, user: CurrentUser, page: PageDep
+) -> Any:
+    """Images classify stored for this task (``store_images``) that have none of its labels yet,
+    the most uncertain first, with the model's suggestion (the review queue)."""
+    task = get_task(session, user, task_id)
+    task_type = TaskType(task.type)
+
+    def items(rows: Sequence[Any]) -> list[dict[str, Any]]:
+        return [
+            ReviewItem(
+                image=ImagePublic.model_validate(image_public(image, request)),
+                version=prediction.version,
+                suggested=review.suggestion(task_type, prediction.answer),
+                labels=prediction.answer.get("labels") or [],
+                uncertainty=prediction.uncertainty,
+                predicted=prediction.created,
+            ).model_dump(mode="json")
+            for image, prediction in rows
+        ]
+
+    return paginate_rows(session, review.uncertain_images(task), request=request, page=page, serialize=items)
+
+
+@router.post("/{task_id}/review/{image_id}", response_model=ImagePublic)
+def review_image(
+    task_id: TaskIdPath,
+    image_id: ImageIdPath,
+    request: Request,
+    session: SessionDep,
+    user: CurrentUser,
+    data: ReviewBody,
+) -> Any:
+    """Label a queued image in one call: the suggestion (an empty body), or the labels/value given."""
+    task = get_task(session, user, task_id)
+    image = get_image(session, user, image_id)
+    review.apply_review(session, task, image, label_ids=data.label_ids, value=data.value)
+    return image_public(get_image(session, user, image_id), request)

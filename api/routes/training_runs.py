@@ -12,7 +12,7 @@ from api.deps import CurrentUser, RunIdPath, SessionDep
 from api.http.openapi import COMMON, errors
 from api.http.pagination import PageDep, paginate
 from api.http.routing import SlashAgnosticRouter
-from api.presenters import run_public
+from api.presenters import runs_public
 from api.schemas.common import ID_PATTERN, Page
 from api.schemas.runs import TrainingRunPublic
 from api.services.lookups import get_task
@@ -37,7 +37,7 @@ def list_runs(
         stmt = stmt.where(TrainingRun.task_id == get_task(session, user, task).id)
     stmt = stmt.order_by(TrainingRun.created.desc(), TrainingRun.id)
     return paginate(
-        session, stmt, request=request, page=page, serialize=lambda rows: [run_public(r) for r in rows]
+        session, stmt, request=request, page=page, serialize=lambda rows: runs_public(session, rows)
     )
 
 
@@ -48,4 +48,4 @@ def get_run(run_id: RunIdPath, session: SessionDep, user: CurrentUser) -> Any:
     )
     if run is None:
         raise NotFoundError(f"Training run {run_id} not found.")
-    return run_public(run)
+    return runs_public(session, [run])[0]

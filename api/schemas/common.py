@@ -70,6 +70,13 @@ class ErrorPublic(BaseModel):
         default=None, description="422 only: each problem with its location (loc), message and type."
     )
     id: str | None = Field(default=None, description="Duplicate upload only: the existing image's id.")
+    problems: list[str] | None = Field(
+        default=None, description="not_trainable only: every reason the task cannot be trained yet."
+    )
+    counts: dict[str, int] | None = Field(default=None, description="not_trainable only: images per label.")
+    image_ids: list[str] | None = Field(
+        default=None, description="not_trainable only: the images at fault (e.g. with two categories)."
+    )
 
 
 class Page(BaseModel, Generic[T]):

@@ -114,3 +114,27 @@ class ImagePublic(BaseModel):
     verifyCount: int
     labels: list[ImageLabelPublic]
     workspace: str
+
+
+class ReviewItem(BaseModel):
+    """A stored image waiting for a label, with what the task's model said about it."""
+
+    image: ImagePublic
+    version: int = Field(description="The model version that answered.")
+    suggested: list[dict[str, Any]] = Field(
+        description="The labels the model suggests ({id, name, prob}; regression: {id, name, value})."
+    )
+    labels: list[dict[str, Any]] = Field(description="Every label's probability (regression: the value).")
+    uncertainty: float = Field(description="0 sure .. 1 unsure (the queue's order).")
+    predicted: datetime
+
+
+class ReviewDecision(RequestBody):
+    """Leave both out to accept the suggestion; else the labels (or value) to set instead."""
+
+    label_ids: list[Id] | None = Field(
+        default=None,
+        max_length=MAX_BULK_IDS,
+        description="multi_class: one label; multi_label: the tags (an empty list: none of them).",
+    )
+    value: float | None = Field(default=None, description="regression: the image's value.")

@@ -18,4 +18,5 @@ class ModelPublic(BaseModel):
     train_status: TrainStatus
     production: bool = Field(description="Whether classify answers with this version by default.")
     metrics: dict[str, Any] = Field(description="The evaluation on the test split.")
+    run_id: str | None = Field(description="The training run that made it (null: an imported bundle).")
     created: datetime

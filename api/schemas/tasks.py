@@ -74,6 +74,11 @@ class TrainRequest(RequestBody):
         description="embed: frozen backbone and a fitted head (CPU); finetune: end to end (GPU); "
         "auto: finetune when the trainer has a GPU.",
     )
+    quality: Literal["fast", "balanced", "best"] | None = Field(
+        default=None,
+        description="CPU training: speed against accuracy: fast (one backbone), balanced (the default: "
+        "model selection within about 30 s for 600 images), best (minutes, more candidates).",
+    )
     augment: Literal["none", "flip"] | None = None
     epochs: Annotated[int, Field(ge=1, le=500), WholeNumber] | None = Field(
         default=None, description="Fine-tuning only."

@@ -28,8 +28,9 @@ class Job:
 
 
 class BackgroundJobs:
-    def __init__(self, *, poll_interval_s: float) -> None:
+    def __init__(self, *, poll_interval_s: float, name: str = "background-jobs") -> None:
         self.poll_interval_s = poll_interval_s
+        self.name = name
         self.jobs: list[Job] = []
         self._stop = threading.Event()
         self._wake = threading.Event()
@@ -39,7 +40,7 @@ class BackgroundJobs:
         self.jobs.append(Job(name, run, interval_s))
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._loop, name="background-jobs", daemon=True)
+        self._thread = threading.Thread(target=self._loop, name=self.name, daemon=True)
         self._thread.start()
 
     def stop(self) -> None:

@@ -8,6 +8,7 @@ and the CLI reach them as ``app.state.services``. :meth:`Services.start` and
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from sqlalchemy.engine import Engine
@@ -25,8 +26,9 @@ from api.services.serving_reconciler import ServingReconciler
 from api.services.signing import UrlSigner, load_signing_key
 from api.services.training import TrainingQueue
 from api.services.url_fetch import FetchSlots
+from api.services.webhooks import WebhookDispatcher
 from api.settings import Settings
-from pipelines.runners import KubeflowRunner, LocalRunner, PipelineRunner
+from pipelines.runners import KubeflowRunner, LocalRunner, PipelineRunner, WarmRunner
 from taskvision.storage import BlobStore
 
 logger = logging.getLogger(__name__)
@@ -48,13 +50,21 @@ class Services:
     classify_slots: ConcurrencyLimit
     fetch_slots: FetchSlots
     jobs: BackgroundJobs
+    webhooks: WebhookDispatcher
+    # Webhook deliveries run in a thread of their own: a slow target never delays the other jobs.
+    webhook_jobs: BackgroundJobs
 
     def start(self) -> None:
         self.watcher.recover()
         self.jobs.start()
+        self.webhook_jobs.start()
 
     def stop(self) -> None:
         self.jobs.stop()
+        self.webhook_jobs.stop()
+        close = getattr(self.training.runner, "close", None)
+        if close is not None:
+            close()  # warm workers
         self.engine.dispose()
 
 
@@ -66,7 +76,7 @@ def build_services(settings: Settings) -> Services:
     blobs = settings.open_blob_store()
     session_factory = make_session_factory(engine)
     jobs = BackgroundJobs(poll_interval_s=settings.train_poll_interval_s)
-    runner, runner_name = _runner(settings)
+    runner, runner_name = _runner(settings, on_done=jobs.wake)
 
     embedded = EmbeddedClassifier(
         blobs,
@@ -100,12 +110,25 @@ def build_services(settings: Settings) -> Services:
         jobs.add("serving reconciler", reconciler.tick)
     jobs.add("blob collection", collector.tick, interval_s=settings.blob_gc_interval_s)
 
+    webhooks = WebhookDispatcher(
+        session_factory,
+        blocked_networks=settings.blocked_networks,
+        timeout_s=settings.webhook_timeout_s,
+        retry_base_s=settings.webhook_retry_base_s,
+        retry_window_s=settings.webhook_retry_window_s,
+        max_in_flight=settings.webhook_max_in_flight,
+    )
+    webhook_jobs = BackgroundJobs(poll_interval_s=settings.webhook_poll_interval_s, name="webhooks")
+    webhook_jobs.add("webhook deliveries", webhooks.tick)
+
     return Services(
         settings=settings,
         engine=engine,
         session_factory=session_factory,
         blobs=blobs,
-        training=TrainingQueue(blobs, runner, runner_name, wake=jobs.wake),
+        training=TrainingQueue(
+            blobs, runner, runner_name, wake=jobs.wake, min_images_per_label=settings.min_images_per_label
+        ),
         watcher=watcher,
         blob_collector=collector,
         reconciler=reconciler,
@@ -120,11 +143,13 @@ def build_services(settings: Settings) -> Services:
             per_workspace=settings.url_fetch_max_in_flight_per_workspace,
         ),
         jobs=jobs,
+        webhooks=webhooks,
+        webhook_jobs=webhook_jobs,
     )
 
 
-def _runner(settings: Settings) -> tuple[PipelineRunner, str]:
-    """Kubeflow when TASKVISION_KFP_HOST is set, else kfp.local in child processes."""
+def _runner(settings: Settings, *, on_done: Callable[[], None] = lambda: None) -> tuple[PipelineRunner, str]:
+    """Kubeflow when TASKVISION_KFP_HOST is set; else a warm worker, or kfp.local in child processes."""
     if settings.kfp_host:
         on_s3 = settings.effective_storage_url.startswith("s3://")
         return KubeflowRunner(
@@ -138,4 +163,14 @@ def _runner(settings: Settings) -> tuple[PipelineRunner, str]:
         env["TASKVISION_S3_ACCESS_KEY"] = settings.s3_access_key
     if settings.s3_secret_key:
         env["TASKVISION_S3_SECRET_KEY"] = settings.s3_secret_key.get_secret_value()
-    return LocalRunner(settings.data_dir.resolve() / "pipeline-runs", env=env), "local"
+    work_dir = settings.data_dir.resolve() / "pipeline-runs"
+    if settings.pipeline_runner == "warm":
+        warm = WarmRunner(
+            work_dir,
+            workers=settings.train_workers,
+            idle_s=settings.warm_worker_idle_s,
+            env=env,
+            on_done=on_done,
+        )
+        return warm, "local"
+    return LocalRunner(work_dir, env=env), "local"

@@ -24,6 +24,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from api.db.models import RunStatus, Task, TrainingRun, TrainStatus, utcnow
+from api.services import webhooks
 from api.services.versions import register_version
 from api.settings import Settings
 from pipelines.runners import PipelineRunner, RunnerState
@@ -96,11 +97,15 @@ class RunWatcher:
         session.refresh(run)
         return True
 
-    def _arguments(self, run: TrainingRun) -> dict[str, Any]:
-        params = {
+    def _parameters(self, run: TrainingRun) -> dict[str, Any]:
+        """The training parameters the pipeline gets: the request's over the service's defaults."""
+        return {
             **self.settings.training_defaults(),
             **{k: v for k, v in run.params.items() if k != "production"},
         }
+
+    def _arguments(self, run: TrainingRun) -> dict[str, Any]:
+        params = self._parameters(run)
         return {
             "storage_url": self.settings.effective_storage_url,
             "snapshot_prefix": run.snapshot_prefix,
@@ -119,10 +124,13 @@ class RunWatcher:
             session.commit()
             return
         run.status, run.started, run.message = RunStatus.RUNNING, utcnow(), "started"
+        run.effective_params = {**self._parameters(run), "production": run.params.get("production", True)}
+        webhooks.emit(session, run.workspace_id, "training.started", _event(session, run))
         session.commit()
 
     def _progress(self, run: TrainingRun) -> None:
-        key = blob_layout.progress_key(blob_layout.run_prefix(run.task_id, run.id))
+        prefix = blob_layout.run_prefix(run.task_id, run.id)
+        key = blob_layout.progress_key(prefix)
         try:
             data = json.loads(self.blobs.get(key))
         except (NotFoundError, ValueError):
@@ -130,6 +138,12 @@ class RunWatcher:
         run.step = str(data.get("step", ""))[:32]
         run.progress = float(data.get("progress", 0.0))
         run.message = str(data.get("message", ""))
+        try:
+            decided = json.loads(self.blobs.get(blob_layout.run_info_key(prefix)))
+        except (NotFoundError, ValueError):
+            return
+        if isinstance(decided, dict):
+            run.effective_params = {**run.effective_params, **decided}
 
     def _poll(self, session: Session, run: TrainingRun) -> None:
         try:
@@ -167,6 +181,7 @@ class RunWatcher:
         if task is not None:
             task.last_train_status = TrainStatus.TRAINING_FAILED
             task.last_train_error = reason
+            webhooks.emit(session, run.workspace_id, "training.failed", _event(session, run))
 
     def _register(self, session: Session, run: TrainingRun) -> None:
         prefix = blob_layout.bundle_prefix(run.task_id, run.id)
@@ -184,7 +199,25 @@ class RunWatcher:
             bundle_uri=prefix,
             metrics=meta.metrics,
             production=run.params.get("production", True),
+            run_id=run.id,
         )
         run.status, run.finished, run.model_version = RunStatus.SUCCEEDED, utcnow(), model.version
         run.step, run.progress, run.message = "register", 1.0, f"version {model.version} registered"
+        session.flush()
+        webhooks.emit(
+            session,
+            run.workspace_id,
+            "training.succeeded",
+            {**_event(session, run), "model_id": model.id, "metrics": model.metrics},
+        )
         logger.info("run %s: task %s version %d registered", run.id, task.id, model.version)
+
+
+def _event(session: Session, run: TrainingRun) -> dict[str, Any]:
+    """What a training webhook says about the run."""
+    task = session.get(Task, run.task_id)
+    return {
+        "task": {"id": run.task_id, "name": task.name if task else ""},
+        "run": {"id": run.id, "status": str(run.status), "error": run.error, "params": run.params},
+        "version": run.model_version,
+    }

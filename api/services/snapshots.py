@@ -1,4 +1,4 @@
-"""Freeze a task's training data into an immutable dataset snapshot in the blob store.
+"""A task's training data as a dataset snapshot: the rows the training queue checks and freezes.
 
 The snapshot holds every image that carries at least one of the task's labels,
 with the task's labels on it (and regression values), the user's test flag,
@@ -14,14 +14,12 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from api.db.models import ImageLabel, Label, Task, TaskLabel, TrainingImage
-from taskvision import blob_layout
-from taskvision.dataset import DatasetInfo, LabelInfo, ManifestRow, write_snapshot
-from taskvision.storage import BlobStore
+from taskvision.dataset import DatasetInfo, LabelInfo, ManifestRow
 from taskvision.task_types import TaskType
 
 
-def create_snapshot(session: Session, blobs: BlobStore, task: Task, snapshot_id: str) -> str:
-    """Write the task's snapshot and return its key prefix."""
+def task_dataset(session: Session, task: Task, snapshot_id: str) -> tuple[DatasetInfo, list[ManifestRow]]:
+    """The task's training data as it is now: its labels, and every image that has one of them."""
     labels = session.scalars(
         select(Label)
         .join(TaskLabel, TaskLabel.label_id == Label.id)
@@ -29,17 +27,19 @@ def create_snapshot(session: Session, blobs: BlobStore, task: Task, snapshot_id:
         .order_by(TaskLabel.created, Label.id)
     ).all()
     label_ids = [label.id for label in labels]
+    task_labels = select(TaskLabel.label_id).where(TaskLabel.task_id == task.id)
     links = session.execute(
         select(ImageLabel.image_id, ImageLabel.label_id, ImageLabel.value).where(
-            ImageLabel.label_id.in_(label_ids)
+            ImageLabel.label_id.in_(task_labels)
         )
     ).all()
     per_image: dict[str, list[tuple[str, float | None]]] = defaultdict(list)
     for image_id, label_id, value in links:
         per_image[image_id].append((label_id, value))
+    labelled = select(ImageLabel.image_id).where(ImageLabel.label_id.in_(task_labels))
     images = session.scalars(
         select(TrainingImage)
-        .where(TrainingImage.id.in_(list(per_image)), TrainingImage.workspace_id == task.workspace_id)
+        .where(TrainingImage.id.in_(labelled), TrainingImage.workspace_id == task.workspace_id)
         .order_by(TrainingImage.created, TrainingImage.id)
     ).all()
     order = {lid: i for i, lid in enumerate(label_ids)}
@@ -66,6 +66,4 @@ def create_snapshot(session: Session, blobs: BlobStore, task: Task, snapshot_id:
         created=datetime.now(UTC).isoformat(),
         count=len(rows),
     )
-    prefix = blob_layout.dataset_prefix(task.id, snapshot_id)
-    write_snapshot(blobs, prefix, info, rows)
-    return prefix
+    return info, rows

@@ -185,7 +185,7 @@ async def _fetch(url: str, policy: FetchPolicy, deadline: float) -> bytes:
     async with httpcore.AsyncConnectionPool(network_backend=backend, retries=0) as pool:
         current = url
         for _hop in range(policy.max_redirects + 1):
-            _check_url(current)
+            check_url(current)
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise ImageFetchError(f"Fetching {url} timed out after {policy.timeout_s:g} s.")
@@ -211,6 +211,8 @@ async def _fetch(url: str, policy: FetchPolicy, deadline: float) -> bytes:
                             f"The image at {current} is {declared} bytes; the cap is {policy.max_bytes}."
                         )
                     return await _read_capped(response, policy, deadline, url)
+            except TaskVisionError:
+                raise  # a refused address, a too large answer: already in the user's words
             except (httpcore.TimeoutException, TimeoutError) as exc:
                 raise ImageFetchError(f"Fetching {url} timed out after {policy.timeout_s:g} s.") from exc
             except (httpcore.NetworkError, httpcore.ProtocolError, httpcore.UnsupportedProtocol) as exc:
@@ -220,7 +222,8 @@ async def _fetch(url: str, policy: FetchPolicy, deadline: float) -> bytes:
         raise ImageFetchError(f"Fetching {url} was redirected more than {policy.max_redirects} times.")
 
 
-def _check_url(url: str) -> None:
+def check_url(url: str) -> None:
+    """Refuse anything but an http(s) URL with a host (400)."""
     try:
         parts = urlsplit(url)
         ok = parts.scheme in ("http", "https") and bool(parts.hostname) and parts.port != 0
@@ -257,3 +260,36 @@ async def _read_capped(response: httpcore.Response, policy: FetchPolicy, deadlin
             raise ImageFetchError(f"Fetching {url} timed out after {policy.timeout_s:g} s.")
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+async def post_json(
+    url: str, body: bytes, headers: dict[str, str], *, timeout_s: float, blocked_networks: Sequence[Network]
+) -> int:
+    """POST ``body`` to ``url`` under the same address rules as fetches; returns the HTTP status.
+
+    Redirects are not followed (a webhook target answers itself). Raises
+    :class:`ImageFetchError` for a refused address, a timeout or a network error.
+    """
+    check_url(url)
+    backend = _GuardedBackend(blocked_networks)
+    timeouts = {"connect": timeout_s, "read": timeout_s, "write": timeout_s, "pool": timeout_s}
+    try:
+        with anyio.fail_after(timeout_s):
+            async with httpcore.AsyncConnectionPool(network_backend=backend, retries=0) as pool:
+                response = await pool.request(
+                    "POST",
+                    url,
+                    headers=[(b"User-Agent", b"TaskVision/1 webhooks")]
+                    + [(key.encode(), value.encode()) for key, value in headers.items()],
+                    content=body,
+                    extensions={"timeout": timeouts},
+                )
+                return int(response.status)
+    except TaskVisionError:
+        raise  # a refused address: already in the user's words
+    except TimeoutError as exc:
+        raise ImageFetchError(f"{url} did not answer within {timeout_s:g} s.") from exc
+    except httpcore.TimeoutException as exc:
+        raise ImageFetchError(f"{url} did not answer within {timeout_s:g} s.") from exc
+    except (httpcore.NetworkError, httpcore.ProtocolError, httpcore.UnsupportedProtocol, ValueError) as exc:
+        raise ImageFetchError(f"Posting to {url} failed: {exc}") from exc

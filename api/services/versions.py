@@ -21,6 +21,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from api.db.models import Label, Model, Task, TaskLabel, TrainStatus
+from api.services import webhooks
 from taskvision import blob_layout
 from taskvision.bundle import BundleMeta
 from taskvision.errors import BadRequestError
@@ -34,7 +35,13 @@ def next_version(session: Session, task_id: str) -> int:
 
 
 def register_version(
-    session: Session, task: Task, *, bundle_uri: str, metrics: dict[str, Any], production: bool
+    session: Session,
+    task: Task,
+    *,
+    bundle_uri: str,
+    metrics: dict[str, Any],
+    production: bool,
+    run_id: str | None = None,
 ) -> Model:
     """Add the bundle at ``bundle_uri`` as ``task``'s next version (not committed).
 
@@ -47,12 +54,31 @@ def register_version(
         train_status=TrainStatus.TRAINED,
         metrics=metrics,
         bundle_uri=bundle_uri,
+        run_id=run_id,
     )
     session.add(model)
     if production or task.production_version < 1:
-        task.production_version = model.version
+        set_production(session, task, model.version)
     task.last_train_status, task.last_train_error = TrainStatus.TRAINED, ""
     return model
+
+
+def set_production(session: Session, task: Task, version: int) -> None:
+    """Make ``version`` the task's production version (not committed); webhooks are told."""
+    previous = task.production_version
+    if previous == version:
+        return
+    task.production_version = version
+    webhooks.emit(
+        session,
+        task.workspace_id,
+        "version.production_changed",
+        {
+            "task": {"id": task.id, "name": task.name},
+            "production_version": version,
+            "previous_version": previous if previous > 0 else None,
+        },
+    )
 
 
 def import_bundle(

@@ -13,9 +13,11 @@ from taskvision.storage import BlobStore
 
 
 def register_bundle(model_dir: Path, metrics: dict[str, object], store: BlobStore, bundle_prefix: str) -> str:
-    """Copy the model's weights and its bundle.json (with ``metrics``) to ``bundle_prefix``."""
+    """Copy the model's weight files and its bundle.json (with ``metrics``) to ``bundle_prefix``."""
     meta = BundleMeta.from_json((model_dir / "bundle.json").read_text())
     meta.metrics = dict(metrics)
-    store.put(f"{bundle_prefix}/{meta.weights_file}", (model_dir / meta.weights_file).read_bytes())
+    for name in meta.files:
+        if name == meta.weights_file or (model_dir / name).is_file():  # the weights file must exist
+            store.put(f"{bundle_prefix}/{name}", (model_dir / name).read_bytes())
     store.put(f"{bundle_prefix}/bundle.json", meta.to_json().encode(), content_type="application/json")
     return store.uri(f"{bundle_prefix}/bundle.json")

@@ -40,11 +40,26 @@ def open_store(storage_url: str) -> BlobStore:
 
 
 class Progress:
-    """Writes ``{"step", "progress", "message", "updated"}`` to the run's progress.json."""
+    """Writes ``{"step", "progress", "message", "updated"}`` to the run's progress.json.
+
+    :meth:`note` records what a step decided (the mode ``auto`` became, the split sizes,
+    the chosen model) in the run's run_info.json; the control plane shows it as the run's
+    effective parameters.
+    """
 
     def __init__(self, store: BlobStore, run_prefix: str, step: str) -> None:
         self.store, self.key, self.step = store, blob_layout.progress_key(run_prefix), step
+        self.info_key = blob_layout.run_info_key(run_prefix)
         self._last = 0.0
+
+    def note(self, **values: Any) -> None:
+        """Add ``values`` to the run's effective parameters (JSON-serialisable)."""
+        try:
+            current = json.loads(self.store.get(self.info_key))
+        except (LookupError, ValueError):
+            current = {}
+        current.update(values)
+        self.store.put(self.info_key, json.dumps(current).encode(), content_type="application/json")
 
     def __call__(self, fraction: float, message: str = "", *, force: bool = False) -> None:
         now = time.time()

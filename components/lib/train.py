@@ -1,28 +1,33 @@
-"""Train step: a model over the pretrained EfficientNet-Lite0 backbone.
+"""Train step: a model over pretrained EfficientNet-Lite backbones.
 
 Two modes:
-* ``embed`` (CPU default): embed every image once with the frozen backbone
-  (ONNX Runtime, cached per image hash in the blob store, so retraining only
-  embeds new images), then fit a linear head on the embeddings. Its weight
-  decay is picked by k-fold cross-validation on the training split, which also
-  yields the out-of-fold scores that set multi_label thresholds. Seconds, not
-  minutes.
+
+* ``embed`` (CPU default): candidates chosen by the ``quality`` preset
+  (:mod:`components.lib.selection`) are scored by k-fold cross-validation on
+  the training split only: linear heads over frozen-backbone features
+  (ONNX Runtime embeddings, cached per image hash in the blob store, so
+  retraining only embeds new images) and, from ``balanced`` on, a partial
+  fine-tune of the backbone's last block (:mod:`components.lib.partial_finetune`).
+  The winner is refitted on the whole training split. Its out-of-fold scores
+  set multi_label thresholds. Seconds to a few minutes.
 * ``finetune`` (default when a GPU is present): train the whole network end
   to end with SGD, augmentation and a cosine schedule.
 
 Losses by task type: softmax cross-entropy (multi_class), sigmoid BCE with the
-negative label meaning "no tag" (multi_label), squared error on standardized
-targets (regression).
+negative label meaning "no tag" (multi_label), regression on standardized
+targets (ridge or Huber, chosen by cross-validation). Regression answers are
+clipped to the training values' range plus a margin (``value_range``).
 
 The output is a model folder: ``bundle.json`` (without metrics yet),
-``head.onnx`` or ``model.onnx``, and ``test_inputs.npz`` (the test split's
-embeddings or preprocessed images, and its targets) for the evaluate step.
+``head.onnx`` + ``head.npz`` (a frozen-backbone head) or ``model.onnx`` (a
+whole network), and ``test_inputs.npz`` (the test split's features or
+preprocessed images, and its targets) for the evaluate step.
 """
 
 from __future__ import annotations
 
-import io
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
@@ -32,12 +37,21 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from components.lib import heads, selection
+from components.lib.embeddings import View, embed_views
 from components.lib.split import SplitResult
-from taskvision import backbone, blob_layout
-from taskvision.bundle import HEAD_FILE, BundleMeta, linear_head_onnx
+from taskvision import backbone, features
+from taskvision.bundle import (
+    HEAD_ARRAYS_FILE,
+    HEAD_FILE,
+    MODEL_FILE,
+    BundleMeta,
+    linear_head_onnx,
+    value_range,
+)
 from taskvision.dataset import DatasetInfo, ManifestRow
-from taskvision.metrics import average_precision, best_f1_thresholds
-from taskvision.preprocess import DEFAULT, resize_and_crop, to_array
+from taskvision.metrics import best_f1_thresholds
+from taskvision.preprocess import DEFAULT, PreprocessConfig
 from taskvision.storage import BlobStore
 from taskvision.task_types import TaskType
 
@@ -46,13 +60,15 @@ logger = logging.getLogger(__name__)
 Array = npt.NDArray[np.float32]
 MODES = ("auto", "embed", "finetune")
 AUGMENTATIONS = ("none", "flip")
+QUALITIES = selection.QUALITIES
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Hyperparameters. ``weight_decay=None`` lets cross-validation choose it (embed mode)."""
+    """Hyperparameters. ``weight_decay=None`` lets cross-validation choose the head's penalty (embed mode)."""
 
     mode: str = "auto"
+    quality: str = "balanced"  # embed mode: fast | balanced | best (components.lib.selection)
     augment: str = "flip"
     weight_decay: float | None = None
     epochs: int = 25  # finetune mode
@@ -70,8 +86,12 @@ class TrainConfig:
             raise ValueError(
                 f"Invalid augmentation {self.augment!r}. Only {', '.join(AUGMENTATIONS)} are supported."
             )
+        if self.quality not in QUALITIES:
+            raise ValueError(f"Invalid quality {self.quality!r}. Only {', '.join(QUALITIES)} are supported.")
         if self.epochs < 1 or self.learning_rate <= 0 or self.batch_size < 1:
             raise ValueError("epochs and batch_size must be >= 1 and learning_rate > 0.")
+        if self.cv_folds < 2:
+            raise ValueError("cv_folds must be >= 2.")
 
     def resolved_mode(self) -> str:
         if self.mode != "auto":
@@ -100,189 +120,17 @@ def targets(info: DatasetInfo, rows: list[ManifestRow]) -> Array:
     return np.asarray([[row.values[lid] for lid in outputs] for row in rows], dtype=np.float32)
 
 
-# ---- embedding -------------------------------------------------------------------
-
-
-def _decode(store: BlobStore, row: ManifestRow, config: TrainConfig, *, flip: bool) -> Array:
-    from PIL import ImageOps
-
-    from taskvision import imaging
-
-    image = imaging.load_rgb(
-        store.get(row.blob_key), max_pixels=config.max_image_pixels, draft_size=(DEFAULT.resize_to * 2,) * 2
-    )
-    image = resize_and_crop(image)
-    if flip:
-        image = ImageOps.mirror(image)
-    return to_array(image)
-
-
-_EMBEDDER: backbone.Embedder | None = None
-
-
-def _embedder() -> backbone.Embedder:
-    """One backbone session per training process (no cache: each image is embedded once anyway)."""
-    global _EMBEDDER
-    if _EMBEDDER is None:
-        _EMBEDDER = backbone.Embedder()
-    return _EMBEDDER
-
-
-def embed_rows(
-    store: BlobStore,
-    rows: list[ManifestRow],
-    config: TrainConfig,
-    *,
-    flip: bool = False,
-    progress: Callable[[int], None] | None = None,
-) -> Array:
-    """Backbone embeddings of ``rows``, reusing cached ones (keyed by image hash and variant)."""
-    variant = "flip" if flip else "center"
-    result = np.zeros((len(rows), backbone.EMBEDDING_DIM), dtype=np.float32)
-    missing: list[int] = []
-    for i, row in enumerate(rows):
-        key = blob_layout.embedding_key(backbone.EMBEDDING_ID, variant, row.sha256)
-        if config.cache_embeddings and store.exists(key):
-            result[i] = np.load(io.BytesIO(store.get(key)))
-        else:
-            missing.append(i)
-    if missing:
-        computed = backbone.embed_many(
-            lambda k: _decode(store, rows[missing[k]], config, flip=flip),
-            len(missing),
-            _embedder(),
-            batch_size=8,
-            progress=progress,
-        )
-        for i, vector in zip(missing, computed, strict=True):
-            result[i] = vector
-            if config.cache_embeddings:
-                buf = io.BytesIO()
-                np.save(buf, vector)
-                store.put(
-                    blob_layout.embedding_key(backbone.EMBEDDING_ID, variant, rows[i].sha256), buf.getvalue()
-                )
-    logger.info(
-        "embedded %d images (%d from cache), variant %s", len(rows), len(rows) - len(missing), variant
-    )
-    return result
-
-
-# ---- the linear head ---------------------------------------------------------------
-
-
-def _standardize(x: Array) -> tuple[Array, Array]:
-    mean = x.mean(axis=0)
-    std = x.std(axis=0) + 1e-6
-    return mean, std
-
-
-def fit_linear(
-    x: Array, y: Array, task_type: TaskType, weight_decay: float, *, n_outputs: int, max_iter: int = 100
-) -> tuple[Array, Array]:
-    """Fit ``logits = x @ W.T + b`` on raw embeddings (standardization is folded into W and b).
-
-    ``n_outputs`` is the number of model outputs (the task's labels), which the targets of a
-    fold may not show. Regression ``y`` (n, outputs) must already be standardized;
-    classification uses LBFGS in torch.
-    """
-    mean, std = _standardize(x)
-    xs = (x - mean) / std
-    if task_type is TaskType.REGRESSION:
-        # Ridge regression in closed form: exact and instant.
-        n, d = xs.shape
-        a = xs.T @ xs + weight_decay * n * np.eye(d, dtype=np.float32)
-        w = np.linalg.solve(a, xs.T @ (y - y.mean(axis=0))).T.astype(np.float32)
-        b = y.mean(axis=0).astype(np.float32)
-    else:
-        import torch
-
-        torch.manual_seed(0)
-        xt = torch.from_numpy(xs)
-        linear = torch.nn.Linear(xs.shape[1], n_outputs)
-        torch.nn.init.zeros_(linear.weight)
-        torch.nn.init.zeros_(linear.bias)
-        if task_type is TaskType.MULTI_CLASS:
-            yt = torch.from_numpy(y.astype(np.int64))
-            loss_fn: Callable[[Any, Any], Any] = torch.nn.functional.cross_entropy
-        else:
-            yt = torch.from_numpy(y)
-            loss_fn = torch.nn.functional.binary_cross_entropy_with_logits
-        optimizer = torch.optim.LBFGS(
-            linear.parameters(), lr=1.0, max_iter=max_iter, line_search_fn="strong_wolfe"
-        )
-
-        def closure() -> Any:
-            optimizer.zero_grad()
-            loss = loss_fn(linear(xt), yt) + 0.5 * weight_decay * (linear.weight**2).sum()
-            loss.backward()
-            return loss
-
-        optimizer.step(closure)
-        w = linear.weight.detach().numpy().astype(np.float32)
-        b = linear.bias.detach().numpy().astype(np.float32)
-    # Fold the standardization in: (x - m) / s @ W.T + b == x @ (W / s).T + (b - (W / s) @ m)
-    w_raw = (w / std[None, :]).astype(np.float32)
-    return w_raw, (b - w_raw @ mean).astype(np.float32)
-
-
-def _predict(x: Array, w: Array, b: Array) -> Array:
-    return (x @ w.T + b).astype(np.float32)
-
-
-def _score(task_type: TaskType, y: Array, logits: Array) -> float:
-    """Higher is better: accuracy, mean AP, or negative MAE (on standardized targets)."""
-    if task_type is TaskType.MULTI_CLASS:
-        return float((logits.argmax(axis=1) == y).mean())
-    if task_type is TaskType.MULTI_LABEL:
-        return float(
-            np.mean([average_precision(y[:, j].astype(np.int64), logits[:, j]) for j in range(y.shape[1])])
-        )
-    return -float(np.abs(logits - y).mean())
-
-
-def _folds(n: int, k: int, seed: int) -> list[npt.NDArray[np.int64]]:
-    order = np.random.default_rng(seed).permutation(n)
-    return [order[i::k] for i in range(k)]
-
-
-def cross_validate(
-    x: Array,
-    y: Array,
-    task_type: TaskType,
-    config: TrainConfig,
-    *,
-    n_outputs: int,
-    groups: npt.NDArray[np.int64] | None = None,
-) -> tuple[float, Array]:
-    """Pick the weight decay by k-fold CV; return it and the out-of-fold logits at that value.
-
-    ``groups`` keeps rows of one image together (an image and its mirrored copy).
-    """
-    if config.weight_decay is not None:
-        grid = [config.weight_decay]
-    elif task_type is TaskType.REGRESSION:
-        grid = [0.1, 0.3, 1.0, 3.0]  # closed-form ridge: each value costs one solve per fold
-    else:
-        grid = [1e-2, 1e-1, 1.0]
-    n_groups = int(groups.max()) + 1 if groups is not None else len(x)
-    folds = _folds(n_groups, max(2, min(config.cv_folds, n_groups)), config.seed)
-    best: tuple[float, float, Array] | None = None
-    for wd in grid:
-        oof = np.zeros((len(x), n_outputs), dtype=np.float32)
-        for fold in folds:
-            in_fold = np.isin(groups, fold) if groups is not None else np.isin(np.arange(len(x)), fold)
-            w, b = fit_linear(x[~in_fold], y[~in_fold], task_type, wd, n_outputs=n_outputs)
-            oof[in_fold] = _predict(x[in_fold], w, b)
-        score = _score(task_type, y, oof)
-        logger.info("weight decay %g: cross-validated score %.4f", wd, score)
-        if best is None or score > best[0]:
-            best = (score, wd, oof)
-    assert best is not None
-    return best[1], best[2]
-
-
 # ---- the step ------------------------------------------------------------------------
+
+
+def preprocess_record(config: PreprocessConfig) -> dict[str, Any]:
+    return {
+        "resize_to": config.resize_to,
+        "crop_pct": config.crop_pct,
+        "mean": list(config.mean),
+        "std": list(config.std),
+        "interpolation": config.interpolation,
+    }
 
 
 def train_model(
@@ -314,13 +162,7 @@ def train_model(
         backbone=backbone.BACKBONE_ID,
         frozen_backbone=mode == "embed",
         input_size=DEFAULT.input_size,
-        preprocess={
-            "resize_to": DEFAULT.resize_to,
-            "crop_pct": DEFAULT.crop_pct,
-            "mean": list(DEFAULT.mean),
-            "std": list(DEFAULT.std),
-            "interpolation": DEFAULT.interpolation,
-        },
+        preprocess=preprocess_record(DEFAULT),
         negative_label=next(({"id": lb.id, "name": lb.name} for lb in info.labels if lb.negative), None),
         dataset_snapshot=snapshot,
         training={
@@ -335,18 +177,26 @@ def train_model(
     if info.task_type is TaskType.REGRESSION:
         meta.target_mean = y_train.mean(axis=0).tolist()
         meta.target_std = (y_train.std(axis=0) + 1e-6).tolist()
+        meta.value_range = value_range(y_train)
 
     if mode == "embed":
-        _train_head(info, train_rows, test_rows, y_train, y_test, store, out_dir, config, meta, report)
+        _select_and_train(info, train_rows, test_rows, y_train, y_test, store, out_dir, config, meta, report)
     else:
         from components.lib.finetune import finetune
 
+        meta.features = []
         finetune(info, train_rows, test_rows, y_train, y_test, store, out_dir, config, meta, report)
     (out_dir / "bundle.json").write_text(meta.to_json())
     return meta
 
 
-def _train_head(
+def _standardized(meta: BundleMeta, y: Array) -> Array:
+    if meta.task_type is not TaskType.REGRESSION:
+        return y
+    return ((y - np.asarray(meta.target_mean)) / np.asarray(meta.target_std)).astype(np.float32)
+
+
+def _select_and_train(
     info: DatasetInfo,
     train_rows: list[ManifestRow],
     test_rows: list[ManifestRow],
@@ -358,42 +208,318 @@ def _train_head(
     meta: BundleMeta,
     report: Callable[[float, str], None],
 ) -> None:
-    total = len(train_rows) * (2 if config.augment == "flip" else 1) + len(test_rows)
-    done = 0
+    """Embed, score the preset's candidates by cross-validation, refit the winner, write the model folder."""
+    started = time.perf_counter()
+    preset = selection.preset(config.quality)
+    task_type = info.task_type
+    n_outputs = len(meta.labels)
+    y_fit = _standardized(meta, y_train)
+    # A regression score in the targets' units (years, not standard deviations) for the report.
+    scale = float(np.mean(meta.target_std)) if task_type is TaskType.REGRESSION else 1.0
+    flip = config.augment == "flip"
+    fold_groups = heads.folds(len(train_rows), max(2, min(config.cv_folds, len(train_rows))), config.seed)
+    grid = heads.default_grid(task_type, fixed_penalty=config.weight_decay)
 
-    def tick(offset: int) -> Callable[[int], None]:
-        return lambda n: report(
-            0.9 * (offset + n) / max(total, 1), f"embedding images ({offset + n}/{total})"
+    # 1. Activations for the partial fine-tune (its backbone's embeddings come with them) and embeddings.
+    plan = preset.finetune
+    maps = None
+    known: dict[View, Array] = {}
+    if plan is not None:
+        from components.lib.partial_finetune import compute_activations
+
+        report(0.0, "computing activations for fine-tuning")
+        maps, known = compute_activations(
+            store,
+            train_rows,
+            plan,
+            seed=config.seed,
+            use_cache=config.cache_embeddings,
+            max_pixels=config.max_image_pixels,
+            progress=lambda k: report(
+                0.35 * k / max(len(train_rows), 1), f"preparing images ({k}/{len(train_rows)})"
+            ),
+        )
+    linear_ids = [list(ids) for ids in preset.linear]
+    need_mirror = flip or preset.test_time_flip
+    views: list[View] = list(
+        dict.fromkeys(
+            (b, m)
+            for ids in linear_ids
+            for b in features.backbones_needed(ids)
+            for m in ((False, True) if need_mirror else (False,))
+        )
+    )
+    offset = 0.35 if plan is not None else 0.0
+    vectors = embed_views(
+        store,
+        train_rows,
+        views,
+        use_cache=config.cache_embeddings,
+        max_pixels=config.max_image_pixels,
+        known=known,
+        progress=lambda k: report(
+            offset + (0.6 - offset) * k / max(len(train_rows), 1), f"embedding images ({k}/{len(train_rows)})"
+        ),
+    )
+
+    # 2. Cross-validation of every candidate, on the training split only.
+    report(0.6, "choosing a model by cross-validation")
+    deadline = started + preset.budget_s
+    scored_rows = np.arange(len(train_rows))
+    if plan is not None and preset.finetune_folds < len(fold_groups):
+        # The fine-tune is checked on the first folds only: every candidate is scored on those rows.
+        scored_rows = np.sort(np.concatenate(fold_groups[: preset.finetune_folds]))
+    candidates: list[selection.CandidateScore] = []
+    skipped: list[str] = []
+    for ids in linear_ids:
+        if time.perf_counter() > deadline and candidates:
+            skipped.append(selection.short_name(ids))
+            continue
+        centre = features.assemble(vectors, ids)
+        mirrored = (
+            features.assemble({(b, False): vectors[(b, True)] for b in features.backbones_needed(ids)}, ids)
+            if need_mirror
+            else None
+        )
+        candidates += selection.score_linear(
+            task_type,
+            y_fit,
+            scale,
+            ids,
+            centre,
+            mirrored,
+            fold_groups,
+            grid,
+            n_outputs=n_outputs,
+            augment_with_mirror=flip,
+            test_time_flip=preset.test_time_flip,
+            scored_rows=scored_rows,
+        )
+    if plan is not None and maps is not None:
+        if time.perf_counter() > deadline and candidates:
+            skipped.append(plan.name)
+        else:
+            candidates.append(
+                _score_partial_finetune(
+                    plan,
+                    maps,
+                    known,
+                    y_fit,
+                    task_type,
+                    _start_setting(task_type, candidates, plan.backbone_id),
+                    fold_groups[: preset.finetune_folds],
+                    scored_rows,
+                    n_outputs=n_outputs,
+                    scale=scale,
+                    seed=config.seed,
+                    report=report,
+                )
+            )
+    chosen = selection.choose(candidates)
+    logger.info("chose %s (cross-validated score %.4f)", chosen.name, chosen.cv_score)
+    meta.selection = selection.selection_report(
+        preset,
+        chosen,
+        candidates,
+        metric=selection.metric_name(task_type),
+        folds=len(fold_groups),
+        scored_rows=len(scored_rows),
+        skipped=skipped,
+        seconds=time.perf_counter() - started,
+    )
+    if task_type is TaskType.MULTI_LABEL and chosen.oof is not None and chosen.oof_rows is not None:
+        # Thresholds from out-of-fold scores on the training split: never from the test split.
+        probs = 1.0 / (1.0 + np.exp(-chosen.oof))
+        meta.thresholds = best_f1_thresholds(y_train[chosen.oof_rows].astype(np.int64), probs)
+
+    # 3. The winner, refitted on the whole training split.
+    report(0.85, f"training {chosen.name}")
+    if chosen.kind == selection.LINEAR:
+        assert chosen.setting is not None
+        meta.features = list(chosen.features)
+        base_ids = [f.removesuffix(features.HFLIP) for f in chosen.features]
+        centre = features.assemble(vectors, base_ids)
+        x_fit, y_all = centre, y_fit
+        if flip:
+            mirrored = features.assemble(
+                {(b, False): vectors[(b, True)] for b in features.backbones_needed(base_ids)}, base_ids
+            )
+            x_fit, y_all = np.concatenate([centre, mirrored]), np.concatenate([y_fit, y_fit])
+        w, b = heads.fit_head(x_fit, y_all, task_type, chosen.setting, n_outputs=n_outputs)
+        meta.training["head"] = chosen.setting.name
+        meta.training["weight_decay"] = chosen.setting.penalty
+        (out_dir / HEAD_FILE).write_bytes(linear_head_onnx(w, b))
+        np.savez(out_dir / HEAD_ARRAYS_FILE, weight=w, bias=b)
+        report(0.9, "embedding the test images")
+        test_views = features.views_needed(chosen.features)
+        test_vectors = embed_views(
+            store,
+            test_rows,
+            test_views,
+            use_cache=config.cache_embeddings,
+            max_pixels=config.max_image_pixels,
+        )
+        np.savez(
+            out_dir / "test_inputs.npz",
+            image_ids=np.asarray([row.image_id for row in test_rows]),
+            embeddings=features.assemble(test_vectors, chosen.features)
+            if test_rows
+            else np.zeros((0, features.feature_dim(chosen.features)), dtype=np.float32),
+            targets=y_test,
+        )
+    else:
+        assert plan is not None and maps is not None
+        assert chosen.setting is not None
+        _train_partial_finetune(
+            plan,
+            maps,
+            known,
+            y_fit,
+            task_type,
+            chosen.setting,
+            test_rows,
+            y_test,
+            store,
+            out_dir,
+            config,
+            meta,
+            n_outputs=n_outputs,
+            report=report,
         )
 
-    x_train = embed_rows(store, train_rows, config, progress=tick(done))
-    done += len(train_rows)
-    groups = np.arange(len(train_rows))
-    if config.augment == "flip":
-        x_flip = embed_rows(store, train_rows, config, flip=True, progress=tick(done))
-        done += len(train_rows)
-        x_train = np.concatenate([x_train, x_flip])
-        y_train = np.concatenate([y_train, y_train])
-        groups = np.concatenate([groups, groups])
-    x_test = embed_rows(store, test_rows, config, progress=tick(done))
-    report(0.9, "fitting the head")
 
-    task_type = info.task_type
-    y_fit = y_train
+def _start_head(
+    known: dict[View, Array],
+    backbone_id: str,
+    rows: npt.NDArray[np.int64],
+    y: Array,
+    task_type: TaskType,
+    setting: heads.HeadSetting,
+    n_outputs: int,
+) -> tuple[tuple[Array, Array], Array]:
+    """The linear head on the frozen final features (centre + mirror) to start fine-tuning from, and those."""
+    final = slice(0, backbone.FINAL_DIM)
+    x = np.concatenate([known[(backbone_id, False)][rows, final], known[(backbone_id, True)][rows, final]])
+    from components.lib.partial_finetune import STD_FLOOR
+
+    start = heads.fit_head(
+        x, np.concatenate([y[rows], y[rows]]), task_type, setting, n_outputs=n_outputs, std_floor=STD_FLOOR
+    )
+    return start, x
+
+
+def _start_setting(
+    task_type: TaskType, candidates: list[selection.CandidateScore], backbone_id: str
+) -> heads.HeadSetting:
+    """The head setting chosen for the backbone's own linear candidate (a default without one)."""
+    own = [features.feature_id(backbone_id)]
+    for candidate in candidates:
+        if candidate.kind == selection.LINEAR and candidate.features == own and candidate.setting is not None:
+            return candidate.setting
     if task_type is TaskType.REGRESSION:
-        y_fit = ((y_train - np.asarray(meta.target_mean)) / np.asarray(meta.target_std)).astype(np.float32)
-    n_outputs = len(meta.labels)
-    weight_decay, oof = cross_validate(x_train, y_fit, task_type, config, n_outputs=n_outputs, groups=groups)
-    w, b = fit_linear(x_train, y_fit, task_type, weight_decay, n_outputs=n_outputs)
-    if task_type is TaskType.MULTI_LABEL:
-        # Thresholds from out-of-fold scores on the training split: never from the test split.
-        probs = 1.0 / (1.0 + np.exp(-oof))
-        meta.thresholds = best_f1_thresholds(y_train.astype(np.int64), probs)
-    meta.training["weight_decay"] = weight_decay
-    (out_dir / HEAD_FILE).write_bytes(linear_head_onnx(w, b))
+        return heads.HeadSetting(heads.RIDGE, 1.0)
+    return heads.HeadSetting(heads.LOGISTIC, 0.1)
+
+
+def _score_partial_finetune(
+    plan: Any,
+    data: Any,
+    known: dict[View, Array],
+    y: Array,
+    task_type: TaskType,
+    setting: heads.HeadSetting,
+    fold_groups: list[npt.NDArray[np.int64]],
+    scored_rows: npt.NDArray[np.int64],
+    *,
+    n_outputs: int,
+    scale: float,
+    seed: int,
+    report: Callable[[float, str], None],
+) -> selection.CandidateScore:
+    from components.lib.partial_finetune import train_tail
+
+    started = time.perf_counter()
+    pretrained = backbone.build_torch_model(num_classes=0, backbone_id=plan.backbone_id)
+    oof = np.zeros((len(y), n_outputs), dtype=np.float32)
+    for index, fold in enumerate(fold_groups):
+        report(
+            0.6 + 0.25 * index / len(fold_groups),
+            f"cross-validating {plan.name} (fold {index + 1}/{len(fold_groups)})",
+        )
+        held = np.zeros(len(y), dtype=bool)
+        held[fold] = True
+        rest = np.flatnonzero(~held)
+        start, frozen = _start_head(known, plan.backbone_id, rest, y, task_type, setting, n_outputs)
+        tuned = train_tail(pretrained, data.subset(rest), start, frozen, y[rest], task_type, plan, seed=seed)
+        oof[fold] = tuned.logits(data.subset(fold))
+    value = heads.score(task_type, y[scored_rows], oof[scored_rows]) * scale
+    logger.info("candidate %s: cross-validated score %.4f", plan.name, value)
+    return selection.CandidateScore(
+        name=plan.name,
+        kind=selection.PARTIAL_FINETUNE,
+        cv_score=value,
+        serving_cost=selection.BACKBONE_COST[plan.backbone_id],
+        seconds=time.perf_counter() - started,
+        plan=plan.describe(),
+        oof=oof[scored_rows],
+        oof_rows=scored_rows,
+        setting=setting,
+    )
+
+
+def _train_partial_finetune(
+    plan: Any,
+    data: Any,
+    known: dict[View, Array],
+    y: Array,
+    task_type: TaskType,
+    setting: heads.HeadSetting,
+    test_rows: list[ManifestRow],
+    y_test: Array,
+    store: BlobStore,
+    out_dir: Path,
+    config: TrainConfig,
+    meta: BundleMeta,
+    *,
+    n_outputs: int,
+    report: Callable[[float, str], None],
+) -> None:
+    from components.lib.embeddings import decode_row
+    from components.lib.partial_finetune import train_tail
+    from taskvision.preprocess import resize_and_crop, to_array
+
+    spec = backbone.backbone_spec(plan.backbone_id)
+    pretrained = backbone.build_torch_model(num_classes=0, backbone_id=plan.backbone_id)
+    start, frozen = _start_head(known, plan.backbone_id, np.arange(len(y)), y, task_type, setting, n_outputs)
+    tuned = train_tail(
+        pretrained,
+        data,
+        start,
+        frozen,
+        y,
+        task_type,
+        plan,
+        seed=config.seed,
+        report=lambda epoch: report(0.85 + 0.1 * epoch / plan.epochs, f"fine-tuning ({epoch}/{plan.epochs})"),
+    )
+    tuned.export(out_dir / MODEL_FILE, input_size=spec.preprocess.input_size)
+    meta.frozen_backbone = False
+    meta.features = []
+    meta.backbone = spec.id
+    meta.input_size = spec.preprocess.input_size
+    meta.preprocess = preprocess_record(spec.preprocess)
+    meta.training["partial_finetune"] = plan.describe()
+    meta.training["head"] = setting.name
+    size = spec.preprocess.input_size
+    test_arrays = np.zeros((len(test_rows), 3, size, size), dtype=np.float32)
+    for i, row in enumerate(test_rows):
+        image = decode_row(
+            store, row, max_pixels=config.max_image_pixels, min_side=2 * spec.preprocess.resize_to
+        )
+        test_arrays[i] = to_array(resize_and_crop(image, spec.preprocess), spec.preprocess)
     np.savez(
         out_dir / "test_inputs.npz",
         image_ids=np.asarray([row.image_id for row in test_rows]),
-        embeddings=x_test,
+        images=test_arrays,
         targets=y_test,
     )

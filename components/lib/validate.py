@@ -1,25 +1,25 @@
 """Validate step: is this snapshot fit to train on? Every problem is listed in words a user can act on.
 
-Two layers:
+Three layers:
+* the task's rules on the labels (:func:`taskvision.dataset.trainability`: enough
+  labels, enough images per label, one category per image for multi_class, a
+  value on every regression image), the same rules the API applies when a
+  training is requested, so that a request that cannot pass is refused at once;
 * a great-expectations suite over the manifest as a table (required columns,
-  no nulls, unique ids, well-formed hashes, known labels, one category per
-  image for multi_class, finite regression values);
-* checks that need the task's rules or the image bytes: enough labels, enough
-  images per label, and every image decodable within the size limits.
+  no nulls, unique ids, well-formed hashes, known labels, finite regression values);
+* every image decodable within the size limits (the image bytes are read).
 """
 
 from __future__ import annotations
 
 import logging
-from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
 from taskvision import imaging
-from taskvision.dataset import DatasetInfo, ManifestRow
+from taskvision.dataset import DatasetInfo, ManifestRow, trainability
 from taskvision.errors import TaskVisionError
 from taskvision.storage import BlobStore
-from taskvision.task_types import TaskType
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +56,6 @@ def _table_suite(info: DatasetInfo, rows: list[ManifestRow], report: ValidationR
     import pandas as pd
 
     known = {label.id for label in info.labels}
-    value_ids = [label.id for label in info.output_labels]
     records = []
     for row in rows:
         record: dict[str, Any] = {
@@ -66,8 +65,6 @@ def _table_suite(info: DatasetInfo, rows: list[ManifestRow], report: ValidationR
             "n_labels": len(row.labels),
             "test_image": row.test_image,
         }
-        for lid in value_ids if info.task_type is TaskType.REGRESSION else []:
-            record[f"value:{lid}"] = row.values.get(lid)
         records.append(record)
     table = pd.DataFrame.from_records(records)
     label_ids: list[str | None] = [lid for row in rows for lid in row.labels]
@@ -87,15 +84,6 @@ def _table_suite(info: DatasetInfo, rows: list[ManifestRow], report: ValidationR
         E.ExpectColumnValuesToMatchRegex(column="sha256", regex=r"^[0-9a-f]{64}$"),
         E.ExpectColumnValuesToBeBetween(column="n_labels", min_value=1),
     ]
-    if info.task_type is TaskType.MULTI_CLASS:
-        manifest_checks.append(E.ExpectColumnValuesToBeBetween(column="n_labels", min_value=1, max_value=1))
-    if info.task_type is TaskType.REGRESSION:
-        for lid in value_ids:
-            manifest_checks += [
-                E.ExpectColumnValuesToNotBeNull(column=f"value:{lid}"),
-                # Between finite bounds rejects NaN and +-inf.
-                E.ExpectColumnValuesToBeBetween(column=f"value:{lid}", min_value=-1e300, max_value=1e300),
-            ]
     suites.append(("manifest", table, manifest_checks))
     suites.append(
         ("labels", labels, [E.ExpectColumnValuesToBeInSet(column="label_id", value_set=sorted(known))])
@@ -126,13 +114,6 @@ def _table_suite(info: DatasetInfo, rows: list[ManifestRow], report: ValidationR
 
 def _explain(check: str, column: str, examples: list[Any], info: DatasetInfo, names: dict[str, str]) -> str:
     shown = ", ".join(str(e) for e in examples)
-    if column == "n_labels" and info.task_type is TaskType.MULTI_CLASS:
-        return (
-            "Some images have more than one category of this task; a categorization image needs exactly one."
-        )
-    if column.startswith("value:"):
-        label = names.get(column.split(":", 1)[1], column)
-        return f"Some images have no finite value for '{label}' (found: {shown or 'missing'})."
     if column == "label_id":
         return f"The snapshot refers to labels that are not on the task ({shown})."
     return f"Check {check} failed on column '{column}'" + (f" (for example {shown})." if shown else ".")
@@ -149,34 +130,12 @@ def validate_dataset(
 ) -> ValidationReport:
     """Check a snapshot before training; the report lists every problem found."""
     report = ValidationReport()
-    outputs = info.output_labels
-    classification = info.task_type is not TaskType.REGRESSION
+    rules = trainability(info, rows, min_images_per_label=min_images_per_label)
+    report.problems.extend(rules.problems)
+    report.counts = rules.counts
     if not rows:
-        report.problems.append("The task has no labelled training images.")
         return report
-    if classification and len(info.labels) < 2:
-        report.problems.append(f"The task has {len(info.labels)} label(s); at least 2 are needed to train.")
-    if not classification and not outputs:
-        report.problems.append("A regression task needs a value label.")
-
     _table_suite(info, rows, report)
-
-    per_label = Counter(lid for row in rows for lid in row.labels)
-    trainable = Counter(lid for row in rows if not row.test_image for lid in row.labels)
-    for label in info.labels:
-        count = per_label.get(label.id, 0)
-        report.counts[label.name] = count
-        if label.negative:
-            continue
-        if count and not trainable.get(label.id):
-            report.problems.append(
-                f"label '{label.name}' has no training images: all {count} are marked as test images"
-            )
-        elif count < min_images_per_label:
-            what = "images" if classification else "images with a value"
-            report.problems.append(
-                f"label '{label.name}' has {count} {what}; at least {min_images_per_label} are needed"
-            )
 
     if check_images:
         bad: list[str] = []

@@ -42,6 +42,7 @@ def test_list_get_and_delete_models(app, client: TestClient) -> None:
         "train_status": "TRAINED",
         "production": False,
         "metrics": {"accuracy": 0.6},
+        "run_id": None,  # added by hand, not by a training run
         "created": detail["created"],
     }
     client.patch(f"/recognition/v2/task/{task['id']}", json={"production_version": 2})

@@ -88,6 +88,26 @@ def test_evaluate_regression_de_standardizes(tmp_path: Path) -> None:
     assert metrics["mae"] == pytest.approx(1 / 3)  # predictions 10, 12, 8
 
 
+def test_evaluate_scores_regression_answers_as_served_clipped_to_the_value_range(tmp_path: Path) -> None:
+    head_bundle(
+        tmp_path,
+        TaskType.REGRESSION,
+        np.ones((1, 1)),
+        np.zeros(1),
+        target_mean=[10.0],
+        target_std=[2.0],
+        value_range=[[0.0, 14.0]],
+    )
+    np.savez(
+        tmp_path / "test_inputs.npz",
+        embeddings=np.array([[0.0], [4.0], [-9.0]], dtype=np.float32),  # raw answers 10, 18, -8
+        targets=np.array([[10.0], [14.0], [1.0]], dtype=np.float32),
+    )
+    metrics = evaluate_model(tmp_path)
+    assert metrics["mae"] == pytest.approx(1 / 3)  # answers 10, 14, 0
+    assert metrics["out_of_range"] == 2
+
+
 def test_evaluate_without_test_images(tmp_path: Path) -> None:
     head_bundle(tmp_path, TaskType.MULTI_CLASS, np.eye(2), np.zeros(2))
     np.savez(
@@ -107,6 +127,44 @@ def test_markdown_report_shows_headline_and_per_label_metrics() -> None:
     assert "| accuracy | 0.6667 |" in text
     assert "| rose | 0.500 | 1.000 | 0.667 | 1 |" in text  # precision, recall, f1, support
     assert "| tulip | 1.000 | 0.500 | 0.667 | 2 |" in text
+    assert "| ece |" in text and "Model selection" not in text
+
+
+def test_markdown_report_shows_what_model_selection_tried_and_chose() -> None:
+    metrics = classification_metrics(np.array([0, 1]), np.array([[0.9, 0.1], [0.2, 0.8]]), ["rose", "tulip"])
+    selection = {
+        "quality": "best",
+        "chosen": "lite1-ms1 + lite2-ms1",
+        "kind": "linear",
+        "metric": "accuracy",
+        "folds": 3,
+        "scored_rows": 480,
+        "seconds": 41.5,
+        "candidates": [
+            {
+                "name": "lite1-ms1 + lite2-ms1",
+                "kind": "linear",
+                "cv_score": 0.7563,
+                "head": "logistic(l2=0.1)",
+                "serving_cost": 3.5,
+                "seconds": 3.3,
+            },
+            {
+                "name": "partial_finetune(lite0, blocks 6-6)",
+                "kind": "partial_finetune",
+                "cv_score": 0.7042,
+                "serving_cost": 1.0,
+                "seconds": 120.0,
+                "plan": {},
+            },
+        ],
+        "skipped": ["lite0-ms1 + lite1-ms1 + lite2-ms1"],
+    }
+    text = markdown_report(TaskType.MULTI_CLASS, metrics, selection=selection)
+    assert "chose **lite1-ms1 + lite2-ms1** by 3-fold cross-validation on the training split" in text
+    assert "| lite1-ms1 + lite2-ms1 (chosen) | linear | 0.7563 | logistic(l2=0.1) | 3.5 | 3.3 |" in text
+    assert "| partial_finetune(lite0, blocks 6-6) | partial_finetune | 0.7042 | - | 1.0 | 120.0 |" in text
+    assert "Not tried (time budget): lite0-ms1 + lite1-ms1 + lite2-ms1." in text
 
 
 # ---- register ------------------------------------------------------------------------------------
@@ -115,6 +173,7 @@ def test_markdown_report_shows_headline_and_per_label_metrics() -> None:
 def test_register_writes_weights_and_bundle_json_with_metrics(tmp_path: Path) -> None:
     model_dir = tmp_path / "model"
     head_bundle(model_dir, TaskType.MULTI_CLASS, np.eye(2), np.zeros(2))
+    np.savez(model_dir / "head.npz", weight=np.eye(2), bias=np.zeros(2))
     store = LocalBlobStore(tmp_path / "blobs")
 
     uri = register_bundle(model_dir, {"accuracy": 0.75, "test_images": 4}, store, "models/task-1/run-1")
@@ -122,6 +181,7 @@ def test_register_writes_weights_and_bundle_json_with_metrics(tmp_path: Path) ->
     assert uri == (tmp_path / "blobs" / "models/task-1/run-1/bundle.json").resolve().as_uri()
     assert store.list_keys("models/task-1/run-1") == [
         "models/task-1/run-1/bundle.json",
+        "models/task-1/run-1/head.npz",
         "models/task-1/run-1/head.onnx",
     ]
     assert store.get("models/task-1/run-1/head.onnx") == (model_dir / "head.onnx").read_bytes()

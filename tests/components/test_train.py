@@ -1,4 +1,4 @@
-"""The train step's library: targets, the linear head, cross-validation, options, and the embed-mode step."""
+"""The train step's library: targets, linear heads, cross-validation, options, selection, the embed step."""
 
 from __future__ import annotations
 
@@ -11,12 +11,14 @@ from typing import Any
 import numpy as np
 import pytest
 
-from components.lib import train as train_lib
+from components.lib import embeddings, heads, selection
 from components.lib.evaluate import evaluate_model
 from components.lib.split import split_dataset
-from components.lib.train import TrainConfig, cross_validate, fit_linear, targets, train_model
-from taskvision import backbone
+from components.lib.train import TrainConfig, targets, train_model
+from taskvision import backbone, features
+from taskvision.bundle import BundleMeta
 from taskvision.dataset import LabelInfo, ManifestRow
+from taskvision.inference import BundleModel
 from taskvision.storage import LocalBlobStore
 from taskvision.task_types import TaskType
 from tests.support.snapshots import RowMaker, info
@@ -80,13 +82,15 @@ def test_regression_targets_are_the_values() -> None:
     assert y[:, 0].tolist() == [1.5, -2.0, 40.25]
 
 
-# ---- the linear head ---------------------------------------------------------------------------
+# ---- linear heads ------------------------------------------------------------------------------
+
+LOGISTIC = heads.HeadSetting(heads.LOGISTIC, 1e-3)
 
 
-def test_fit_linear_separates_separable_classes() -> None:
+def test_logistic_head_separates_separable_classes() -> None:
     x, y = blobs(k=3, n=60, d=16)
-    x = x * 10 + 3  # raw (unstandardized) embeddings: standardization is folded into W and b
-    w, b = fit_linear(x, y, TaskType.MULTI_CLASS, 1e-3, n_outputs=int(y.max()) + 1)
+    x = x * 10 + 3  # raw (unstandardized) features: standardization is folded into W and b
+    w, b = heads.fit_head(x, y, TaskType.MULTI_CLASS, LOGISTIC, n_outputs=int(y.max()) + 1)
     assert w.shape == (3, 16) and b.shape == (3,)
     assert ((x @ w.T + b).argmax(axis=1) == y).all()
     # New points from the same classes are classified correctly too.
@@ -94,31 +98,56 @@ def test_fit_linear_separates_separable_classes() -> None:
     assert ((x_new * 10 + 3) @ w.T + b).argmax(axis=1).tolist() == y_new.tolist()
 
 
-def test_fit_linear_separates_separable_tags() -> None:
+def test_logistic_head_separates_separable_tags() -> None:
     rng = np.random.default_rng(1)
     y = (rng.random((80, 3)) < 0.5).astype(np.float32)
     x = (y @ rng.normal(scale=4.0, size=(3, 16)) + rng.normal(size=(80, 16))).astype(np.float32)
-    w, b = fit_linear(x, y, TaskType.MULTI_LABEL, 1e-3, n_outputs=3)
+    w, _b = heads.fit_head(x, y, TaskType.MULTI_LABEL, LOGISTIC, n_outputs=3)
     assert w.shape == (3, 16)
-    assert ((x @ w.T + b > 0) == y.astype(bool)).all()
+    assert ((x @ w.T + _b > 0) == y.astype(bool)).all()
 
 
-def test_fit_linear_recovers_a_linear_regression_target() -> None:
+@pytest.mark.parametrize("kind", [heads.RIDGE, heads.HUBER])
+def test_regression_heads_recover_a_linear_target(kind: str) -> None:
     rng = np.random.default_rng(2)
     x = rng.normal(size=(100, 16)).astype(np.float32) * 5 + 2
     value = x @ rng.normal(size=16) + 3.0
     y = ((value - value.mean()) / value.std()).astype(np.float32)[:, None]
-    w, b = fit_linear(x, y, TaskType.REGRESSION, 1e-4, n_outputs=1)
+    w, b = heads.fit_head(x, y, TaskType.REGRESSION, heads.HeadSetting(kind, 1e-4), n_outputs=1)
     predicted = x @ w.T + b
     r2 = 1 - float(((predicted - y) ** 2).sum()) / float(((y - y.mean()) ** 2).sum())
     assert r2 > 0.95
+
+
+def test_ridge_in_the_dual_equals_ridge_in_the_primal() -> None:
+    """More features than rows takes the n x n route; it must give the same head."""
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(30, 50)).astype(np.float32)
+    y = rng.normal(size=(30, 2)).astype(np.float32)
+    dual = heads.fit_head(x, y, TaskType.REGRESSION, heads.HeadSetting(heads.RIDGE, 0.5), n_outputs=2)
+    xs = (x - x.mean(axis=0)) / (x.std(axis=0) + 1e-6)
+    primal = np.linalg.solve(xs.T @ xs + 0.5 * 30 * np.eye(50), xs.T @ (y - y.mean(axis=0))).T
+    np.testing.assert_allclose(dual[0] * (x.std(axis=0) + 1e-6), primal, atol=1e-4)
+
+
+def test_the_huber_head_is_less_pulled_by_wrong_targets_than_ridge() -> None:
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(200, 8)).astype(np.float32)
+    clean = (x @ rng.normal(size=8)).astype(np.float32)[:, None]
+    y = clean.copy()
+    y[:20] += 15.0  # a tenth of the targets far off (mislabelled images)
+    errors = {}
+    for kind in (heads.RIDGE, heads.HUBER):
+        w, b = heads.fit_head(x, y, TaskType.REGRESSION, heads.HeadSetting(kind, 1e-3), n_outputs=1)
+        errors[kind] = float(np.abs(x[20:] @ w.T + b - clean[20:]).mean())
+    assert errors[heads.HUBER] < 0.5 * errors[heads.RIDGE]
 
 
 # ---- cross-validation ----------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("task_type", list(TaskType))
-def test_cross_validate_picks_a_grid_value_and_returns_out_of_fold_predictions(task_type: TaskType) -> None:
+def test_cross_validation_gives_out_of_fold_outputs_for_every_setting(task_type: TaskType) -> None:
     rng = np.random.default_rng(3)
     x, classes = blobs(k=3, n=60, d=12, seed=3)
     if task_type is TaskType.MULTI_CLASS:
@@ -129,12 +158,16 @@ def test_cross_validate_picks_a_grid_value_and_returns_out_of_fold_predictions(t
     else:
         y, width = (x @ rng.normal(size=12)).astype(np.float32)[:, None], 1
         y = (y - y.mean()) / y.std()
-    weight_decay, oof = cross_validate(x, y, task_type, TrainConfig(mode="embed"), n_outputs=width)
-    assert weight_decay in ((0.1, 0.3, 1.0, 3.0) if task_type is TaskType.REGRESSION else (1e-2, 1e-1, 1.0))
-    assert oof.shape == (60, width)
-    # A fixed weight decay skips the search.
-    fixed, _ = cross_validate(x, y, task_type, TrainConfig(mode="embed", weight_decay=0.05), n_outputs=width)
-    assert fixed == 0.05
+    grid = heads.default_grid(task_type)
+    cv = heads.cross_validate(x, y, task_type, grid, heads.folds(60, 3, 0), n_outputs=width)
+    assert cv.settings == grid and len(cv.oof) == len(grid)
+    assert all(oof.shape == (60, width) for oof in cv.oof)
+    assert max(heads.score(task_type, y, oof) for oof in cv.oof) > (
+        0.9 if task_type is not TaskType.REGRESSION else -0.3
+    )
+    # A fixed penalty leaves one setting (per head kind).
+    fixed = heads.default_grid(task_type, fixed_penalty=0.05)
+    assert {s.penalty for s in fixed} == {0.05}
 
 
 def test_cross_validated_scores_are_out_of_fold() -> None:
@@ -142,28 +175,36 @@ def test_cross_validated_scores_are_out_of_fold() -> None:
     rng = np.random.default_rng(4)
     x = rng.normal(size=(60, 100)).astype(np.float32)
     y = (rng.random(60) < 0.5).astype(np.float32)
-    w, b = fit_linear(x, y, TaskType.MULTI_CLASS, 1e-3, n_outputs=int(y.max()) + 1)
+    w, b = heads.fit_head(x, y, TaskType.MULTI_CLASS, LOGISTIC, n_outputs=2)
     assert ((x @ w.T + b).argmax(axis=1) == y).mean() == 1.0
-    _, oof = cross_validate(x, y, TaskType.MULTI_CLASS, TrainConfig(mode="embed"), n_outputs=2)
-    assert (oof.argmax(axis=1) == y).mean() < 0.8
+    cv = heads.cross_validate(x, y, TaskType.MULTI_CLASS, [LOGISTIC], heads.folds(60, 3, 0), n_outputs=2)
+    assert (cv.oof[0].argmax(axis=1) == y).mean() < 0.8
 
 
-def test_cross_validation_keeps_an_image_and_its_mirrored_copy_in_one_fold() -> None:
+def test_mirrored_copies_train_with_their_image_and_are_scored_out_of_fold() -> None:
     x, y = blobs(k=2, n=30, d=8, seed=5)
-    groups = np.arange(30)
-    x2, y2, g2 = np.concatenate([x, x]), np.concatenate([y, y]), np.concatenate([groups, groups])
-    _, oof = cross_validate(x2, y2, TaskType.MULTI_CLASS, TrainConfig(mode="embed"), n_outputs=2, groups=g2)
-    # Same input, same fold, same model: identical predictions for both copies.
-    np.testing.assert_array_equal(oof[:30], oof[30:])
+    cv = heads.cross_validate(
+        x,
+        y,
+        TaskType.MULTI_CLASS,
+        [LOGISTIC],
+        heads.folds(30, 3, 0),
+        n_outputs=2,
+        x_mirror=x.copy(),
+        augment_with_mirror=True,
+    )
+    # The mirrored copy of a held-out image was held out with it: identical input, identical output.
+    assert cv.oof_mirror is not None
+    np.testing.assert_array_equal(cv.oof[0], cv.oof_mirror[0])
 
 
-def test_cross_validate_survives_a_fold_without_the_last_class() -> None:
+def test_cross_validation_survives_a_fold_without_the_last_class() -> None:
     x, y = blobs(k=3, n=30, d=8, seed=6)
     y[y == 2] = 1
-    first_fold = train_lib._folds(30, 3, 0)[0]
+    first_fold = heads.folds(30, 3, 0)[0]
     y[first_fold[:2]] = 2  # a rare last class, all of it in one fold
-    _, oof = cross_validate(x, y, TaskType.MULTI_CLASS, TrainConfig(mode="embed"), n_outputs=3)
-    assert oof.shape == (30, 3)
+    cv = heads.cross_validate(x, y, TaskType.MULTI_CLASS, [LOGISTIC], heads.folds(30, 3, 0), n_outputs=3)
+    assert cv.oof[0].shape == (30, 3)
 
 
 # ---- options ------------------------------------------------------------------------------------
@@ -176,42 +217,49 @@ def test_train_config_rejects_unknown_options_clearly() -> None:
     with pytest.raises(ValueError) as caught:
         TrainConfig(augment="rotate")
     assert str(caught.value) == "Invalid augmentation 'rotate'. Only none, flip are supported."
+    with pytest.raises(ValueError) as caught:
+        TrainConfig(quality="ultra")
+    assert str(caught.value) == "Invalid quality 'ultra'. Only fast, balanced, best are supported."
     for bad in ({"epochs": 0}, {"learning_rate": 0.0}, {"batch_size": 0}):
         with pytest.raises(ValueError, match="epochs and batch_size must be >= 1"):
             TrainConfig(**bad)
     assert TrainConfig(mode="embed").resolved_mode() == "embed"
+    assert TrainConfig().quality == "balanced"
 
 
 # ---- the embed-mode step, on cached embeddings (no backbone run) ---------------------------------
 
 
-def cache_embeddings(store: LocalBlobStore, rows: list[ManifestRow], vectors: np.ndarray) -> None:
-    """Put embeddings where embed_rows looks for them, for both the centre crop and the mirrored one."""
+def cache_embeddings(
+    store: LocalBlobStore,
+    rows: list[ManifestRow],
+    vectors: np.ndarray,
+    backbone_id: str = backbone.BACKBONE_ID,
+) -> None:
+    """Put embeddings where the train step looks for them, for both the centre crop and the mirrored one."""
     for row, vector in zip(rows, vectors, strict=True):
         buf = io.BytesIO()
         np.save(buf, vector.astype(np.float32))
-        for variant in ("center", "flip"):
-            store.put(
-                f"embeddings/{backbone.EMBEDDING_ID}/{variant}/{row.sha256[:2]}/{row.sha256}.npy",
-                buf.getvalue(),
-            )
+        for mirrored in (False, True):
+            store.put(embeddings.cache_key((backbone_id, mirrored), row.sha256), buf.getvalue())
 
 
 @pytest.fixture
 def no_backbone(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The backbone must not run; small embeddings keep the head fits fast (the head is size-agnostic)."""
+    """No backbone may run: every embedding must come from the cache."""
 
-    def refuse(*args: Any, **kwargs: Any) -> Any:
-        raise AssertionError("the backbone ran although every embedding was cached")
+    def refuse(backbone_id: str) -> Any:
+        raise AssertionError(f"the backbone {backbone_id} ran although every embedding was cached")
 
-    monkeypatch.setattr(backbone, "embed_many", refuse)
-    monkeypatch.setattr(backbone, "EMBEDDING_DIM", 32)
+    monkeypatch.setattr(embeddings, "training_embedder", refuse)
 
 
-def embedding_dataset(task_type: TaskType, n: int = 60) -> tuple[Any, list[ManifestRow], np.ndarray]:
+def embedding_dataset(
+    task_type: TaskType, n: int = 60, backbone_id: str = backbone.BACKBONE_ID
+) -> tuple[Any, list[ManifestRow], np.ndarray]:
     """A task whose cached embeddings are learnable (separable classes/tags, a linear value)."""
     rng = np.random.default_rng(7)
-    d = backbone.EMBEDDING_DIM
+    d = backbone.BACKBONES[backbone_id].embedding_dim
     maker = RowMaker()
     if task_type is TaskType.MULTI_CLASS:
         labels = [LabelInfo("l-rose", "rose"), LabelInfo("l-tulip", "tulip"), LabelInfo("l-iris", "iris")]
@@ -227,8 +275,9 @@ def embedding_dataset(task_type: TaskType, n: int = 60) -> tuple[Any, list[Manif
             maker.add([lid for lid, on in zip(("t-red", "t-stripes"), tags, strict=True) if on] or ["t-none"])
     else:
         labels = [LabelInfo("v-size", "size")]
-        x = rng.normal(size=(n, d))
-        values = x @ rng.normal(size=d) * 3 + 50
+        latent = rng.normal(size=(n, 3))  # what the features are made of (like real embeddings: low rank)
+        x = latent @ rng.normal(size=(3, d)) + 0.1 * rng.normal(size=(n, d))
+        values = latent @ np.asarray([3.0, -2.0, 1.0]) * 3 + 50
         for value in values:
             maker.add(["v-size"], values={"v-size": float(value)})
     return info(task_type, labels, count=n), maker.rows, x.astype(np.float32)
@@ -251,43 +300,61 @@ def test_embed_mode_trains_a_head_that_evaluates_well(
         split,
         store,
         out,
-        TrainConfig(mode="embed", weight_decay=1e-3 if task_type is TaskType.REGRESSION else None),
+        TrainConfig(mode="embed", quality="fast"),
         snapshot="datasets/task-1/snap-1",
         run_id="run-1",
         progress=lambda fraction, message: reports.append((fraction, message)),
     )
 
-    assert sorted(p.name for p in out.iterdir()) == ["bundle.json", "head.onnx", "test_inputs.npz"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "bundle.json",
+        "head.npz",
+        "head.onnx",
+        "test_inputs.npz",
+    ]
     written = json.loads((out / "bundle.json").read_text())
     assert written["labels"] == [{"id": lb.id, "name": lb.name} for lb in task.output_labels]
     assert written["frozen_backbone"] is True and written["task_type"] == str(task_type)
+    assert written["features"] == [backbone.EMBEDDING_ID]
     assert (written["dataset_snapshot"], written["run_id"]) == ("datasets/task-1/snap-1", "run-1")
     assert written["training"]["train_images"] == len(split.train)
     assert written["training"]["test_images"] == len(split.test)
+    assert written["selection"]["quality"] == "fast" and written["selection"]["chosen"] == "lite0-ms1"
+    assert [c["name"] for c in written["selection"]["candidates"]] == ["lite0-ms1"]
     assert np.load(out / "test_inputs.npz")["image_ids"].tolist() == split.test
     assert reports and all(0.0 <= f <= 1.0 for f, _ in reports)
+    # head.npz holds the very head head.onnx computes.
+    arrays = np.load(out / "head.npz")
+    model = BundleModel.load(out)
+    np.testing.assert_allclose(
+        model.logits_from_embeddings(x[:5]), x[:5] @ arrays["weight"].T + arrays["bias"], rtol=1e-4, atol=1e-3
+    )
 
     metrics = evaluate_model(out)
     assert metrics["test_images"] == len(split.test)
     if task_type is TaskType.MULTI_CLASS:
-        assert metrics["accuracy"] == 1.0
+        assert metrics["accuracy"] == 1.0 and 0.0 <= metrics["ece"] < 0.5
         assert meta.thresholds == [] and meta.negative_label is None
     elif task_type is TaskType.MULTI_LABEL:
         assert written["negative_label"] == {"id": "t-none", "name": "none"}
         assert len(written["thresholds"]) == 2
         assert all(0.0 < t < 1.0 for t in written["thresholds"])
-        assert metrics["mAP"] == 1.0 and metrics["f1"] > 0.9
+        assert metrics["mAP"] == 1.0 and metrics["f1"] > 0.9 and 0.0 <= metrics["ece"] < 0.5
     else:
         train_values = [r.values["v-size"] for r in rows if r.image_id in set(split.train)]
         assert written["target_mean"] == pytest.approx([np.mean(train_values)], rel=1e-4)
-        assert metrics["r2"] > 0.95
+        low, high = written["value_range"][0]
+        span = max(train_values) - min(train_values)
+        assert (low, high) == pytest.approx(
+            (min(train_values) - 0.05 * span, max(train_values) + 0.05 * span)
+        )
+        assert written["training"]["head"].startswith(("ridge", "huber"))
+        assert metrics["r2"] > 0.9 and metrics["out_of_range"] == 0
 
 
 def test_the_head_has_one_output_per_label_even_if_a_label_has_no_training_image(
     tmp_path: Path, no_backbone: None
 ) -> None:
-    from taskvision.inference import BundleModel
-
     store = LocalBlobStore(tmp_path / "blobs")
     task, rows, x = embedding_dataset(TaskType.MULTI_CLASS)
     rows = [
@@ -297,6 +364,94 @@ def test_the_head_has_one_output_per_label_even_if_a_label_has_no_training_image
         for row in rows
     ]
     cache_embeddings(store, rows, x)
-    train_model(task, rows, split_dataset(task, rows), store, tmp_path / "model", TrainConfig(mode="embed"))
+    train_model(
+        task,
+        rows,
+        split_dataset(task, rows),
+        store,
+        tmp_path / "model",
+        TrainConfig(mode="embed", quality="fast"),
+    )
     model = BundleModel.load(tmp_path / "model")
     assert model.logits_from_embeddings(x[:2]).shape == (2, 3)
+
+
+# ---- model selection ------------------------------------------------------------------------------
+
+LITE2 = "tf_efficientnet_lite2.in1k"
+
+
+@pytest.fixture
+def lite0_or_lite2(monkeypatch: pytest.MonkeyPatch) -> selection.QualityPreset:
+    """A preset of two linear candidates (Lite0's or Lite2's features, test-time flips), no fine-tune."""
+    preset = selection.QualityPreset(
+        "best",
+        linear=((features.feature_id(backbone.BACKBONE_ID),), (features.feature_id(LITE2),)),
+        test_time_flip=True,
+        finetune=None,
+        finetune_folds=0,
+    )
+    monkeypatch.setitem(selection.PRESETS, "best", preset)
+    return preset
+
+
+def test_model_selection_never_looks_at_the_test_split(
+    tmp_path: Path, no_backbone: None, lite0_or_lite2: selection.QualityPreset
+) -> None:
+    """Lite2's features name the class perfectly, but only on the test images: on the training
+    images they are noise. Lite0's are informative (not perfect) everywhere. A selection that
+    peeked at the test split would pick Lite2 (and score 100 % on the test split); an honest
+    one picks Lite0."""
+    store = LocalBlobStore(tmp_path / "blobs")
+    rng = np.random.default_rng(11)
+    task, rows, _ = embedding_dataset(TaskType.MULTI_CLASS, n=90)
+    split = split_dataset(task, rows, seed=0)
+    label_ids = [lb.id for lb in task.output_labels]
+    y = np.asarray([label_ids.index(row.labels[0]) for row in rows])
+    d0, d2 = (backbone.BACKBONES[b].embedding_dim for b in (backbone.BACKBONE_ID, LITE2))
+    lite0 = rng.normal(size=(len(rows), d0))
+    lite0[:, :30] += np.repeat(1.2 * np.eye(3)[y], 10, axis=1)  # a weak signal in 30 of its numbers
+    lite2 = rng.normal(size=(len(rows), d2))
+    test = np.isin([row.image_id for row in rows], split.test)
+    lite2[test] = rng.normal(scale=30.0, size=(3, d2))[y[test]]  # the planted, test-only signal
+    cache_embeddings(store, rows, lite0)
+    cache_embeddings(store, rows, lite2, LITE2)
+
+    meta = train_model(
+        task, rows, split, store, tmp_path / "model", TrainConfig(mode="embed", quality="best")
+    )
+
+    scores = {c["name"]: c["cv_score"] for c in meta.selection["candidates"]}
+    assert set(scores) == {"lite0-ms1", "lite0-ms1+hflip", "lite2-ms1", "lite2-ms1+hflip"}
+    assert scores["lite2-ms1"] < 0.6  # noise on the training split: about chance (1/3)
+    assert meta.selection["chosen"].startswith("lite0-ms1")
+    assert meta.features[0].startswith(backbone.EMBEDDING_ID)
+    assert evaluate_model(tmp_path / "model")["accuracy"] < 1.0
+
+
+def test_selection_reports_every_candidate_and_the_bundle_names_the_winners_features(
+    tmp_path: Path, no_backbone: None, lite0_or_lite2: selection.QualityPreset
+) -> None:
+    store = LocalBlobStore(tmp_path / "blobs")
+    rng = np.random.default_rng(12)
+    task, rows, lite0 = embedding_dataset(TaskType.MULTI_CLASS, n=90)
+    label_ids = [lb.id for lb in task.output_labels]
+    y = np.asarray([label_ids.index(row.labels[0]) for row in rows])
+    d2 = backbone.BACKBONES[LITE2].embedding_dim
+    lite2 = rng.normal(scale=8.0, size=(3, d2))[y] + rng.normal(size=(len(rows), d2))  # Lite2 wins everywhere
+    cache_embeddings(store, rows, np.zeros_like(lite0))  # Lite0 knows nothing
+    cache_embeddings(store, rows, lite2, LITE2)
+    split = split_dataset(task, rows, seed=0)
+
+    meta = train_model(
+        task, rows, split, store, tmp_path / "model", TrainConfig(mode="embed", quality="best")
+    )
+
+    assert meta.selection["chosen"] in ("lite2-ms1", "lite2-ms1+hflip")  # a tie goes to the cheaper one
+    assert meta.selection["chosen"] == "lite2-ms1"
+    assert meta.features == [features.feature_id(LITE2)]
+    assert meta.selection["metric"] == "accuracy" and meta.selection["folds"] == 3
+    ranked = [c["cv_score"] for c in meta.selection["candidates"]]
+    assert ranked == sorted(ranked, reverse=True)
+    assert BundleMeta.from_json((tmp_path / "model" / "bundle.json").read_text()).features == meta.features
+    assert evaluate_model(tmp_path / "model")["accuracy"] == 1.0

@@ -123,3 +123,23 @@ def test_regression_metrics_by_hand() -> None:
     assert m["per_label"]["size"]["mae"] == pytest.approx(0.5)
     assert m["test_images"] == 4
     assert regression_metrics(truth, truth.copy(), ["size"])["r2"] == 1.0
+
+
+def test_expected_calibration_error_by_hand() -> None:
+    from taskvision.metrics import expected_calibration_error
+
+    # Bin [0.9, 1.0): 4 answers at 0.95, 3 right (0.75): |0.75 - 0.95| = 0.2 for 4 of 6 rows.
+    # Bin [0.6, 0.7): 2 answers at 0.65, 1 right (0.5): 0.15 for 2 of 6 rows.
+    correct = np.array([1, 1, 1, 0, 1, 0])
+    confidence = np.array([0.95, 0.95, 0.95, 0.95, 0.65, 0.65])
+    assert expected_calibration_error(correct, confidence) == pytest.approx((4 * 0.2 + 2 * 0.15) / 6)
+    assert expected_calibration_error(np.array([1, 0]), np.array([1.0, 0.0])) == 0.0  # right and sure
+    assert expected_calibration_error(np.array([]), np.array([])) == 0.0
+
+
+def test_classification_and_tagging_metrics_report_calibration() -> None:
+    probs = np.array([[0.95, 0.05], [0.95, 0.05], [0.3, 0.7], [0.3, 0.7]])
+    metrics = classification_metrics(np.array([0, 1, 1, 1]), probs, ["a", "b"])
+    assert metrics["ece"] == pytest.approx((2 * abs(0.5 - 0.95) + 2 * abs(1.0 - 0.7)) / 4)
+    tags = tagging_metrics(np.array([[1], [0]]), np.array([[0.8], [0.8]]), ["t"], [0.5])
+    assert tags["per_label"]["t"]["ece"] == pytest.approx(abs(0.5 - 0.8)) == tags["ece"]

@@ -169,9 +169,10 @@ def test_repro_runs_every_stage_and_writes_metrics_plots_and_bundles(workspace: 
     for name in DATASETS:
         bundle = ws.path / "data" / "bundles" / name
         meta = BundleMeta.from_json((bundle / "bundle.json").read_text())
-        assert sorted(p.name for p in bundle.iterdir()) == ["bundle.json", "head.onnx"]
+        assert sorted(p.name for p in bundle.iterdir()) == sorted(["bundle.json", *meta.files])
         assert meta.task_id == name and meta.dataset_snapshot.startswith(f"datasets/{name}/dvc-")
         assert meta.metrics == _metrics(ws, name) and meta.training["mode"] == "embed"
+        assert meta.selection["quality"] == "fast" and meta.selection["chosen"] == "lite0-ms1"
     assert BundleMeta.from_json((ws.path / "data/bundles/tags/bundle.json").read_text()).negative_label == {
         "id": "none",
         "name": "none",

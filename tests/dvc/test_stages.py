@@ -91,11 +91,16 @@ def test_find_snapshot_wants_exactly_one(tmp_path: Path) -> None:
 
 def test_train_params_are_checked() -> None:
     config = dvc_stages.train_config(
-        {"train": {"backbone": "tf_efficientnet_lite0.in1k", "mode": "embed", "augment": "none", "epochs": 2}}
+        {"train": {"mode": "embed", "quality": "best", "augment": "none", "epochs": 2}}
     )
-    assert (config.mode, config.augment, config.epochs) == ("embed", "none", 2)
-    with pytest.raises(StageError, match=r"train.backbone 'resnet50' is not available"):
+    assert (config.mode, config.quality, config.augment, config.epochs) == ("embed", "best", "none", 2)
+    assert dvc_stages.train_config({"train": {}}).quality == "balanced"
+    with pytest.raises(
+        StageError, match=r"train.backbone is gone: the backbones are chosen by cross-validation"
+    ):
         dvc_stages.train_config({"train": {"backbone": "resnet50"}})
+    with pytest.raises(StageError, match="Invalid quality 'fastest'"):
+        dvc_stages.train_config({"train": {"quality": "fastest"}})
     with pytest.raises(StageError, match="Invalid training mode"):
         dvc_stages.train_config({"train": {"mode": "fast"}})
     with pytest.raises(StageError, match="no 'train' section"):
@@ -113,8 +118,9 @@ def test_embeddings_are_cached_outside_the_snapshot(tmp_path: Path) -> None:
 
 def test_a_failing_stage_says_why(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     params = tmp_path / "params.yaml"
-    params.write_text(json.dumps({"train": {"backbone": "vit"}}))
+    params.write_text(json.dumps({"train": {"quality": "perfect"}}))
     code = dvc_stages.main(["train", "shapes", "--params", str(params), "--data-dir", str(tmp_path)])
     assert (
-        code == 1 and "train shapes: error: train.backbone 'vit' is not available" in capsys.readouterr().err
+        code == 1
+        and "train shapes: error: params.yaml train: Invalid quality 'perfect'" in capsys.readouterr().err
     )

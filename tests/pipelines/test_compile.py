@@ -91,3 +91,22 @@ def test_every_step_gets_the_s3_credentials_from_the_named_secret(tmp_path: Path
         }
     # Without a secret (kfp.local, or a file blob store) there is no platform spec at all.
     assert len(_documents(tmp_path, "--gpus", "0")) == 1
+
+
+def test_the_warm_runner_wires_the_steps_as_the_pipeline_does(tmp_path: Path) -> None:
+    """pipelines/in_process.py runs the same components; its wiring must be the compiled DAG's."""
+    from pipelines.in_process import COMPONENTS, WIRING
+
+    tasks = _compile(tmp_path).root.dag.tasks
+    assert list(COMPONENTS) == ["validate", "split", "train", "evaluate", "register"] and set(tasks) == set(
+        COMPONENTS
+    )
+    for step, task in tasks.items():
+        artifacts = {
+            name: f"{spec.task_output_artifact.producer_task}.{spec.task_output_artifact.output_artifact_key}"
+            for name, spec in task.inputs.artifacts.items()
+        }
+        assert artifacts == WIRING[step], step
+        # Every step runs after the steps it follows in the pipeline.
+        order = list(COMPONENTS)
+        assert all(order.index(before) < order.index(step) for before in task.dependent_tasks), step

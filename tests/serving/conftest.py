@@ -41,7 +41,9 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Trained]:
             kind: make_task(client, kind, per_label=20)
             for kind in ("multi_class", "multi_label", "regression")
         }
-        runs = {kind: train(client, task["id"]) for kind, task in tasks.items()}
+        # fast: frozen-backbone heads over the shared embedder (what most of these tests are about).
+        # Whole-network bundles: tests/components/test_partial_finetune.py and the training tests.
+        runs = {kind: train(client, task["id"], quality="fast") for kind, task in tasks.items()}
         for kind, run in runs.items():
             assert wait(client, run["id"])["status"] == "SUCCEEDED", kind
         yield Trained(client=client, tasks=tasks, settings=settings)

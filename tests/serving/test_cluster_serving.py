@@ -139,7 +139,9 @@ def test_inference_services_follow_the_production_version(
         assert answer.status_code == 200, answer.text
         result = answer.json()["records"][0]
         assert result["best_label"]["name"] == "circle" and result["_width"] == 96
-        assert app.state.services.classifier.repository.get_models() == {}  # nothing was served in-process
+        assert (
+            app.state.services.classifier.fallback.repository.get_models() == {}
+        )  # nothing was served in-process
     finally:
         child.terminate()
         child.wait(timeout=20)

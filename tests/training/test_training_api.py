@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -16,9 +17,10 @@ from sqlalchemy import select
 from api.auth import create_user
 from api.db.models import TrainingRun
 from api.main import create_app
-from api.settings import Settings
-from tests.support.images import shape_image
-from tests.training.helpers import add_label, make_task, train, upload, wait
+from api.settings import DEFAULT_BLOCKED_NETWORKS, Settings
+from taskvision.bundle import BundleMeta
+from tests.support.images import image_bytes, shape_image
+from tests.training.helpers import IMAGES, add_label, make_task, train, upload, wait
 
 pytestmark = pytest.mark.slow
 
@@ -72,6 +74,12 @@ def _check_metrics(task_type: str, metrics: dict[str, Any]) -> None:
         assert metrics["rmse"] >= metrics["mae"]
 
 
+def _task_images(client: TestClient, task: dict[str, Any]) -> list[str]:
+    page = client.get(f"{IMAGES}/?task={task['id']}&page_size=100").json()
+    assert page["next"] is None
+    return [image["id"] for image in page["results"]]
+
+
 @pytest.mark.parametrize("task_type", ["multi_class", "multi_label", "regression"])
 def test_train_retrain_and_switch_production(client: TestClient, task_type: str) -> None:
     task = make_task(client, task_type)
@@ -83,16 +91,28 @@ def test_train_retrain_and_switch_production(client: TestClient, task_type: str)
     assert seen["step"] in {"validate", "split", "train", "evaluate", "register"}
     assert 0.0 <= seen["progress"] <= 1.0 and seen["started"]
 
+    assert 0.0 <= seen["overall_progress"] <= 1.0 and seen["queue_position"] is None
+
     done = wait(client, run["id"])
     assert done["status"] == "SUCCEEDED", done
-    assert (done["version"], done["step"], done["progress"]) == (1, "register", 1.0)
+    assert (done["version"], done["step"], done["progress"], done["overall_progress"]) == (
+        1,
+        "register",
+        1.0,
+        1.0,
+    )
+    effective = done["effective_params"]
+    assert effective["train_images"] + effective["test_images"] == len(_task_images(client, task))
+    assert effective["augment"] == "flip" and effective["seed"] == 0 and effective["production"] is True
     state = client.get(f"{TASKS}/{task['id']}").json()
     assert (state["production_version"], state["last_train_status"]) == (1, "TRAINED")
     models = client.get(f"/recognition/v2/model/?task={task['id']}").json()["results"]
     assert [m["version"] for m in models] == [1]
+    # The run and its version point at each other.
+    assert done["model_id"] == models[0]["id"] and models[0]["run_id"] == run["id"]
     _check_metrics(task_type, models[0]["metrics"])
 
-    second = wait(client, train(client, task["id"])["id"])
+    second = wait(client, train(client, task["id"], quality="fast")["id"])  # the default ran above
     assert second["status"] == "SUCCEEDED" and second["version"] == 2
     assert client.get(f"{TASKS}/{task['id']}").json()["production_version"] == 2
     versions = [
@@ -110,8 +130,30 @@ def test_train_retrain_and_switch_production(client: TestClient, task_type: str)
     assert [m["version"] for m in production] == [1]
 
 
-def test_validation_failure_explains_itself_and_the_task_stays_usable(client: TestClient) -> None:
+def test_the_quality_option_reaches_the_train_step(client: TestClient) -> None:
+    task = make_task(client, "regression", per_label=20)
+    refused = client.post(f"{TASKS}/{task['id']}/train", json={"quality": "ultra"})
+    assert refused.status_code == 422 and "quality" in refused.text
+    done = wait(client, train(client, task["id"], quality="fast")["id"])
+    assert done["status"] == "SUCCEEDED" and done["params"]["quality"] == "fast"
+    blobs = client.app.state.services.blobs  # type: ignore[attr-defined]
+    meta = BundleMeta.from_json(blobs.get(f"models/{task['id']}/{done['id']}/bundle.json"))
+    assert meta.selection["quality"] == "fast" and [c["name"] for c in meta.selection["candidates"]] == [
+        "lite0-ms1"
+    ]
+    assert meta.training["quality"] == "fast"
+    # Regression answers stay within the training values' range (plus a margin): radii span 6..41.
+    (low, high) = meta.value_range[0]
+    assert 0 <= low < 10 and 37 < high < 45
+    model = client.get(f"/recognition/v2/model/?task={task['id']}").json()["results"][0]
+    assert model["metrics"]["out_of_range"] >= 0 and "mae" in model["metrics"]
+
+
+def test_a_task_that_cannot_pass_validation_is_refused_at_once(client: TestClient) -> None:
     task = client.post(TASKS, json={"name": "flowers", "type": "multi_class"}).json()
+    lonely = client.post(f"{TASKS}/{task['id']}/train")
+    assert lonely.status_code == 400 and lonely.json()["code"] == "not_trainable"
+    assert "The task has 0 label(s); at least 2 are needed to train." in lonely.json()["problems"]
     rose, tulip = (
         add_label(client, task["id"], "rose", "category"),
         add_label(client, task["id"], "tulip", "category"),
@@ -120,43 +162,74 @@ def test_validation_failure_explains_itself_and_the_task_stays_usable(client: Te
         upload(client, shape_image("circle", i), [rose])
     for i in range(20):
         upload(client, shape_image("square", i), [tulip])
+    both = upload(client, shape_image("square", 99), [rose, tulip])
+    refused = client.post(f"{TASKS}/{task['id']}/train", json={})
+    assert refused.status_code == 400, refused.text
+    body = refused.json()
+    assert body["counts"] == {"rose": 13, "tulip": 21}
+    assert body["image_ids"] == [both]
+    assert body["problems"] == [
+        "1 image has more than one category of this task; a categorization image needs exactly one.",
+        "label 'rose' has 13 images; at least 20 are needed",
+    ]
+    assert body["detail"].startswith("The task cannot be trained yet: 1 image has more than one category")
+    # Nothing was queued, and the task is as it was.
+    assert client.get(f"/recognition/v2/training-run/?task={task['id']}").json()["count"] == 0
+    assert client.get(f"{TASKS}/{task['id']}").json()["last_train_status"] == "NOT_TRAINED"
+    # A lower minimum for this training only is honoured.
+    assert client.post(f"{TASKS}/{task['id']}/train", json={"min_images_per_label": 10}).json()["code"] == (
+        "not_trainable"
+    )  # still the image with two categories
+    client.post(f"{IMAGES}/{both}/remove-label", json={"label_id": rose})
+    assert client.post(f"{TASKS}/{task['id']}/train", json={"min_images_per_label": 10}).status_code == 202
+
+
+def test_a_problem_only_the_images_show_fails_the_run_in_validation(client: TestClient) -> None:
+    """The pipeline's validation stays the authority: it also reads the images."""
+    task = client.post(TASKS, json={"name": "flowers", "type": "multi_class"}).json()
+    rose, tulip = (
+        add_label(client, task["id"], "rose", "category"),
+        add_label(client, task["id"], "tulip", "category"),
+    )
+    for i in range(20):
+        upload(client, shape_image("circle", i), [rose])
+        upload(client, shape_image("square", i), [tulip])
+    tiny = upload(client, image_bytes(5, size=(8, 8)), [rose])  # too small to learn from
     failed = wait(client, train(client, task["id"])["id"])
     assert failed["status"] == "FAILED" and failed["step"] == "validate"
-    assert "label 'rose' has 12 images; at least 20 are needed" in failed["error"]
+    assert f"Unusable images: {tiny} is 8x8 px" in failed["error"]
     state = client.get(f"{TASKS}/{task['id']}").json()
-    assert state["last_train_status"] == "TRAINING_FAILED"
-    assert "label 'rose' has 12 images" in state["last_train_error"]
+    assert state["last_train_status"] == "TRAINING_FAILED" and "8x8 px" in state["last_train_error"]
     assert state["production_version"] == -1
     assert client.get(f"/recognition/v2/model/?task={task['id']}").json()["count"] == 0
 
-    for i in range(12, 20):
-        upload(client, shape_image("circle", i), [rose])
+    assert client.delete(f"{IMAGES}/{tiny}").status_code == 204
     fixed = wait(client, train(client, task["id"])["id"])
     assert fixed["status"] == "SUCCEEDED" and fixed["version"] == 1
-    assert client.get(f"{TASKS}/{task['id']}").json()["last_train_error"] == ""
 
 
-def test_a_killed_run_fails_cleanly_and_the_task_can_train_again(
-    client: TestClient, settings: Settings
-) -> None:
-    task = make_task(client, "multi_class", per_label=20)
-    run = train(client, task["id"])
-    deadline = time.monotonic() + 60
-    pid = None
-    while pid is None and time.monotonic() < deadline:
-        children = client.app.state.services.training.runner._children  # type: ignore[attr-defined]
-        if run["id"] in children:
-            pid = children[run["id"]].pid
-        time.sleep(0.1)
-    assert pid is not None
-    os.killpg(pid, signal.SIGKILL)
-    killed = wait(client, run["id"])
-    assert killed["status"] == "FAILED"
-    assert "killed" in killed["error"]
-    assert client.get(f"{TASKS}/{task['id']}").json()["last_train_status"] == "TRAINING_FAILED"
-    assert client.get(f"/recognition/v2/model/?task={task['id']}").json()["count"] == 0
-    again = wait(client, train(client, task["id"])["id"])
-    assert again["status"] == "SUCCEEDED" and again["version"] == 1
+@pytest.mark.parametrize("runner", ["warm", "kfp-local"])
+def test_a_killed_run_fails_cleanly_and_the_task_can_train_again(settings: Settings, runner: str) -> None:
+    app = create_app(settings.model_copy(update={"pipeline_runner": runner, "train_poll_interval_s": 0.2}))
+    with app.state.services.session_factory() as session:
+        _, token = create_user(session, "killer")
+    with TestClient(app, headers={"Authorization": f"Token {token}"}) as client:
+        task = make_task(client, "multi_class", per_label=20)
+        run = train(client, task["id"])
+        deadline = time.monotonic() + 60
+        pid = None
+        while pid is None and time.monotonic() < deadline:
+            pid = app.state.services.training.runner.pid_of(run["id"])
+            time.sleep(0.1)
+        assert pid is not None
+        os.killpg(pid, signal.SIGKILL)
+        killed = wait(client, run["id"])
+        assert killed["status"] == "FAILED"
+        assert "was killed (signal 9)" in killed["error"]
+        assert client.get(f"{TASKS}/{task['id']}").json()["last_train_status"] == "TRAINING_FAILED"
+        assert client.get(f"/recognition/v2/model/?task={task['id']}").json()["count"] == 0
+        again = wait(client, train(client, task["id"])["id"])
+        assert again["status"] == "SUCCEEDED" and again["version"] == 1
 
 
 def test_a_run_interrupted_by_a_restart_is_marked_failed(settings: Settings) -> None:
@@ -207,6 +280,7 @@ def test_training_with_postgres_and_s3(postgres_url: str, s3_server: Any, tmp_pa
         database_url=postgres_url,
         secret_key="test-signing-key",
         train_poll_interval_s=0.2,
+        pipeline_runner="kfp-local",  # the real KFP pipeline, every step in a subprocess
         **s3_storage_settings(s3_server, "training"),
     )
     app = create_app(settings)
@@ -216,10 +290,11 @@ def test_training_with_postgres_and_s3(postgres_url: str, s3_server: Any, tmp_pa
         task = make_task(client, "multi_class", per_label=20)
         done = wait(client, train(client, task["id"])["id"])
         assert done["status"] == "SUCCEEDED", done
-        assert app.state.services.blobs.list_keys(f"models/{task['id']}/{done['id']}/") == [
-            f"models/{task['id']}/{done['id']}/bundle.json",
-            f"models/{task['id']}/{done['id']}/head.onnx",
-        ]
+        prefix = f"models/{task['id']}/{done['id']}"
+        meta = BundleMeta.from_json(app.state.services.blobs.get(f"{prefix}/bundle.json"))
+        assert app.state.services.blobs.list_keys(f"{prefix}/") == sorted(
+            f"{prefix}/{name}" for name in ["bundle.json", *meta.files]
+        )
 
 
 def test_runs_queue_one_at_a_time(client: TestClient) -> None:
@@ -229,10 +304,67 @@ def test_runs_queue_one_at_a_time(client: TestClient) -> None:
     )
     first = train(client, first_task["id"])
     second = train(client, second_task["id"])
-    _running_snapshot(client, first["id"])
-    assert client.get(f"/recognition/v2/training-run/{second['id']}").json()["status"] == "QUEUED"
+    running = _running_snapshot(client, first["id"])
+    waiting = client.get(f"/recognition/v2/training-run/{second['id']}").json()
+    assert waiting["status"] == "QUEUED" and waiting["queue_position"] == 1 and waiting["eta_seconds"] is None
+    assert running["queue_position"] is None
     assert wait(client, first["id"])["status"] == "SUCCEEDED"
     finished = wait(client, second["id"])
     assert finished["status"] == "SUCCEEDED" and finished["started"] >= wait(client, first["id"])["finished"]
     listed = client.get(f"/recognition/v2/training-run/?task={second_task['id']}").json()
     assert [run["id"] for run in listed["results"]] == [second["id"]]
+
+
+def test_webhooks_tell_about_a_training_and_a_slow_target_delays_nothing(tmp_path: Path) -> None:
+    from tests.api.test_url_deadlines import BlackHole
+    from tests.api.test_webhooks import Receiver, verify
+
+    settings = Settings(
+        data_dir=tmp_path,
+        train_poll_interval_s=0.2,
+        url_blocked_networks=[n for n in DEFAULT_BLOCKED_NETWORKS if n != "127.0.0.0/8"],
+        webhook_timeout_s=1.0,
+        webhook_retry_base_s=0.5,
+        webhook_poll_interval_s=0.1,
+    )
+    app = create_app(settings)
+    with app.state.services.session_factory() as session:
+        _, token = create_user(session, "hooks")
+    receiver, hole = Receiver(), BlackHole()
+    server = receiver.serve()
+    try:
+        with TestClient(app, headers={"Authorization": f"Token {token}"}) as client:
+            good = client.post("/recognition/v2/webhook", json={"url": receiver.url}).json()
+            slow = client.post(
+                "/recognition/v2/webhook", json={"url": f"http://127.0.0.1:{hole.port}/"}
+            ).json()
+            task = make_task(client, "multi_class", per_label=20)
+            run = train(client, task["id"])
+            done = wait(client, run["id"])
+            assert done["status"] == "SUCCEEDED"
+            deadline = time.monotonic() + 20
+            slow_url = f"/recognition/v2/webhook/{slow['id']}/deliveries"
+            while time.monotonic() < deadline:
+                slow_deliveries = client.get(slow_url).json()["results"]
+                tried = len(slow_deliveries) == 3 and all(d["attempts"] for d in slow_deliveries)
+                if len(receiver.received) >= 3 and tried:
+                    break
+                time.sleep(0.1)
+    finally:
+        server.shutdown()
+        hole.close()
+    events = {
+        event["event"]: event["data"] for event in (json.loads(got["body"]) for got in receiver.received)
+    }
+    # Deliveries go out concurrently, so their order of arrival is not fixed.
+    assert set(events) == {"training.started", "training.succeeded", "version.production_changed"}
+    assert events["training.started"]["run"]["id"] == run["id"]
+    assert all(verify(good["secret"], got["headers"], got["body"]) for got in receiver.received)
+    succeeded = events["training.succeeded"]
+    assert succeeded["run"]["id"] == run["id"] and succeeded["version"] == 1
+    assert succeeded["model_id"] == done["model_id"] and "accuracy" in succeeded["metrics"]
+    assert events["version.production_changed"]["production_version"] == 1
+    # The target that never answers got the same events, each attempt cut off after the timeout,
+    # while the training went on (the deliveries run in a thread of their own).
+    assert {d["event"] for d in slow_deliveries} == set(events)
+    assert all("did not answer" in d["last_error"] for d in slow_deliveries), slow_deliveries

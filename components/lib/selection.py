@@ -1,0 +1,237 @@
+"""Model selection for the CPU train step: quality presets, candidates, and choosing one by cross-validation.
+
+A ``quality`` names a preset (:data:`PRESETS`) that trades training time (and
+serving cost) for accuracy:
+
+* ``fast``: Lite0's multi-scale features and a linear head; cross-validation
+  only chooses the head's penalty (the default before presets existed);
+* ``balanced`` (the default): that linear candidate against partially
+  fine-tuning Lite0's last block on cached activations (see
+  :mod:`components.lib.partial_finetune`), checked on one held-out fold;
+  both serve at Lite0's cost;
+* ``best``: linear heads over Lite0, Lite1, Lite2 and their concatenations,
+  each also with a test-time mirror flip, against a longer partial fine-tune
+  with more augmented views, all by full k-fold cross-validation.
+
+Every candidate is scored on the training split only, on the same
+out-of-fold rows, with the task's metric (accuracy, mean AP, MAE). The best
+score wins; a tie goes to the cheaper candidate to serve. Candidates not
+started when the preset's time budget runs out are skipped (and reported so).
+What was tried and how each scored goes into the bundle (``selection``).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from components.lib import heads
+from components.lib.partial_finetune import PartialFinetunePlan
+from taskvision import backbone, features
+from taskvision.task_types import TaskType
+
+logger = logging.getLogger(__name__)
+
+Array = npt.NDArray[np.float32]
+QUALITIES = ("fast", "balanced", "best")
+LINEAR = "linear"
+PARTIAL_FINETUNE = "partial_finetune"
+
+# Relative CPU cost of one image through each backbone (ONNX Runtime, one thread, batch 1:
+# Lite0 6.0, Lite1 9.1, Lite2 12.3 ms on the 2-core benchmark machine).
+BACKBONE_COST = {
+    "tf_efficientnet_lite0.in1k": 1.0,
+    "tf_efficientnet_lite1.in1k": 1.5,
+    "tf_efficientnet_lite2.in1k": 2.0,
+}
+L0, L1, L2 = (features.feature_id(b) for b in backbone.BACKBONES)
+
+
+@dataclass(frozen=True)
+class QualityPreset:
+    name: str
+    linear: tuple[tuple[str, ...], ...]  # feature-id lists of the linear candidates
+    test_time_flip: bool  # also score each linear candidate with +hflip features
+    finetune: PartialFinetunePlan | None
+    finetune_folds: int  # folds the partial fine-tune is scored on: 1 = the first fold only
+    budget_s: float = 600.0  # selection stops starting candidates after this long
+
+
+PRESETS: dict[str, QualityPreset] = {
+    "fast": QualityPreset("fast", linear=((L0,),), test_time_flip=False, finetune=None, finetune_folds=0),
+    "balanced": QualityPreset(
+        "balanced",
+        linear=((L0,),),
+        test_time_flip=False,
+        finetune=PartialFinetunePlan(extra_views=2, epochs=8),
+        finetune_folds=1,
+        budget_s=120.0,
+    ),
+    "best": QualityPreset(
+        "best",
+        linear=((L0,), (L1,), (L2,), (L1, L2), (L0, L1, L2)),
+        test_time_flip=True,
+        finetune=PartialFinetunePlan(extra_views=4, epochs=12),
+        finetune_folds=3,
+        budget_s=900.0,
+    ),
+}
+
+
+def preset(quality: str) -> QualityPreset:
+    if quality not in PRESETS:
+        raise ValueError(f"Invalid quality {quality!r}. Only {', '.join(QUALITIES)} are supported.")
+    return PRESETS[quality]
+
+
+def serving_cost(feature_ids: Sequence[str]) -> float:
+    """Relative CPU cost per image of computing ``feature_ids`` (Lite0's embedding = 1)."""
+    return float(sum(BACKBONE_COST[b] * (1 + m) for b, m in features.views_needed(feature_ids)))
+
+
+def short_name(feature_ids: Sequence[str]) -> str:
+    return " + ".join(fid.replace("tf_efficientnet_", "").replace(".in1k", "") for fid in feature_ids)
+
+
+@dataclass
+class CandidateScore:
+    """One candidate's cross-validated result."""
+
+    name: str
+    kind: str  # linear | partial_finetune
+    cv_score: float  # higher is better (regression: minus the MAE, in the targets' units)
+    serving_cost: float
+    seconds: float
+    features: list[str] = field(default_factory=list)  # linear candidates
+    head: str = ""  # linear candidates: the chosen head setting
+    plan: dict[str, Any] = field(default_factory=dict)  # partial fine-tune
+    oof: Array | None = None  # out-of-fold outputs of the training rows ``oof_rows``
+    oof_rows: npt.NDArray[np.int64] | None = None
+    setting: heads.HeadSetting | None = None
+
+    def report(self) -> dict[str, Any]:
+        row: dict[str, Any] = {
+            "name": self.name,
+            "kind": self.kind,
+            "cv_score": round(self.cv_score, 5),
+            "serving_cost": round(self.serving_cost, 2),
+            "seconds": round(self.seconds, 2),
+        }
+        if self.kind == LINEAR:
+            row.update(features=self.features, head=self.head)
+        else:
+            row.update(plan=self.plan)
+        return row
+
+
+def score_linear(
+    task_type: TaskType,
+    y: Array,
+    scale: float,
+    candidate: Sequence[str],
+    centre: Array,
+    mirrored: Array | None,
+    fold_groups: Sequence[npt.NDArray[np.int64]],
+    grid: Sequence[heads.HeadSetting],
+    *,
+    n_outputs: int,
+    augment_with_mirror: bool,
+    test_time_flip: bool,
+    scored_rows: npt.NDArray[np.int64],
+) -> list[CandidateScore]:
+    """Cross-validate a linear candidate's head grid; one score for it (and one with +hflip when asked).
+
+    ``centre`` / ``mirrored`` are its feature vectors of the training rows (as
+    :func:`taskvision.features.assemble` builds them). ``scale`` turns a
+    regression score back into the targets' units.
+    """
+    started = time.perf_counter()
+    cv = heads.cross_validate(
+        centre,
+        y,
+        task_type,
+        grid,
+        fold_groups,
+        n_outputs=n_outputs,
+        x_mirror=mirrored,
+        augment_with_mirror=augment_with_mirror,
+    )
+    variants: list[tuple[list[str], list[Array]]] = [(list(candidate), cv.oof)]
+    if test_time_flip and cv.oof_mirror is not None:
+        flipped = [features.feature_spec(f + features.HFLIP).id for f in candidate]
+        variants.append(
+            (flipped, [(a + b) * np.float32(0.5) for a, b in zip(cv.oof, cv.oof_mirror, strict=True)])
+        )
+    seconds = time.perf_counter() - started
+    results = []
+    for ids, oofs in variants:
+        scores = [heads.score(task_type, y[scored_rows], oof[scored_rows]) * scale for oof in oofs]
+        best = int(np.argmax(scores))
+        results.append(
+            CandidateScore(
+                name=short_name(ids),
+                kind=LINEAR,
+                cv_score=scores[best],
+                serving_cost=serving_cost(ids),
+                seconds=seconds / len(variants),
+                features=ids,
+                head=cv.settings[best].name,
+                oof=oofs[best],
+                oof_rows=np.arange(len(y)),
+                setting=cv.settings[best],
+            )
+        )
+        logger.info(
+            "candidate %s: cross-validated score %.4f with %s (%s)",
+            results[-1].name,
+            scores[best],
+            cv.settings[best].name,
+            ", ".join(f"{s.name} {v:.4f}" for s, v in zip(cv.settings, scores, strict=True)),
+        )
+    return results
+
+
+def choose(candidates: Sequence[CandidateScore]) -> CandidateScore:
+    """The best cross-validated score; a tie goes to the cheaper one to serve."""
+    if not candidates:
+        raise ValueError("No candidate was scored.")
+    return min(candidates, key=lambda c: (-round(c.cv_score, 9), c.serving_cost))
+
+
+def selection_report(
+    quality: QualityPreset,
+    chosen: CandidateScore,
+    candidates: Sequence[CandidateScore],
+    *,
+    metric: str,
+    folds: int,
+    scored_rows: int,
+    skipped: Sequence[str],
+    seconds: float,
+) -> dict[str, Any]:
+    """What goes into bundle.json's ``selection`` and the evaluation report."""
+    return {
+        "quality": quality.name,
+        "chosen": chosen.name,
+        "kind": chosen.kind,
+        "metric": metric,
+        "folds": folds,
+        "scored_rows": scored_rows,
+        "candidates": [c.report() for c in sorted(candidates, key=lambda c: -c.cv_score)],
+        "skipped": list(skipped),
+        "seconds": round(seconds, 2),
+    }
+
+
+def metric_name(task_type: TaskType) -> str:
+    return {
+        TaskType.MULTI_CLASS: "accuracy",
+        TaskType.MULTI_LABEL: "mAP",
+        TaskType.REGRESSION: "-MAE",
+    }[task_type]

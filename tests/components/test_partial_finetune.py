@@ -1,0 +1,96 @@
+"""Partial fine-tuning on the CPU: activations, the tuned tail, the exported network, selection."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from components.lib import heads
+from components.lib.evaluate import evaluate_model
+from components.lib.partial_finetune import STD_FLOOR, PartialFinetunePlan, compute_activations, train_tail
+from components.lib.split import split_dataset
+from components.lib.train import TrainConfig, targets, train_model
+from taskvision import backbone
+from taskvision.inference import BundleModel
+from taskvision.storage import LocalBlobStore
+from tests.support.images import shape_image
+from tests.support.snapshots import shapes_in_store
+
+pytestmark = pytest.mark.slow
+
+PLAN = PartialFinetunePlan(extra_views=1, epochs=3)
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory: pytest.TempPathFactory) -> tuple[LocalBlobStore, object, list]:
+    store = LocalBlobStore(tmp_path_factory.mktemp("blobs"))
+    info, rows = shapes_in_store(store, per_label=12)
+    return store, info, rows
+
+
+def test_the_exported_network_computes_what_the_tuned_tail_did(shapes: tuple, tmp_path: Path) -> None:
+    store, info, rows = shapes
+    data, known = compute_activations(store, rows, PLAN, seed=0, use_cache=False, max_pixels=10**7)
+    assert data.maps.shape == (24, 3, 192, 7, 7)
+    # The centre crop's embedding from the same run is the plain embedding network's.
+    arrays = np.stack([_centre(store, row) for row in rows])
+    np.testing.assert_allclose(
+        known[(backbone.BACKBONE_ID, False)], backbone.Embedder().embed_arrays(arrays), atol=1e-4
+    )
+
+    y = targets(info, rows)
+    final = np.concatenate([known[(backbone.BACKBONE_ID, m)][:, : backbone.FINAL_DIM] for m in (False, True)])
+    start = heads.fit_head(
+        final,
+        np.concatenate([y, y]),
+        info.task_type,
+        heads.HeadSetting(heads.LOGISTIC, 0.1),
+        n_outputs=2,
+        std_floor=STD_FLOOR,
+    )
+    pretrained = backbone.build_torch_model(num_classes=0)
+    tuned = train_tail(pretrained, data, start, final, y, info.task_type, PLAN, seed=0)
+    tuned.export(tmp_path / "model.onnx", input_size=224)
+    session = backbone.onnx_session(tmp_path / "model.onnx")
+    exported = session.run(None, {"input": arrays})[0]
+    # The tail saw float16 copies of the activations; the exported network computes them in float32.
+    np.testing.assert_allclose(exported, tuned.logits(data), atol=0.05)
+    assert (exported.argmax(axis=1) == y).mean() == 1.0
+    # Only the last block was tuned: the earlier ones are the pretrained weights.
+    tuned_state, original = tuned.model.state_dict(), pretrained.state_dict()
+    assert all(np.array_equal(tuned_state[k], original[k]) for k in original if k.startswith("blocks.5."))
+    assert not all(np.array_equal(tuned_state[k], original[k]) for k in original if k.startswith("blocks.6."))
+
+
+def _centre(store: LocalBlobStore, row: object) -> np.ndarray:
+    from components.lib.embeddings import decode_row, prepared_arrays
+
+    image = decode_row(store, row, max_pixels=10**7, min_side=512)  # type: ignore[arg-type]
+    return prepared_arrays(image, [backbone.BACKBONE_ID])[backbone.BACKBONE_ID]
+
+
+def test_balanced_scores_both_candidates_and_a_fine_tuned_winner_is_a_whole_network(
+    shapes: tuple, tmp_path: Path
+) -> None:
+    store, info, rows = shapes
+    split = split_dataset(info, rows)
+    meta = train_model(info, rows, split, store, tmp_path / "model", TrainConfig(mode="embed"))
+    selection = meta.selection
+    assert selection["quality"] == "balanced" and selection["folds"] == 3
+    kinds = {c["kind"] for c in selection["candidates"]}
+    assert kinds == {"linear", "partial_finetune"}
+    # Scored on the same out-of-fold rows: the first fold (the fine-tune is checked on one).
+    assert selection["scored_rows"] < len(split.train)
+    assert evaluate_model(tmp_path / "model")["accuracy"] >= 0.75
+    model = BundleModel.load(tmp_path / "model")
+    if selection["kind"] == "partial_finetune":
+        assert (
+            not meta.frozen_backbone and meta.features == [] and (tmp_path / "model" / "model.onnx").exists()
+        )
+    else:
+        assert meta.frozen_backbone and meta.features == [backbone.EMBEDDING_ID]
+    image, _ = model.decode(shape_image("circle", 99), max_pixels=10**7)
+    probs = model.outputs(model.logits_from_prepared(model.prepare(image)[None]))
+    assert probs.shape == (1, 2) and np.isclose(probs.sum(), 1.0, atol=1e-5)
