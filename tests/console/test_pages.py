@@ -13,7 +13,7 @@ from api.db.models import Task, TrainingRun
 from api.services.versions import import_bundle
 from taskvision.task_types import TaskType
 from tests.console.conftest import ConsoleFactory, ConsoleUser, add_label, create_task, flash, location
-from tests.support.console_data import evaluated_bundle
+from tests.support.console_data import add_images_directly, evaluated_bundle
 from tests.support.images import image_bytes, shape_image
 
 
@@ -235,8 +235,18 @@ def test_the_grid_pages_filters_and_serves_lazy_thumbnails(console: ConsoleUser)
     assert console.get(thumb, headers={"If-None-Match": answer.headers["etag"]}).status_code == 304
 
 
+def _trainable(app: FastAPI, user: ConsoleUser, name: str = "Rooms") -> str:
+    """A categorization task with two labels of 20 images each (what a train request needs now)."""
+    task_id = create_task(user, name)
+    labels = [add_label(user, task_id, "circle"), add_label(user, task_id, "square")]
+    services = app.state.services
+    with services.session_factory() as session:
+        add_images_directly(session, services.blobs, session.get(Task, task_id), 50, label_ids=labels)
+    return task_id
+
+
 def test_a_training_request_records_only_the_options_changed(app: FastAPI, console: ConsoleUser) -> None:
-    task_id = create_task(console)
+    task_id = _trainable(app, console)
     page = console.get(f"/console/tasks/{task_id}/train").text
     assert re.search(r'<option value="flip" selected>flip \(default\)</option>', page)
     assert 'name="min_images_per_label" type="number"' in page and 'value="20"' in page
@@ -254,7 +264,7 @@ def test_a_training_request_records_only_the_options_changed(app: FastAPI, conso
 
 
 def test_a_failed_run_says_why_in_words_and_stops_polling(app: FastAPI, console: ConsoleUser) -> None:
-    task_id = create_task(console)
+    task_id = _trainable(app, console)
     console.post(f"/console/tasks/{task_id}/train", {"production": "true"})
     services = app.state.services
     with services.session_factory() as session:
