@@ -27,6 +27,7 @@ from api.schemas.models import ModelPublic
 from api.schemas.runs import TrainingRunPublic
 from api.schemas.tasks import LabelBrief, TaskPublic
 from api.services import run_progress
+from taskvision.metrics import current_names
 from taskvision.task_types import LabelType, TaskType
 
 
@@ -158,7 +159,7 @@ def model_public(model: Model) -> dict[str, Any]:
         version=model.version,
         train_status=TrainStatus(model.train_status),
         production=model.task.production_version == model.version,
-        metrics=model.metrics or {},
+        metrics=current_names(model.task.type, model.metrics or {}),
         run_id=model.run_id,
         created=model.created,
     ).model_dump(mode="json")

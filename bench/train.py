@@ -90,6 +90,8 @@ from _common import (
     write_report,
 )
 
+from taskvision.metrics import current_names
+
 logger = logging.getLogger("bench.train")
 
 DEFAULT_OUT = REPO_ROOT / "bench" / "results" / "train.json"
@@ -624,10 +626,11 @@ def train_and_wait(
 
 def headline(task_type: str, metrics: dict[str, Any]) -> dict[str, float]:
     keys = {
-        "multi_class": ("accuracy", "precision", "recall", "f1", "ece"),
-        "multi_label": ("mAP", "precision", "recall", "f1", "ece"),
+        "multi_class": ("accuracy", "macro_precision", "macro_recall", "macro_f1", "ece"),
+        "multi_label": ("mAP", "exact_match_accuracy", "macro_precision", "macro_recall", "macro_f1", "ece"),
         "regression": ("mae", "rmse", "r2", "out_of_range"),
     }[task_type]
+    metrics = current_names(task_type, metrics)
     return {k: round(float(metrics[k]), 4) for k in keys if k in metrics}
 
 
@@ -792,10 +795,14 @@ def _metrics_cell(task_type: str, values: dict[str, float]) -> str:
         return "-"
     if task_type == "multi_class":
         return (
-            f"acc **{values['accuracy']:.3f}**, F1 {values.get('f1', 0):.3f}, ECE {values.get('ece', 0):.3f}"
+            f"acc **{values['accuracy']:.3f}**, macro F1 {values.get('macro_f1', 0):.3f}, "
+            f"ECE {values.get('ece', 0):.3f}"
         )
     if task_type == "multi_label":
-        return f"mAP **{values['mAP']:.3f}**, F1 {values.get('f1', 0):.3f}, ECE {values.get('ece', 0):.3f}"
+        return (
+            f"mAP **{values['mAP']:.3f}**, macro F1 {values.get('macro_f1', 0):.3f}, "
+            f"ECE {values.get('ece', 0):.3f}"
+        )
     outside = int(values.get("out_of_range", 0))
     return f"MAE **{values['mae']:.2f}**, R² {values['r2']:.3f}, out of range {outside}"
 

@@ -14,6 +14,8 @@ def register(
     bundle_prefix: str,
     model: dsl.Input[dsl.Model],
     evaluation: dsl.Input[dsl.Dataset],
+    predictions: dsl.Input[dsl.Dataset],
+    report: dsl.Input[dsl.Markdown],
 ) -> str:
     """Write the model bundle to the blob store; returns the URI of its bundle.json.
 
@@ -23,6 +25,8 @@ def register(
         bundle_prefix: Where the bundle goes (``models/<task>/<run>``).
         model: The train step's model folder.
         evaluation: The evaluate step's metrics.json.
+        predictions: The evaluate step's per-image predictions (stored as predictions.jsonl).
+        report: The evaluate step's Markdown report (stored as report.md).
     """
     import json
     from pathlib import Path
@@ -33,6 +37,13 @@ def register(
     def work(progress: Any) -> str:
         with open(evaluation.path) as fh:
             metrics = json.load(fh)
-        return register_bundle(Path(model.path), metrics, open_store(storage_url), bundle_prefix)
+        return register_bundle(
+            Path(model.path),
+            metrics,
+            open_store(storage_url),
+            bundle_prefix,
+            predictions=Path(predictions.path),
+            report=Path(report.path),
+        )
 
     return str(run_step(storage_url, run_prefix, "register", work))

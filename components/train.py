@@ -75,12 +75,11 @@ def train(
             run_id=run_id,
             progress=progress,
         )
+        chosen = str(meta.selection.get("chosen", ""))
         model.metadata.update(
-            {
-                "task_type": str(meta.task_type),
-                "mode": meta.training["mode"],
-                "chosen": str(meta.selection.get("chosen", "")),
-            }
+            {"task_type": str(meta.task_type), "mode": meta.training["mode"], "chosen": chosen}
         )
+        # What the run used, shown with it: the mode auto became, the preset, the model selection chose.
+        progress.note(mode=meta.training["mode"], quality=quality, chosen_model=chosen or meta.backbone)
 
     run_step(storage_url, run_prefix, "train", work)

@@ -28,7 +28,12 @@ WIRING: dict[str, dict[str, str]] = {
     "split": {},
     "train": {"split_in": "split.split_out"},
     "evaluate": {"model": "train.model"},
-    "register": {"model": "train.model", "evaluation": "evaluate.evaluation"},
+    "register": {
+        "model": "train.model",
+        "evaluation": "evaluate.evaluation",
+        "predictions": "evaluate.predictions",
+        "report": "evaluate.report",
+    },
 }
 COMPONENTS = {
     "validate": validate,

@@ -111,6 +111,8 @@ def build_pipeline(
                 bundle_prefix=bundle_prefix,
                 model=trained.outputs["model"],
                 evaluation=scored.outputs["evaluation"],
+                predictions=scored.outputs["predictions"],
+                report=scored.outputs["report"],
             ).set_display_name("register")
         )
         return registered.output

@@ -1,4 +1,12 @@
-"""Evaluation metrics for the three task types (numpy only, so any unit can use them)."""
+"""Evaluation metrics for the three task types (numpy only, so any unit can use them).
+
+Every figure is named as what it is: ``macro_*`` are unweighted means over the
+labels (each label counts the same, however many images it has), ``micro_*``
+pool every (image, tag) decision (multi_label), ``exact_match_accuracy`` is the
+share of images whose whole tag set was right. The confusion matrix names its
+axes: ``actual_by_predicted[i][j]`` counts test images of actual label
+``labels[i]`` predicted as ``labels[j]``.
+"""
 
 from __future__ import annotations
 
@@ -56,16 +64,30 @@ def classification_metrics(y_true: IntArray, probs: FloatArray, label_names: lis
             **_prf(tp, confusion[:, i].sum() - tp, confusion[i, :].sum() - tp),
             "support": int(confusion[i, :].sum()),
         }
-    macro = {k: float(np.mean([m[k] for m in per_label.values()])) for k in ("precision", "recall", "f1")}
     return {
         "accuracy": _safe_div(float(np.trace(confusion)), float(confusion.sum())),
-        "precision": macro["precision"],
-        "recall": macro["recall"],
-        "f1": macro["f1"],
+        **_macro(per_label),
         "ece": expected_calibration_error((y_pred == y_true).astype(float), probs.max(axis=1)),
         "per_label": per_label,
-        "confusion_matrix": {"labels": label_names, "matrix": confusion.tolist()},
+        "confusion_matrix": confusion_matrix(label_names, confusion.tolist()),
         "test_images": len(y_true),
+    }
+
+
+def _macro(per_label: dict[str, dict[str, Any]]) -> dict[str, float]:
+    return {
+        f"macro_{k}": float(np.mean([m[k] for m in per_label.values()])) if per_label else 0.0
+        for k in ("precision", "recall", "f1")
+    }
+
+
+def confusion_matrix(labels: list[str], actual_by_predicted: list[list[int]]) -> dict[str, Any]:
+    """The confusion matrix with its axes named: rows are the actual labels, columns the predicted."""
+    return {
+        "labels": labels,
+        "rows": "actual",
+        "columns": "predicted",
+        "actual_by_predicted": actual_by_predicted,
     }
 
 
@@ -103,8 +125,10 @@ def best_f1_thresholds(y_true: IntArray, scores: FloatArray, *, default: float =
 def tagging_metrics(
     y_true: IntArray, probs: FloatArray, label_names: list[str], thresholds: list[float]
 ) -> dict[str, Any]:
-    """multi_label: per-label P/R/F1 at the given thresholds, macro averages, mAP, exact-match accuracy,
-    and expected calibration error (per label of its tag probability; ``ece`` is their mean)."""
+    """multi_label: per-label P/R/F1 at the given thresholds, their macro averages, micro P/R/F1 over every
+    (image, tag) decision, mAP (the mean of the labels' average precision), exact-match accuracy (the
+    share of images with every tag right), and expected calibration error (per label of its tag
+    probability; ``ece`` is their mean)."""
     predicted = probs >= np.asarray(thresholds)[None, :]
     per_label = {}
     aps = []
@@ -119,13 +143,19 @@ def tagging_metrics(
             "threshold": thresholds[j],
             "support": int(truth.sum()),
         }
-    macro = {k: float(np.mean([m[k] for m in per_label.values()])) for k in ("precision", "recall", "f1")}
+    truth_all = y_true.astype(bool)
+    micro = _prf(
+        float((truth_all & predicted).sum()),
+        float((~truth_all & predicted).sum()),
+        float((truth_all & ~predicted).sum()),
+    )
     return {
         "mAP": float(np.mean(aps)) if aps else 0.0,
-        "accuracy": float(np.mean(np.all(predicted == y_true.astype(bool), axis=1))),
-        "precision": macro["precision"],
-        "recall": macro["recall"],
-        "f1": macro["f1"],
+        "exact_match_accuracy": float(np.mean(np.all(predicted == truth_all, axis=1)))
+        if len(y_true)
+        else 0.0,
+        **_macro(per_label),
+        **{f"micro_{k}": v for k, v in micro.items()},
         "ece": float(np.mean([m["ece"] for m in per_label.values()])) if per_label else 0.0,
         "per_label": per_label,
         "test_images": len(y_true),
@@ -151,3 +181,23 @@ def regression_metrics(y_true: FloatArray, y_pred: FloatArray, label_names: list
         "per_label": per_label,
         "test_images": len(y_true),
     }
+
+
+_RENAMED = {"precision": "macro_precision", "recall": "macro_recall", "f1": "macro_f1"}
+
+
+def current_names(task_type: str, metrics: dict[str, Any]) -> dict[str, Any]:
+    """Metrics recorded before the names said what they are, under today's names (others unchanged).
+
+    Before: top-level ``precision``/``recall``/``f1`` were macro averages, multi_label's ``accuracy``
+    was exact-match accuracy, and the confusion matrix was ``{labels, matrix}`` with actual rows.
+    """
+    if not metrics:
+        return {}
+    upgraded = {_RENAMED.get(key, key): value for key, value in metrics.items()}
+    if task_type == "multi_label" and "accuracy" in upgraded:
+        upgraded["exact_match_accuracy"] = upgraded.pop("accuracy")
+    matrix = upgraded.get("confusion_matrix")
+    if isinstance(matrix, dict) and "matrix" in matrix:
+        upgraded["confusion_matrix"] = confusion_matrix(matrix.get("labels", []), matrix["matrix"])
+    return upgraded

@@ -91,3 +91,21 @@ def paginate_rows(
         "previous": _page_url(request, page.page - 1) if page.page > 1 else None,
         "results": serialize(rows),
     }
+
+
+def paginate_list(
+    items: Sequence[Row],
+    *,
+    request: Request,
+    page: PageRequest,
+    serialize: Callable[[Sequence[Row]], list[Any]],
+) -> dict[str, Any]:
+    """As :func:`paginate`, for items already in memory (filtered and ordered)."""
+    start = (page.page - 1) * page.page_size
+    has_next = page.page * page.page_size < len(items)
+    return {
+        "count": len(items),
+        "next": _page_url(request, page.page + 1) if has_next else None,
+        "previous": _page_url(request, page.page - 1) if page.page > 1 else None,
+        "results": serialize(items[start : start + page.page_size]),
+    }

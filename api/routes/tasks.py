@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
-from fastapi import Request, Response
+from fastapi import Query, Request, Response
 from sqlalchemy import select
 from sqlalchemy.orm import Session, selectinload
 
@@ -23,7 +23,7 @@ from api.deps import (
     body_of,
 )
 from api.http.openapi import COMMON, errors
-from api.http.pagination import PageDep, paginate, paginate_rows
+from api.http.pagination import PageDep, paginate, paginate_list, paginate_rows
 from api.http.routing import SlashAgnosticRouter
 from api.presenters import image_public, runs_public, task_public
 from api.schemas.common import Page
@@ -181,12 +181,49 @@ def remove_label(task_id: TaskIdPath, session: SessionDep, user: CurrentUser, da
 
 @router.get("/{task_id}/review", response_model=Page[ReviewItem])
 def review_queue(
-    task_id: TaskIdPath, request: Request, session: SessionDep, user: CurrentUser, page: PageDep
+    task_id: TaskIdPath,
+    request: Request,
+    session: SessionDep,
+    user: CurrentUser,
+    blobs: BlobsDep,
+    page: PageDep,
+    kind: Annotated[
+        Literal["uncertain", "disagreement"],
+        Query(
+            description="uncertain: stored, unlabelled images, the most uncertain first; disagreement: "
+            "labelled images the model answers differently (likely label errors), the most confident first."
+        ),
+    ] = "uncertain",
 ) -> Any:
-    """Images classify stored for this task (``store_images``) that have none of its labels yet,
-    the most uncertain first, with the model's suggestion (the review queue)."""
+    """The review queue: images classify stored for this task (``store_images``) that have none of its
+    labels yet, the most uncertain first, with the model's suggestion; or (``kind=disagreement``) the
+    task's labelled images that its model disagrees with."""
     task = get_task(session, user, task_id)
     task_type = TaskType(task.type)
+    if kind == "disagreement":
+        model, found = review.likely_label_errors(session, blobs, task)
+
+        def disagreeing(rows: Sequence[tuple[Any, dict[str, Any]]]) -> list[dict[str, Any]]:
+            assert model is not None
+            return [
+                ReviewItem(
+                    kind="disagreement",
+                    image=ImagePublic.model_validate(image_public(image, request)),
+                    version=model.version,
+                    suggested=record.get("predicted_labels") or [],
+                    labels=record.get("scores") or record.get("predicted_labels") or [],
+                    uncertainty=None
+                    if record.get("confidence") is None
+                    else 1.0 - float(record["confidence"]),
+                    true_labels=record.get("true_labels") or [],
+                    split=record.get("split"),
+                    error=record.get("error"),
+                    predicted=model.created,
+                ).model_dump(mode="json")
+                for image, record in rows
+            ]
+
+        return paginate_list(found, request=request, page=page, serialize=disagreeing)
 
     def items(rows: Sequence[Any]) -> list[dict[str, Any]]:
         return [
@@ -211,10 +248,20 @@ def review_image(
     request: Request,
     session: SessionDep,
     user: CurrentUser,
+    blobs: BlobsDep,
     data: ReviewBody,
 ) -> Any:
-    """Label a queued image in one call: the suggestion (an empty body), or the labels/value given."""
+    """Label a queued image in one call: the suggestion (an empty body), or the labels/value given.
+
+    For an image of the disagreement list, the suggestion is the model's answer in its evaluation."""
     task = get_task(session, user, task_id)
     image = get_image(session, user, image_id)
-    review.apply_review(session, task, image, label_ids=data.label_ids, value=data.value)
+    review.apply_review(
+        session,
+        task,
+        image,
+        label_ids=data.label_ids,
+        value=data.value,
+        evaluated=lambda: review.evaluated_answer(session, blobs, task, image.id),
+    )
     return image_public(get_image(session, user, image_id), request)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -117,15 +117,30 @@ class ImagePublic(BaseModel):
 
 
 class ReviewItem(BaseModel):
-    """A stored image waiting for a label, with what the task's model said about it."""
+    """An image for a person to look at, with what the task's model said about it.
 
+    ``kind=uncertain``: a stored image waiting for a label, the most uncertain first.
+    ``kind=disagreement``: a labelled image the model answers differently (a likely
+    label error), the most confident disagreement first (regression: largest error).
+    """
+
+    kind: Literal["uncertain", "disagreement"] = "uncertain"
     image: ImagePublic
     version: int = Field(description="The model version that answered.")
     suggested: list[dict[str, Any]] = Field(
         description="The labels the model suggests ({id, name, prob}; regression: {id, name, value})."
     )
     labels: list[dict[str, Any]] = Field(description="Every label's probability (regression: the value).")
-    uncertainty: float = Field(description="0 sure .. 1 unsure (the queue's order).")
+    uncertainty: float | None = Field(
+        description="0 sure .. 1 unsure (the uncertain queue's order); null for a regression disagreement."
+    )
+    true_labels: list[dict[str, Any]] = Field(
+        default=[], description="disagreement: the labels (or value) the image was evaluated with."
+    )
+    split: Literal["test", "train"] | None = Field(
+        default=None, description="disagreement: the test split, or a training image answered out of fold."
+    )
+    error: float | None = Field(default=None, description="disagreement, regression: the absolute error.")
     predicted: datetime
 
 

@@ -11,6 +11,12 @@ most (uncertainty sampling):
 * regression: 1 when the raw prediction fell outside the training range
   (``out_of_range``), else 0 (then the newest first).
 
+:func:`likely_label_errors` is the same list for the task's labelled images:
+those the current model disagrees with (per-image evaluation of the production
+version, or the newest: the test split, and the training split out of fold),
+the most confident disagreement first, while the image still carries the
+labels it was trained with (a fixed image leaves the list).
+
 :func:`apply_review` labels an image in one call: the suggestion as it is, or
 the labels (or value) the reviewer chose instead.
 """
@@ -18,13 +24,16 @@ the labels (or value) the reviewer chose instead.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy import exists, select
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, selectinload
 
-from api.db.models import ImageLabel, ImagePrediction, Label, Task, TaskLabel, TrainingImage, utcnow
+from api.db.models import ImageLabel, ImagePrediction, Label, Model, Task, TaskLabel, TrainingImage, utcnow
+from api.services import evaluations
 from taskvision.errors import BadRequestError
+from taskvision.storage import BlobStore
 from taskvision.task_types import LabelType, TaskType
 
 
@@ -85,6 +94,77 @@ def uncertain_images(task: Task) -> Any:
     )
 
 
+def judging_version(session: Session, task: Task) -> Model | None:
+    """The version whose evaluation speaks for the task: production, else the newest."""
+    stmt = select(Model).where(Model.task_id == task.id)
+    if task.production_version is not None:
+        production = session.scalar(stmt.where(Model.version == task.production_version))
+        if production is not None:
+            return production
+    return session.scalar(stmt.order_by(Model.version.desc()).limit(1))
+
+
+def _still_as_trained(
+    task_type: TaskType,
+    image: TrainingImage,
+    record: dict[str, Any],
+    task_labels: set[str],
+    negative: str | None,
+) -> bool:
+    """Whether the image carries the labels (or value) it was evaluated with."""
+    current = {link.label_id: link.value for link in image.label_links if link.label_id in task_labels}
+    trained = {str(label["id"]): label.get("value") for label in record.get("true_labels") or []}
+    if task_type is TaskType.REGRESSION:
+        return set(current) == set(trained) and all(
+            (now := current[k]) is not None and abs(float(now) - float(trained[k] or 0.0)) <= 1e-4
+            for k in trained
+        )
+    return set(current) - {negative} == set(trained) - {negative}
+
+
+def likely_label_errors(
+    session: Session, blobs: BlobStore, task: Task
+) -> tuple[Model | None, list[tuple[TrainingImage, dict[str, Any]]]]:
+    """Labelled images the model disagrees with, the most confident disagreement first (regression:
+    the largest error), each with its evaluation record; images relabelled since are left out."""
+    model = judging_version(session, task)
+    if model is None:
+        return None, []
+    records = evaluations.disagreements(evaluations.read_predictions(blobs, model))
+    ids = [str(record["image_id"]) for record in records]
+    images = {
+        image.id: image
+        for image in session.scalars(
+            select(TrainingImage)
+            .options(selectinload(TrainingImage.label_links))
+            .where(TrainingImage.id.in_(ids), TrainingImage.workspace_id == task.workspace_id)
+        )
+    }
+    task_labels = set(session.scalars(_task_labels(task)))
+    negative = next((label.id for label in task.labels if label.negative_for_task == task.id), None)
+    task_type = TaskType(task.type)
+    chosen = [
+        (images[image_id], record)
+        for image_id, record in zip(ids, records, strict=True)
+        if image_id in images
+        and _still_as_trained(task_type, images[image_id], record, task_labels, negative)
+    ]
+    return model, chosen
+
+
+def evaluated_answer(
+    session: Session, blobs: BlobStore, task: Task, image_id: str
+) -> list[dict[str, Any]] | None:
+    """What the judging version answered for a labelled image in its evaluation (None: not evaluated)."""
+    model = judging_version(session, task)
+    if model is None:
+        return None
+    for record in evaluations.read_predictions(blobs, model):
+        if record.get("image_id") == image_id:
+            return list(record.get("predicted_labels") or [])
+    return None
+
+
 def suggestion(task_type: TaskType, answer: dict[str, Any]) -> list[dict[str, Any]]:
     """The labels the model suggests, as a list ({id, name, prob} or, regression, {id, name, value})."""
     best = answer.get("best_label")
@@ -100,6 +180,7 @@ def apply_review(
     *,
     label_ids: list[str] | None,
     value: float | None,
+    evaluated: Callable[[], list[dict[str, Any]] | None] = lambda: None,
 ) -> None:
     """Label ``image`` for ``task``: the suggestion when nothing is given, else the labels or value given.
 
@@ -115,11 +196,11 @@ def apply_review(
     values: dict[str, float | None] = {}
     if label_ids is None and value is None:
         prediction = session.get(ImagePrediction, (image.id, task.id))
-        if prediction is None:
+        suggested = suggestion(task_type, prediction.answer) if prediction is not None else evaluated()
+        if suggested is None:
             raise BadRequestError(
                 "The model has no suggestion for this image; send the labels to set.", code="no_suggestion"
             )
-        suggested = suggestion(task_type, prediction.answer)
         if task_type is TaskType.REGRESSION:
             values = {str(item["id"]): float(item["value"]) for item in suggested}
         else:

@@ -1,5 +1,9 @@
 """Register step: write the model bundle (weights + bundle.json with metrics) to the blob store.
 
+Beside the bundle go the evaluation's per-image predictions
+(``predictions.jsonl``) and its Markdown report (``report.md``), which the
+API serves for the version (``api/services/evaluations.py``).
+
 ``bundle.json`` is written last: a bundle folder that has it is complete, so
 the control plane's run watcher never registers a half-written bundle.
 """
@@ -11,10 +15,30 @@ from pathlib import Path
 from taskvision.bundle import BundleMeta
 from taskvision.storage import BlobStore
 
+PREDICTIONS_FILE = "predictions.jsonl"
+REPORT_FILE = "report.md"
 
-def register_bundle(model_dir: Path, metrics: dict[str, object], store: BlobStore, bundle_prefix: str) -> str:
-    """Copy the model's weight files and its bundle.json (with ``metrics``) to ``bundle_prefix``."""
+
+def register_bundle(
+    model_dir: Path,
+    metrics: dict[str, object],
+    store: BlobStore,
+    bundle_prefix: str,
+    *,
+    predictions: Path | None = None,
+    report: Path | None = None,
+) -> str:
+    """Copy the model's weight files and its bundle.json (with ``metrics``) to ``bundle_prefix``,
+    with the evaluation's per-image ``predictions`` and Markdown ``report`` when given."""
     meta = BundleMeta.from_json((model_dir / "bundle.json").read_text())
+    if predictions is not None and predictions.is_file():
+        store.put(
+            f"{bundle_prefix}/{PREDICTIONS_FILE}",
+            predictions.read_bytes(),
+            content_type="application/x-ndjson",
+        )
+    if report is not None and report.is_file():
+        store.put(f"{bundle_prefix}/{REPORT_FILE}", report.read_bytes(), content_type="text/markdown")
     meta.metrics = dict(metrics)
     for name in meta.files:
         if name == meta.weights_file or (model_dir / name).is_file():  # the weights file must exist

@@ -20,8 +20,10 @@ clipped to the training values' range plus a margin (``value_range``).
 
 The output is a model folder: ``bundle.json`` (without metrics yet),
 ``head.onnx`` + ``head.npz`` (a frozen-backbone head) or ``model.onnx`` (a
-whole network), and ``test_inputs.npz`` (the test split's features or
-preprocessed images, and its targets) for the evaluate step.
+whole network), ``test_inputs.npz`` (the test split's image ids, features or
+preprocessed images, and targets) and, when model selection scored the
+training split, ``train_oof.npz`` (each training image's out-of-fold raw
+outputs and targets) for the evaluate step.
 """
 
 from __future__ import annotations
@@ -56,6 +58,9 @@ from taskvision.storage import BlobStore
 from taskvision.task_types import TaskType
 
 logger = logging.getLogger(__name__)
+
+TEST_INPUTS_FILE = "test_inputs.npz"
+TRAIN_OOF_FILE = "train_oof.npz"
 
 Array = npt.NDArray[np.float32]
 MODES = ("auto", "embed", "finetune")
@@ -327,10 +332,19 @@ def _select_and_train(
         skipped=skipped,
         seconds=time.perf_counter() - started,
     )
-    if task_type is TaskType.MULTI_LABEL and chosen.oof is not None and chosen.oof_rows is not None:
-        # Thresholds from out-of-fold scores on the training split: never from the test split.
-        probs = 1.0 / (1.0 + np.exp(-chosen.oof))
-        meta.thresholds = best_f1_thresholds(y_train[chosen.oof_rows].astype(np.int64), probs)
+    if chosen.oof is not None and chosen.oof_rows is not None:
+        if task_type is TaskType.MULTI_LABEL:
+            # Thresholds from out-of-fold scores on the training split: never from the test split.
+            probs = 1.0 / (1.0 + np.exp(-chosen.oof))
+            meta.thresholds = best_f1_thresholds(y_train[chosen.oof_rows].astype(np.int64), probs)
+        # Each training image as answered by a model that did not see it: the evaluate step's
+        # per-image predictions of the training split (likely label errors).
+        np.savez(
+            out_dir / TRAIN_OOF_FILE,
+            image_ids=np.asarray([train_rows[i].image_id for i in chosen.oof_rows]),
+            logits=chosen.oof,
+            targets=y_train[chosen.oof_rows],
+        )
 
     # 3. The winner, refitted on the whole training split.
     report(0.85, f"training {chosen.name}")
@@ -360,7 +374,7 @@ def _select_and_train(
             max_pixels=config.max_image_pixels,
         )
         np.savez(
-            out_dir / "test_inputs.npz",
+            out_dir / TEST_INPUTS_FILE,
             image_ids=np.asarray([row.image_id for row in test_rows]),
             embeddings=features.assemble(test_vectors, chosen.features)
             if test_rows
@@ -518,7 +532,7 @@ def _train_partial_finetune(
         )
         test_arrays[i] = to_array(resize_and_crop(image, spec.preprocess), spec.preprocess)
     np.savez(
-        out_dir / "test_inputs.npz",
+        out_dir / TEST_INPUTS_FILE,
         image_ids=np.asarray([row.image_id for row in test_rows]),
         images=test_arrays,
         targets=y_test,

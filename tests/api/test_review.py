@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -9,7 +11,7 @@ import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from api.db.models import Task
+from api.db.models import Model, Task
 from api.services.review import uncertainty
 from api.services.versions import import_bundle
 from taskvision.task_types import TaskType
@@ -103,3 +105,70 @@ def test_a_tagging_review_can_say_none_of_the_tags(app: FastAPI, client: TestCli
     reviewed = client.post(f"{TASKS}/{task['id']}/review/{image_id}", json={"label_ids": []}).json()
     assert [label["negative_for_task"] for label in reviewed["labels"]] == [True]
     assert client.get(f"{TASKS}/{task['id']}/review").json()["count"] == 0
+
+
+def test_the_disagreement_list_shows_labelled_images_the_model_answers_differently(
+    app: FastAPI, client: TestClient, other_client: TestClient
+) -> None:
+    task = create_task(client, "multi_class")
+    cat, dog = (create_label(client, "category", name) for name in ("cat", "dog"))
+    for label in (cat, dog):
+        client.post(f"{TASKS}/{task['id']}/add-label", json={"label_id": label["id"]})
+    images = [
+        client.post("/recognition/v2/training-image", json={"base64": b64(image_bytes(seed))}).json()["id"]
+        for seed in range(3)
+    ]
+    for image in images:
+        client.post(f"/recognition/v2/training-image/{image}/add-label", json={"label_id": cat["id"]})
+
+    def record(image: str, split: str, predicted: dict[str, Any], confidence: float) -> str:
+        brief = {"id": predicted["id"], "name": predicted["name"]}
+        return json.dumps(
+            {
+                "image_id": image,
+                "split": split,
+                "true_labels": [{"id": cat["id"], "name": "cat"}],
+                "predicted_labels": [{**brief, "prob": confidence}],
+                "scores": [{**brief, "prob": confidence}],
+                "confidence": confidence,
+                "correct": predicted is cat,
+            }
+        )
+
+    # What the evaluate step stored for version 1: two of the three cats answered "dog".
+    lines = [record(images[0], "train", dog, 0.6), record(images[1], "test", dog, 0.9)]
+    lines.append(record(images[2], "test", cat, 0.8))
+    app.state.services.blobs.put("models/t/r1/predictions.jsonl", "\n".join(lines).encode())
+    with app.state.services.session_factory() as session:
+        model = Model(
+            workspace_id=session.get(Task, task["id"]).workspace_id,
+            task_id=task["id"],
+            version=1,
+            train_status="TRAINED",
+            bundle_uri="models/t/r1",
+            metrics={},
+            created=datetime.now(UTC),
+        )
+        session.add(model)
+        session.commit()
+    url = f"{TASKS}/{task['id']}/review?kind=disagreement"
+
+    queue = client.get(url).json()
+    assert [item["image"]["id"] for item in queue["results"]] == [images[1], images[0]]  # surest first
+    first = queue["results"][0]
+    assert first["kind"] == "disagreement" and first["split"] == "test" and first["version"] == 1
+    assert [s["name"] for s in first["suggested"]] == ["dog"]
+    assert [t["name"] for t in first["true_labels"]] == ["cat"]
+    assert first["uncertainty"] == pytest.approx(0.1)
+    # The uncertain queue (stored by classify) is a different list.
+    assert client.get(f"{TASKS}/{task['id']}/review").json()["count"] == 0
+
+    # Accepting the model's answer relabels the image, and it leaves the list.
+    accepted = client.post(f"{TASKS}/{task['id']}/review/{images[1]}")
+    assert accepted.status_code == 200, accepted.text
+    assert [label["name"] for label in accepted.json()["labels"]] == ["dog"]
+    assert [item["image"]["id"] for item in client.get(url).json()["results"]] == [images[0]]
+    # An image relabelled any other way leaves it too.
+    client.post(f"{TASKS}/{task['id']}/review/{images[0]}", json={"label_ids": [dog["id"]]})
+    assert client.get(url).json()["count"] == 0
+    assert other_client.get(url).status_code == 404

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from components.lib.evaluate import evaluate_model, markdown_report
+from components.lib.evaluate import evaluate, evaluate_model, markdown_report, write_predictions
 from components.lib.register import register_bundle
 from components.lib.runtime import Progress, StepFailed, run_step
 from taskvision.bundle import HEAD_FILE, BundleMeta, linear_head_onnx
@@ -56,7 +56,9 @@ def test_evaluate_scores_the_test_inputs_through_the_bundle(tmp_path: Path) -> N
     assert metrics["test_images"] == 5
     assert metrics["confusion_matrix"] == {
         "labels": ["label 0", "label 1", "label 2"],
-        "matrix": [[1, 0, 0], [1, 2, 0], [0, 0, 1]],
+        "rows": "actual",
+        "columns": "predicted",
+        "actual_by_predicted": [[1, 0, 0], [1, 2, 0], [0, 0, 1]],
     }
     assert metrics["per_label"]["label 1"]["recall"] == pytest.approx(2 / 3)
 
@@ -127,7 +129,9 @@ def test_markdown_report_shows_headline_and_per_label_metrics() -> None:
     assert "| accuracy | 0.6667 |" in text
     assert "| rose | 0.500 | 1.000 | 0.667 | 1 |" in text  # precision, recall, f1, support
     assert "| tulip | 1.000 | 0.500 | 0.667 | 2 |" in text
-    assert "| ece |" in text and "Model selection" not in text
+    assert "| ece |" in text and "| macro_f1 |" in text and "Model selection" not in text
+    assert "Rows: the actual label; columns: the predicted label." in text
+    assert "| tulip | 1 | 1 |" in text  # actual tulip: once predicted rose, once tulip
 
 
 def test_markdown_report_shows_what_model_selection_tried_and_chose() -> None:
@@ -167,7 +171,111 @@ def test_markdown_report_shows_what_model_selection_tried_and_chose() -> None:
     assert "Not tried (time budget): lite0-ms1 + lite1-ms1 + lite2-ms1." in text
 
 
+# ---- per-image predictions -----------------------------------------------------------------------
+
+
+def test_every_test_image_and_every_out_of_fold_training_image_gets_its_answer(tmp_path: Path) -> None:
+    head_bundle(tmp_path, TaskType.MULTI_CLASS, np.eye(3), np.zeros(3))
+    embeddings = np.array([[5, 0, 0], [0, 5, 0], [0, 0, 5], [5, 0, 0]], dtype=np.float32)
+    np.savez(
+        tmp_path / "test_inputs.npz",
+        image_ids=np.array(["t1", "t2", "t3", "t4"]),
+        embeddings=embeddings,
+        targets=np.array([0, 1, 2, 1], dtype=np.float32),  # t4 is a label 1 answered as label 0
+    )
+    # Out-of-fold raw outputs of two training images (the head does not see these).
+    np.savez(
+        tmp_path / "train_oof.npz",
+        image_ids=np.array(["r1", "r2"]),
+        logits=np.array([[0.0, 3.0, 0.0], [0.0, 0.0, 1.0]], dtype=np.float32),
+        targets=np.array([1, 0], dtype=np.float32),
+    )
+
+    result = evaluate(tmp_path)
+
+    by_id = {p["image_id"]: p for p in result.predictions}
+    assert [p["split"] for p in result.predictions] == ["test"] * 4 + ["train"] * 2
+    assert by_id["t1"]["correct"] is True and by_id["t4"]["correct"] is False
+    assert by_id["t4"]["true_labels"] == [{"id": "l1", "name": "label 1"}]
+    assert by_id["t4"]["predicted_labels"][0]["id"] == "l0"
+    assert by_id["t4"]["confidence"] == pytest.approx(np.exp(5) / (np.exp(5) + 2), abs=1e-4)
+    assert [s["id"] for s in by_id["t4"]["scores"]] == ["l0", "l1", "l2"]
+    assert sum(s["prob"] for s in by_id["t4"]["scores"]) == pytest.approx(1.0, abs=1e-4)
+    assert by_id["r1"]["correct"] is True and by_id["r2"]["correct"] is False
+    assert by_id["r2"]["predicted_labels"][0]["name"] == "label 2"
+    # The metrics are the test split's alone.
+    assert result.metrics["test_images"] == 4 and result.metrics["accuracy"] == pytest.approx(0.75)
+    write_predictions(tmp_path / "p.jsonl", result.predictions)
+    lines = (tmp_path / "p.jsonl").read_text().splitlines()
+    assert [json.loads(line) for line in lines] == result.predictions
+
+
+def test_tagging_predictions_name_the_negative_label_for_no_tag(tmp_path: Path) -> None:
+    head_bundle(
+        tmp_path,
+        TaskType.MULTI_LABEL,
+        np.eye(2),
+        np.zeros(2),
+        thresholds=[0.5, 0.5],
+        negative_label={"id": "neg", "name": "nothing"},
+    )
+    probs = np.array([[0.9, 0.2], [0.1, 0.3], [0.6, 0.8]])
+    np.savez(
+        tmp_path / "test_inputs.npz",
+        image_ids=np.array(["a", "b", "c"]),
+        embeddings=np.log(probs / (1 - probs)).astype(np.float32),
+        targets=np.array([[1, 0], [0, 0], [1, 0]], dtype=np.float32),
+    )
+    by_id = {p["image_id"]: p for p in evaluate(tmp_path).predictions}
+    assert by_id["a"]["correct"] is True and by_id["a"]["confidence"] == pytest.approx(0.8)
+    assert by_id["b"]["true_labels"] == [{"id": "neg", "name": "nothing"}]
+    assert by_id["b"]["predicted_labels"] == [{"id": "neg", "name": "nothing"}]
+    assert by_id["c"]["correct"] is False  # 'label 1' answered but not present
+    assert [label["id"] for label in by_id["c"]["predicted_labels"]] == ["l0", "l1"]
+    # The least sure decision sets the confidence: label 0 at 0.6.
+    assert by_id["c"]["confidence"] == pytest.approx(0.6)
+
+
+def test_regression_predictions_carry_the_error_and_flag_outliers(tmp_path: Path) -> None:
+    head_bundle(
+        tmp_path, TaskType.REGRESSION, np.ones((1, 1)), np.zeros(1), target_mean=[10.0], target_std=[2.0]
+    )
+    np.savez(
+        tmp_path / "test_inputs.npz",
+        image_ids=np.array(["a", "b", "c", "d"]),
+        embeddings=np.array([[0.0], [0.5], [0.0], [3.0]], dtype=np.float32),  # answers 10, 11, 10, 16
+        targets=np.array([[10.0], [10.0], [11.0], [10.0]], dtype=np.float32),  # errors 0, 1, 1, 6
+    )
+    result = evaluate(tmp_path)
+    assert result.metrics["mae"] == pytest.approx(2.0)
+    by_id = {p["image_id"]: p for p in result.predictions}
+    assert by_id["d"]["error"] == pytest.approx(6.0) and by_id["d"]["correct"] is False  # > 2 x MAE
+    assert by_id["b"]["correct"] is True and by_id["b"]["confidence"] is None
+    assert by_id["d"]["predicted_labels"] == [{"id": "l0", "name": "label 0", "value": 16.0}]
+    assert by_id["d"]["true_labels"] == [{"id": "l0", "name": "label 0", "value": 10.0}]
+
+
 # ---- register ------------------------------------------------------------------------------------
+
+
+def test_register_stores_the_predictions_and_the_report_beside_the_bundle(tmp_path: Path) -> None:
+    model_dir = tmp_path / "model"
+    head_bundle(model_dir, TaskType.MULTI_CLASS, np.eye(2), np.zeros(2))
+    (tmp_path / "predictions").write_text('{"image_id": "a"}\n')
+    (tmp_path / "report").write_text("# Evaluation\n")
+    store = LocalBlobStore(tmp_path / "blobs")
+
+    register_bundle(
+        model_dir,
+        {"test_images": 1},
+        store,
+        "models/t/r",
+        predictions=tmp_path / "predictions",
+        report=tmp_path / "report",
+    )
+
+    assert store.get("models/t/r/predictions.jsonl") == b'{"image_id": "a"}\n'
+    assert store.get("models/t/r/report.md") == b"# Evaluation\n"
 
 
 def test_register_writes_weights_and_bundle_json_with_metrics(tmp_path: Path) -> None:

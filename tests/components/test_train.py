@@ -311,6 +311,7 @@ def test_embed_mode_trains_a_head_that_evaluates_well(
         "head.npz",
         "head.onnx",
         "test_inputs.npz",
+        "train_oof.npz",
     ]
     written = json.loads((out / "bundle.json").read_text())
     assert written["labels"] == [{"id": lb.id, "name": lb.name} for lb in task.output_labels]
@@ -322,6 +323,10 @@ def test_embed_mode_trains_a_head_that_evaluates_well(
     assert written["selection"]["quality"] == "fast" and written["selection"]["chosen"] == "lite0-ms1"
     assert [c["name"] for c in written["selection"]["candidates"]] == ["lite0-ms1"]
     assert np.load(out / "test_inputs.npz")["image_ids"].tolist() == split.test
+    # Every training image answered out of fold (never a test image), for the per-image evaluation.
+    oof = np.load(out / "train_oof.npz")
+    assert sorted(oof["image_ids"].tolist()) == sorted(split.train)
+    assert len(oof["logits"]) == len(split.train) == len(oof["targets"])
     assert reports and all(0.0 <= f <= 1.0 for f, _ in reports)
     # head.npz holds the very head head.onnx computes.
     arrays = np.load(out / "head.npz")
@@ -339,7 +344,7 @@ def test_embed_mode_trains_a_head_that_evaluates_well(
         assert written["negative_label"] == {"id": "t-none", "name": "none"}
         assert len(written["thresholds"]) == 2
         assert all(0.0 < t < 1.0 for t in written["thresholds"])
-        assert metrics["mAP"] == 1.0 and metrics["f1"] > 0.9 and 0.0 <= metrics["ece"] < 0.5
+        assert metrics["mAP"] == 1.0 and metrics["macro_f1"] > 0.9 and 0.0 <= metrics["ece"] < 0.5
     else:
         train_values = [r.values["v-size"] for r in rows if r.image_id in set(split.train)]
         assert written["target_mean"] == pytest.approx([np.mean(train_values)], rel=1e-4)

@@ -9,6 +9,7 @@ from taskvision.metrics import (
     average_precision,
     best_f1_thresholds,
     classification_metrics,
+    current_names,
     regression_metrics,
     tagging_metrics,
 )
@@ -27,7 +28,9 @@ def test_classification_metrics_on_a_hand_computed_example() -> None:
 
     assert m["confusion_matrix"] == {
         "labels": ["rose", "tulip", "iris"],
-        "matrix": [[1, 1, 0], [0, 2, 0], [1, 0, 1]],  # rows: truth, columns: prediction
+        "rows": "actual",
+        "columns": "predicted",
+        "actual_by_predicted": [[1, 1, 0], [0, 2, 0], [1, 0, 1]],
     }
     assert m["accuracy"] == pytest.approx(4 / 6)
     assert m["per_label"]["rose"] == pytest.approx({"precision": 0.5, "recall": 0.5, "f1": 0.5, "support": 2})
@@ -37,9 +40,10 @@ def test_classification_metrics_on_a_hand_computed_example() -> None:
     assert m["per_label"]["iris"] == pytest.approx(
         {"precision": 1.0, "recall": 0.5, "f1": 2 / 3, "support": 2}
     )
-    assert m["precision"] == pytest.approx((0.5 + 2 / 3 + 1.0) / 3)
-    assert m["recall"] == pytest.approx((0.5 + 1.0 + 0.5) / 3)
-    assert m["f1"] == pytest.approx((0.5 + 0.8 + 2 / 3) / 3)
+    assert m["macro_precision"] == pytest.approx((0.5 + 2 / 3 + 1.0) / 3)
+    assert m["macro_recall"] == pytest.approx((0.5 + 1.0 + 0.5) / 3)
+    assert m["macro_f1"] == pytest.approx((0.5 + 0.8 + 2 / 3) / 3)
+    assert not {"precision", "recall", "f1"} & set(m)  # no figure without saying which average
     assert m["test_images"] == 6
 
 
@@ -109,8 +113,37 @@ def test_tagging_metrics_by_hand() -> None:
     assert m["per_label"]["striped"]["f1"] == pytest.approx(1.0)
     assert m["per_label"]["red"]["average_precision"] == pytest.approx((1 + 2 / 3) / 2)
     assert m["mAP"] == pytest.approx(((1 + 2 / 3) / 2 + 1) / 2)
-    assert m["accuracy"] == pytest.approx(2 / 4)  # every tag right: rows 0 and 3 only
+    assert m["exact_match_accuracy"] == pytest.approx(2 / 4)  # every tag right: rows 0 and 3 only
+    assert "accuracy" not in m
     assert m["per_label"]["red"]["support"] == 2
+    # Pooled over the 8 (image, tag) decisions: tp 3 (red 1, striped 2), fp 1, fn 1.
+    assert m["micro_precision"] == pytest.approx(3 / 4)
+    assert m["micro_recall"] == pytest.approx(3 / 4)
+    assert m["micro_f1"] == pytest.approx(3 / 4)
+    assert m["macro_f1"] == pytest.approx((0.5 + 1.0) / 2)
+
+
+def test_metrics_recorded_under_the_old_names_read_under_todays() -> None:
+    old_class = {
+        "accuracy": 0.8,
+        "precision": 0.7,
+        "recall": 0.6,
+        "f1": 0.65,
+        "confusion_matrix": {"labels": ["a", "b"], "matrix": [[2, 1], [0, 2]]},
+    }
+    new = current_names("multi_class", old_class)
+    assert new["accuracy"] == 0.8 and new["macro_precision"] == 0.7 and new["macro_f1"] == 0.65
+    assert new["confusion_matrix"] == {
+        "labels": ["a", "b"],
+        "rows": "actual",
+        "columns": "predicted",
+        "actual_by_predicted": [[2, 1], [0, 2]],
+    }
+    tags = current_names("multi_label", {"mAP": 0.9, "accuracy": 0.5, "f1": 0.8})
+    assert tags == {"mAP": 0.9, "exact_match_accuracy": 0.5, "macro_f1": 0.8}
+    # Today's names pass through unchanged.
+    today = classification_metrics(np.array([0, 1]), one_hot([0, 1], 2), ["a", "b"])
+    assert current_names("multi_class", today) == today
 
 
 def test_regression_metrics_by_hand() -> None:

@@ -148,7 +148,9 @@ def test_repro_runs_every_stage_and_writes_metrics_plots_and_bundles(workspace: 
     assert _ran(ws.first_repro) == _all(*STAGES), ws.first_repro
 
     shapes, tags, sizes = (_metrics(ws, name) for name in DATASETS)
-    assert shapes["test_images"] >= 15 and sum(map(sum, shapes["confusion_matrix"]["matrix"])) == 18
+    assert (
+        shapes["test_images"] >= 15 and sum(map(sum, shapes["confusion_matrix"]["actual_by_predicted"])) == 18
+    )
     assert set(shapes["per_label"]) == {"circle", "square", "triangle"}
     assert 0.5 < shapes["accuracy"] <= 1.0  # chance is 1/3
     assert set(tags["per_label"]) == {"red", "blue", "striped", "dotted"}  # not the negative label

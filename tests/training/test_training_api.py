@@ -59,10 +59,14 @@ def _check_metrics(task_type: str, metrics: dict[str, Any]) -> None:
     if task_type == "multi_class":
         assert 0.9 <= metrics["accuracy"] <= 1.0
         assert set(metrics["per_label"]) == {"circle", "square"}
-        matrix = metrics["confusion_matrix"]["matrix"]
-        assert sum(map(sum, matrix)) == metrics["test_images"]
+        matrix = metrics["confusion_matrix"]
+        assert (matrix["rows"], matrix["columns"]) == ("actual", "predicted")
+        assert sum(map(sum, matrix["actual_by_predicted"])) == metrics["test_images"]
+        assert 0.0 <= metrics["macro_f1"] <= 1.0 and "f1" not in metrics
     elif task_type == "multi_label":
         assert 0.8 <= metrics["mAP"] <= 1.0
+        assert 0.0 <= metrics["exact_match_accuracy"] <= 1.0 and "accuracy" not in metrics
+        assert 0.0 <= metrics["micro_f1"] <= 1.0
         assert set(metrics["per_label"]) == {
             "red",
             "striped",
@@ -72,6 +76,28 @@ def _check_metrics(task_type: str, metrics: dict[str, Any]) -> None:
         assert metrics["r2"] > 0.5  # the disc's radius is learnable from the frozen features
         assert 0 < metrics["mae"] < 8  # radii span 6..41
         assert metrics["rmse"] >= metrics["mae"]
+
+
+def _check_evaluation(client: TestClient, task: dict[str, Any], model: dict[str, Any]) -> None:
+    """Every test image's answer is listed with its image, mistakes filter, the report is served."""
+    url = f"/recognition/v2/model/{model['id']}"
+    test = client.get(f"{url}/predictions?page_size=100").json()
+    images = set(_task_images(client, task))
+    assert test["count"] == model["metrics"]["test_images"] and test["next"] is None
+    assert {p["image_id"] for p in test["results"]} <= images
+    assert all(p["split"] == "test" and p["image"]["thumb_img_path"] for p in test["results"])
+    wrong = client.get(f"{url}/predictions?wrong=true&page_size=100").json()["results"]
+    assert [p["image_id"] for p in wrong] == [p["image_id"] for p in test["results"] if not p["correct"]]
+    train_side = client.get(f"{url}/predictions?split=train&page_size=100").json()
+    assert 0 < train_side["count"] <= len(images) - test["count"]
+    assert not {p["image_id"] for p in train_side["results"]} & {p["image_id"] for p in test["results"]}
+    report = client.get(f"{url}/report").json()
+    assert report["markdown"].startswith("# Evaluation (") and report["metrics"] == model["metrics"]
+    assert report["selection"]["chosen"] and report["version"] == model["version"]
+    markdown = client.get(f"{url}/report?format=markdown")
+    assert (
+        markdown.headers["content-type"].startswith("text/markdown") and markdown.text == report["markdown"]
+    )
 
 
 def _task_images(client: TestClient, task: dict[str, Any]) -> list[str]:
@@ -104,6 +130,7 @@ def test_train_retrain_and_switch_production(client: TestClient, task_type: str)
     effective = done["effective_params"]
     assert effective["train_images"] + effective["test_images"] == len(_task_images(client, task))
     assert effective["augment"] == "flip" and effective["seed"] == 0 and effective["production"] is True
+    assert effective["mode"] == "embed" and effective["quality"] == "balanced" and effective["chosen_model"]
     state = client.get(f"{TASKS}/{task['id']}").json()
     assert (state["production_version"], state["last_train_status"]) == (1, "TRAINED")
     models = client.get(f"/recognition/v2/model/?task={task['id']}").json()["results"]
@@ -111,6 +138,7 @@ def test_train_retrain_and_switch_production(client: TestClient, task_type: str)
     # The run and its version point at each other.
     assert done["model_id"] == models[0]["id"] and models[0]["run_id"] == run["id"]
     _check_metrics(task_type, models[0]["metrics"])
+    _check_evaluation(client, task, models[0])
 
     second = wait(client, train(client, task["id"], quality="fast")["id"])  # the default ran above
     assert second["status"] == "SUCCEEDED" and second["version"] == 2
@@ -293,8 +321,10 @@ def test_training_with_postgres_and_s3(postgres_url: str, s3_server: Any, tmp_pa
         prefix = f"models/{task['id']}/{done['id']}"
         meta = BundleMeta.from_json(app.state.services.blobs.get(f"{prefix}/bundle.json"))
         assert app.state.services.blobs.list_keys(f"{prefix}/") == sorted(
-            f"{prefix}/{name}" for name in ["bundle.json", *meta.files]
+            f"{prefix}/{name}" for name in ["bundle.json", "predictions.jsonl", "report.md", *meta.files]
         )
+        model = client.get(f"/recognition/v2/model/?task={task['id']}").json()["results"][0]
+        _check_evaluation(client, task, model)
 
 
 def test_runs_queue_one_at_a_time(client: TestClient) -> None:

@@ -1,0 +1,158 @@
+"""Retrain benchmark: how long a retrain takes, request -> production, after adding 0, 10 or 100 images.
+
+A user improves a model in a loop (fix a label, add a few images, retrain), so
+what matters is the retrain of a task that has trained before, not the first
+training. For each pipeline runner (``warm``: the embedded warm worker, the
+default; ``kfp-local``: the real KFP pipeline with each step in a subprocess),
+in the same run and on the same photos:
+
+1. a fresh service (its own data directory and ONNX export cache), the
+   ``flowers`` set (600 photos, 5 labels) uploaded and trained once (not timed:
+   the first training embeds every photo);
+2. retrains, each timed from the train request until the new version is the
+   task's production version: with nothing new, then after adding 10 new
+   images, then 100 more (new images: mirrored, cropped copies of the set's
+   photos, so each needs embedding), each ``--repeats`` times for the
+   nothing-new case.
+
+Run: ``.venv/bin/python bench/retrain.py [--quality fast] [--out bench/results/retrain.json]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import logging
+import os
+import statistics
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from _common import REPO_ROOT, Client, init_script, machine_info, write_report
+from PIL import Image
+from train import (
+    Dataset,
+    load_dataset,
+    loadavg,
+    running_server,
+    train_and_wait,
+    upload_all,
+    upload_dataset,
+)
+
+logger = logging.getLogger("bench.retrain")
+
+RUNNERS = ("warm", "kfp-local")
+TARGET_S = 3.0  # issue 13: a retrain with <= 10 new images
+
+
+def new_images(dataset: Dataset, count: int, offset: int) -> list[tuple[bytes, tuple[str, ...], None]]:
+    """``count`` images the service has not seen: mirrored, centre-cropped copies of the set's photos."""
+    jobs = []
+    for k in range(count):
+        item = dataset.items[(offset + k * 7) % len(dataset.items)]
+        with Image.open(item.path) as source:
+            image = source.convert("RGB").transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        w, h = image.size
+        dx, dy = int(w * 0.05) + (offset + k) % 3, int(h * 0.05)
+        out = io.BytesIO()
+        image.crop((dx, dy, w - dx, h - dy)).save(out, format="JPEG", quality=90)
+        jobs.append((out.getvalue(), item.labels, None))
+    return jobs
+
+
+def bench_runner(runner: str, dataset: Dataset, workdir: Path, args: argparse.Namespace) -> dict[str, Any]:
+    os.environ["TASKVISION_PIPELINE_RUNNER"] = runner  # server_env copies this process's environment
+    params = {"quality": args.quality}
+    with running_server(workdir, runner, code=REPO_ROOT, log_level="WARNING") as server:
+        client = Client(server)
+        built = upload_dataset(client, dataset, runner)
+        first = train_and_wait(client, server, built.task_id, params=params)
+        logger.info("%s: first training %.1f s", runner, first.seconds)
+        retrains: list[dict[str, Any]] = []
+        added = 0
+        for new in [0] * args.repeats + [10, 100]:
+            if new:
+                upload_all(client, built, new_images(dataset, new, offset=added))
+                added += new
+            load = loadavg()
+            outcome = train_and_wait(client, server, built.task_id, params=params)
+            retrains.append(
+                {
+                    "new_images": new,
+                    "images": len(dataset.items) + added,
+                    "request_to_production_s": outcome.seconds,
+                    "accuracy": outcome.metrics.get("accuracy"),
+                    "steps": outcome.steps,
+                    "load_average_before": load,
+                }
+            )
+            logger.info("%s: retrain with %d new images: %.2f s", runner, new, outcome.seconds)
+    return {"runner": runner, "first_training_s": first.seconds, "retrains": retrains}
+
+
+def summary(result: dict[str, Any]) -> dict[str, float]:
+    by_new: dict[int, list[float]] = {}
+    for row in result["retrains"]:
+        by_new.setdefault(row["new_images"], []).append(row["request_to_production_s"])
+    return {f"new_{n}_median_s": round(statistics.median(v), 2) for n, v in sorted(by_new.items())}
+
+
+def markdown(report: dict[str, Any]) -> str:
+    results = {r["runner"]: r for r in report["runners"]}
+    warm, kfp = summary(results["warm"]), summary(results["kfp-local"])
+    lines = [
+        f"Retrain of a {report['images']}-image task ({report['dataset']}, quality `{report['quality']}`), "
+        "request -> production, median seconds:",
+        "",
+        "| new images | warm worker | kfp.local | ratio |",
+        "|---:|---:|---:|---:|",
+    ]
+    for key in warm:
+        n = key.split("_")[1]
+        lines.append(f"| {n} | {warm[key]:.2f} | {kfp[key]:.2f} | {kfp[key] / warm[key]:.1f}x |")
+    lines += [
+        "",
+        f"First training (every photo embedded): warm {results['warm']['first_training_s']:.1f} s, "
+        f"kfp.local {results['kfp-local']['first_training_s']:.1f} s.",
+        f"Target: <= {TARGET_S:.0f} s with <= 10 new images: "
+        + ("met" if max(warm["new_0_median_s"], warm["new_10_median_s"]) <= TARGET_S else "NOT met")
+        + ".",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--dataset", default="flowers")
+    parser.add_argument("--quality", default="fast", choices=("fast", "balanced", "best"))
+    parser.add_argument("--repeats", type=int, default=3, help="retrains with nothing new, per runner")
+    parser.add_argument("--out", type=Path, default=REPO_ROOT / "bench" / "results" / "retrain.json")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    init_script()
+    args = parse_args(argv)
+    dataset = load_dataset(args.dataset)
+    report: dict[str, Any] = {
+        "machine": machine_info(),
+        "dataset": args.dataset,
+        "images": len(dataset.items),
+        "quality": args.quality,
+        "runners": [],
+    }
+    with tempfile.TemporaryDirectory(prefix="bench-retrain-") as tmp:
+        for runner in RUNNERS:
+            report["runners"].append(bench_runner(runner, dataset, Path(tmp), args))
+    report["machine"]["load_average_at_end"] = loadavg()
+    write_report(report, args.out, markdown)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
