@@ -269,10 +269,21 @@ def image_page(
     label_id: str | None,
     page: int,
     page_size: int,
+    only_ids: list[str] | None = None,
 ) -> ImagePage:
-    """One page of the grid, newest first, with the count behind each filter."""
+    """One page of the grid, newest first, with the count behind each filter.
+
+    ``only_ids``: just these images of the workspace (whatever their labels), within the filter
+    ``all`` meaning any image of the workspace.
+    """
     chosen = IMAGE_FILTERS.get(show, IMAGE_FILTERS["all"])
-    conditions = [TrainingImage.workspace_id == task.workspace_id, chosen.condition(task)]
+    conditions = [TrainingImage.workspace_id == task.workspace_id]
+    if only_ids is not None:
+        conditions.append(TrainingImage.id.in_([i for i in only_ids if re.fullmatch(ID_PATTERN, i)]))
+        if show != "all":
+            conditions.append(chosen.condition(task))
+    else:
+        conditions.append(chosen.condition(task))
     if label_id:
         conditions.append(
             exists().where(ImageLabel.image_id == TrainingImage.id, ImageLabel.label_id == label_id)

@@ -144,6 +144,8 @@ def test_the_main_flow_works_with_the_keyboard_alone(page: Page, server: LiveSer
     page.wait_for_url(re.compile(r"/train$"))
     _tab_to(page, "form button.button-primary")
     page.keyboard.press("Enter")
-    # two images of one tag cannot train: the request is refused at once, in words
-    expect(page.locator(".flash-error")).to_contain_text("at least 20 are needed")
+    # two images of one tag cannot train: the request is refused at once, in words, with links
+    refusal = page.locator(".refusal")
+    expect(refusal).to_contain_text("label 'red' has 2 images; at least 20 are needed")
+    expect(refusal.get_by_role("link", name="the images of 'red'")).to_be_visible()
     assert violations(page) == []  # the train page with the refusal

@@ -9,11 +9,11 @@ from pathlib import Path
 
 from fastapi import FastAPI
 
-from api.db.models import Task, TrainingRun
+from api.db.models import Task
 from api.services.versions import import_bundle
 from taskvision.task_types import TaskType
 from tests.console.conftest import ConsoleFactory, ConsoleUser, add_label, create_task, flash, location
-from tests.support.console_data import add_images_directly, evaluated_bundle
+from tests.support.console_data import evaluated_bundle
 from tests.support.images import image_bytes, shape_image
 
 
@@ -233,51 +233,6 @@ def test_the_grid_pages_filters_and_serves_lazy_thumbnails(console: ConsoleUser)
     answer = console.get(thumb)
     assert answer.status_code == 200 and answer.headers["content-type"] == "image/jpeg"
     assert console.get(thumb, headers={"If-None-Match": answer.headers["etag"]}).status_code == 304
-
-
-def _trainable(app: FastAPI, user: ConsoleUser, name: str = "Rooms") -> str:
-    """A categorization task with two labels of 20 images each (what a train request needs now)."""
-    task_id = create_task(user, name)
-    labels = [add_label(user, task_id, "circle"), add_label(user, task_id, "square")]
-    services = app.state.services
-    with services.session_factory() as session:
-        add_images_directly(session, services.blobs, session.get(Task, task_id), 50, label_ids=labels)
-    return task_id
-
-
-def test_a_training_request_records_only_the_options_changed(app: FastAPI, console: ConsoleUser) -> None:
-    task_id = _trainable(app, console)
-    page = console.get(f"/console/tasks/{task_id}/train").text
-    assert re.search(r'<option value="flip" selected>flip \(default\)</option>', page)
-    assert 'name="min_images_per_label" type="number"' in page and 'value="20"' in page
-    answer = console.post(
-        f"/console/tasks/{task_id}/train",
-        {"mode": "auto", "augment": "none", "min_images_per_label": "20", "seed": "7"},
-    )
-    assert flash(console, answer) == "ok: Training queued."
-    runs = _rest(console, f"training-run/?task={task_id}")["results"]
-    assert [r["params"] for r in runs] == [{"augment": "none", "seed": 7, "production": False}]
-    again = console.post(f"/console/tasks/{task_id}/train", {"production": "true"})
-    assert flash(console, again).startswith("error: Task &#39;Rooms&#39; is already training")
-    panel = console.get(f"/console/tasks/{task_id}/runs/{runs[0]['id']}")
-    assert 'hx-trigger="every 1s"' in panel.text and "Waiting for a free trainer" in panel.text
-
-
-def test_a_failed_run_says_why_in_words_and_stops_polling(app: FastAPI, console: ConsoleUser) -> None:
-    task_id = _trainable(app, console)
-    console.post(f"/console/tasks/{task_id}/train", {"production": "true"})
-    services = app.state.services
-    with services.session_factory() as session:
-        run = session.query(TrainingRun).one()
-        services.watcher._fail(session, run, "label 'bedroom' has 3 images; at least 20 are needed")
-        session.commit()
-        run_id = run.id
-    answer = console.get(f"/console/tasks/{task_id}/runs/{run_id}", headers={"HX-Request": "true"})
-    assert answer.headers["HX-Refresh"] == "true"  # the page that watched it reloads
-    panel = console.get(f"/console/tasks/{task_id}/train").text
-    assert "hx-trigger" not in panel and "Why it failed" in panel
-    assert "label &#39;bedroom&#39; has 3 images; at least 20 are needed" in panel
-    assert "A training of this task is running" not in panel
 
 
 def test_versions_switch_production_compare_and_evaluate(

@@ -18,7 +18,7 @@ from taskvision.errors import NotFoundError, TaskVisionError
 
 logger = logging.getLogger(__name__)
 
-# The task pages' tabs: (tab id, title, path under /console/tasks/<id>). Phase 2 adds "review".
+# The task pages' tabs: (tab id, title, path under /console/tasks/<id>).
 TABS = [
     ("labels", "Labels", ""),
     ("images", "Images", "/images"),
@@ -47,19 +47,26 @@ def task_context(task: Task, tab: str) -> dict[str, Any]:
     }
 
 
-def act(request: Request, session: Session, back: str, action: Callable[[], str | None]) -> Response:
+def act(
+    request: Request,
+    session: Session,
+    back: str,
+    action: Callable[[], str | None],
+    *,
+    keep: tuple[type[TaskVisionError], ...] = (),
+) -> Response:
     """Run a page's change and go back to ``back`` with what happened (or why not) as a flash.
 
     Another workspace's object stays a 404 page; every other refusal of the API
-    (400, 409, 422...) is shown on the page the user came from, in the API's words.
+    (400, 409, 422...) is shown on the page the user came from, in the API's words,
+    except the errors in ``keep``, raised (rolled back) for the page to show in full.
     """
     try:
         message = action()
-    except NotFoundError:
-        session.rollback()
-        raise
     except TaskVisionError as exc:
         session.rollback()
+        if isinstance(exc, (NotFoundError, *keep)):
+            raise
         return redirect(request, back, flash=("error", exc.detail))
     return redirect(request, back, flash=("ok", message) if message else None)
 

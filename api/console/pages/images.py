@@ -19,6 +19,7 @@ from starlette.datastructures import UploadFile
 from api.console import actions, queries, uploads
 from api.console.deps import CsrfChecked, Viewer, ViewerDep
 from api.console.pages.common import act, form_fields, form_list, load_task, task_context, task_url
+from api.console.refusals import MAX_LINKED_IMAGES
 from api.console.rendering import render
 from api.db.models import Label, Task, TrainingImage
 from api.deps import ServicesDep, SessionDep
@@ -33,10 +34,12 @@ PAGE_SIZE = 60
 MAX_PAGE = 100_000
 
 
-def _page_url(task: Task, show: str, label: str | None, page: int) -> str:
+def _page_url(task: Task, show: str, label: str | None, page: int, ids: str = "") -> str:
     params: dict[str, Any] = {"show": show}
     if label:
         params["label"] = label
+    if ids:
+        params["ids"] = ids
     if page > 1:
         params["page"] = page
     return task_url(task, "/images") + "?" + urlencode(params)
@@ -51,11 +54,17 @@ def image_grid(
     show: Annotated[str, Query(max_length=32)] = "all",
     label: Annotated[str | None, Query(max_length=64)] = None,
     page: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 1,
+    ids: Annotated[str, Query(max_length=MAX_LINKED_IMAGES * 40)] = "",
 ) -> Response:
+    """The grid; ``ids`` (comma-separated) shows just those images (e.g. the ones a train request named)."""
     task = load_task(session, viewer, task_id)
     show = show if show in queries.IMAGE_FILTERS else "all"
     label = label if label and any(lb.id == label for lb in task.labels) else None
-    grid = queries.image_page(session, task, show=show, label_id=label, page=page, page_size=PAGE_SIZE)
+    only = [i for i in ids.split(",") if i][:MAX_LINKED_IMAGES] if ids else None
+    ids = ",".join(only or [])
+    grid = queries.image_page(
+        session, task, show=show, label_id=label, page=page, page_size=PAGE_SIZE, only_ids=only
+    )
     value_label = task.labels[0] if task.type == TaskType.REGRESSION and task.labels else None
     return render(
         request,
@@ -66,9 +75,10 @@ def image_grid(
             "show": show,
             "label_filter": label,
             "filters": list(queries.IMAGE_FILTERS.values()),
-            "page_url": lambda n: _page_url(task, show, label, n),
+            "page_url": lambda n: _page_url(task, show, label, n, ids),
             "filter_url": lambda name, lb=None: _page_url(task, name, lb, 1),
-            "here": _page_url(task, show, label, page),
+            "here": _page_url(task, show, label, page, ids),
+            "picked": only is not None,
             "value_label": value_label,
             # the task's own labels first, a tagging task's negative label ("none of the tags") last
             "labels": sorted(task.labels, key=lambda lb: lb.negative_for_task == task.id),

@@ -3,14 +3,18 @@
 The run panel is a fragment that htmx reloads every second while the run is
 active (``/tasks/<id>/runs/<run id>``); once the run has ended, the answer
 tells htmx to reload the whole page (``HX-Refresh``), whose panel then has no
-trigger, so the polling stops. It shows the run's
-current fields (status, step, progress, message, error). Phase 2 fills
-``RunView.overall``, ``eta_s`` and ``queue_position`` from the data-loop API and
-the template's ``run_overall`` block draws them.
+trigger, so the polling stops. It shows the run's status, its overall progress,
+the current step and its progress, the time left and the place in the queue
+(:mod:`api.services.run_progress`, as the REST API reports them).
+
+A train request the task's data cannot pass is refused at once (``not_trainable``):
+the page is shown again with every problem in words, each linked to the images
+at fault (a label's images, or the images named in the refusal).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -20,11 +24,14 @@ from fastapi.responses import Response
 from api.console import actions, queries
 from api.console.deps import CsrfChecked, ViewerDep
 from api.console.pages.common import act, form_fields, load_task, task_context, task_url
+from api.console.refusals import Refusal, refusal
 from api.console.rendering import render
 from api.console.training_form import chosen_options, option_fields
 from api.db.models import RunStatus, Task, TrainingRun
 from api.deps import ServicesDep, SessionDep, SettingsDep
-from taskvision.errors import NotFoundError
+from api.services import run_progress
+from api.settings import Settings
+from taskvision.errors import NotFoundError, NotTrainableError
 
 router = APIRouter()
 
@@ -50,7 +57,7 @@ class RunView:
     step_index: int | None  # 0-based position of the current step in STEPS
     elapsed_s: float | None
     in_production: bool
-    # Phase 2 (data-loop API): the run's overall progress 0-1, the time left, its place in the queue.
+    # From the data-loop API: the run's overall progress 0-1, the time left, its place in the queue.
     overall: float | None = None
     eta_s: float | None = None
     queue_position: int | None = None
@@ -72,7 +79,9 @@ class RunView:
         return states
 
 
-def run_view(task: Task, run: TrainingRun, now: datetime | None = None) -> RunView:
+def run_view(
+    task: Task, run: TrainingRun, state: run_progress.RunState | None = None, now: datetime | None = None
+) -> RunView:
     now = now or datetime.now(UTC)
     start = run.started or run.created
     end = run.finished or now
@@ -83,6 +92,40 @@ def run_view(task: Task, run: TrainingRun, now: datetime | None = None) -> RunVi
         step_index=STEPS.index(run.step) if run.step in STEPS else None,
         elapsed_s=(end - start).total_seconds() if start else None,
         in_production=run.model_version is not None and run.model_version == task.production_version,
+        overall=state.overall_progress if state else None,
+        eta_s=state.eta_seconds if state else None,
+        queue_position=state.queue_position if state else None,
+    )
+
+
+def run_views(session: SessionDep, task: Task, runs: Sequence[TrainingRun]) -> list[RunView]:
+    """The runs as the page shows them, with their progress, time left and place in the queue."""
+    states = run_progress.describe(session, runs)
+    return [run_view(task, run, states.get(run.id)) for run in runs]
+
+
+def _train_page(
+    request: Request,
+    session: SessionDep,
+    settings: Settings,
+    viewer: ViewerDep,
+    task: Task,
+    *,
+    refused: Refusal | None = None,
+) -> Response:
+    views = run_views(session, task, queries.runs(session, task, limit=10))
+    return render(
+        request,
+        "train.html",
+        {
+            **task_context(task, "train"),
+            "options": option_fields(settings),
+            "current": views[0] if views else None,
+            "runs": views,
+            "refusal": refused,
+        },
+        viewer=viewer,
+        status_code=400 if refused else 200,
     )
 
 
@@ -90,19 +133,7 @@ def run_view(task: Task, run: TrainingRun, now: datetime | None = None) -> RunVi
 def train_page(
     request: Request, task_id: str, session: SessionDep, settings: SettingsDep, viewer: ViewerDep
 ) -> Response:
-    task = load_task(session, viewer, task_id)
-    runs = queries.runs(session, task, limit=10)
-    return render(
-        request,
-        "train.html",
-        {
-            **task_context(task, "train"),
-            "options": option_fields(settings),
-            "current": run_view(task, runs[0]) if runs else None,
-            "runs": [run_view(task, run) for run in runs],
-        },
-        viewer=viewer,
-    )
+    return _train_page(request, session, settings, viewer, load_task(session, viewer, task_id))
 
 
 @router.post("/tasks/{task_id}/train", dependencies=[CsrfChecked])
@@ -111,13 +142,28 @@ async def start_training(
 ) -> Response:
     task = load_task(session, viewer, task_id)
     form = await form_fields(request)
+    return queue_training(request, session, services.settings, viewer, task, form)
+
+
+def queue_training(
+    request: Request,
+    session: SessionDep,
+    settings: Settings,
+    viewer: ViewerDep,
+    task: Task,
+    form: dict[str, str],
+) -> Response:
+    """Queue a run with the form's options; a task its data cannot train gets the page with why."""
+    services = request.app.state.services
 
     def start() -> str:
-        params = chosen_options(services.settings, form)
-        actions.train(session, services, viewer.user, task.id, params)
+        actions.train(session, services, viewer.user, task.id, chosen_options(settings, form))
         return "Training queued."
 
-    return act(request, session, task_url(task, "/train"), start)
+    try:
+        return act(request, session, task_url(task, "/train"), start, keep=(NotTrainableError,))
+    except NotTrainableError as exc:
+        return _train_page(request, session, settings, viewer, task, refused=refusal(task, exc))
 
 
 @router.get("/tasks/{task_id}/runs/{run_id}")
@@ -129,7 +175,7 @@ def run_panel(
     run = queries.run(session, task, run_id)
     if run is None:
         raise NotFoundError(f"Training run {run_id} not found.")
-    current = run_view(task, run)
+    current = run_views(session, task, [run])[0]
     # The run has ended while the page watched it: reload the page, so that the task's status, the
     # Train button and the list of runs are current too.
     headers = {"HX-Refresh": "true"} if request.headers.get("hx-request") and not current.active else None
