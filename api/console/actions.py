@@ -26,7 +26,7 @@ from api.routes import labels as label_routes
 from api.routes import tasks as task_routes
 from api.routes import training_images as image_routes
 from api.schemas.classify import ClassifyRequest
-from api.schemas.images import BulkImageUpdate, ImageLabelBody
+from api.schemas.images import BulkImageUpdate, ImageLabelBody, ReviewDecision
 from api.schemas.labels import LabelCreate, LabelUpdate
 from api.schemas.tasks import LabelIdBody, TaskCreate, TaskUpdate, TrainRequest
 from api.services.container import Services
@@ -94,6 +94,30 @@ def train(session: Session, services: Services, user: User, task_id: str, params
         task_id=task_id, session=session, user=user, data=data, training=services.training
     )
     return str(run["id"])
+
+
+def review(
+    request: Request,
+    session: Session,
+    services: Services,
+    user: User,
+    task_id: str,
+    image_id: str,
+    fields: dict[str, Any],
+) -> None:
+    """Label a reviewed image: the suggestion (no fields), or ``label_ids`` / ``value`` instead."""
+    if "value" in fields and str(fields["value"] or "").strip() == "":
+        raise BadRequestError("Enter a number.", code="value_required")
+    data = parse(ReviewDecision, fields, form=True)
+    task_routes.review_image(
+        task_id=task_id,
+        image_id=image_id,
+        request=request,
+        session=session,
+        user=user,
+        blobs=services.blobs,
+        data=data,
+    )
 
 
 def _bulk(session: Session, user: User, **fields: Any) -> int:

@@ -22,7 +22,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from api.console.deps import SignInRequired, read_viewer
-from api.console.pages import account, auth, images, labels, tasks, training, try_it, versions
+from api.console.pages import account, auth, images, labels, review, tasks, training, try_it, versions
 from api.console.rendering import PREFIX, STATIC_DIR, render
 from api.console.security import SECURITY_HEADERS, SessionCodec
 from api.errors import RequestValidationFailed
@@ -63,7 +63,7 @@ def build_console(services: Services) -> FastAPI:
         response.headers["Server-Timing"] = f"app;dur={(time.perf_counter() - started) * 1000:.1f}"
         return response
 
-    for module in (auth, tasks, labels, images, training, versions, try_it, account):
+    for module in (auth, tasks, labels, images, training, review, versions, try_it, account):
         console.include_router(module.router)
     console.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     _register_error_pages(console)

@@ -324,7 +324,7 @@ def test_another_workspaces_objects_are_404_pages(
     _upload(bob, task_id, "b.png", image_bytes(3), label)
     image_id = _rest(bob, "training-image/")["results"][0]["id"]
     _import(app, tmp_path, task_id, ["mine", "yours"], TaskType.MULTI_CLASS)
-    for path in ("", "/images", "/train", "/versions", "/versions/1", "/try", "/delete"):
+    for path in ("", "/images", "/train", "/review", "/versions", "/versions/1", "/try", "/delete"):
         answer = alice.get(f"/console/tasks/{task_id}{path}")
         assert answer.status_code == 404 and "Not found" in answer.text, path
         assert "Bob&#39;s" not in answer.text

@@ -23,6 +23,7 @@ TABS = [
     ("labels", "Labels", ""),
     ("images", "Images", "/images"),
     ("train", "Train", "/train"),
+    ("review", "Review", "/review"),
     ("versions", "Versions", "/versions"),
     ("try", "Try it", "/try"),
 ]

@@ -222,7 +222,24 @@
     });
   }
 
+  // ---- review: keys for accept, skip and the labels ([data-key] buttons and links) ----------------
+  function setupReview() {
+    var body = document.querySelector("[data-review]");
+    if (!body) return;
+    document.addEventListener("keydown", function (event) {
+      if (event.ctrlKey || event.metaKey || event.altKey || event.defaultPrevented) return;
+      var target = event.target;
+      if (target && /^(INPUT|SELECT|TEXTAREA)$/.test(target.tagName)) return;
+      var key = (event.key || "").toLowerCase();
+      var control = body.querySelector('[data-key="' + key + '"]');
+      if (!control || control.disabled) return;
+      event.preventDefault();
+      control.click();
+    });
+  }
+
   function init() {
+    setupReview();
     setupGrid();
     setupUpload();
     setupTry();
