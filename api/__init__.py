@@ -8,8 +8,9 @@ Where things are::
     errors.py          exceptions -> JSON {"detail", "code"}; 405 with Allow
     auth.py            users and API tokens (stored hashed; rotate)
     cli.py             the `taskvision` command (serve, users, import-bundle, pipeline, config)
-    routes/            HTTP only, one module per resource: tasks, labels, training_images,
-                       models, training_runs, classify, account, health, docs (/docs, /redoc)
+    routes/            HTTP only, one module per resource: tasks (and the review queue), labels,
+                       training_images, models (predictions, report), training_runs, classify,
+                       webhooks, account, health, docs (/docs, /redoc)
     schemas/           request and response models per resource (XCreate, XUpdate, XPublic)
     presenters.py      ORM rows -> public schemas
     http/              HTTP plumbing: slash-agnostic routing, bodies (JSON/form, strict),
@@ -18,6 +19,10 @@ Where things are::
       container.py       every service of a process, built once (Services)
       training.py        the training queue (request, cancel)
       run_watcher.py     background job: start, follow and register training runs
+      run_progress.py    a run's overall progress, time left, queue place
+      evaluations.py     a version's per-image predictions and evaluation report
+      review.py          the review queue: uncertain stored images, likely label errors
+      webhooks.py        webhook endpoints, the delivery outbox and its dispatcher job
       versions.py        register_version() (runs and imports), import_bundle
       classifiers.py     classify's two backends: embedded predictors, the task's InferenceService
       serving_reconciler.py  background job (cluster): InferenceServices follow production versions

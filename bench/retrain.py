@@ -66,7 +66,7 @@ def new_images(dataset: Dataset, count: int, offset: int) -> list[tuple[bytes, t
 def bench_runner(runner: str, dataset: Dataset, workdir: Path, args: argparse.Namespace) -> dict[str, Any]:
     os.environ["TASKVISION_PIPELINE_RUNNER"] = runner  # server_env copies this process's environment
     params = {"quality": args.quality}
-    with running_server(workdir, runner, code=REPO_ROOT, log_level="WARNING") as server:
+    with running_server(workdir, runner, code=REPO_ROOT, log_level="warning") as server:
         client = Client(server)
         built = upload_dataset(client, dataset, runner)
         first = train_and_wait(client, server, built.task_id, params=params)

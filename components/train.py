@@ -21,6 +21,7 @@ def train(
     learning_rate: float,
     batch_size: int,
     seed: int,
+    previous_bundle: str,
     model: dsl.Output[dsl.Model],
 ) -> None:
     """Train a model over pretrained EfficientNet-Lite backbones, chosen by cross-validation.
@@ -41,6 +42,8 @@ def train(
         learning_rate: Fine-tuning learning rate (SGD with momentum 0.9, cosine schedule).
         batch_size: Fine-tuning batch size.
         seed: Seed for cross-validation folds and fine-tuning.
+        previous_bundle: Blob prefix of the task's current version ("" for none): a retrain of data
+            that barely changed refits its model choice instead of scoring every candidate again.
         model: The model folder: bundle.json, head.onnx + head.npz or model.onnx, test_inputs.npz.
     """
     from pathlib import Path
@@ -63,6 +66,7 @@ def train(
             learning_rate=learning_rate,
             batch_size=batch_size,
             seed=seed,
+            previous_bundle=previous_bundle,
         )
         meta = train_model(
             info,

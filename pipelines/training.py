@@ -60,6 +60,7 @@ def build_pipeline(
         learning_rate: float = 0.001,
         batch_size: int = 32,
         seed: int = 0,
+        previous_bundle: str = "",
     ) -> str:
         checked = with_credentials(
             validate(
@@ -94,6 +95,7 @@ def build_pipeline(
                 learning_rate=learning_rate,
                 batch_size=batch_size,
                 seed=seed,
+                previous_bundle=previous_bundle,
             ).set_display_name("train")
         )
         trained.set_memory_request("4G").set_cpu_request("2")

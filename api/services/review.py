@@ -15,7 +15,8 @@ most (uncertainty sampling):
 those the current model disagrees with (per-image evaluation of the production
 version, or the newest: the test split, and the training split out of fold),
 the most confident disagreement first, while the image still carries the
-labels it was trained with (a fixed image leaves the list).
+labels it was trained with and nobody set them since (an image fixed, or
+confirmed by setting its label again, leaves the list).
 
 :func:`apply_review` labels an image in one call: the suggestion as it is, or
 the labels (or value) the reviewer chose instead.
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import exists, select
@@ -110,9 +112,14 @@ def _still_as_trained(
     record: dict[str, Any],
     task_labels: set[str],
     negative: str | None,
+    since: datetime,
 ) -> bool:
-    """Whether the image carries the labels (or value) it was evaluated with."""
-    current = {link.label_id: link.value for link in image.label_links if link.label_id in task_labels}
+    """Whether the image carries the labels (or value) it was evaluated with, set before ``since``
+    (a label set again afterwards, even the same one, was looked at by a person)."""
+    links = [link for link in image.label_links if link.label_id in task_labels]
+    if any(link.created is not None and link.created > since for link in links):
+        return False
+    current = {link.label_id: link.value for link in links}
     trained = {str(label["id"]): label.get("value") for label in record.get("true_labels") or []}
     if task_type is TaskType.REGRESSION:
         return set(current) == set(trained) and all(
@@ -147,7 +154,7 @@ def likely_label_errors(
         (images[image_id], record)
         for image_id, record in zip(ids, records, strict=True)
         if image_id in images
-        and _still_as_trained(task_type, images[image_id], record, task_labels, negative)
+        and _still_as_trained(task_type, images[image_id], record, task_labels, negative, model.created)
     ]
     return model, chosen
 
@@ -225,5 +232,6 @@ def apply_review(
             values = {negative: None}  # "none of the tags"
     image.label_links[:] = [link for link in image.label_links if link.label_id not in labels]
     for lid, val in values.items():
-        image.label_links.append(ImageLabel(label_id=lid, value=val))
+        # created set here: re-adding a label it had becomes an UPDATE, which a column default skips.
+        image.label_links.append(ImageLabel(label_id=lid, value=val, created=utcnow()))
     session.commit()

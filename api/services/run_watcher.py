@@ -23,7 +23,7 @@ from typing import Any
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from api.db.models import RunStatus, Task, TrainingRun, TrainStatus, utcnow
+from api.db.models import Model, RunStatus, Task, TrainingRun, TrainStatus, utcnow
 from api.services import webhooks
 from api.services.versions import register_version
 from api.settings import Settings
@@ -104,9 +104,19 @@ class RunWatcher:
             **{k: v for k, v in run.params.items() if k != "production"},
         }
 
-    def _arguments(self, run: TrainingRun) -> dict[str, Any]:
+    def _arguments(self, session: Session, run: TrainingRun) -> dict[str, Any]:
         params = self._parameters(run)
+        task = session.get(Task, run.task_id)
+        current = (
+            session.scalar(
+                select(Model).where(Model.task_id == run.task_id, Model.version == task.production_version)
+            )
+            if task is not None and task.production_version is not None
+            else None
+        )
         return {
+            # The version the retrain starts from: its model choice may be refitted (selection reuse).
+            "previous_bundle": current.bundle_uri if current is not None else "",
             "storage_url": self.settings.effective_storage_url,
             "snapshot_prefix": run.snapshot_prefix,
             "run_prefix": blob_layout.run_prefix(run.task_id, run.id),
@@ -117,7 +127,7 @@ class RunWatcher:
 
     def _start(self, session: Session, run: TrainingRun) -> None:
         try:
-            run.handle = self.runner.submit(run.id, run.task_id, self._arguments(run))
+            run.handle = self.runner.submit(run.id, run.task_id, self._arguments(session, run))
         except Exception as exc:
             logger.exception("could not start run %s", run.id)
             self._fail(session, run, f"The training could not be started: {exc}")

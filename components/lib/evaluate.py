@@ -224,6 +224,14 @@ def markdown_report(
                 f"| {row['name']}{mark} | {row['kind']} | {row['cv_score']:.4f} | {head} "
                 f"| {row['serving_cost']:.1f} | {row['seconds']:.1f} |"
             )
+        reused = selection.get("reused")
+        if reused:
+            lines += [
+                "",
+                f"A retrain: {reused['changed_images']} of {reused['images']} images changed since the last "
+                f"full selection, so only its choice (**{reused['chosen']}**, from run {reused['from_run']}) "
+                "was refitted, its head's penalty chosen again by cross-validation.",
+            ]
         if selection.get("skipped"):
             lines += ["", "Not tried (time budget): " + ", ".join(selection["skipped"]) + "."]
     return "\n".join(lines) + "\n"

@@ -18,6 +18,13 @@ out-of-fold rows, with the task's metric (accuracy, mean AP, MAE). The best
 score wins; a tie goes to the cheaper candidate to serve. Candidates not
 started when the preset's time budget runs out are skipped (and reported so).
 What was tried and how each scored goes into the bundle (``selection``).
+
+A retrain of a dataset that barely changed (:func:`reusable_choice`: at most
+10 % of the images new, removed or relabelled, same preset and labels) refits
+the previous version's linear choice, its head's penalty still chosen by
+cross-validation, instead of scoring every candidate again: what makes a
+retrain take seconds (the partial fine-tune's candidate alone costs a minute).
+The bundle records it (``selection.reused``).
 """
 
 from __future__ import annotations
@@ -25,7 +32,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -34,6 +41,10 @@ import numpy.typing as npt
 from components.lib import heads
 from components.lib.partial_finetune import PartialFinetunePlan
 from taskvision import backbone, features
+from taskvision.bundle import BundleMeta
+from taskvision.dataset import DatasetInfo, ManifestRow, read_snapshot
+from taskvision.errors import NotFoundError
+from taskvision.storage import BlobStore
 from taskvision.task_types import TaskType
 
 logger = logging.getLogger(__name__)
@@ -235,3 +246,91 @@ def metric_name(task_type: TaskType) -> str:
         TaskType.MULTI_LABEL: "mAP",
         TaskType.REGRESSION: "-MAE",
     }[task_type]
+
+
+# A retrain refits the previous version's choice instead of scoring every candidate again
+# when at most this share of the images (new, removed, relabelled) changed since.
+REUSE_MAX_CHANGED = 0.1
+
+
+@dataclass(frozen=True)
+class Reuse:
+    """The previous version's model choice, to refit on a dataset that barely changed."""
+
+    chosen: str
+    features: list[str]
+    run_id: str
+    selected_on: str  # the snapshot the choice was made on by a full selection
+    changed_images: int  # since that snapshot
+    images: int
+
+    def report(self) -> dict[str, Any]:
+        return {
+            "from_run": self.run_id,
+            "chosen": self.chosen,
+            "selected_on": self.selected_on,
+            "changed_images": self.changed_images,
+            "images": self.images,
+        }
+
+
+def _row_key(row: ManifestRow) -> tuple[Any, ...]:
+    return (row.sha256, tuple(sorted(row.labels)), tuple(sorted(row.values.items())), row.test_image)
+
+
+def reusable_choice(
+    store: BlobStore,
+    previous_bundle: str,
+    info: DatasetInfo,
+    rows: Sequence[ManifestRow],
+    *,
+    quality: str,
+    augment: str,
+) -> Reuse | None:
+    """The choice of the bundle at ``previous_bundle`` when a retrain may refit it without a new selection.
+
+        Only a linear choice made with the same preset and augmentation, on the same labels, with at
+        most :data:`REUSE_MAX_CHANGED` of the images new, removed or relabelled since the snapshot of
+    the last full selection;
+        anything else (or anything missing) gives None: a full selection.
+    """
+    if not previous_bundle:
+        return None
+    try:
+        previous = BundleMeta.from_json(store.get(f"{previous_bundle}/bundle.json"))
+        chosen = previous.selection
+        if (
+            chosen.get("kind") != LINEAR
+            or chosen.get("quality") != quality
+            or previous.training.get("augment") != augment
+            or not previous.features
+            or not previous.dataset_snapshot
+            or [label["id"] for label in previous.labels] != [label.id for label in info.output_labels]
+        ):
+            return None
+        # Changes add up over reuses: compare with the snapshot of the last full selection.
+        selected_on = str(chosen.get("reused", {}).get("selected_on") or previous.dataset_snapshot)
+        _, before = read_snapshot(store, selected_on)
+    except (NotFoundError, KeyError, ValueError):
+        logger.info("no model choice to reuse from %s", previous_bundle)
+        return None
+    now = {r.image_id: _row_key(r) for r in rows}
+    then = {r.image_id: _row_key(r) for r in before}
+    changed = sum(1 for image_id in now.keys() | then.keys() if now.get(image_id) != then.get(image_id))
+    if changed > REUSE_MAX_CHANGED * max(len(rows), 1):
+        return None
+    return Reuse(
+        str(chosen.get("chosen", "")),
+        list(previous.features),
+        previous.run_id,
+        selected_on,
+        changed,
+        len(rows),
+    )
+
+
+def narrowed(preset: QualityPreset, feature_ids: Sequence[str]) -> QualityPreset:
+    """``preset`` with the one linear candidate ``feature_ids`` (its +hflip variant scored with it)."""
+    base = tuple(fid.removesuffix(features.HFLIP) for fid in feature_ids)
+    flip = any(fid.endswith(features.HFLIP) for fid in feature_ids)
+    return replace(preset, linear=(base,), test_time_flip=flip, finetune=None, finetune_folds=0)

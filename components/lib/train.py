@@ -83,6 +83,7 @@ class TrainConfig:
     seed: int = 0
     cache_embeddings: bool = True
     max_image_pixels: int = 80_000_000
+    previous_bundle: str = ""  # the task's current version (blob prefix): its choice may be reused
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -185,7 +186,12 @@ def train_model(
         meta.value_range = value_range(y_train)
 
     if mode == "embed":
-        _select_and_train(info, train_rows, test_rows, y_train, y_test, store, out_dir, config, meta, report)
+        reuse = selection.reusable_choice(
+            store, config.previous_bundle, info, rows, quality=config.quality, augment=config.augment
+        )
+        _select_and_train(
+            info, train_rows, test_rows, y_train, y_test, store, out_dir, config, meta, report, reuse=reuse
+        )
     else:
         from components.lib.finetune import finetune
 
@@ -212,10 +218,24 @@ def _select_and_train(
     config: TrainConfig,
     meta: BundleMeta,
     report: Callable[[float, str], None],
+    *,
+    reuse: selection.Reuse | None = None,
 ) -> None:
-    """Embed, score the preset's candidates by cross-validation, refit the winner, write the model folder."""
+    """Embed, score the preset's candidates by cross-validation, refit the winner, write the model folder.
+
+    With ``reuse``, the previous version's choice is the only candidate (its head still cross-validated).
+    """
     started = time.perf_counter()
     preset = selection.preset(config.quality)
+    if reuse is not None:
+        logger.info(
+            "%d of %d images changed since run %s: refitting its choice %s",
+            reuse.changed_images,
+            reuse.images,
+            reuse.run_id,
+            reuse.chosen,
+        )
+        preset = selection.narrowed(preset, reuse.features)
     task_type = info.task_type
     n_outputs = len(meta.labels)
     y_fit = _standardized(meta, y_train)
@@ -332,6 +352,8 @@ def _select_and_train(
         skipped=skipped,
         seconds=time.perf_counter() - started,
     )
+    if reuse is not None:
+        meta.selection["reused"] = reuse.report()
     if chosen.oof is not None and chosen.oof_rows is not None:
         if task_type is TaskType.MULTI_LABEL:
             # Thresholds from out-of-fold scores on the training split: never from the test split.

@@ -168,7 +168,8 @@ def test_the_disagreement_list_shows_labelled_images_the_model_answers_different
     assert accepted.status_code == 200, accepted.text
     assert [label["name"] for label in accepted.json()["labels"]] == ["dog"]
     assert [item["image"]["id"] for item in client.get(url).json()["results"]] == [images[0]]
-    # An image relabelled any other way leaves it too.
-    client.post(f"{TASKS}/{task['id']}/review/{images[0]}", json={"label_ids": [dog["id"]]})
+    # Confirming the label it had (the model was wrong) takes it off the list too.
+    confirmed = client.post(f"{TASKS}/{task['id']}/review/{images[0]}", json={"label_ids": [cat["id"]]})
+    assert [label["name"] for label in confirmed.json()["labels"]] == ["cat"]
     assert client.get(url).json()["count"] == 0
     assert other_client.get(url).status_code == 404

@@ -13,11 +13,12 @@ import pytest
 
 from components.lib import embeddings, heads, selection
 from components.lib.evaluate import evaluate_model
+from components.lib.register import register_bundle
 from components.lib.split import split_dataset
 from components.lib.train import TrainConfig, targets, train_model
 from taskvision import backbone, features
 from taskvision.bundle import BundleMeta
-from taskvision.dataset import LabelInfo, ManifestRow
+from taskvision.dataset import LabelInfo, ManifestRow, write_snapshot
 from taskvision.inference import BundleModel
 from taskvision.storage import LocalBlobStore
 from taskvision.task_types import TaskType
@@ -460,3 +461,72 @@ def test_selection_reports_every_candidate_and_the_bundle_names_the_winners_feat
     assert ranked == sorted(ranked, reverse=True)
     assert BundleMeta.from_json((tmp_path / "model" / "bundle.json").read_text()).features == meta.features
     assert evaluate_model(tmp_path / "model")["accuracy"] == 1.0
+
+
+def test_a_retrain_of_barely_changed_data_refits_the_previous_choice(
+    tmp_path: Path, no_backbone: None, lite0_or_lite2: selection.QualityPreset
+) -> None:
+    """Lite2 wins the first (full) selection; a retrain with 5 % new images refits Lite2 alone; one
+    with more than 10 % of the images relabelled since that selection chooses among all again."""
+    store = LocalBlobStore(tmp_path / "blobs")
+    rng = np.random.default_rng(13)
+    task, rows, lite0 = embedding_dataset(TaskType.MULTI_CLASS, n=105)
+    label_ids = [lb.id for lb in task.output_labels]
+    y = np.asarray([label_ids.index(row.labels[0]) for row in rows])
+    d2 = backbone.BACKBONES[LITE2].embedding_dim
+    cache_embeddings(store, rows, np.zeros_like(lite0))
+    cache_embeddings(
+        store, rows, rng.normal(scale=8.0, size=(3, d2))[y] + rng.normal(size=(len(rows), d2)), LITE2
+    )
+
+    def training(name: str, these: list[ManifestRow], previous: str = "") -> BundleMeta:
+        write_snapshot(store, f"datasets/t/{name}", task, these)
+        model_dir = tmp_path / name
+        meta = train_model(
+            task,
+            these,
+            split_dataset(task, these, seed=0),
+            store,
+            model_dir,
+            TrainConfig(mode="embed", quality="best", previous_bundle=previous),
+            snapshot=f"datasets/t/{name}",
+            run_id=name,
+        )
+        register_bundle(model_dir, {}, store, f"models/t/{name}")
+        return meta
+
+    first = training("r1", rows[:100])
+    assert len(first.selection["candidates"]) == 4 and "reused" not in first.selection
+    assert first.selection["chosen"] == "lite2-ms1"
+
+    second = training("r2", rows[:105], previous="models/t/r1")  # 5 new images
+    assert second.selection["reused"] == {
+        "from_run": "r1",
+        "chosen": "lite2-ms1",
+        "selected_on": "datasets/t/r1",
+        "changed_images": 5,
+        "images": 105,
+    }
+    assert [c["name"] for c in second.selection["candidates"]] == ["lite2-ms1"]
+    assert second.features == [features.feature_id(LITE2)]
+    assert evaluate_model(tmp_path / "r2")["accuracy"] == 1.0
+
+    # 8 more relabelled: 13 of 105 changed since r1's full selection (changes add up over reuses).
+    relabelled = [
+        ManifestRow(**{**vars(row), "labels": [label_ids[(label_ids.index(row.labels[0]) + 1) % 3]]})
+        if i < 8
+        else row
+        for i, row in enumerate(rows[:105])
+    ]
+    third = training("r3", relabelled, previous="models/t/r2")
+    assert "reused" not in third.selection and len(third.selection["candidates"]) == 4
+    # Another preset, or no previous version: a full selection as well.
+    assert (
+        selection.reusable_choice(store, "models/t/r1", task, rows[:100], quality="fast", augment="flip")
+        is None
+    )
+    assert selection.reusable_choice(store, "", task, rows[:100], quality="best", augment="flip") is None
+    assert (
+        selection.reusable_choice(store, "models/t/gone", task, rows[:100], quality="best", augment="flip")
+        is None
+    )
