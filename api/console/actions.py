@@ -106,7 +106,7 @@ def review(
     fields: dict[str, Any],
 ) -> None:
     """Label a reviewed image: the suggestion (no fields), or ``label_ids`` / ``value`` instead."""
-    if "value" in fields and str(fields["value"] or "").strip() == "":
+    if "value" in fields and (fields["value"] is None or str(fields["value"]).strip() == ""):
         raise BadRequestError("Enter a number.", code="value_required")
     data = parse(ReviewDecision, fields, form=True)
     task_routes.review_image(

@@ -1,7 +1,8 @@
 """A model version's metrics as the console shows them: headline figures, per-label rows, confusion.
 
 The metrics are what the pipeline's evaluate step stored with the version
-(``taskvision.metrics``). Names are read with their newer spellings first
+(``taskvision.metrics``); :func:`mistakes` turns the version's per-image
+predictions into the gallery's cards. Names are read with their newer spellings first
 (``macro_f1``, a confusion matrix as ``actual_by_predicted``) and the current
 ones after (``f1``, ``matrix``), so the page keeps working as the report gains
 precise names. The confusion matrix's rows are the actual labels and its
@@ -11,9 +12,14 @@ columns the predicted ones.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from sqlalchemy import select
+from sqlalchemy.orm import Session, selectinload
+
+from api.db.models import Task, TrainingImage
 from taskvision.task_types import TaskType
 
 HEAT_LEVELS = 10  # CSS classes heat-0 .. heat-9 (no inline styles under the CSP)
@@ -214,3 +220,93 @@ def compare(task_type: str, a: dict[str, Any], b: dict[str, Any]) -> Comparison:
         per_label=[(name, value(a, name), value(b, name)) for name in names],
         per_label_metric="MAE" if key == "mae" else "F1",
     )
+
+
+# ---- per-image predictions ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MistakeCard:
+    """An image of the evaluation with what it was labelled, what the version answered, and now."""
+
+    image_id: str
+    file_name: str
+    exists: bool  # the image was deleted since
+    split: str
+    correct: bool
+    true_labels: list[str]
+    predicted_labels: list[str]
+    confidence: float | None
+    error: float | None
+    fixed: bool  # the image now carries what the version predicted
+
+
+@dataclass
+class Gallery:
+    cards: list[MistakeCard]
+    total: int
+    page: int
+    page_size: int
+
+    @property
+    def pages(self) -> int:
+        return max(1, math.ceil(self.total / self.page_size))
+
+
+def _names(labels: list[dict[str, Any]]) -> list[str]:
+    out = []
+    for label in labels:
+        value = label.get("value")
+        out.append(
+            f"{label.get('name')} = {value:.2f}" if isinstance(value, int | float) else str(label.get("name"))
+        )
+    return out
+
+
+def _now_as_predicted(task: Task, image: TrainingImage, record: dict[str, Any]) -> bool:
+    task_labels = {label.id for label in task.labels}
+    current = {link.label_id: link.value for link in image.label_links if link.label_id in task_labels}
+    predicted = {str(label["id"]): label.get("value") for label in record.get("predicted_labels") or []}
+    if task.type == TaskType.REGRESSION:
+        return set(current) == set(predicted) and all(
+            (now := current[k]) is not None and abs(float(now) - float(predicted[k] or 0.0)) <= 1e-4
+            for k in predicted
+        )
+    return set(current) == set(predicted)
+
+
+def mistakes(
+    session: Session, task: Task, records: Sequence[dict[str, Any]], *, page: int, page_size: int
+) -> Gallery:
+    """One page of ``records`` (already filtered and ordered) as gallery cards (one query)."""
+    total = len(records)
+    page = max(1, min(page, max(1, math.ceil(total / page_size))))
+    shown = list(records[(page - 1) * page_size : page * page_size])
+    ids = [str(r.get("image_id")) for r in shown]
+    images = {
+        image.id: image
+        for image in session.scalars(
+            select(TrainingImage)
+            .options(selectinload(TrainingImage.label_links))
+            .where(TrainingImage.id.in_(ids), TrainingImage.workspace_id == task.workspace_id)
+        )
+    }
+    cards = []
+    for record in shown:
+        image = images.get(str(record.get("image_id")))
+        meta = (image.meta_data or {}) if image is not None else {}
+        cards.append(
+            MistakeCard(
+                image_id=str(record.get("image_id")),
+                file_name=str(meta.get("file_name") or f"Image {str(record.get('image_id'))[:8]}"),
+                exists=image is not None,
+                split=str(record.get("split", "test")),
+                correct=bool(record.get("correct")),
+                true_labels=_names(record.get("true_labels") or []),
+                predicted_labels=_names(record.get("predicted_labels") or []),
+                confidence=record.get("confidence"),
+                error=record.get("error"),
+                fixed=image is not None and _now_as_predicted(task, image, record),
+            )
+        )
+    return Gallery(cards=cards, total=total, page=page, page_size=page_size)
