@@ -1,12 +1,15 @@
-"""The phase-1 journey of a new user, in Chromium, from sign-in to switching production back.
+"""The journey of a new user, in Chromium, from sign-in to switching production back.
 
 Sign in; create a categorization task with two labels; upload 2 x 25 generated images with the file
-picker; train and watch the run reach production; read the version's evaluation; try an image; train
-a second version; compare them; switch production back to the first.
+picker (two circles among the squares: labelling mistakes); train and watch the run reach production;
+read the version's evaluation, open a confusion-matrix cell, fix a mislabelled image from the gallery
+of wrong answers; retrain; accept an image from the review queue with the keyboard; try an image;
+compare the versions; switch production back to the first.
 """
 
 from __future__ import annotations
 
+import base64
 import re
 from pathlib import Path
 
@@ -21,12 +24,14 @@ from tests.support.live_server import LiveServer
 TRAINING_TIMEOUT_MS = 300_000
 
 
-def _files(folder: Path, kind: str, count: int) -> list[str]:
+def _files(folder: Path, kind: str, count: int, *, mislabelled: int = 0, other: str = "") -> list[str]:
+    """``count`` images of ``kind``, the last ``mislabelled`` of them really of ``other``."""
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for i in range(count):
+        wrong = i >= count - mislabelled
         path = folder / f"{kind}-{i:02d}.png"
-        path.write_bytes(shape_image(kind, 100 + i))
+        path.write_bytes(shape_image(other, 500 + i) if wrong else shape_image(kind, 100 + i))
         paths.append(str(path))
     return paths
 
@@ -41,9 +46,16 @@ def _train_and_wait(page: Page, version: int) -> None:
     page.get_by_role("link", name="Train", exact=True).click()
     page.get_by_role("button", name="Train", exact=True).click()
     expect(page.locator(".flash-ok")).to_have_text("Training queued.")
+    expect(page.locator("#run-panel progress.overall")).to_be_attached()  # live, without a reload
     expect(page.locator("#run-panel")).to_contain_text(
         f"Version {version} is ready and in production", timeout=TRAINING_TIMEOUT_MS
     )
+
+
+def _task_id(page: Page) -> str:
+    found = re.search(r"/console/tasks/([0-9a-f-]{36})", page.url)
+    assert found, page.url
+    return found[1]
 
 
 def test_a_new_user_labels_trains_evaluates_tries_and_switches_back(
@@ -66,7 +78,7 @@ def test_a_new_user_labels_trains_evaluates_tries_and_switches_back(
     # 2 x 25 images through the file picker, each batch with its label
     page.get_by_role("link", name="Images").click()
     _upload(page, "circle", _files(tmp_path / "circles", "circle", 25))
-    _upload(page, "square", _files(tmp_path / "squares", "square", 25))
+    _upload(page, "square", _files(tmp_path / "squares", "square", 25, mislabelled=2, other="circle"))
     page.get_by_role("link", name="Show the images").click()
     expect(page.locator("[data-grid] li")).to_have_count(50)
     expect(page.get_by_role("link", name=re.compile(r"^In this task"))).to_contain_text("50")
@@ -89,6 +101,39 @@ def test_a_new_user_labels_trains_evaluates_tries_and_switches_back(
     expect(matrix.get_by_role("rowheader")).to_have_text(["circle", "square"])
     expect(page.locator(".figures .figure").first).to_contain_text("Accuracy")
 
+    # a confusion-matrix cell shows its test images
+    matrix.locator('td[data-actual="circle"][data-predicted="circle"] a.count').click()
+    expect(page.get_by_role("heading", name="Actual circle, predicted circle")).to_be_visible()
+    expect(page.locator("ul.mistakes li").first).to_be_visible()
+    # the two circles labelled square are answered circle: fix one label with a click
+    page.get_by_role("link", name="Back to the mistakes").click()
+    page.get_by_role("link", name=re.compile("With training images")).click()
+    wrong = page.locator("ul.mistakes li").filter(has=page.locator("[data-true]", has_text="square"))
+    expect(wrong.first.locator("[data-predicted]")).to_have_text("circle")
+    wrong.first.get_by_role("button", name=re.compile("^Label it circle")).click()
+    expect(page.locator(".flash-ok")).to_have_text("The image is now labelled 'circle'.")
+    expect(page.locator(".card-fixed")).to_have_count(1)
+
+    # retrain with the fixed label
+    _train_and_wait(page, 2)
+
+    # an app classifies with store_images; the review queue offers the image with a suggestion
+    stored = base64.b64encode(shape_image("square", 7777)).decode()
+    answer = requests.post(
+        f"{server.ip_url}recognition/v2/classify",
+        headers={"Authorization": f"Token {token}"},
+        json={"task_id": _task_id(page), "records": [{"_base64": stored}], "store_images": True},
+        timeout=60,
+    )
+    assert answer.status_code == 200, answer.text
+    page.get_by_role("link", name="Review").click()
+    expect(page.locator("[data-suggestion]")).to_have_text("square")
+    page.keyboard.press("a")  # accept, with the keyboard
+    expect(page.locator(".flash-ok")).to_have_text("Suggestion accepted.")
+    expect(page.locator(".empty")).to_contain_text("No stored image waits for a label")
+    expect(page.get_by_role("button", name="Retrain now")).to_be_visible()
+    assert violations(page) == []  # the review page
+
     # try it: a circle it has never seen
     page.get_by_role("link", name="Try it").click()
     probe = tmp_path / "probe.png"
@@ -99,8 +144,7 @@ def test_a_new_user_labels_trains_evaluates_tries_and_switches_back(
     expect(page.locator(".best")).to_contain_text("Best label: circle")
     expect(page.locator(".probs li")).to_have_count(2)
 
-    # a second version, compared with the first, then production back to version 1
-    _train_and_wait(page, 2)
+    # the second version compared with the first, then production back to version 1
     page.get_by_role("link", name="Versions").click()
     expect(page.locator("table.versions tbody tr")).to_have_count(2)
     page.get_by_role("button", name="Compare").click()
