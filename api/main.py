@@ -8,6 +8,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
+from api import console
 from api.errors import register_error_handlers
 from api.http import openapi
 from api.http.request_guard import RequestGuard
@@ -65,5 +66,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     ):
         app.include_router(module.router)
     docs.install(app)
+    console.install(app, services)  # the web console: /console (and / leads there)
     openapi.install(app)
     return app

@@ -179,6 +179,11 @@ class Settings(BaseSettings):
     isvc_max_replicas: int = Field(default=1, ge=1)
     isvc_timeout_s: float = Field(default=30.0, gt=0)
 
+    # Web console
+    console_session_ttl_s: int = Field(
+        default=8 * 3600, ge=60, description="How long a console sign-in lasts (the cookie expires then)."
+    )
+
     # Listing
     page_size: int = Field(default=20, gt=0)
     max_page_size: int = Field(default=100, gt=0)

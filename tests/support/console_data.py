@@ -1,0 +1,109 @@
+"""Data for the console's tests: a version with real metrics without a training, and a task of 5,000 images.
+
+* :func:`evaluated_bundle`: a servable linear bundle (``tests.support.bundles``) whose ``metrics``
+  are computed by ``taskvision.metrics`` on a made-up test split (a noisy, mostly right model), so
+  the evaluation pages have every figure to draw;
+* :func:`add_images_directly`: thousands of image rows with their labels, written straight through
+  the ORM (what 5,000 HTTP uploads would leave in the database, minus the wait); every row points
+  at one real stored thumbnail, so the grid's images load too.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+from sqlalchemy.orm import Session
+
+from api.db.models import ImageLabel, Task, TrainingImage
+from taskvision import blob_layout
+from taskvision.metrics import (
+    best_f1_thresholds,
+    classification_metrics,
+    regression_metrics,
+    tagging_metrics,
+)
+from taskvision.storage import BlobStore
+from taskvision.task_types import TaskType
+from tests.support.bundles import linear_bundle
+from tests.support.images import image_bytes
+
+
+def evaluated_bundle(
+    folder: Path,
+    task_type: TaskType,
+    names: list[str],
+    *,
+    seed: int = 0,
+    test_images: int = 40,
+    skill: float = 2.5,
+) -> Path:
+    """A linear bundle for ``names`` with the metrics of a made-up model on its test split.
+
+    ``skill`` is how far the right answer stands out from the noise (2.5: mostly right).
+    """
+    rng = np.random.default_rng(seed)
+    n = len(names)
+    if task_type is TaskType.MULTI_CLASS:
+        truth = rng.integers(0, n, size=test_images)
+        logits = rng.normal(0, 1, size=(test_images, n))
+        logits[np.arange(test_images), truth] += skill
+        probs = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+        metrics = classification_metrics(truth, probs, names)
+    elif task_type is TaskType.MULTI_LABEL:
+        truth = rng.integers(0, 2, size=(test_images, n))
+        scores = np.clip(truth * 0.6 + rng.normal(0.2, 0.2, size=(test_images, n)), 0, 1)
+        metrics = tagging_metrics(truth, scores, names, best_f1_thresholds(truth, scores))
+    else:
+        truth_values = rng.uniform(5, 45, size=(test_images, n))
+        metrics = regression_metrics(
+            truth_values, truth_values + rng.normal(0, 3, size=truth_values.shape), names
+        )
+    linear_bundle(folder, task_type, names, seed=seed)
+    meta = json.loads((folder / "bundle.json").read_text())
+    meta["metrics"] = metrics
+    (folder / "bundle.json").write_text(json.dumps(meta))
+    return folder
+
+
+def add_images_directly(
+    session: Session,
+    blobs: BlobStore,
+    task: Task,
+    count: int,
+    *,
+    label_ids: list[str],
+    values: bool = False,
+    test_share: float = 0.2,
+    seed: int = 0,
+) -> None:
+    """``count`` image rows in ``task``'s workspace, labelled in turn with ``label_ids`` (none if empty)."""
+    rng = random.Random(seed)
+    picture = image_bytes(seed, size=(96, 96), fmt="JPEG")
+    shared = hashlib.sha256(picture).hexdigest()
+    key = blob_layout.thumb_key(task.workspace_id, shared)
+    blobs.put(key, picture, content_type="image/jpeg")
+    blobs.put(blob_layout.image_key(task.workspace_id, shared), picture, content_type="image/jpeg")
+    for start in range(0, count, 1000):
+        for i in range(start, min(count, start + 1000)):
+            digest = hashlib.sha256(f"{task.id}-{seed}-{i}".encode()).hexdigest()
+            image = TrainingImage(
+                workspace_id=task.workspace_id,
+                sha256=digest,
+                blob_key=blob_layout.image_key(task.workspace_id, shared),
+                thumb_key=key,
+                content_type="image/jpeg",
+                size_bytes=len(picture),
+                width=96,
+                height=96,
+                meta_data={"file_name": f"generated-{i:05d}.jpg"},
+                test_image=rng.random() < test_share,
+            )
+            if label_ids:
+                value = float(rng.uniform(5, 45)) if values else None
+                image.label_links.append(ImageLabel(label_id=label_ids[i % len(label_ids)], value=value))
+            session.add(image)
+        session.commit()
