@@ -91,8 +91,8 @@ class TrainRequest(RequestBody):
     test_fraction: float | None = Field(default=None, gt=0, lt=1)
     seed: Annotated[int, Field(ge=0, le=INT32_MAX), WholeNumber] | None = Field(default=None)
     production: bool = Field(default=True, description="Put the new version in production when it is ready.")
-    reselect: bool = Field(
-        default=False,
+    reselect: bool | None = Field(
+        default=None,
         description="Score every candidate model again, even when so little changed since the current "
         "version's selection (at most 10 % of the images) that its choice would be refitted.",
     )
