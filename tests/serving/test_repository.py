@@ -7,6 +7,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -170,20 +171,28 @@ def test_a_head_bank_answer_equals_onnx_runtime_on_the_same_embedding(tmp_path: 
     np.testing.assert_allclose(predictor.outputs_for_arrays(arrays), expected, atol=1e-6)
 
 
-def test_versions_loaded_through_the_repository_api_stay_listed_when_evicted(tmp_path: Path) -> None:
+def _run_in_thread(coroutine: Any) -> Any:
+    """Await ``coroutine`` on a loop of its own in a worker thread, as KServe's model repository
+    handlers do (and safe when this thread already runs a loop, as Playwright's sync API leaves one)."""
     import asyncio
+    from concurrent.futures import ThreadPoolExecutor
 
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        return pool.submit(asyncio.run, coroutine).result()
+
+
+def test_versions_loaded_through_the_repository_api_stay_listed_when_evicted(tmp_path: Path) -> None:
     _bundles(tmp_path, 5, n_labels=20)
     probe = BundlePredictor("probe", tmp_path / "task-0.v1")
     probe.load()
     repository = _repository(tmp_path, memory_mb=2.5 * probe.memory_bytes / (1 << 20))
     for i in range(5):
-        assert asyncio.run(repository.load(f"task-{i}.v1"))  # KServe's load: in a worker thread
+        assert _run_in_thread(repository.load(f"task-{i}.v1"))
     assert sorted(repository.get_models()) == [f"task-{i}.v1" for i in range(5)]
-    ready = [name for name in repository.get_models() if asyncio.run(repository.is_model_ready(name))]
+    ready = [name for name in repository.get_models() if _run_in_thread(repository.is_model_ready(name))]
     assert ready == ["task-3.v1", "task-4.v1"]
     evicted = repository.get_model("task-0.v1")  # what the data plane asks for: loaded again
     assert evicted is not None and evicted.ready and _answer(evicted)
-    assert not asyncio.run(repository.is_model_ready("task-3.v1"))  # the least recently used went out
+    assert not _run_in_thread(repository.is_model_ready("task-3.v1"))  # the least recently used went out
     repository.unload("task-1.v1")
     assert repository.get_model("task-1.v1") is None  # unloaded on purpose: gone
