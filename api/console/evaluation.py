@@ -2,7 +2,8 @@
 
 The metrics are what the pipeline's evaluate step stored with the version
 (``taskvision.metrics``); :func:`mistakes` turns the version's per-image
-predictions into the gallery's cards. Names are read with their newer spellings first
+predictions into the gallery's cards, and :func:`regression_charts` into a
+regression version's scatter plot and error histogram. Names are read with their newer spellings first
 (``macro_f1``, a confusion matrix as ``actual_by_predicted``) and the current
 ones after (``f1``, ``matrix``), so the page keeps working as the report gains
 precise names. The confusion matrix's rows are the actual labels and its
@@ -19,7 +20,9 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session, selectinload
 
+from api.console.charts import Histogram, Scatter, histogram, scatter
 from api.db.models import Task, TrainingImage
+from components.lib.evaluate import REGRESSION_WRONG_FACTOR
 from taskvision.task_types import TaskType
 
 HEAT_LEVELS = 10  # CSS classes heat-0 .. heat-9 (no inline styles under the CSP)
@@ -310,3 +313,48 @@ def mistakes(
             )
         )
     return Gallery(cards=cards, total=total, page=page, page_size=page_size)
+
+
+# ---- regression charts ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RegressionCharts:
+    """A regression version's test images: predicted against actual, and how far off they were."""
+
+    label: str  # the value label's name (the axes' unit)
+    scatter: Scatter
+    errors: Histogram
+    tolerance: float | None
+
+
+def _first_value(labels: list[dict[str, Any]]) -> tuple[str, float] | None:
+    if not labels or not isinstance(labels[0].get("value"), int | float):
+        return None
+    return str(labels[0].get("name", "")), float(labels[0]["value"])
+
+
+def regression_charts(records: Sequence[dict[str, Any]], metrics: dict[str, Any]) -> RegressionCharts | None:
+    """From the test split's records (``evaluations.select``): None when none carries values.
+
+    An answer is wrong further off than the evaluate step's tolerance (``REGRESSION_WRONG_FACTOR``
+    times the MAE): the records' own ``correct`` says so; the tolerance is drawn from the MAE.
+    """
+    pairs: list[tuple[float, float, bool]] = []
+    errors: list[float] = []
+    name = ""
+    for record in records:
+        actual = _first_value(record.get("true_labels") or [])
+        predicted = _first_value(record.get("predicted_labels") or [])
+        if actual is None or predicted is None:
+            continue
+        name = name or actual[0]
+        pairs.append((actual[1], predicted[1], not record.get("correct", True)))
+        error = record.get("error")
+        errors.append(float(error) if isinstance(error, int | float) else abs(predicted[1] - actual[1]))
+    mae = metrics.get("mae")
+    tolerance = REGRESSION_WRONG_FACTOR * float(mae) if isinstance(mae, int | float) and mae > 0 else None
+    points, bars = scatter(pairs), histogram(errors, tolerance=tolerance)
+    if points is None or bars is None:
+        return None
+    return RegressionCharts(label=name, scatter=points, errors=bars, tolerance=tolerance)

@@ -5,7 +5,9 @@
   the evaluation pages have every figure to draw;
 * :func:`add_images_directly`: thousands of image rows with their labels, written straight through
   the ORM (what 5,000 HTTP uploads would leave in the database, minus the wait); every row points
-  at one real stored thumbnail, so the grid's images load too.
+  at one real stored thumbnail, so the grid's images load too;
+* :func:`store_predictions`: per-image predictions for a version, made by the evaluate step's own
+  ``image_predictions`` and stored where the register step keeps them.
 """
 
 from __future__ import annotations
@@ -13,13 +15,18 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import tempfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from sqlalchemy.orm import Session
 
-from api.db.models import ImageLabel, Task, TrainingImage
+from api.db.models import ImageLabel, Model, Task, TrainingImage
+from components.lib.evaluate import image_predictions, write_predictions
+from components.lib.register import PREDICTIONS_FILE
 from taskvision import blob_layout
+from taskvision.bundle import BundleMeta
 from taskvision.metrics import (
     best_f1_thresholds,
     classification_metrics,
@@ -107,3 +114,30 @@ def add_images_directly(
                 image.label_links.append(ImageLabel(label_id=label_ids[i % len(label_ids)], value=value))
             session.add(image)
         session.commit()
+
+
+def store_predictions(
+    blobs: BlobStore,
+    bundle_uri: str,
+    image_ids: list[str],
+    targets: np.ndarray,
+    outputs: np.ndarray,
+    *,
+    split: str = "test",
+    tolerance: float = 0.0,
+    append: list[dict[str, Any]] | None = None,
+) -> list[dict[str, Any]]:
+    """The version's per-image predictions for these answers (``append``: records kept before them)."""
+    meta = BundleMeta.from_json(blobs.get(f"{bundle_uri}/bundle.json").decode())
+    records = (append or []) + image_predictions(
+        meta, split, image_ids, targets, outputs, tolerance=tolerance
+    )
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / PREDICTIONS_FILE
+        write_predictions(path, records)
+        blobs.put(f"{bundle_uri}/{PREDICTIONS_FILE}", path.read_bytes())
+    return records
+
+
+def version_of(session: Session, task_id: str, number: int) -> Model:
+    return session.query(Model).filter_by(task_id=task_id, version=number).one()
