@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -207,3 +208,53 @@ def test_a_regression_version_without_predictions_draws_no_charts(
         and "chart-scatter" not in page
         and "This version has no per-image predictions" in page
     )
+
+
+def _grid_ids(page: str) -> set[str]:
+    return set(re.findall(r'name="image_ids" value="([^"]+)"', page))
+
+
+def test_the_image_grid_filters_what_the_production_version_got_wrong(
+    app: FastAPI, console: ConsoleUser, tmp_path: Path
+) -> None:
+    task_id, ids = _evaluated_task(app, console, tmp_path)
+    grid = f"/console/tasks/{task_id}/images"
+    services = app.state.services
+    with services.session_factory() as session:
+        task = session.get(Task, task_id)
+        labels = [label.id for label in task.labels]
+        add_images_directly(session, services.blobs, task, 3, label_ids=labels, test_share=0.0, seed=1)
+        training = [im.id for im in session.query(TrainingImage).filter_by(test_image=False)]
+        model = version_of(session, task_id, 1)
+        kept = services.blobs.get(f"{model.bundle_uri}/{PREDICTIONS_FILE}").decode().splitlines()
+        # out of fold: the first training image answered wrong (a circle taken for a square)
+        store_predictions(
+            services.blobs,
+            model.bundle_uri,
+            training,
+            np.array([0, 1, 0]),
+            np.array([[0.2, 0.8], [0.3, 0.7], [0.9, 0.1]], dtype=np.float32),
+            split="train",
+            append=[json.loads(line) for line in kept],
+        )
+    page = console.get(f"{grid}?show=all").text
+    assert re.search(r'show=wrong"[^>]*>Wrong in the last evaluation <span class="count">2</span>', page)
+    wrong = console.get(f"{grid}?show=wrong").text
+    assert _grid_ids(wrong) == {ids[0], ids[1]}
+    assert "The images <a href" in wrong and "version 1</a> answered wrong" in wrong
+    with_training = console.get(f"{grid}?show=wrong-all").text
+    assert _grid_ids(with_training) == {ids[0], ids[1], training[0]}
+    assert 'With training images (answered out of fold) <span class="count">3</span>' in with_training
+    circle = labels[0] if task.labels[0].name == "circle" else labels[1]
+    assert _grid_ids(console.get(f"{grid}?show=wrong&label={circle}").text) == {ids[0]}
+
+    # a newer version without predictions does not speak for the task while version 1 is in production
+    folder = evaluated_bundle(tmp_path / "v2", TaskType.MULTI_CLASS, ["circle", "square"], seed=2)
+    with services.session_factory() as session:
+        import_bundle(session, services.blobs, session.get(Task, task_id), folder, production=False)
+    assert _grid_ids(console.get(f"{grid}?show=wrong").text) == {ids[0], ids[1]}
+    answer = console.post(f"/console/tasks/{task_id}/versions/production", {"version": "2"})
+    assert flash(console, answer) == "ok: Version 2 is now in production."
+    page = console.get(f"{grid}?show=wrong").text
+    assert "Wrong in the last evaluation" not in page and _grid_ids(page) == set()
+    assert "No version of this task has per-image predictions yet" in page
