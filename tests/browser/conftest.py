@@ -208,10 +208,13 @@ def store_live_predictions(
     image_ids: list[str],
     targets: Any,
     outputs: Any,
+    *,
+    metrics: dict[str, Any] | None = None,
     **options: Any,
 ) -> list[dict[str, Any]]:
     """Per-image predictions for a version of the running server (``console_data.store_predictions``),
-    written into its data directory as the register step would have."""
+    written into its data directory as the register step would have; ``metrics`` replace the
+    version's (so that they tell the same story as the predictions)."""
     from sqlalchemy import create_engine, select
     from sqlalchemy.orm import Session
 
@@ -223,12 +226,16 @@ def store_live_predictions(
     engine = create_engine(settings.effective_database_url)
     try:
         with Session(engine) as session:
-            uri = session.scalar(
-                select(Model.bundle_uri).where(Model.task_id == task_id, Model.version == version)
+            model = session.scalar(select(Model).where(Model.task_id == task_id, Model.version == version))
+            assert model is not None and model.bundle_uri, (
+                f"version {version} of task {task_id} has no bundle"
             )
+            uri = model.bundle_uri
+            if metrics is not None:
+                model.metrics = metrics
+                session.commit()
     finally:
         engine.dispose()
-    assert uri, f"version {version} of task {task_id} has no bundle"
     return store_predictions(settings.open_blob_store(), uri, image_ids, targets, outputs, **options)
 
 
