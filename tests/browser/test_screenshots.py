@@ -8,6 +8,7 @@ Always written to ``var/test-artifacts/screenshots/``; with ``UPDATE_SCREENSHOTS
 from __future__ import annotations
 
 import os
+import re
 import struct
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from playwright.sync_api import Page, expect
 
 from taskvision.metrics import classification_metrics
 from taskvision.task_types import TaskType
+from tests.browser.axe import violations
 from tests.browser.conftest import ARTIFACTS, api, import_bundle, sign_in, store_live_predictions
 from tests.support.api import b64
 from tests.support.console_data import evaluated_bundle
@@ -108,6 +110,12 @@ def test_readme_screenshots(page: Page, server: LiveServer, tmp_path: Path) -> N
         "() => [...document.querySelectorAll('[data-grid] img')].slice(0, 21).every(i => i.complete)"
     )
     _save(page, "console-images.png")
+
+    page.get_by_role("link", name=re.compile("^Wrong in the last evaluation")).click()
+    expect(page.locator("[data-pick]")).to_have_count(4)  # the test images version 1 answered wrong
+    page.get_by_role("link", name=re.compile(r"^With training images")).click()
+    expect(page.locator("[data-pick]")).to_have_count(12)
+    assert violations(page) == []
 
     page.goto(f"{url}/versions/1")
     expect(page.locator("table.confusion a.count").first).to_be_visible()
