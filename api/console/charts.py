@@ -242,7 +242,7 @@ def histogram(
     errors = [abs(e) for e in errors if math.isfinite(e)]
     if not errors:
         return None
-    top_error = max(max(errors), tolerance or 0.0, 1e-9)
+    top_error = max(max(errors), tolerance or 0.0) or 1.0  # all exact: one bin from 0 to 1
     step = nice_step(top_error, bins)
     n = max(1, math.ceil(top_error / step - 1e-9))
     if max(errors) >= n * step:  # the largest error sits on the last edge: its bin is [edge, edge + step)

@@ -333,7 +333,8 @@ class RegressionCharts:
 
 
 def _first_value(labels: list[dict[str, Any]]) -> tuple[str, float] | None:
-    if not labels or not isinstance(labels[0].get("value"), int | float):
+    value = labels[0].get("value") if labels else None
+    if not isinstance(value, int | float) or not math.isfinite(value):
         return None
     return str(labels[0].get("name", "")), float(labels[0]["value"])
 

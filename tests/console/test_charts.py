@@ -14,7 +14,7 @@ def test_axis_steps_are_round(span: float, count: int, step: float) -> None:
     assert nice_step(span, count) == pytest.approx(step)
 
 
-def test_every_error_lands_in_one_bin_the_largest_included() -> None:
+def test_every_error_lands_in_one_bin_the_largest_included_and_exact_answers_too() -> None:
     chart = histogram([0.0, 0.4, 1.0, 2.5, 6.0], tolerance=3.0)
     assert chart is not None
     assert sum(b.count for b in chart.bins) == 5
@@ -25,6 +25,8 @@ def test_every_error_lands_in_one_bin_the_largest_included() -> None:
         chart.tolerance_x is not None and chart.plot_x < chart.tolerance_x < chart.plot_x + chart.plot_width
     )
     assert histogram([]) is None
+    exact = histogram([0.0, 0.0])
+    assert exact is not None and exact.bins[0].count == 2 and exact.bins[-1].high == pytest.approx(1.0)
 
 
 def test_a_big_test_split_is_thinned_but_counted_whole() -> None:
