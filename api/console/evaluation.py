@@ -2,11 +2,13 @@
 
 The metrics are what the pipeline's evaluate step stored with the version
 (``taskvision.metrics``); :func:`mistakes` turns the version's per-image
-predictions into the gallery's cards. Names are read with their newer spellings first
-(``macro_f1``, a confusion matrix as ``actual_by_predicted``) and the current
-ones after (``f1``, ``matrix``), so the page keeps working as the report gains
-precise names. The confusion matrix's rows are the actual labels and its
-columns the predicted ones.
+predictions into the gallery's cards, and :func:`regression_charts` into a
+regression version's scatter plot and error histogram; :func:`evaluation_mistakes`
+into the images the grid's "wrong in the last evaluation" filter shows. Names are
+read with their newer spellings first (``macro_f1``, a confusion matrix as
+``actual_by_predicted``) and the current ones after (``f1``, ``matrix``), so the
+page keeps working as the report gains precise names. The confusion matrix's
+rows are the actual labels and its columns the predicted ones.
 """
 
 from __future__ import annotations
@@ -19,7 +21,12 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session, selectinload
 
+from api.console.charts import Histogram, Scatter, histogram, scatter
+from api.console.queries import MAX_MISTAKES, EvaluationMistakes
 from api.db.models import Task, TrainingImage
+from api.services import evaluations, review
+from components.lib.evaluate import REGRESSION_WRONG_FACTOR
+from taskvision.storage import BlobStore
 from taskvision.task_types import TaskType
 
 HEAT_LEVELS = 10  # CSS classes heat-0 .. heat-9 (no inline styles under the CSP)
@@ -310,3 +317,70 @@ def mistakes(
             )
         )
     return Gallery(cards=cards, total=total, page=page, page_size=page_size)
+
+
+# ---- regression charts ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RegressionCharts:
+    """A regression version's test images: predicted against actual, and how far off they were."""
+
+    label: str  # the value label's name (the axes' unit)
+    scatter: Scatter
+    errors: Histogram
+    tolerance: float | None
+
+
+def _first_value(labels: list[dict[str, Any]]) -> tuple[str, float] | None:
+    value = labels[0].get("value") if labels else None
+    if not isinstance(value, int | float) or not math.isfinite(value):
+        return None
+    return str(labels[0].get("name", "")), float(labels[0]["value"])
+
+
+def regression_charts(records: Sequence[dict[str, Any]], metrics: dict[str, Any]) -> RegressionCharts | None:
+    """From the test split's records (``evaluations.select``): None when none carries values.
+
+    An answer is wrong further off than the evaluate step's tolerance (``REGRESSION_WRONG_FACTOR``
+    times the MAE): the records' own ``correct`` says so; the tolerance is drawn from the MAE.
+    """
+    pairs: list[tuple[float, float, bool]] = []
+    errors: list[float] = []
+    name = ""
+    for record in records:
+        actual = _first_value(record.get("true_labels") or [])
+        predicted = _first_value(record.get("predicted_labels") or [])
+        if actual is None or predicted is None:
+            continue
+        name = name or actual[0]
+        pairs.append((actual[1], predicted[1], not record.get("correct", True)))
+        error = record.get("error")
+        errors.append(float(error) if isinstance(error, int | float) else abs(predicted[1] - actual[1]))
+    mae = metrics.get("mae")
+    tolerance = REGRESSION_WRONG_FACTOR * float(mae) if isinstance(mae, int | float) and mae > 0 else None
+    points, bars = scatter(pairs), histogram(errors, tolerance=tolerance)
+    if points is None or bars is None:
+        return None
+    return RegressionCharts(label=name, scatter=points, errors=bars, tolerance=tolerance)
+
+
+# ---- the image grid's "wrong in the last evaluation" ---------------------------------------------
+
+
+def evaluation_mistakes(session: Session, blobs: BlobStore, task: Task) -> EvaluationMistakes | None:
+    """What the version that speaks for the task (production, else the newest) got wrong in its
+    evaluation; None when it has no per-image predictions (or there is no version)."""
+    model = review.judging_version(session, task)
+    records = evaluations.read_predictions(blobs, model) if model is not None else []
+    if model is None or not records:
+        return None
+    wrong = evaluations.select(records, evaluations.PredictionFilter(split="all", wrong=True))
+    every = [str(r.get("image_id")) for r in wrong]
+    test = [str(r.get("image_id")) for r in wrong if r.get("split") == "test"]
+    return EvaluationMistakes(
+        version=model.version,
+        test_ids=test[:MAX_MISTAKES],
+        all_ids=every[:MAX_MISTAKES],
+        capped=len(every) > MAX_MISTAKES,
+    )

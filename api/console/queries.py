@@ -6,8 +6,9 @@ aggregate queries below only ever start from such an object or filter on the
 workspace.
 
 The image grid's filters are a table (:data:`IMAGE_FILTERS`): each names its
-condition on ``TrainingImage``; phase 2 adds "stored by classify" and "wrong in
-the last evaluation" as two more entries.
+condition on ``TrainingImage``. "Wrong in the last evaluation" is an id list
+(:class:`EvaluationMistakes`, read from the judging version's per-image
+predictions by the page) turned into a condition here.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import ColumnElement, Select, and_, exists, func, select
+from sqlalchemy import ColumnElement, Select, and_, exists, false, func, select
 from sqlalchemy.orm import Session, selectinload
 
 from api.db.models import ImageLabel, Label, Model, Task, TaskLabel, TrainingImage, TrainingRun
@@ -216,21 +217,56 @@ def unlabelled() -> ColumnElement[bool]:
 
 
 @dataclass(frozen=True)
+class EvaluationMistakes:
+    """The images the task's judging version got wrong in its evaluation (most confident first)."""
+
+    version: int
+    test_ids: list[str]  # the test split's
+    all_ids: list[str]  # with the training images answered out of fold
+    capped: bool  # more were wrong than a filter takes (MAX_MISTAKES, the most confident kept)
+
+
+MAX_MISTAKES = 10_000  # ids in one IN (): well within SQLite's and PostgreSQL's bound-parameter limits
+
+
+def _wrong(ids: Callable[[EvaluationMistakes], list[str]]) -> Callable[..., ColumnElement[bool]]:
+    def condition(task: Task, mistakes: EvaluationMistakes | None = None) -> ColumnElement[bool]:
+        chosen = ids(mistakes) if mistakes is not None else []
+        return TrainingImage.id.in_(chosen) if chosen else false()
+
+    return condition
+
+
+@dataclass(frozen=True)
 class ImageFilter:
-    """One entry of the grid's filter bar."""
+    """One entry of the grid's filter bar (``in_bar``: False for a variant reached from its entry)."""
 
     name: str
     title: str
-    condition: Callable[[Task], ColumnElement[bool]]
+    condition: Callable[..., ColumnElement[bool]]  # (task, mistakes) -> condition on TrainingImage
+    in_bar: bool = True
+    needs_evaluation: bool = False
 
 
 IMAGE_FILTERS: dict[str, ImageFilter] = {
     f.name: f
     for f in (
-        ImageFilter("all", "In this task", in_task),
-        ImageFilter("unlabelled", "Unlabelled", lambda task: unlabelled()),
+        ImageFilter("all", "In this task", lambda task, mistakes=None: in_task(task)),
+        ImageFilter("unlabelled", "Unlabelled", lambda task, mistakes=None: unlabelled()),
         ImageFilter(
-            "test", "Test images", lambda task: and_(in_task(task), TrainingImage.test_image.is_(True))
+            "test",
+            "Test images",
+            lambda task, mistakes=None: and_(in_task(task), TrainingImage.test_image.is_(True)),
+        ),
+        ImageFilter(
+            "wrong", "Wrong in the last evaluation", _wrong(lambda m: m.test_ids), needs_evaluation=True
+        ),
+        ImageFilter(
+            "wrong-all",
+            "Wrong in the last evaluation, with training images",
+            _wrong(lambda m: m.all_ids),
+            in_bar=False,
+            needs_evaluation=True,
         ),
     )
 }
@@ -270,20 +306,22 @@ def image_page(
     page: int,
     page_size: int,
     only_ids: list[str] | None = None,
+    mistakes: EvaluationMistakes | None = None,
 ) -> ImagePage:
     """One page of the grid, newest first, with the count behind each filter.
 
     ``only_ids``: just these images of the workspace (whatever their labels), within the filter
-    ``all`` meaning any image of the workspace.
+    ``all`` meaning any image of the workspace. ``mistakes``: what the "wrong" filters show (none
+    without an evaluation; their counts are then left out).
     """
     chosen = IMAGE_FILTERS.get(show, IMAGE_FILTERS["all"])
     conditions = [TrainingImage.workspace_id == task.workspace_id]
     if only_ids is not None:
         conditions.append(TrainingImage.id.in_([i for i in only_ids if re.fullmatch(ID_PATTERN, i)]))
         if show != "all":
-            conditions.append(chosen.condition(task))
+            conditions.append(chosen.condition(task, mistakes))
     else:
-        conditions.append(chosen.condition(task))
+        conditions.append(chosen.condition(task, mistakes))
     if label_id:
         conditions.append(
             exists().where(ImageLabel.image_id == TrainingImage.id, ImageLabel.label_id == label_id)
@@ -312,11 +350,12 @@ def image_page(
             session.scalar(
                 select(func.count())
                 .select_from(TrainingImage)
-                .where(TrainingImage.workspace_id == task.workspace_id, f.condition(task))
+                .where(TrainingImage.workspace_id == task.workspace_id, f.condition(task, mistakes))
             )
             or 0
         )
         for name, f in IMAGE_FILTERS.items()
+        if mistakes is not None or not f.needs_evaluation
     }
     return ImagePage(cards=cards, total=total, page=page, page_size=page_size, counts=counts)
 

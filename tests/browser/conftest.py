@@ -201,6 +201,44 @@ def api(server: LiveServer, token: str) -> requests.Session:
     return session
 
 
+def store_live_predictions(
+    server: LiveServer,
+    task_id: str,
+    version: int,
+    image_ids: list[str],
+    targets: Any,
+    outputs: Any,
+    *,
+    metrics: dict[str, Any] | None = None,
+    **options: Any,
+) -> list[dict[str, Any]]:
+    """Per-image predictions for a version of the running server (``console_data.store_predictions``),
+    written into its data directory as the register step would have; ``metrics`` replace the
+    version's (so that they tell the same story as the predictions)."""
+    from sqlalchemy import create_engine, select
+    from sqlalchemy.orm import Session
+
+    from api.db.models import Model
+    from api.settings import Settings
+    from tests.support.console_data import store_predictions
+
+    settings = Settings(data_dir=server.data_dir, database_url=None, storage_url=None)
+    engine = create_engine(settings.effective_database_url)
+    try:
+        with Session(engine) as session:
+            model = session.scalar(select(Model).where(Model.task_id == task_id, Model.version == version))
+            assert model is not None and model.bundle_uri, (
+                f"version {version} of task {task_id} has no bundle"
+            )
+            uri = model.bundle_uri
+            if metrics is not None:
+                model.metrics = metrics
+                session.commit()
+    finally:
+        engine.dispose()
+    return store_predictions(settings.open_blob_store(), uri, image_ids, targets, outputs, **options)
+
+
 def import_bundle(server: LiveServer, task_id: str, folder: Path) -> None:
     """``taskvision import-bundle`` into the running server's data directory (a new version)."""
     result = subprocess.run(

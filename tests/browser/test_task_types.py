@@ -5,12 +5,21 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import numpy as np
 import requests
 from playwright.sync_api import Page, expect
 
 from taskvision.task_types import TaskType
 from tests.browser.axe import violations
-from tests.browser.conftest import api, drop_files, import_bundle, paste, sign_in
+from tests.browser.conftest import (
+    ARTIFACTS,
+    api,
+    drop_files,
+    import_bundle,
+    paste,
+    sign_in,
+    store_live_predictions,
+)
 from tests.support.api import b64
 from tests.support.console_data import evaluated_bundle
 from tests.support.images import size_image, tag_image
@@ -136,8 +145,27 @@ def test_regression_pages(page: Page, server: LiveServer, tmp_path: Path) -> Non
     import_bundle(
         server, task["id"], evaluated_bundle(tmp_path / "sizes", TaskType.REGRESSION, ["radius"], seed=4)
     )
+    labelled = [im for im in http.get(f"{base}/").json()["results"] if im["labels"]]
+    targets = np.array([[im["labels"][0]["value"]] for im in labelled], dtype=np.float32)
+    store_live_predictions(
+        server,
+        task["id"],
+        1,
+        [im["id"] for im in labelled],
+        targets,
+        targets + np.array([[1.5], [-0.5], [9.0]], dtype=np.float32),
+        tolerance=4.0,
+    )
     page.goto(f"{server.ip_url}console/tasks/{task['id']}/versions/1")
     expect(page.locator(".figures dt")).to_have_text(["MAE", "RMSE", "R²"])
+    scatter = page.get_by_role(
+        "img", name=re.compile(r"^Predicted radius against actual radius, 3 test images")
+    )
+    expect(scatter.locator("circle")).to_have_count(3)
+    expect(scatter.locator("circle.dot-wrong")).to_have_count(1)
+    expect(page.get_by_role("img", name=re.compile(r"^Absolute error of 3 test images"))).to_be_visible()
+    page.locator("#reg-title").scroll_into_view_if_needed()
+    page.screenshot(path=str(ARTIFACTS / "screenshots" / "regression-evaluation.png"), full_page=True)
     assert violations(page) == []
     page.get_by_role("link", name="Try it").click()
     drop_files(page, "[data-try] [data-dropzone]", {"disc.png": size_image(25, 77)})

@@ -12,6 +12,7 @@ import httpx
 import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
+from markupsafe import escape
 
 from api.auth import create_user
 from api.console.security import SessionCodec
@@ -108,6 +109,6 @@ def create_task(user: ConsoleUser, name: str = "Rooms", task_type: str = "multi_
 
 def add_label(user: ConsoleUser, task_id: str, name: str) -> str:
     response = user.post(f"/console/tasks/{task_id}/labels", {"name": name})
-    assert flash(user, response) == f"ok: Label &#39;{name}&#39; added."
+    assert flash(user, response) == f"ok: Label &#39;{escape(name)}&#39; added."
     labels = user.client.get(f"/recognition/v2/label/?task={task_id}", headers=user.api).json()["results"]
     return next(label["id"] for label in labels if label["name"] == name)

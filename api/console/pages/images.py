@@ -1,5 +1,9 @@
 """The images page: a thumbnail grid with filters and paging, bulk label edits, inline values, uploads.
 
+The filter "wrong in the last evaluation" shows the images the task's production version (else the
+newest) answered wrong in its evaluation: the test split's, or with the training images it answered
+out of fold (``show=wrong-all``).
+
 Thumbnails are served here with the session (``/console/images/<id>/thumb``),
 lazy-loaded by the browser; the REST API's download links are not needed.
 """
@@ -18,6 +22,7 @@ from starlette.datastructures import UploadFile
 
 from api.console import actions, queries, uploads
 from api.console.deps import CsrfChecked, Viewer, ViewerDep
+from api.console.evaluation import evaluation_mistakes
 from api.console.pages.common import act, form_fields, form_list, load_task, task_context, task_url
 from api.console.refusals import MAX_LINKED_IMAGES
 from api.console.rendering import render
@@ -50,6 +55,7 @@ def image_grid(
     request: Request,
     task_id: str,
     session: SessionDep,
+    services: ServicesDep,
     viewer: ViewerDep,
     show: Annotated[str, Query(max_length=32)] = "all",
     label: Annotated[str | None, Query(max_length=64)] = None,
@@ -62,8 +68,16 @@ def image_grid(
     label = label if label and any(lb.id == label for lb in task.labels) else None
     only = [i for i in ids.split(",") if i][:MAX_LINKED_IMAGES] if ids else None
     ids = ",".join(only or [])
+    wrong = evaluation_mistakes(session, services.blobs, task)
     grid = queries.image_page(
-        session, task, show=show, label_id=label, page=page, page_size=PAGE_SIZE, only_ids=only
+        session,
+        task,
+        show=show,
+        label_id=label,
+        page=page,
+        page_size=PAGE_SIZE,
+        only_ids=only,
+        mistakes=wrong,
     )
     value_label = task.labels[0] if task.type == TaskType.REGRESSION and task.labels else None
     return render(
@@ -74,7 +88,12 @@ def image_grid(
             "grid": grid,
             "show": show,
             "label_filter": label,
-            "filters": list(queries.IMAGE_FILTERS.values()),
+            "filters": [
+                f
+                for f in queries.IMAGE_FILTERS.values()
+                if f.in_bar and (wrong is not None or not f.needs_evaluation)
+            ],
+            "mistakes": wrong,
             "page_url": lambda n: _page_url(task, show, label, n, ids),
             "filter_url": lambda name, lb=None: _page_url(task, name, lb, 1),
             "here": _page_url(task, show, label, page, ids),

@@ -5,7 +5,8 @@ per-image predictions (:mod:`api.services.evaluations`, as
 ``GET /model/{id}/predictions`` serves them), a gallery of the images it got
 wrong (the most confident mistakes first), the images behind a confusion-matrix
 cell (``?actual=&predicted=``), and a one-click fix that gives an image the
-label the model predicted when the label was the mistake.
+label the model predicted when the label was the mistake. A regression version's
+test images are drawn too: predicted against actual, and the errors' distribution.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from fastapi.responses import Response
 
 from api.console import actions, queries
 from api.console.deps import CsrfChecked, ViewerDep
-from api.console.evaluation import compare, evaluation, headline, mistakes
+from api.console.evaluation import compare, evaluation, headline, mistakes, regression_charts
 from api.console.pages.common import act, form_fields, load_task, task_context, task_url
 from api.console.rendering import render
 from api.db.models import Task
@@ -120,6 +121,13 @@ def version_evaluation(
         ),
     )
     gallery = mistakes(session, task, chosen, page=page, page_size=GALLERY_PAGE)
+    charts = (
+        regression_charts(
+            evaluations.select(records, evaluations.PredictionFilter(split="test")), model.metrics or {}
+        )
+        if task.type == "regression" and records
+        else None
+    )
     here = evaluation_url(task, number, actual=actual, predicted=predicted, split=split, page=page)
     return render(
         request,
@@ -130,6 +138,7 @@ def version_evaluation(
             "evaluation": evaluation(task.type, model.metrics or {}),
             "run": queries.run_of_version(session, task, number),
             "has_predictions": bool(records),
+            "charts": charts,
             "gallery": gallery,
             "cell": (actual, predicted) if cell else None,
             "split": split,
