@@ -23,7 +23,16 @@ from typing import Any
 from sqlalchemy import ColumnElement, Select, and_, exists, false, func, select
 from sqlalchemy.orm import Session, selectinload
 
-from api.db.models import ImageLabel, Label, Model, Task, TaskLabel, TrainingImage, TrainingRun
+from api.db.models import (
+    ImageLabel,
+    ImagePrediction,
+    Label,
+    Model,
+    Task,
+    TaskLabel,
+    TrainingImage,
+    TrainingRun,
+)
 from api.schemas.common import ID_PATTERN
 from taskvision.task_types import TaskType
 
@@ -216,6 +225,11 @@ def unlabelled() -> ColumnElement[bool]:
     return ~exists().where(ImageLabel.image_id == TrainingImage.id)
 
 
+def stored_by_classify(task: Task) -> ColumnElement[bool]:
+    """Images classify stored (``store_images``) with an answer of this task's model."""
+    return exists().where(ImagePrediction.image_id == TrainingImage.id, ImagePrediction.task_id == task.id)
+
+
 @dataclass(frozen=True)
 class EvaluationMistakes:
     """The images the task's judging version got wrong in its evaluation (most confident first)."""
@@ -253,6 +267,7 @@ IMAGE_FILTERS: dict[str, ImageFilter] = {
     for f in (
         ImageFilter("all", "In this task", lambda task, mistakes=None: in_task(task)),
         ImageFilter("unlabelled", "Unlabelled", lambda task, mistakes=None: unlabelled()),
+        ImageFilter("stored", "Stored by classify", lambda task, mistakes=None: stored_by_classify(task)),
         ImageFilter(
             "test",
             "Test images",

@@ -203,13 +203,14 @@ def review_queue(
     if kind == "disagreement":
         model, found = review.likely_label_errors(session, blobs, task)
 
-        def disagreeing(rows: Sequence[tuple[Any, dict[str, Any]]]) -> list[dict[str, Any]]:
+        def disagreeing(rows: Sequence[tuple[str, dict[str, Any]]]) -> list[dict[str, Any]]:
             if model is None:  # nothing trained yet: nothing to disagree with
                 return []
+            images = review.images_by_id(session, task.workspace_id, [image_id for image_id, _ in rows])
             return [
                 ReviewItem(
                     kind="disagreement",
-                    image=ImagePublic.model_validate(image_public(image, request)),
+                    image=ImagePublic.model_validate(image_public(images[image_id], request)),
                     version=model.version,
                     suggested=record.get("predicted_labels") or [],
                     labels=record.get("scores") or record.get("predicted_labels") or [],
@@ -221,7 +222,8 @@ def review_queue(
                     error=record.get("error"),
                     predicted=model.created,
                 ).model_dump(mode="json")
-                for image, record in rows
+                for image_id, record in rows
+                if image_id in images
             ]
 
         return paginate_list(found, request=request, page=page, serialize=disagreeing)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -106,17 +107,23 @@ def judging_version(session: Session, task: Task) -> Model | None:
     return session.scalar(stmt.order_by(Model.version.desc()).limit(1))
 
 
+@dataclass(frozen=True)
+class _Link:
+    label_id: str
+    value: float | None
+    created: datetime | None
+
+
 def _still_as_trained(
     task_type: TaskType,
-    image: TrainingImage,
+    links: list[_Link],
     record: dict[str, Any],
-    task_labels: set[str],
     negative: str | None,
     since: datetime,
 ) -> bool:
-    """Whether the image carries the labels (or value) it was evaluated with, set before ``since``
-    (a label set again afterwards, even the same one, was looked at by a person)."""
-    links = [link for link in image.label_links if link.label_id in task_labels]
+    """Whether the image's ``links`` (its labels of the task) are the labels (or value) it was
+    evaluated with, set before ``since`` (a label set again afterwards, even the same one, was looked
+    at by a person)."""
     if any(link.created is not None and link.created > since for link in links):
         return False
     current = {link.label_id: link.value for link in links}
@@ -131,32 +138,51 @@ def _still_as_trained(
 
 def likely_label_errors(
     session: Session, blobs: BlobStore, task: Task
-) -> tuple[Model | None, list[tuple[TrainingImage, dict[str, Any]]]]:
+) -> tuple[Model | None, list[tuple[str, dict[str, Any]]]]:
     """Labelled images the model disagrees with, the most confident disagreement first (regression:
-    the largest error), each with its evaluation record; images relabelled since are left out."""
+    the largest error), as (image id, evaluation record); images deleted or relabelled since are left
+    out. Plain rows, not ORM objects: a large task's list is thousands of images, of which a page
+    shows a few (:func:`images_by_id` loads those)."""
     model = judging_version(session, task)
     if model is None:
         return None, []
     records = evaluations.disagreements(evaluations.read_predictions(blobs, model))
     ids = [str(record["image_id"]) for record in records]
-    images = {
+    existing = set(
+        session.scalars(
+            select(TrainingImage.id).where(
+                TrainingImage.id.in_(ids), TrainingImage.workspace_id == task.workspace_id
+            )
+        )
+    )
+    links: dict[str, list[_Link]] = {image_id: [] for image_id in existing}
+    for image_id, label_id, value, created in session.execute(
+        select(ImageLabel.image_id, ImageLabel.label_id, ImageLabel.value, ImageLabel.created).where(
+            ImageLabel.image_id.in_(sorted(existing)), ImageLabel.label_id.in_(_task_labels(task))
+        )
+    ):
+        links[image_id].append(_Link(label_id, value, created))
+    negative = next((label.id for label in task.labels if label.negative_for_task == task.id), None)
+    task_type = TaskType(task.type)
+    chosen = [
+        (image_id, record)
+        for image_id, record in zip(ids, records, strict=True)
+        if image_id in links
+        and _still_as_trained(task_type, links[image_id], record, negative, model.created)
+    ]
+    return model, chosen
+
+
+def images_by_id(session: Session, workspace_id: str, ids: list[str]) -> dict[str, TrainingImage]:
+    """The workspace's images of ``ids`` with their labels, by id (missing ones left out)."""
+    return {
         image.id: image
         for image in session.scalars(
             select(TrainingImage)
             .options(selectinload(TrainingImage.label_links))
-            .where(TrainingImage.id.in_(ids), TrainingImage.workspace_id == task.workspace_id)
+            .where(TrainingImage.id.in_(ids), TrainingImage.workspace_id == workspace_id)
         )
     }
-    task_labels = set(session.scalars(_task_labels(task)))
-    negative = next((label.id for label in task.labels if label.negative_for_task == task.id), None)
-    task_type = TaskType(task.type)
-    chosen = [
-        (images[image_id], record)
-        for image_id, record in zip(ids, records, strict=True)
-        if image_id in images
-        and _still_as_trained(task_type, images[image_id], record, task_labels, negative, model.created)
-    ]
-    return model, chosen
 
 
 def evaluated_answer(

@@ -18,7 +18,13 @@ from taskvision.bundle import BundleMeta
 from taskvision.metrics import classification_metrics, regression_metrics
 from taskvision.task_types import TaskType
 from tests.console.conftest import ConsoleFactory, ConsoleUser, add_label, create_task, flash, location
-from tests.support.console_data import add_images_directly, evaluated_bundle, store_predictions, version_of
+from tests.support.console_data import (
+    add_images_directly,
+    classify_answers_directly,
+    evaluated_bundle,
+    store_predictions,
+    version_of,
+)
 
 # (true label index, circle probability): two mistakes, the first more confident
 ANSWERS = [(0, 0.1), (1, 0.7), (0, 0.8), (1, 0.2), (0, 0.95), (1, 0.1), (0, 0.6), (1, 0.3)]
@@ -258,3 +264,19 @@ def test_the_image_grid_filters_what_the_production_version_got_wrong(
     page = console.get(f"{grid}?show=wrong").text
     assert "Wrong in the last evaluation" not in page and _grid_ids(page) == set()
     assert "No version of this task has per-image predictions yet" in page
+
+
+def test_the_image_grid_filters_the_images_classify_stored(
+    app: FastAPI, console: ConsoleUser, tmp_path: Path
+) -> None:
+    task_id, _ = _evaluated_task(app, console, tmp_path)
+    services = app.state.services
+    with services.session_factory() as session:
+        task = session.get(Task, task_id)
+        add_images_directly(session, services.blobs, task, 4, label_ids=[], test_share=0.0, seed=3)
+        unlabelled = [im.id for im in session.query(TrainingImage) if not im.label_links]
+        classify_answers_directly(session, task, 1, unlabelled[:3])
+    grid = f"/console/tasks/{task_id}/images"
+    page = console.get(f"{grid}?show=stored").text
+    assert _grid_ids(page) == set(unlabelled[:3])
+    assert 'Stored by classify <span class="count">3</span>' in page

@@ -100,18 +100,21 @@ def _disagreement(session: Session, blobs: Any, task: Task, at: int) -> Queue:
     total = len(found)
     at = min(at, max(0, total - 1))
     card = None
-    if found and model is not None:
-        image, record = found[at]
+    shown = found[at : at + 1 + UP_NEXT]
+    images = review.images_by_id(session, task.workspace_id, [image_id for image_id, _ in shown])
+    if shown and model is not None and shown[0][0] in images:
+        image_id, record = shown[0]
         confidence = record.get("confidence")
         card = ReviewCard(
-            image=image,
+            image=images[image_id],
             version=model.version,
             suggested=list(record.get("predicted_labels") or []),
             scores=list(record.get("scores") or record.get("predicted_labels") or []),
             uncertainty=None if confidence is None else 1.0 - float(confidence),
             true_labels=list(record.get("true_labels") or []),
         )
-    return Queue("disagreement", total, at, card, [image for image, _ in found[at + 1 : at + 1 + UP_NEXT]])
+    up_next = [images[image_id] for image_id, _ in shown[1:] if image_id in images]
+    return Queue("disagreement", total, at, card, up_next)
 
 
 def labelled_since_training(session: Session, task: Task) -> int:
