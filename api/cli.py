@@ -41,6 +41,8 @@ def _session_factory(settings: Settings) -> Any:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    import gc
+
     import uvicorn
 
     from api.main import create_app
@@ -48,6 +50,11 @@ def _serve(args: argparse.Namespace) -> int:
 
     limit_arenas()  # before the server's threads exist; see taskvision/malloc.py
     app = create_app(_settings(args))
+    # What start-up loaded (torch, ONNX Runtime, great-expectations: ~400,000 objects) lives as long
+    # as the process: out of the collector's sight, a full collection a busy request sets off takes
+    # milliseconds instead of 250-350 (measured on the console's 5,000-image pages).
+    gc.collect()
+    gc.freeze()
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, proxy_headers=True)
     return 0
 

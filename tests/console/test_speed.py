@@ -12,6 +12,7 @@ slow answer proves little).
 
 from __future__ import annotations
 
+import gc
 import re
 import statistics
 from pathlib import Path
@@ -125,10 +126,15 @@ def test_every_page_of_a_5000_image_task_takes_at_most_300_ms(
         "a thumbnail": thumb,
     }
     first, medians, slowest = {}, {}, {}
-    for name, url in pages.items():
-        first[name] = _server_ms(console, url)
-        times = [_server_ms(console, url) for _ in range(REPEATS)]
-        medians[name], slowest[name] = statistics.median(times), max(times)
+    gc.collect()
+    gc.freeze()  # as `taskvision serve` does after start-up (api/cli.py)
+    try:
+        for name, url in pages.items():
+            first[name] = _server_ms(console, url)
+            times = [_server_ms(console, url) for _ in range(REPEATS)]
+            medians[name], slowest[name] = statistics.median(times), max(times)
+    finally:
+        gc.unfreeze()
     assert '<td class="num">5,000</td>' in console.get("/console/tasks").text
     assert 'Unlabelled <span class="count">500</span>' in console.get(f"{base}/images").text
     wrong = sum(1 for r in evaluated if r["split"] == "test" and not r["correct"])
@@ -147,3 +153,5 @@ def test_every_page_of_a_5000_image_task_takes_at_most_300_ms(
         for name in pages:
             print(f"  {name:22s} {first[name]:7.1f} {medians[name]:7.1f} {slowest[name]:7.1f}")
     assert {name: ms for name, ms in medians.items() if ms > BUDGET_MS} == {}
+    # Every answer, not only the typical one (the issue asks for any page within the budget).
+    assert {name: ms for name, ms in slowest.items() if ms > BUDGET_MS} == {}
