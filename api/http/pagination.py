@@ -52,6 +52,20 @@ def _page_url(request: Request, page: int) -> str:
     return f"{request.url.path}?{urlencode(params)}"
 
 
+def _page(request: Request, page: PageRequest, count: int, results: list[Any]) -> dict[str, Any]:
+    """The page as answered: the count on all pages, links to its neighbours, its items."""
+    return {
+        "count": count,
+        "next": _page_url(request, page.page + 1) if page.page * page.page_size < count else None,
+        "previous": _page_url(request, page.page - 1) if page.page > 1 else None,
+        "results": results,
+    }
+
+
+def _count(session: Session, stmt: Select[Any]) -> int:
+    return session.scalar(select(func.count()).select_from(stmt.order_by(None).subquery())) or 0
+
+
 def paginate(
     session: Session,
     stmt: Select[Any],
@@ -61,16 +75,9 @@ def paginate(
     serialize: Callable[[Sequence[Any]], list[Any]],
 ) -> dict[str, Any]:
     """Run ``stmt`` (already filtered and ordered) for the requested page."""
-    pr = page
-    count = session.scalar(select(func.count()).select_from(stmt.order_by(None).subquery())) or 0
-    rows = session.scalars(stmt.offset((pr.page - 1) * pr.page_size).limit(pr.page_size)).unique().all()
-    has_next = pr.page * pr.page_size < count
-    return {
-        "count": count,
-        "next": _page_url(request, pr.page + 1) if has_next else None,
-        "previous": _page_url(request, pr.page - 1) if pr.page > 1 else None,
-        "results": serialize(rows),
-    }
+    count = _count(session, stmt)
+    rows = session.scalars(stmt.offset((page.page - 1) * page.page_size).limit(page.page_size)).unique().all()
+    return _page(request, page, count, serialize(rows))
 
 
 def paginate_rows(
@@ -82,15 +89,9 @@ def paginate_rows(
     serialize: Callable[[Sequence[Any]], list[Any]],
 ) -> dict[str, Any]:
     """As :func:`paginate`, for a statement of several columns (rows are tuples)."""
-    count = session.scalar(select(func.count()).select_from(stmt.order_by(None).subquery())) or 0
+    count = _count(session, stmt)
     rows = session.execute(stmt.offset((page.page - 1) * page.page_size).limit(page.page_size)).all()
-    has_next = page.page * page.page_size < count
-    return {
-        "count": count,
-        "next": _page_url(request, page.page + 1) if has_next else None,
-        "previous": _page_url(request, page.page - 1) if page.page > 1 else None,
-        "results": serialize(rows),
-    }
+    return _page(request, page, count, serialize(rows))
 
 
 def paginate_list(
@@ -102,10 +103,4 @@ def paginate_list(
 ) -> dict[str, Any]:
     """As :func:`paginate`, for items already in memory (filtered and ordered)."""
     start = (page.page - 1) * page.page_size
-    has_next = page.page * page.page_size < len(items)
-    return {
-        "count": len(items),
-        "next": _page_url(request, page.page + 1) if has_next else None,
-        "previous": _page_url(request, page.page - 1) if page.page > 1 else None,
-        "results": serialize(items[start : start + page.page_size]),
-    }
+    return _page(request, page, len(items), serialize(items[start : start + page.page_size]))
