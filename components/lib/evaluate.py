@@ -30,8 +30,9 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from components.lib.refit import model_arrays
 from components.lib.train import TEST_INPUTS_FILE, TRAIN_OOF_FILE
-from taskvision.bundle import BundleMeta, clip_values
+from taskvision.bundle import MODEL_FILE, BundleMeta, clip_values
 from taskvision.inference import BundleModel
 from taskvision.metrics import classification_metrics, regression_metrics, tagging_metrics
 from taskvision.task_types import TaskType
@@ -51,9 +52,14 @@ class Evaluation:
     predictions: list[dict[str, Any]] = field(default_factory=list)
 
 
-def _outputs(model: BundleModel, data: Any) -> Array:
+def _outputs(model: BundleModel, model_dir: Path, data: Any) -> Array:
     if model.meta.frozen_backbone:
         return model.outputs(model.logits_from_embeddings(data["embeddings"]))
+    if "features" in data:
+        # A partial fine-tune's test images as its last layer reads them (the train step ran the
+        # exported network on them): that layer is all that is left to compute.
+        w, b = model_arrays(model_dir / MODEL_FILE)
+        return model.outputs(data["features"].astype(np.float32) @ w.T + b)
     return model.outputs(model.logits_from_arrays(data["images"]))
 
 
@@ -69,7 +75,7 @@ def evaluate(model_dir: Path) -> Evaluation:
     y = data["targets"]
     if len(y) == 0:
         return Evaluation({"test_images": 0, "backbone_precision": METRICS_PRECISION})
-    outputs = _outputs(model, data)
+    outputs = _outputs(model, model_dir, data)
     names = [label["name"] for label in meta.labels]
     metrics: dict[str, Any]
     if meta.task_type is TaskType.MULTI_CLASS:

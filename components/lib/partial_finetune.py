@@ -309,6 +309,21 @@ class TunedTail:
                 out.append(self.tail(maps).numpy())
         return np.concatenate(out).astype(np.float32)
 
+    def features(self, data: Activations, *, view: int = 0, batch_size: int = 128) -> Array:
+        """What the tuned model's last linear layer reads for one view of each image: its
+        standardized pooled features (see :mod:`components.lib.refit`)."""
+        import torch
+
+        self.tail.eval()
+        head = self.tail.head
+        out = []
+        with torch.inference_mode():
+            for i in range(0, len(data), batch_size):
+                maps = torch.from_numpy(data.maps[i : i + batch_size, view].astype(np.float32))
+                pooled = self.tail.bn2(self.tail.conv_head(self.tail.blocks(maps))).mean(dim=(2, 3))
+                out.append(((pooled - head.get_buffer("mean")) / head.get_buffer("std")).numpy())
+        return np.concatenate(out).astype(np.float32)
+
     def export(self, path: Path, *, input_size: int) -> None:
         """The whole network (image -> logits) as ONNX."""
         backbone.export_onnx(_network(self.model, self.tail.head), path, input_size=input_size)
