@@ -112,21 +112,40 @@ def trunk_id(model: onnx.ModelProto) -> str:
     return digest.hexdigest()[:16]
 
 
-def with_layer(model: onnx.ModelProto, w: Array, b: Array) -> bytes:
-    """The network with its last layer set to ``(W, b)`` (W as (outputs, features))."""
+def with_layer(model: onnx.ModelProto, serialized: bytes, w: Array, b: Array) -> bytes:
+    """The network ``model`` (``serialized``: its bytes) with its last layer set to ``(W, b)``, W as
+    (outputs, features).
+
+    The new weights have the old ones' shapes, so their bytes take the old ones' place in the
+    serialized network: protobuf would take 0.2-0.6 s to write a 13 MB network out again. The
+    result is parsed back and checked; where the old bytes are not found exactly once, the
+    network is written out by protobuf after all.
+    """
     import onnx
     from onnx import numpy_helper
 
     layer = final_layer(model)
+    inits = _initializers(model)
+    weight = np.ascontiguousarray(w if layer.trans_b else w.T, dtype=np.float32)
+    bias = np.ascontiguousarray(b, dtype=np.float32)
+    old_w, old_b = (numpy_helper.to_array(inits[name]) for name in (layer.weight, layer.bias))
+    if weight.shape != old_w.shape or bias.shape != old_b.shape:
+        raise ValueError(f"A layer of shape {weight.shape} cannot replace one of shape {old_w.shape}.")
+    spliced = serialized
+    for name, new in ((layer.weight, weight), (layer.bias, bias)):
+        old = inits[name].raw_data
+        if not old or spliced.count(old) != 1:
+            break
+        spliced = spliced.replace(old, new.tobytes())
+    else:
+        back = layer_arrays(onnx.load_from_string(spliced))
+        if np.array_equal(back[0], w) and np.array_equal(back[1], bias):
+            return spliced
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
     inits = _initializers(copy)
-    old = numpy_helper.to_array(inits[layer.weight])
-    weight = (w if layer.trans_b else w.T).astype(np.float32)
-    if weight.shape != old.shape or b.shape != numpy_helper.to_array(inits[layer.bias]).shape:
-        raise ValueError(f"A layer of shape {weight.shape} cannot replace one of shape {old.shape}.")
     inits[layer.weight].CopyFrom(numpy_helper.from_array(weight, layer.weight))
-    inits[layer.bias].CopyFrom(numpy_helper.from_array(b.astype(np.float32), layer.bias))
+    inits[layer.bias].CopyFrom(numpy_helper.from_array(bias, layer.bias))
     return bytes(copy.SerializeToString())
 
 

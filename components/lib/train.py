@@ -639,7 +639,8 @@ def _refit_partial_finetune(
         reuse.chosen,
     )
     previous = BundleMeta.from_json(store.get(f"{reuse.bundle}/bundle.json"))
-    network = onnx.load_from_string(store.get(f"{reuse.bundle}/{MODEL_FILE}"))
+    serialized = store.get(f"{reuse.bundle}/{MODEL_FILE}")
+    network = onnx.load_from_string(serialized)
     kept = refit.TunedFeatures.from_bytes(store.get(f"{reuse.bundle}/{refit.FEATURES_FILE}"))
     flip = config.augment == "flip"
     session = functools.cache(lambda: refit.features_session(network))
@@ -705,7 +706,7 @@ def _refit_partial_finetune(
         else (x, y_fit)
     )
     w, b = heads.fit_head(x_fit, y_all, task_type, setting, n_outputs=n_outputs)
-    (out_dir / MODEL_FILE).write_bytes(refit.with_layer(network, w, b))
+    (out_dir / MODEL_FILE).write_bytes(refit.with_layer(network, serialized, w, b))
     kept.write(out_dir / refit.FEATURES_FILE)
     meta.frozen_backbone = False
     meta.features = []

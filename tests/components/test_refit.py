@@ -61,7 +61,7 @@ def test_a_new_last_layer_changes_the_answers_and_nothing_else(tmp_path: Path) -
     rng = np.random.default_rng(2)
     w, b = rng.normal(size=(4, 6)).astype(np.float32), rng.normal(size=4).astype(np.float32)
 
-    changed = onnx.load_from_string(refit.with_layer(model, w, b))
+    changed = onnx.load_from_string(refit.with_layer(model, model.SerializeToString(), w, b))
 
     np.testing.assert_allclose(_run(changed, x)[0], features @ w.T + b, atol=1e-5)
     np.testing.assert_array_equal(refit.layer_arrays(changed)[0], w)
@@ -69,7 +69,31 @@ def test_a_new_last_layer_changes_the_answers_and_nothing_else(tmp_path: Path) -
     assert refit.trunk_id(changed) == refit.trunk_id(model)
     assert refit.trunk_id(_network(tmp_path, seed=1)) != refit.trunk_id(model)
     with pytest.raises(ValueError, match="cannot replace"):
-        refit.with_layer(model, w[:3], b[:3])
+        refit.with_layer(model, model.SerializeToString(), w[:3], b[:3])
+
+
+def test_a_new_last_layer_is_written_the_slow_way_where_its_bytes_are_ambiguous(tmp_path: Path) -> None:
+    """The old weights' bytes occur twice (a bias of zeros, like another initializer's): the network
+    is serialized again, with the same result."""
+    from onnx import numpy_helper
+
+    model = _network(tmp_path)
+    layer = refit.final_layer(model)
+    for init in model.graph.initializer:
+        if init.name == layer.bias:
+            init.CopyFrom(numpy_helper.from_array(np.zeros(4, np.float32), layer.bias))
+    model.graph.initializer.append(numpy_helper.from_array(np.zeros(4, np.float32), "unused_zeros"))
+    serialized = model.SerializeToString()
+    assert serialized.count(np.zeros(4, np.float32).tobytes()) >= 2
+    w, b = np.ones((4, 6), np.float32), np.arange(4, dtype=np.float32)
+
+    changed = onnx.load_from_string(refit.with_layer(model, serialized, w, b))
+
+    np.testing.assert_array_equal(refit.layer_arrays(changed)[0], w)
+    np.testing.assert_array_equal(refit.layer_arrays(changed)[1], b)
+    x = np.random.default_rng(4).normal(size=(2, 3, 8, 8)).astype(np.float32)
+    _, features = refit.features_session(model).run(None, {"input": x})
+    np.testing.assert_allclose(_run(changed, x)[0], features @ w.T + b, atol=1e-5)
 
 
 def test_a_network_that_does_not_end_in_a_linear_layer_is_refused(tmp_path: Path) -> None:
