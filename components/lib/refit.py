@@ -188,13 +188,15 @@ class TunedFeatures:
 
     @staticmethod
     def from_bytes(data: bytes) -> TunedFeatures:
-        arrays = np.load(io.BytesIO(data))
-        shas = [str(s) for s in arrays["sha256"]]
-        has_mirror = arrays["has_mirror"]
-        centre = {s: arrays["centre"][i].astype(np.float32) for i, s in enumerate(shas)}
-        mirrored = {s: arrays["mirrored"][i].astype(np.float32) for i, s in enumerate(shas) if has_mirror[i]}
-        exact = {s for i, s in enumerate(shas) if arrays["exact"][i]}
-        return TunedFeatures(centre, mirrored, exact)
+        with np.load(io.BytesIO(data)) as npz:  # each member read once: indexing npz reads it again
+            shas = [str(s) for s in npz["sha256"]]
+            centre, mirrored = npz["centre"].astype(np.float32), npz["mirrored"].astype(np.float32)
+            has_mirror, exact = npz["has_mirror"], npz["exact"]
+        return TunedFeatures(
+            {s: centre[i] for i, s in enumerate(shas)},
+            {s: mirrored[i] for i, s in enumerate(shas) if has_mirror[i]},
+            {s for i, s in enumerate(shas) if exact[i]},
+        )
 
     def add(self, shas: Sequence[str], centre: Array, mirrored: Array | None = None, *, exact: bool) -> None:
         for i, sha in enumerate(shas):
