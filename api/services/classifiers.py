@@ -148,7 +148,11 @@ class EmbeddedClassifier:
         if not (local / "bundle.json").is_file():
             meta = BundleMeta.from_json(self.blobs.get(f"{prefix}/bundle.json"))
             local.mkdir(parents=True, exist_ok=True)
-            (local / meta.weights_file).write_bytes(self.blobs.get(f"{prefix}/{meta.weights_file}"))
+            for name in meta.files:
+                # The weights file always; head.npz (W and b as plain arrays) when the bundle has one
+                # (bundles imported from elsewhere may not): the head bank reads it without onnx.
+                if name == meta.weights_file or self.blobs.exists(f"{prefix}/{name}"):
+                    (local / name).write_bytes(self.blobs.get(f"{prefix}/{name}"))
             (local / "bundle.json").write_text(meta.to_json())  # last: marks the copy complete
         return local
 
