@@ -160,6 +160,13 @@ class Settings(BaseSettings):
         description="Serve frozen-backbone heads over an INT8 backbone, calibrated on stored training "
         "images at start-up; each head uses it only if its answers stay within tolerance.",
     )
+    serving_int8_backbones: str = Field(
+        default="tf_efficientnet_lite0.in1k",
+        description="With serving_int8: the backbones quantized, each calibrated on its own preprocessing "
+        "of the stored images (comma-separated ids; a head is served INT8 only when every backbone it "
+        "reads is). Lite0 carries the fast and balanced presets' linear heads; add "
+        "tf_efficientnet_lite1.in1k and tf_efficientnet_lite2.in1k for heads over those.",
+    )
     serving_batch_window_ms: float = Field(
         default=0.0,
         ge=0,
@@ -187,6 +194,20 @@ class Settings(BaseSettings):
     # Listing
     page_size: int = Field(default=20, gt=0)
     max_page_size: int = Field(default=100, gt=0)
+
+    @field_validator("serving_int8_backbones")
+    @classmethod
+    def _known_backbones(cls, value: str) -> str:
+        from taskvision.backbone import backbone_spec
+
+        for backbone_id in _split(value):
+            backbone_spec(backbone_id)  # ValueError naming the supported ones
+        return value
+
+    @property
+    def int8_backbones(self) -> tuple[str, ...]:
+        """:attr:`serving_int8_backbones` as a tuple of backbone ids."""
+        return _split(self.serving_int8_backbones)
 
     @field_validator("url_blocked_networks")
     @classmethod
@@ -259,3 +280,7 @@ class Settings(BaseSettings):
     @property
     def effective_storage_url(self) -> str:
         return self.storage_url or str((self.data_dir / "blobs").resolve())
+
+
+def _split(ids: str) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(part.strip() for part in ids.split(",") if part.strip()))

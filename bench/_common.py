@@ -233,6 +233,33 @@ def wait_healthy(server: Server, *, timeout_s: float) -> None:
     raise RuntimeError(f"{server.name} did not answer /healthz within {timeout_s:.0f}s")
 
 
+INT8_READY_TIMEOUT_S = 900.0
+
+
+def wait_for_int8(service: Service, *, timeout_s: float = INT8_READY_TIMEOUT_S) -> dict[str, Any]:
+    """Wait until ``service`` serves its INT8 backbone (Lite0's); that backbone's quantization report.
+
+    Ready when the server's log says so (it logs the switch at level info) or, with a quieter
+    log, when an accepted quantization is in its serving cache (the server switches it on
+    right after writing it). A refusal or a failed preparation in the log ends the wait at once.
+    """
+    from taskvision.backbone import BACKBONE_ID, backbone_onnx_path
+    from taskvision.quantize import find_prepared, report_dict
+
+    cache = service.data_dir.resolve() / "serving-cache" / "int8"
+    deadline = time.monotonic() + timeout_s
+    while True:
+        text = service.log_path.read_text(errors="replace")
+        if "INT8 refused" in text or "INT8 preparation failed" in text or time.monotonic() > deadline:
+            raise RuntimeError(f"{service.name} did not switch INT8 on:\n{text[-3000:]}")
+        found = find_prepared(BACKBONE_ID, backbone_onnx_path(), cache)
+        if found is not None:
+            if "INT8 backbone in use" not in text:
+                time.sleep(2.0)  # a quiet log: give the server the moment it takes to switch
+            return report_dict(found)
+        time.sleep(1.0)
+
+
 def stop_process(process: subprocess.Popen[Any], what: str = "server") -> None:
     """SIGTERM, then SIGKILL after 15 s; ``what`` names the process in the warning."""
     if process.poll() is not None:

@@ -134,6 +134,7 @@ from _common import (
     smooth_field,
     stop_process,
     upload_training_image,
+    wait_for_int8,
     wait_healthy,
     write_report,
 )
@@ -160,7 +161,6 @@ TARGET_IMAGES_PER_S = 60.0
 TARGET_INT8_P50_MS = 15.0
 TARGET_INT8_IMAGES_PER_S = 120.0
 TARGET_INT8_ACCURACY_CHANGE = 0.5  # points
-INT8_READY_TIMEOUT_S = 900.0
 TARGET_MEMORY_GROWTH_MIB = 5.0  # fitted growth over the memory run
 OTHER_CPU_WARN_PCT = 5.0  # other processes' share of the CPU above which a run is flagged as disturbed
 
@@ -322,25 +322,6 @@ def running_taskvision(
         cwd=REPO_ROOT,
     ) as server:
         yield server
-
-
-def wait_for_int8(service: Service) -> dict[str, Any]:
-    """Wait until the service serves the INT8 backbone; its quantization report and the head's precision."""
-    from taskvision.backbone import BACKBONE_ID, backbone_onnx_path
-    from taskvision.quantize import find_prepared, report_dict
-
-    deadline = time.monotonic() + INT8_READY_TIMEOUT_S
-    while "INT8 backbone in use" not in service.log_path.read_text(errors="replace"):
-        text = service.log_path.read_text(errors="replace")
-        if "INT8 refused" in text or "INT8 preparation failed" in text or time.monotonic() > deadline:
-            raise RuntimeError(f"the service did not switch INT8 on:\n{text[-3000:]}")
-        time.sleep(1.0)
-    found = find_prepared(
-        BACKBONE_ID, backbone_onnx_path(), service.data_dir.resolve() / "serving-cache" / "int8"
-    )
-    if found is None:
-        raise RuntimeError("INT8 is in use but its report is not in the serving cache")
-    return report_dict(found)
 
 
 def head_precision(bundle_dir: Path, int8_model: Path) -> str:

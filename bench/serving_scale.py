@@ -92,6 +92,7 @@ from _common import (
     server_env,
     server_log_summary,
     smooth_field,
+    wait_for_int8,
     write_report,
 )
 
@@ -222,21 +223,6 @@ def make_tasks(
 
 
 # ---- the server under test ------------------------------------------------------------------------
-
-
-def wait_for_int8(data_dir: Path, timeout_s: float = 900.0) -> dict[str, Any]:
-    """Wait until the server's INT8 backbone is prepared and accepted (its report in the serving cache)."""
-    from taskvision.backbone import BACKBONE_ID, backbone_onnx_path
-    from taskvision.quantize import find_prepared, report_dict
-
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        found = find_prepared(BACKBONE_ID, backbone_onnx_path(), data_dir / "serving-cache" / "int8")
-        if found is not None:
-            time.sleep(2.0)  # the server switches it on right after writing the report
-            return report_dict(found)
-        time.sleep(1.0)
-    raise RuntimeError(f"no accepted INT8 backbone after {timeout_s:.0f} s")
 
 
 @contextmanager
@@ -723,7 +709,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             with serving(side, src, workdir / "data", tasks.token, workdir / f"{side}.log", **env) as server:
                 if side == "new" and args.int8:
                     logger.info("waiting for the server's INT8 backbone")
-                    report["int8"] = wait_for_int8(workdir / "data")
+                    report["int8"] = wait_for_int8(server)
                 report["sides"][side] = measure_side(server, tasks, count, images, args)
         if not args.skip_s3:
             report["slow_load"] = s3_phase(args, workdir, sides, images)

@@ -24,7 +24,7 @@ import kserve
 from kserve import model_server
 
 from serving.extractors import Extractors
-from serving.int8 import start_int8
+from serving.int8 import DEFAULT_BACKBONES, start_int8
 from serving.repository import DEFAULT_MEMORY_MB, BundleRepository
 from taskvision.malloc import limit_arenas
 from taskvision.storage import BlobStore
@@ -80,6 +80,11 @@ def main() -> None:
         metavar="URI",
         help="serve an INT8 backbone calibrated on the stored training images of this blob store",
     )
+    parser.add_argument(
+        "--int8-backbones",
+        default=",".join(DEFAULT_BACKBONES),
+        help="with --int8-calibration: the backbones to quantize (comma-separated ids; default Lite0's)",
+    )
     args, _ = parser.parse_known_args()
     logging.basicConfig(level=logging.INFO)
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -89,7 +94,10 @@ def main() -> None:
     extractors = Extractors(batch_window_ms=args.batch_window_ms)
     if args.int8_calibration:
         start_int8(
-            extractors, _open_store(args.int8_calibration), Path(tempfile.mkdtemp(prefix="taskvision-int8-"))
+            extractors,
+            _open_store(args.int8_calibration),
+            Path(tempfile.mkdtemp(prefix="taskvision-int8-")),
+            backbone_ids=[part.strip() for part in args.int8_backbones.split(",") if part.strip()],
         )
     if (local / "bundle.json").is_file():  # one bundle: serve it under --model-name
         repository = BundleRepository(

@@ -6,8 +6,10 @@ answers in FP32 meanwhile): it takes up to ``count`` stored training images
 keys), preprocesses them as serving does, and hands them to
 :func:`taskvision.quantize.prepare_int8` for each backbone asked for (by
 default Lite0, the backbone of the ``fast`` and ``balanced`` presets' linear
-heads; a head over another backbone's features stays FP32 unless that
-backbone is quantized too). An accepted
+heads; Lite1 and Lite2, which ``balanced`` and ``best`` may choose, when asked:
+each is calibrated on its own preprocessing of the images and checked on its
+own; a head over several backbones' features stays FP32 unless all of them are
+quantized and accepted). An accepted
 backbone is switched on in :class:`serving.extractors.Extractors`; each head
 then checks its own answers before using it (:meth:`serving.model.BundlePredictor.precision`).
 """
@@ -135,6 +137,7 @@ def start_int8(
     blobs: BlobStore,
     cache_dir: Path,
     *,
+    backbone_ids: Sequence[str] = DEFAULT_BACKBONES,
     count: int = DEFAULT_CALIBRATION_IMAGES,
     max_pixels: int = 80_000_000,
 ) -> threading.Thread:
@@ -146,7 +149,15 @@ def start_int8(
     def run() -> None:
         while True:
             try:
-                if enable_int8(extractors, blobs, cache_dir, count=count, max_pixels=max_pixels):
+                ready = enable_int8(
+                    extractors,
+                    blobs,
+                    cache_dir,
+                    backbone_ids=backbone_ids,
+                    count=count,
+                    max_pixels=max_pixels,
+                )
+                if ready:
                     return
             except Exception:
                 logger.exception("INT8 preparation failed; serving FP32")

@@ -93,9 +93,7 @@ def decode_image(data: bytes, *, max_pixels: int, min_side: int) -> tuple[Image.
     a reduced scale, never below ``min_side`` (twice the largest resize the
     picture is for), since the models see only a few hundred pixels.
     """
-    width, height = imaging.upright_size(data, max_pixels=max_pixels)
-    image = imaging.load_rgb(data, max_pixels=max_pixels, draft_size=(min_side, min_side))
-    return image, (width, height)
+    return imaging.load_upright(data, max_pixels=max_pixels, draft_size=(min_side, min_side))
 
 
 def preprocess_bytes(

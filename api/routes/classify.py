@@ -22,11 +22,11 @@ from __future__ import annotations
 import time
 from typing import Annotated, Any
 
-from sqlalchemy import select
+from sqlalchemy import and_, literal, select
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
-from api.db.models import Model, TrainStatus, User
+from api.db.models import Model, Task, TrainStatus, User
 from api.deps import (
     BlobsDep,
     ClassifierDep,
@@ -91,11 +91,16 @@ async def classify(
             code="too_many_records",
         )
     with slots.hold(user.workspace_id):
-        target = await run_in_threadpool(_resolve_target, session, user, task_id, data.version)
-        fetched = await _fetch_urls(data.records, settings, fetch_slots, user.workspace_id)
-        records, sources = await run_in_threadpool(
-            _answer, classifier, target, data.records, fetched, settings, data.explain
-        )
+        if any(_url_of(record) for record in data.records):
+            target = await run_in_threadpool(_resolve_target, session, user, task_id, data.version)
+            fetched = await _fetch_urls(data.records, settings, fetch_slots, user.workspace_id)
+            records, sources = await run_in_threadpool(
+                _answer, classifier, target, data.records, fetched, settings, data.explain
+            )
+        else:  # nothing to fetch: the lookup and the model in one trip to the thread pool
+            target, (records, sources) = await run_in_threadpool(
+                _resolve_and_answer, session, user, task_id, data, classifier, settings
+            )
         if data.store_images:
             await run_in_threadpool(
                 _store_all, session, blobs, user, settings, target, data.records, records, sources
@@ -110,20 +115,50 @@ async def classify(
 
 
 def _resolve_target(session: Session, user: User, task_id: str, version: int | None) -> ClassifyTarget:
-    """Look the task and version up, then give the DB connection back before any slow work."""
+    """Look the task and version up, then give the DB connection back before any slow work.
+
+    One query of plain columns (the task joined to the asked-for or production version):
+    this runs on every classify request, and loading the two ORM objects took two queries.
+    """
+    chosen_version = literal(version) if version is not None else Task.production_version
     try:
-        task = get_task(session, user, task_id)
-        chosen = version if version is not None else task.production_version
-        if chosen is None or chosen < 1:
-            raise BadRequestError(
-                f"Task '{task.name}' has no trained model version yet; train it first.", code="not_trained"
+        row = session.execute(
+            select(
+                Task.id,
+                Task.name,
+                Task.production_version,
+                Model.version,
+                Model.train_status,
+                Model.bundle_uri,
             )
-        model = session.scalar(select(Model).where(Model.task_id == task.id, Model.version == chosen))
-        if model is None or model.train_status != TrainStatus.TRAINED:
-            raise NotFoundError(f"Task '{task.name}' has no trained version {chosen}.")
-        return ClassifyTarget(task.id, task.name, chosen, task.production_version, model.bundle_uri)
+            .outerjoin(Model, and_(Model.task_id == Task.id, Model.version == chosen_version))
+            .where(Task.id == str(task_id), Task.workspace_id == user.workspace_id)
+        ).first()
     finally:
         session.close()
+    if row is None:
+        raise NotFoundError(f"Task {task_id} not found.")
+    chosen = version if version is not None else row.production_version
+    if chosen is None or chosen < 1:
+        raise BadRequestError(
+            f"Task '{row.name}' has no trained model version yet; train it first.", code="not_trained"
+        )
+    if row.version is None or row.train_status != TrainStatus.TRAINED:
+        raise NotFoundError(f"Task '{row.name}' has no trained version {chosen}.")
+    return ClassifyTarget(row.id, row.name, chosen, row.production_version, row.bundle_uri)
+
+
+def _resolve_and_answer(
+    session: Session,
+    user: User,
+    task_id: str,
+    data: ClassifyRequest,
+    classifier: Classifier,
+    settings: Settings,
+) -> tuple[ClassifyTarget, tuple[list[dict[str, Any]], list[Source]]]:
+    """:func:`_resolve_target` then :func:`_answer`, for records that need no fetching."""
+    target = _resolve_target(session, user, task_id, data.version)
+    return target, _answer(classifier, target, data.records, {}, settings, data.explain)
 
 
 def _check_size(data: bytes, settings: Settings) -> Source:
@@ -138,11 +173,7 @@ async def _fetch_urls(
     records: list[dict[str, Any]], settings: Settings, slots: FetchSlots, workspace: str
 ) -> dict[int, Source]:
     """The bytes of the records given by ``_url``, fetched together under one deadline."""
-    urls = {
-        i: record["_url"]
-        for i, record in enumerate(records)
-        if not _has_base64(record) and isinstance(record.get("_url"), str) and record["_url"]
-    }
+    urls = {i: url for i, record in enumerate(records) if (url := _url_of(record))}
     if not urls:
         return {}
     fetched = await fetch_many(list(urls.values()), settings.fetch_policy(), slots, workspace=workspace)
@@ -150,6 +181,14 @@ async def _fetch_urls(
         i: result if isinstance(result, TaskVisionError) else _check_size(result, settings)
         for i, result in zip(urls, fetched, strict=True)
     }
+
+
+def _url_of(record: dict[str, Any]) -> str | None:
+    """The URL to fetch a record's image from (None when it has ``_base64``, or no URL)."""
+    url = record.get("_url")
+    if _has_base64(record) or not isinstance(url, str) or not url:
+        return None
+    return url
 
 
 def _has_base64(record: dict[str, Any]) -> bool:

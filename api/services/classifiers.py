@@ -6,8 +6,9 @@
   many requests ask, none blocking the others) and stay loaded within
   ``TASKVISION_SERVING_MEMORY_MB`` (least recently used first out).
   Frozen-backbone heads share one head bank and one embedder per backbone
-  (INT8 with ``TASKVISION_SERVING_INT8``, calibrated on the stored training
-  images in the background). A model is named ``<task id>.v<version>``, so a
+  (INT8 with ``TASKVISION_SERVING_INT8`` for the backbones of
+  ``TASKVISION_SERVING_INT8_BACKBONES``, each calibrated on the stored
+  training images in the background). A model is named ``<task id>.v<version>``, so a
   production switch takes effect on the next request. Bundles in a local blob
   directory are read in place; from S3 they are copied once to a local cache.
 * :class:`InferenceServiceClassifier` (cluster mode): the task's KServe
@@ -26,7 +27,7 @@ from __future__ import annotations
 import base64
 import logging
 import threading
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -36,7 +37,7 @@ import httpx
 from api.services.inference_services import KubernetesUnavailable
 from api.services.serving_reconciler import ServingReconciler
 from serving.extractors import Extractors
-from serving.int8 import start_int8
+from serving.int8 import DEFAULT_BACKBONES, start_int8
 from serving.model import BundlePredictor
 from serving.repository import BundleRepository
 from taskvision import imaging
@@ -93,6 +94,7 @@ class EmbeddedClassifier:
         memory_mb: float,
         max_image_pixels: int,
         int8: bool = False,
+        int8_backbones: Sequence[str] = DEFAULT_BACKBONES,
         batch_window_ms: float = 0.0,
     ) -> None:
         self.blobs = blobs
@@ -108,7 +110,13 @@ class EmbeddedClassifier:
             extractors=self.extractors,
         )
         if int8:
-            start_int8(self.extractors, blobs, cache_dir / "int8", max_pixels=max_image_pixels)
+            start_int8(
+                self.extractors,
+                blobs,
+                cache_dir / "int8",
+                backbone_ids=int8_backbones,
+                max_pixels=max_image_pixels,
+            )
 
     def predictor(self, task_id: str, version: int, bundle_prefix: str) -> BundlePredictor:
         """The loaded predictor of a task version (loading it on first use)."""
@@ -148,7 +156,11 @@ class EmbeddedClassifier:
         if not (local / "bundle.json").is_file():
             meta = BundleMeta.from_json(self.blobs.get(f"{prefix}/bundle.json"))
             local.mkdir(parents=True, exist_ok=True)
-            (local / meta.weights_file).write_bytes(self.blobs.get(f"{prefix}/{meta.weights_file}"))
+            for name in meta.files:
+                # The weights file always; head.npz (W and b as plain arrays) when the bundle has one
+                # (bundles imported from elsewhere may not): the head bank reads it without onnx.
+                if name == meta.weights_file or self.blobs.exists(f"{prefix}/{name}"):
+                    (local / name).write_bytes(self.blobs.get(f"{prefix}/{name}"))
             (local / "bundle.json").write_text(meta.to_json())  # last: marks the copy complete
         return local
 

@@ -84,6 +84,7 @@ def build_services(settings: Settings) -> Services:
         memory_mb=settings.serving_memory_mb,
         max_image_pixels=settings.max_image_pixels,
         int8=settings.serving_int8,
+        int8_backbones=settings.int8_backbones,
         batch_window_ms=settings.serving_batch_window_ms,
     )
     classifier: Classifier = embedded

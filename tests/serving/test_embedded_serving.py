@@ -7,9 +7,15 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
+import pytest
+
 from api.services.classifiers import EmbeddedClassifier
+from serving.extractors import DEFAULT_FEATURES
+from taskvision.bundle import HEAD_ARRAYS_FILE, outputs_from_logits
+from taskvision.preprocess import DEFAULT, preprocess_bytes
 from taskvision.storage import LocalBlobStore
-from tests.support.bundles import write_head_bundle
+from tests.support.bundles import random_head, write_head_bundle
 from tests.support.images import shape_image
 
 DELAY_S = 2.0
@@ -84,3 +90,30 @@ def test_a_slow_download_delays_no_other_task(tmp_path: Path) -> None:
     assert store.gets.count("models/task-0/run/bundle.json") == 1
     assert store.gets.count("models/task-0/run/head.onnx") == 1
     assert _classify(serving, 0) < 1.0  # now it is loaded
+
+
+def test_a_bundle_from_s3_brings_its_head_arrays(tmp_path: Path) -> None:
+    """A version copied from S3 is served from the same files as one read in place: head.npz too."""
+    bundle = tmp_path / "blobs" / "models" / "task-npz" / "run"
+    meta = write_head_bundle(bundle, n_labels=4, seed=1, npz=True)
+    # The head bank prefers head.npz: give it different weights than head.onnx, so an answer
+    # computed from head.onnx alone (the arrays left behind) would not match.
+    weight, bias = random_head(4, seed=2)
+    np.savez(bundle / HEAD_ARRAYS_FILE, weight=weight, bias=bias)
+    inner = LocalBlobStore(tmp_path / "blobs")
+    remote = EmbeddedClassifier(
+        SlowStore(inner, slow_prefix="nothing/"), tmp_path / "cache", memory_mb=64, max_image_pixels=10**7
+    )
+    local = EmbeddedClassifier(inner, tmp_path / "cache-local", memory_mb=64, max_image_pixels=10**7)
+    answers = [
+        serving.predictor("task-npz", 1, "models/task-npz/run").classify([IMAGE])[0]
+        for serving in (remote, local)
+    ]
+    assert (tmp_path / "cache" / "models" / "task-npz" / "run" / HEAD_ARRAYS_FILE).is_file()
+    assert answers[0] == answers[1]
+    pixels, _ = preprocess_bytes(IMAGE, max_pixels=10**7)
+    embedding = remote.extractors.embed(DEFAULT_FEATURES, {DEFAULT: pixels[None]})
+    probabilities = outputs_from_logits(meta, embedding @ weight.T + bias)
+    labels = {item["id"]: item["prob"] for item in answers[0]["labels"]}  # type: ignore[index]
+    expected = {f"label-{i}": round(float(p), 5) for i, p in enumerate(probabilities[0])}
+    assert labels == pytest.approx(expected, abs=2e-5)

@@ -185,3 +185,51 @@ def test_int8_stays_off_without_enough_stored_images(tmp_path: Path) -> None:
     extractors = Extractors()
     assert enable_int8(extractors, store, tmp_path / "int8") == []
     assert extractors.int8(BACKBONE_ID) is None
+
+
+@pytest.mark.slow
+def test_lite1_heads_use_int8_when_lite1_is_quantized_too(tmp_path: Path) -> None:
+    """Each backbone asked for is calibrated and checked on its own; a head over both then uses INT8."""
+    from tests.support.images import shape_image
+
+    lite1 = "tf_efficientnet_lite1.in1k"
+    store = LocalBlobStore(tmp_path / "blobs")
+    for i in range(24):
+        store.put(f"images/ws/{i:03d}", shape_image(("circle", "square")[i % 2], 500 + i))
+    extractors = Extractors()
+    prepared = enable_int8(extractors, store, tmp_path / "int8", backbone_ids=(BACKBONE_ID, lite1), count=24)
+    assert [p.backbone_id for p in prepared] == [BACKBONE_ID, lite1]
+    assert all(p.report.accepted for p in prepared), [p.report for p in prepared]
+    # Calibrated on Lite1's own preprocessing: 240 px inputs, its own embedding width.
+    assert prepared[1].check_fp32.shape[1] == features.feature_dim([features.feature_id(lite1)])
+    heads = {
+        "lite1": [features.feature_id(lite1)],
+        "two": [features.feature_id(BACKBONE_ID), features.feature_id(lite1, kind="final")],
+    }
+    for name, feature_ids in heads.items():
+        write_head_bundle(
+            tmp_path / name,
+            weight=np.full((1, features.feature_dim(feature_ids)), 1e-4, np.float32),
+            bias=np.zeros(1, np.float32),
+            task_type=TaskType.REGRESSION,
+            features=feature_ids,
+        )
+        predictor = BundlePredictor(name, tmp_path / name, extractors=extractors)
+        predictor.load()
+        assert predictor.precision() is Precision.INT8, name
+        (answer,) = predictor.classify([shape_image("circle", 900)])
+        assert isinstance(answer, dict) and "value" in answer["best_label"]
+
+
+def test_the_int8_backbones_setting_names_known_backbones(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pydantic import ValidationError
+
+    from api.settings import Settings
+
+    monkeypatch.setenv(
+        "TASKVISION_SERVING_INT8_BACKBONES", "tf_efficientnet_lite0.in1k, tf_efficientnet_lite2.in1k"
+    )
+    assert Settings().int8_backbones == (BACKBONE_ID, "tf_efficientnet_lite2.in1k")
+    monkeypatch.setenv("TASKVISION_SERVING_INT8_BACKBONES", "resnet50")
+    with pytest.raises(ValidationError, match=r"Invalid backbone 'resnet50'"):
+        Settings()
