@@ -7,7 +7,8 @@ Two modes:
   the training split only: linear heads over frozen-backbone features
   (ONNX Runtime embeddings, cached per image hash in the blob store, so
   retraining only embeds new images) and, from ``balanced`` on, a partial
-  fine-tune of the backbone's last block (:mod:`components.lib.partial_finetune`).
+  fine-tune of the backbone's last block (:mod:`components.lib.partial_finetune`),
+  alone and averaged with the linear head on the frozen embedding.
   The winner is refitted on the whole training split. Its out-of-fold scores
   set multi_label thresholds. Seconds to a few minutes.
 * ``finetune`` (default when a GPU is present): train the whole network end
@@ -324,22 +325,24 @@ def _select_and_train(
         if time.perf_counter() > deadline and candidates:
             skipped.append(plan.name)
         else:
-            candidates.append(
-                _score_partial_finetune(
-                    plan,
-                    maps,
-                    known,
-                    y_fit,
-                    task_type,
-                    _start_setting(task_type, candidates, plan.backbone_id),
-                    fold_groups[: preset.finetune_folds],
-                    scored_rows,
-                    n_outputs=n_outputs,
-                    scale=scale,
-                    seed=config.seed,
-                    report=report,
-                )
+            tuned_candidate = _score_partial_finetune(
+                plan,
+                maps,
+                known,
+                y_fit,
+                task_type,
+                _start_setting(task_type, candidates, plan.backbone_id),
+                fold_groups[: preset.finetune_folds],
+                scored_rows,
+                n_outputs=n_outputs,
+                scale=scale,
+                seed=config.seed,
+                report=report,
             )
+            candidates.append(tuned_candidate)
+            own = _own_linear(candidates, plan.backbone_id)
+            if own is not None:
+                candidates.append(selection.ensemble(tuned_candidate, own, task_type, y_fit, scale))
     chosen = selection.choose(candidates)
     logger.info("chose %s (cross-validated score %.4f)", chosen.name, chosen.cv_score)
     meta.selection = selection.selection_report(
@@ -421,7 +424,20 @@ def _select_and_train(
             meta,
             n_outputs=n_outputs,
             report=report,
+            ensemble=chosen.kind == selection.ENSEMBLE,
+            flip=flip,
         )
+
+
+def _own_linear(
+    candidates: list[selection.CandidateScore], backbone_id: str
+) -> selection.CandidateScore | None:
+    """The linear candidate over the backbone's own multi-scale embedding (what an ensemble averages in)."""
+    own = [features.feature_id(backbone_id)]
+    return next(
+        (c for c in candidates if c.kind == selection.LINEAR and c.features == own and c.oof is not None),
+        None,
+    )
 
 
 def _start_head(
@@ -519,7 +535,11 @@ def _train_partial_finetune(
     *,
     n_outputs: int,
     report: Callable[[float, str], None],
+    ensemble: bool = False,
+    flip: bool = True,
 ) -> None:
+    """Fine-tune on every training row and export the network (averaged with the linear head on the
+    frozen embedding with ``ensemble``); the test images go into the model folder preprocessed."""
     from components.lib.embeddings import decode_row
     from components.lib.partial_finetune import train_tail
     from taskvision.preprocess import resize_and_crop, to_array
@@ -538,7 +558,24 @@ def _train_partial_finetune(
         seed=config.seed,
         report=lambda epoch: report(0.85 + 0.1 * epoch / plan.epochs, f"fine-tuning ({epoch}/{plan.epochs})"),
     )
-    tuned.export(out_dir / MODEL_FILE, input_size=spec.preprocess.input_size)
+    if ensemble:
+        centre = known[(plan.backbone_id, False)]
+        x_fit, y_all = centre, y
+        if flip:
+            x_fit = np.concatenate([centre, known[(plan.backbone_id, True)]])
+            y_all = np.concatenate([y, y])
+        linear = heads.fit_head(x_fit, y_all, task_type, setting, n_outputs=n_outputs)
+        tuned.export_ensemble(
+            out_dir / MODEL_FILE,
+            pretrained,
+            linear,
+            x_fit,
+            tap_block=plan.tap_block,
+            input_size=spec.preprocess.input_size,
+        )
+        meta.training["ensemble_linear"] = {"features": [features.feature_id(plan.backbone_id)]}
+    else:
+        tuned.export(out_dir / MODEL_FILE, input_size=spec.preprocess.input_size)
     meta.frozen_backbone = False
     meta.features = []
     meta.backbone = spec.id

@@ -64,6 +64,36 @@ def test_the_exported_network_computes_what_the_tuned_tail_did(shapes: tuple, tm
     assert not all(np.array_equal(tuned_state[k], original[k]) for k in original if k.startswith("blocks.6."))
 
 
+def test_the_exported_ensemble_averages_the_tuned_network_and_the_linear_head(
+    shapes: tuple, tmp_path: Path
+) -> None:
+    store, info, rows = shapes
+    data, known = compute_activations(store, rows, PLAN, seed=0, use_cache=False, max_pixels=10**7)
+    y = targets(info, rows)
+    embeddings = np.concatenate([known[(backbone.BACKBONE_ID, m)] for m in (False, True)])
+    setting = heads.HeadSetting(heads.LOGISTIC, 0.1)
+    final = embeddings[:, : backbone.FINAL_DIM]
+    start = heads.fit_head(
+        final, np.concatenate([y, y]), info.task_type, setting, n_outputs=2, std_floor=STD_FLOOR
+    )
+    pretrained = backbone.build_torch_model(num_classes=0)
+    tuned = train_tail(pretrained, data, start, final, y, info.task_type, PLAN, seed=0)
+    linear = heads.fit_head(embeddings, np.concatenate([y, y]), info.task_type, setting, n_outputs=2)
+    tuned.export_ensemble(
+        tmp_path / "model.onnx", pretrained, linear, embeddings, tap_block=PLAN.tap_block, input_size=224
+    )
+    arrays = np.stack([_centre(store, row) for row in rows])
+    exported = backbone.onnx_session(tmp_path / "model.onnx").run(None, {"input": arrays})[0]
+    expected = 0.5 * (tuned.logits(data) + heads.predict(known[(backbone.BACKBONE_ID, False)], *linear))
+    np.testing.assert_allclose(exported, expected, atol=0.05)
+    # Still one linear layer over standardized features at the end (what a refit replaces).
+    import onnx
+
+    graph = onnx.load(str(tmp_path / "model.onnx")).graph
+    last = next(n for n in graph.node if graph.output[0].name in n.output)
+    assert last.op_type == "Gemm"
+
+
 def _centre(store: LocalBlobStore, row: object) -> np.ndarray:
     from components.lib.embeddings import decode_row, prepared_arrays
 
@@ -80,12 +110,12 @@ def test_balanced_scores_both_candidates_and_a_fine_tuned_winner_is_a_whole_netw
     selection = meta.selection
     assert selection["quality"] == "balanced" and selection["folds"] == 3
     kinds = {c["kind"] for c in selection["candidates"]}
-    assert kinds == {"linear", "partial_finetune"}
+    assert kinds == {"linear", "partial_finetune", "partial_finetune+linear"}
     # Scored on the same out-of-fold rows: the first fold (the fine-tune is checked on one).
     assert selection["scored_rows"] < len(split.train)
     assert evaluate_model(tmp_path / "model")["accuracy"] >= 0.75
     model = BundleModel.load(tmp_path / "model")
-    if selection["kind"] == "partial_finetune":
+    if selection["kind"] in ("partial_finetune", "partial_finetune+linear"):
         assert (
             not meta.frozen_backbone and meta.features == [] and (tmp_path / "model" / "model.onnx").exists()
         )
