@@ -343,7 +343,7 @@ def _select_and_train(
             own = _own_linear(candidates, plan.backbone_id)
             if own is not None:
                 candidates.append(selection.ensemble(tuned_candidate, own, task_type, y_fit, scale))
-    chosen = selection.choose(candidates)
+    chosen = selection.choose(candidates, task_type=task_type, y=y_fit, seed=config.seed)
     logger.info("chose %s (cross-validated score %.4f)", chosen.name, chosen.cv_score)
     meta.selection = selection.selection_report(
         preset,
