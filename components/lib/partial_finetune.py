@@ -22,7 +22,8 @@ The method (linear probing, then fine-tuning: "LP-FT"):
    learning-rate schedule, batch-norm statistics frozen (small batches of
    few images would make them noisy). Loss: cross-entropy, sigmoid BCE, or a
    Huber loss on standardized targets (regression: it cut the test MAE on the
-   faces' ages from 7.8 to 7.6 years against squared error).
+   faces' ages from 7.8 to 7.6 years against squared error; see
+   :data:`HUBER_DELTA`).
 
 The tuned network (frozen trunk, tuned last block, head) is exported whole as
 ``model.onnx`` (image -> logits) like a GPU fine-tune, so serving needs no new
@@ -83,6 +84,10 @@ MIN_STEPS = 60  # optimizer steps of a fine-tune, however few the images
 # The head's input is standardized with spreads floored at the median one (the start head is fitted
 # the same way): a tuned feature that was constant on the images cannot blow the logits up.
 STD_FLOOR = 1.0
+# Regression's Huber loss turns linear beyond 0.3 standard deviations of the targets (nearer the
+# absolute error the task is scored by than the linear heads' 1.0): in 5-fold cross-validation
+# on all 1,500 faces' ages it cut the fine-tune's MAE from 8.18 to 8.02 years.
+HUBER_DELTA = 0.3
 
 
 @dataclass(frozen=True)
@@ -345,9 +350,7 @@ def _loss(task_type: TaskType) -> Callable[[Any, Any], Any]:
         return torch.nn.functional.cross_entropy
     if task_type is TaskType.MULTI_LABEL:
         return torch.nn.functional.binary_cross_entropy_with_logits
-    return lambda prediction, target: torch.nn.functional.huber_loss(
-        prediction, target, delta=heads.HUBER_DELTA
-    )
+    return lambda prediction, target: torch.nn.functional.huber_loss(prediction, target, delta=HUBER_DELTA)
 
 
 def _targets(task_type: TaskType, y: Array) -> torch.Tensor:
