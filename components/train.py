@@ -84,6 +84,9 @@ def train(
             {"task_type": str(meta.task_type), "mode": meta.training["mode"], "chosen": chosen}
         )
         # What the run used, shown with it: the mode auto became, the preset, the model selection chose.
-        progress.note(mode=meta.training["mode"], quality=quality, chosen_model=chosen or meta.backbone)
+        decided = {"mode": meta.training["mode"], "quality": quality, "chosen_model": chosen or meta.backbone}
+        if meta.selection.get("reused"):  # no new model selection: the previous version's choice, refitted
+            decided["refitted_choice_of_run"] = meta.selection["reused"]["from_run"]
+        progress.note(**decided)
 
     run_step(storage_url, run_prefix, "train", work)

@@ -30,8 +30,9 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from components.lib.refit import model_arrays
 from components.lib.train import TEST_INPUTS_FILE, TRAIN_OOF_FILE
-from taskvision.bundle import BundleMeta, clip_values
+from taskvision.bundle import MODEL_FILE, BundleMeta, clip_values, outputs_from_logits
 from taskvision.inference import BundleModel
 from taskvision.metrics import classification_metrics, regression_metrics, tagging_metrics
 from taskvision.task_types import TaskType
@@ -51,8 +52,14 @@ class Evaluation:
     predictions: list[dict[str, Any]] = field(default_factory=list)
 
 
-def _outputs(model: BundleModel, data: Any) -> Array:
-    if model.meta.frozen_backbone:
+def _outputs(meta: BundleMeta, model_dir: Path, data: Any) -> Array:
+    if "features" in data:
+        # A partial fine-tune's test images as its last layer reads them (the train step ran the
+        # exported network on them): that layer is all that is left to compute.
+        w, b = model_arrays(model_dir / MODEL_FILE)
+        return outputs_from_logits(meta, data["features"].astype(np.float32) @ w.T + b)
+    model = BundleModel.load(model_dir)
+    if meta.frozen_backbone:
         return model.outputs(model.logits_from_embeddings(data["embeddings"]))
     return model.outputs(model.logits_from_arrays(data["images"]))
 
@@ -63,13 +70,12 @@ def _ids(data: Any, n: int) -> list[str]:
 
 def evaluate(model_dir: Path) -> Evaluation:
     """Metrics of the model folder written by the train step on its test inputs, and per-image predictions."""
-    model = BundleModel.load(model_dir)
-    meta = model.meta
+    meta = BundleMeta.from_json((model_dir / "bundle.json").read_text())
     data = np.load(model_dir / TEST_INPUTS_FILE)
     y = data["targets"]
     if len(y) == 0:
         return Evaluation({"test_images": 0, "backbone_precision": METRICS_PRECISION})
-    outputs = _outputs(model, data)
+    outputs = _outputs(meta, model_dir, data)
     names = [label["name"] for label in meta.labels]
     metrics: dict[str, Any]
     if meta.task_type is TaskType.MULTI_CLASS:
@@ -85,7 +91,7 @@ def evaluate(model_dir: Path) -> Evaluation:
     oof_path = model_dir / TRAIN_OOF_FILE
     if oof_path.is_file():
         oof = np.load(oof_path)
-        oof_outputs = model.outputs(oof["logits"].astype(np.float32))
+        oof_outputs = outputs_from_logits(meta, oof["logits"].astype(np.float32))
         predictions += image_predictions(
             meta, "train", _ids(oof, len(oof["targets"])), oof["targets"], oof_outputs, tolerance=tolerance
         )

@@ -381,6 +381,21 @@ class TunedTail:
                 out.append(self.tail(maps).numpy())
         return np.concatenate(out).astype(np.float32)
 
+    def features(self, data: Activations, *, view: int = 0, batch_size: int = 128) -> Array:
+        """What the tuned model's last linear layer reads for one view of each image: its
+        standardized pooled features (see :mod:`components.lib.refit`)."""
+        import torch
+
+        self.tail.eval()
+        head = self.tail.head
+        out = []
+        with torch.inference_mode():
+            for i in range(0, len(data), batch_size):
+                maps = torch.from_numpy(data.maps[i : i + batch_size, view].astype(np.float32))
+                pooled = self.tail.bn2(self.tail.conv_head(self.tail.blocks(maps))).mean(dim=(2, 3))
+                out.append(((pooled - head.get_buffer("mean")) / head.get_buffer("std")).numpy())
+        return np.concatenate(out).astype(np.float32)
+
     def export(self, path: Path, *, input_size: int) -> None:
         """The whole network (image -> logits) as ONNX."""
         backbone.export_onnx(_network(self.model, self.tail.head), path, input_size=input_size)
@@ -394,14 +409,16 @@ class TunedTail:
         *,
         tap_block: int,
         input_size: int,
-    ) -> None:
+    ) -> tuple[Array, Array]:
         """The tuned network averaged with a linear head on the pretrained multi-scale embedding, as ONNX.
 
         ``linear`` is that head's ``(W, b)`` on raw embeddings (:mod:`components.lib.heads`);
         ``frozen_embeddings`` the training images' embeddings, whose spread standardizes its part
         of the input. Averaging the two models' logits is one linear layer over both feature
         sets with halved weights, so the network still ends in one ``Gemm`` over standardized
-        pooled features (what :mod:`components.lib.refit` looks for).
+        pooled features (what :mod:`components.lib.refit` looks for). Returns the embedding
+        part's standardization ``(mean, std)``: that layer reads ``[tuned features,
+        (embedding - mean) / std]``.
         """
         tuned = self.tail.head
         w_tuned = tuned.linear.weight.detach().numpy().astype(np.float32)
@@ -416,6 +433,7 @@ class TunedTail:
         )
         network = _ensemble_network(self.model, pretrained, head, tap_block)
         backbone.export_onnx(network, path, input_size=input_size)
+        return mean, std
 
 
 def train_tail(

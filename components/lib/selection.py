@@ -24,10 +24,12 @@ What was tried and how each scored goes into the bundle (``selection``).
 
 A retrain of a dataset that barely changed (:func:`reusable_choice`: at most
 10 % of the images new, removed or relabelled, same preset and labels) refits
-the previous version's linear choice, its head's penalty still chosen by
-cross-validation, instead of scoring every candidate again: what makes a
-retrain take seconds (the partial fine-tune's candidate alone costs a minute).
-The bundle records it (``selection.reused``).
+the previous version's choice instead of scoring every candidate again: a
+linear choice's head, or a partial fine-tune's last layer over its tuned
+features (:mod:`components.lib.refit`), the penalty still chosen by
+cross-validation. That is what makes a retrain take seconds (the partial
+fine-tune's candidate alone costs a minute). The bundle records it
+(``selection.reused``).
 """
 
 from __future__ import annotations
@@ -362,11 +364,13 @@ class Reuse:
     """The previous version's model choice, to refit on a dataset that barely changed."""
 
     chosen: str
-    features: list[str]
+    features: list[str]  # a linear choice's feature ids
     run_id: str
     selected_on: str  # the snapshot the choice was made on by a full selection
     changed_images: int  # since that snapshot
     images: int
+    kind: str = LINEAR  # or PARTIAL_FINETUNE: its tuned network is kept, its last layer refitted
+    bundle: str = ""  # the previous version's bundle prefix
 
     def report(self) -> dict[str, Any]:
         return {
@@ -393,21 +397,31 @@ def reusable_choice(
 ) -> Reuse | None:
     """The choice of the bundle at ``previous_bundle`` when a retrain may refit it without a new selection.
 
-        Only a linear choice made with the same preset and augmentation, on the same labels, with at
-        most :data:`REUSE_MAX_CHANGED` of the images new, removed or relabelled since the snapshot of
-    the last full selection;
-        anything else (or anything missing) gives None: a full selection.
+    Only a choice made with the same preset and augmentation, on the same labels, with at most
+    :data:`REUSE_MAX_CHANGED` of the images new, removed or relabelled since the snapshot of the
+    last full selection: a linear one, or a partial fine-tune (alone or averaged with a linear
+    head: one last layer either way) whose bundle kept its images' features
+    (:data:`components.lib.refit.FEATURES_FILE`). Anything else (or anything missing)
+    gives None: a full selection.
     """
+    from components.lib.refit import FEATURES_FILE
+
     if not previous_bundle:
         return None
     try:
         previous = BundleMeta.from_json(store.get(f"{previous_bundle}/bundle.json"))
         chosen = previous.selection
+        kind = chosen.get("kind")
+        if kind == LINEAR:
+            refittable = bool(previous.features)
+        else:
+            refittable = kind in (PARTIAL_FINETUNE, ENSEMBLE) and store.exists(
+                f"{previous_bundle}/{FEATURES_FILE}"
+            )
         if (
-            chosen.get("kind") != LINEAR
+            not refittable
             or chosen.get("quality") != quality
             or previous.training.get("augment") != augment
-            or not previous.features
             or not previous.dataset_snapshot
             or [label["id"] for label in previous.labels] != [label.id for label in info.output_labels]
         ):
@@ -430,6 +444,8 @@ def reusable_choice(
         selected_on,
         changed,
         len(rows),
+        kind=str(kind),
+        bundle=previous_bundle,
     )
 
 

@@ -10,7 +10,9 @@ Two modes:
   fine-tune of the backbone's last block (:mod:`components.lib.partial_finetune`),
   alone and averaged with the linear head on the frozen embedding.
   The winner is refitted on the whole training split. Its out-of-fold scores
-  set multi_label thresholds. Seconds to a few minutes.
+  set multi_label thresholds. Seconds to a few minutes. A retrain of barely
+  changed data refits the previous version's choice instead (for a partial
+  fine-tune: its last layer only, :mod:`components.lib.refit`): seconds.
 * ``finetune`` (default when a GPU is present): train the whole network end
   to end with SGD, augmentation and a cosine schedule.
 
@@ -21,8 +23,10 @@ clipped to the training values' range plus a margin (``value_range``).
 
 The output is a model folder: ``bundle.json`` (without metrics yet),
 ``head.onnx`` + ``head.npz`` (a frozen-backbone head) or ``model.onnx`` (a
-whole network), ``test_inputs.npz`` (the test split's image ids, features or
-preprocessed images, and targets) and, when model selection scored the
+whole network; a partial fine-tune adds ``tuned_features.npz``, what its last
+layer reads for each image), ``test_inputs.npz`` (the test split's image ids,
+embeddings, last-layer features or preprocessed images, and targets) and, when
+model selection scored the
 training split, ``train_oof.npz`` (each training image's out-of-fold raw
 outputs and targets) for the evaluate step.
 """
@@ -190,9 +194,24 @@ def train_model(
         reuse = selection.reusable_choice(
             store, config.previous_bundle, info, rows, quality=config.quality, augment=config.augment
         )
-        _select_and_train(
-            info, train_rows, test_rows, y_train, y_test, store, out_dir, config, meta, report, reuse=reuse
-        )
+        if reuse is not None and reuse.kind in (selection.PARTIAL_FINETUNE, selection.ENSEMBLE):
+            _refit_partial_finetune(
+                info, train_rows, test_rows, y_train, y_test, store, out_dir, config, meta, report, reuse
+            )
+        else:
+            _select_and_train(
+                info,
+                train_rows,
+                test_rows,
+                y_train,
+                y_test,
+                store,
+                out_dir,
+                config,
+                meta,
+                report,
+                reuse=reuse,
+            )
     else:
         from components.lib.finetune import finetune
 
@@ -357,19 +376,7 @@ def _select_and_train(
     )
     if reuse is not None:
         meta.selection["reused"] = reuse.report()
-    if chosen.oof is not None and chosen.oof_rows is not None:
-        if task_type is TaskType.MULTI_LABEL:
-            # Thresholds from out-of-fold scores on the training split: never from the test split.
-            probs = 1.0 / (1.0 + np.exp(-chosen.oof))
-            meta.thresholds = best_f1_thresholds(y_train[chosen.oof_rows].astype(np.int64), probs)
-        # Each training image as answered by a model that did not see it: the evaluate step's
-        # per-image predictions of the training split (likely label errors).
-        np.savez(
-            out_dir / TRAIN_OOF_FILE,
-            image_ids=np.asarray([train_rows[i].image_id for i in chosen.oof_rows]),
-            logits=chosen.oof,
-            targets=y_train[chosen.oof_rows],
-        )
+    _keep_out_of_fold(chosen, train_rows, y_train, out_dir, meta)
 
     # 3. The winner, refitted on the whole training split.
     report(0.85, f"training {chosen.name}")
@@ -416,6 +423,7 @@ def _select_and_train(
             y_fit,
             task_type,
             chosen.setting,
+            train_rows,
             test_rows,
             y_test,
             store,
@@ -437,6 +445,30 @@ def _own_linear(
     return next(
         (c for c in candidates if c.kind == selection.LINEAR and c.features == own and c.oof is not None),
         None,
+    )
+
+
+def _keep_out_of_fold(
+    chosen: selection.CandidateScore,
+    train_rows: list[ManifestRow],
+    y_train: Array,
+    out_dir: Path,
+    meta: BundleMeta,
+) -> None:
+    """The chosen candidate's out-of-fold outputs: multi_label thresholds, and ``train_oof.npz``."""
+    if chosen.oof is None or chosen.oof_rows is None:
+        return
+    if meta.task_type is TaskType.MULTI_LABEL:
+        # Thresholds from out-of-fold scores on the training split: never from the test split.
+        probs = 1.0 / (1.0 + np.exp(-chosen.oof))
+        meta.thresholds = best_f1_thresholds(y_train[chosen.oof_rows].astype(np.int64), probs)
+    # Each training image as answered by a model that did not see it: the evaluate step's
+    # per-image predictions of the training split (likely label errors).
+    np.savez(
+        out_dir / TRAIN_OOF_FILE,
+        image_ids=np.asarray([train_rows[i].image_id for i in chosen.oof_rows]),
+        logits=chosen.oof,
+        targets=y_train[chosen.oof_rows],
     )
 
 
@@ -526,6 +558,7 @@ def _train_partial_finetune(
     y: Array,
     task_type: TaskType,
     setting: heads.HeadSetting,
+    train_rows: list[ManifestRow],
     test_rows: list[ManifestRow],
     y_test: Array,
     store: BlobStore,
@@ -539,7 +572,10 @@ def _train_partial_finetune(
     flip: bool = True,
 ) -> None:
     """Fine-tune on every training row and export the network (averaged with the linear head on the
-    frozen embedding with ``ensemble``); the test images go into the model folder preprocessed."""
+    frozen embedding with ``ensemble``); its last layer's features of every image are kept."""
+    import onnx
+
+    from components.lib import refit
     from components.lib.embeddings import decode_row
     from components.lib.partial_finetune import train_tail
     from taskvision.preprocess import resize_and_crop, to_array
@@ -565,7 +601,7 @@ def _train_partial_finetune(
             x_fit = np.concatenate([centre, known[(plan.backbone_id, True)]])
             y_all = np.concatenate([y, y])
         linear = heads.fit_head(x_fit, y_all, task_type, setting, n_outputs=n_outputs)
-        tuned.export_ensemble(
+        frozen_mean, frozen_std = tuned.export_ensemble(
             out_dir / MODEL_FILE,
             pretrained,
             linear,
@@ -590,9 +626,160 @@ def _train_partial_finetune(
             store, row, max_pixels=config.max_image_pixels, min_side=2 * spec.preprocess.resize_to
         )
         test_arrays[i] = to_array(resize_and_crop(image, spec.preprocess), spec.preprocess)
+    # What the last layer reads, for every image: the evaluate step's test inputs, and what a
+    # retrain of barely changed data refits that layer on (components.lib.refit).
+    network = onnx.load(str(out_dir / MODEL_FILE))
+    test_features = refit.run_features(refit.features_session(network), test_arrays)
+    kept = refit.TunedFeatures.empty()
+    train_features = [tuned.features(data, view=view) for view in (0, 1)]
+    if ensemble:
+        # The averaged network's last layer also reads the standardized frozen embedding.
+        train_features = [
+            np.concatenate(
+                [part, (known[(plan.backbone_id, view == 1)] - frozen_mean) / frozen_std], axis=1
+            ).astype(np.float32)
+            for view, part in enumerate(train_features)
+        ]
+    kept.add([row.sha256 for row in train_rows], *train_features, exact=False)
+    kept.add([row.sha256 for row in test_rows], test_features, exact=True)
+    kept.write(out_dir / refit.FEATURES_FILE)
     np.savez(
         out_dir / TEST_INPUTS_FILE,
         image_ids=np.asarray([row.image_id for row in test_rows]),
-        images=test_arrays,
+        features=test_features,
         targets=y_test,
+    )
+
+
+def _refit_partial_finetune(
+    info: DatasetInfo,
+    train_rows: list[ManifestRow],
+    test_rows: list[ManifestRow],
+    y_train: Array,
+    y_test: Array,
+    store: BlobStore,
+    out_dir: Path,
+    config: TrainConfig,
+    meta: BundleMeta,
+    report: Callable[[float, str], None],
+    reuse: selection.Reuse,
+) -> None:
+    """The previous version's tuned network with its last layer refitted (components.lib.refit)."""
+    import functools
+
+    import onnx
+
+    from components.lib import refit
+
+    started = time.perf_counter()
+    logger.info(
+        "%d of %d images changed since run %s: refitting the last layer of its %s",
+        reuse.changed_images,
+        reuse.images,
+        reuse.run_id,
+        reuse.chosen,
+    )
+    previous = BundleMeta.from_json(store.get(f"{reuse.bundle}/bundle.json"))
+    serialized = store.get(f"{reuse.bundle}/{MODEL_FILE}")
+    network = onnx.load_from_string(serialized)
+    kept = refit.TunedFeatures.from_bytes(store.get(f"{reuse.bundle}/{refit.FEATURES_FILE}"))
+    flip = config.augment == "flip"
+    session = functools.cache(lambda: refit.features_session(network))
+    report(0.1, "computing the features of new images")
+    # Test images' features must be the network's own: the metrics are computed from them.
+    new = kept.complete(
+        store,
+        train_rows,
+        session,
+        previous.backbone,
+        with_mirror=flip,
+        exact=False,
+        max_pixels=config.max_image_pixels,
+    )
+    new += kept.complete(
+        store,
+        test_rows,
+        session,
+        previous.backbone,
+        with_mirror=False,
+        exact=True,
+        max_pixels=config.max_image_pixels,
+    )
+
+    report(0.5, "choosing the last layer's penalty by cross-validation")
+    task_type = info.task_type
+    n_outputs = len(meta.labels)
+    y_fit = _standardized(meta, y_train)
+    scale = float(np.mean(meta.target_std)) if task_type is TaskType.REGRESSION else 1.0
+    x = kept.matrix(train_rows)
+    x_mirror = kept.matrix(train_rows, mirrored=True) if flip else None
+    fold_groups = heads.folds(len(train_rows), max(2, min(config.cv_folds, len(train_rows))), config.seed)
+    cv = heads.cross_validate(
+        x,
+        y_fit,
+        task_type,
+        heads.default_grid(task_type, fixed_penalty=config.weight_decay),
+        fold_groups,
+        n_outputs=n_outputs,
+        x_mirror=x_mirror,
+        augment_with_mirror=flip,
+    )
+    scores = [heads.score(task_type, y_fit, oof) * scale for oof in cv.oof]
+    best = int(np.argmax(scores))
+    setting = cv.settings[best]
+    chosen = selection.CandidateScore(
+        name=reuse.chosen,
+        kind=reuse.kind,  # an averaged network's one last layer is refitted over both feature sets
+        cv_score=scores[best],
+        serving_cost=selection.BACKBONE_COST[previous.backbone]
+        + (selection.ENSEMBLE_COST if reuse.kind == selection.ENSEMBLE else 0.0),
+        seconds=time.perf_counter() - started,
+        plan=dict(previous.training.get("partial_finetune", {})),
+        head=setting.name,
+        oof=cv.oof[best],
+        oof_rows=np.arange(len(train_rows)),
+        setting=setting,
+    )
+
+    report(0.8, "refitting the last layer")
+    x_fit, y_all = (
+        (np.concatenate([x, x_mirror]), np.concatenate([y_fit, y_fit]))
+        if x_mirror is not None
+        else (x, y_fit)
+    )
+    w, b = heads.fit_head(x_fit, y_all, task_type, setting, n_outputs=n_outputs)
+    (out_dir / MODEL_FILE).write_bytes(refit.with_layer(network, serialized, w, b))
+    kept.write(out_dir / refit.FEATURES_FILE)
+    meta.frozen_backbone = False
+    meta.features = []
+    meta.backbone = previous.backbone
+    meta.input_size = previous.input_size
+    meta.preprocess = previous.preprocess
+    meta.training["partial_finetune"] = chosen.plan
+    meta.training["head"] = setting.name
+    meta.training["refit"] = {"from_run": reuse.run_id, "new_images": new}
+    meta.selection = selection.selection_report(
+        selection.preset(config.quality),
+        chosen,
+        [chosen],
+        metric=selection.metric_name(task_type),
+        folds=len(fold_groups),
+        scored_rows=len(train_rows),
+        skipped=[],
+        seconds=time.perf_counter() - started,
+    )
+    meta.selection["reused"] = reuse.report()
+    _keep_out_of_fold(chosen, train_rows, y_train, out_dir, meta)
+    np.savez(
+        out_dir / TEST_INPUTS_FILE,
+        image_ids=np.asarray([row.image_id for row in test_rows]),
+        features=kept.matrix(test_rows) if test_rows else np.zeros((0, x.shape[1]), dtype=np.float32),
+        targets=y_test,
+    )
+    logger.info(
+        "refitted %s on %d images (%d new) in %.2f s",
+        reuse.chosen,
+        len(train_rows),
+        new,
+        time.perf_counter() - started,
     )

@@ -169,10 +169,8 @@ def test_deliveries_are_signed_and_tell_about_production_changes(
     }
 
 
-@pytest.mark.slow
-def test_a_target_that_is_down_for_a_while_is_retried(hooked: tuple[FastAPI, TestClient]) -> None:
-    _, client = hooked
-    receiver = Receiver(fail_first=2)
+def _test_delivery(client: TestClient, receiver: Receiver) -> dict[str, Any]:
+    """Register ``receiver``, send it a test event, and wait until its delivery has an outcome."""
     server = receiver.serve()
     try:
         hook = client.post(HOOKS, json={"url": receiver.url}).json()
@@ -180,21 +178,21 @@ def test_a_target_that_is_down_for_a_while_is_retried(hooked: tuple[FastAPI, Tes
         (delivery,) = _wait_deliveries(client, hook["id"], 1)
     finally:
         server.shutdown()
+    return delivery
+
+
+@pytest.mark.slow
+def test_a_target_that_is_down_for_a_while_is_retried(hooked: tuple[FastAPI, TestClient]) -> None:
+    receiver = Receiver(fail_first=2)
+    delivery = _test_delivery(hooked[1], receiver)
     assert delivery["status"] == "SUCCEEDED" and delivery["attempts"] == 3
     assert len(receiver.received) == 3
 
 
 @pytest.mark.slow
 def test_a_target_that_stays_down_is_recorded_as_failed(hooked: tuple[FastAPI, TestClient]) -> None:
-    _, client = hooked
     receiver = Receiver(fail_first=1000)
-    server = receiver.serve()
-    try:
-        hook = client.post(HOOKS, json={"url": receiver.url}).json()
-        client.post(f"{HOOKS}/{hook['id']}/test")
-        (delivery,) = _wait_deliveries(client, hook["id"], 1)
-    finally:
-        server.shutdown()
+    delivery = _test_delivery(hooked[1], receiver)
     # Retried with a growing back-off until the retry window (1.5 s here, a day by default) ran out.
     assert delivery["status"] == "FAILED" and delivery["attempts"] >= 2
     assert (delivery["last_status_code"], delivery["last_error"]) == (503, "HTTP 503")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ from components.lib.partial_finetune import STD_FLOOR, PartialFinetunePlan, comp
 from components.lib.split import split_dataset
 from components.lib.train import TrainConfig, targets, train_model
 from taskvision import backbone
+from taskvision.bundle import BundleMeta
 from taskvision.inference import BundleModel
 from taskvision.storage import LocalBlobStore
 from tests.support.images import shape_image
@@ -124,3 +126,77 @@ def test_balanced_scores_both_candidates_and_a_fine_tuned_winner_is_a_whole_netw
     image, _ = model.decode(shape_image("circle", 99), max_pixels=10**7)
     probs = model.outputs(model.logits_from_prepared(model.prepare(image)[None]))
     assert probs.shape == (1, 2) and np.isclose(probs.sum(), 1.0, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["partial_finetune", "partial_finetune+linear"])
+def test_a_retrain_of_barely_changed_data_refits_the_tuned_networks_last_layer(
+    shapes: tuple, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind: str
+) -> None:
+    """A partial fine-tune (alone, or averaged with the linear head) wins the first training; a
+    retrain with 2 new images of 24 keeps the tuned network (no fine-tuning, no activations) and
+    refits its last layer over every image."""
+    import onnx
+
+    from components.lib import partial_finetune, refit, selection
+    from components.lib.register import register_bundle
+    from taskvision.dataset import write_snapshot
+
+    store, info, rows = shapes
+    # Without the linear candidate there is nothing to average; with it, the average is kept on a tie.
+    linear = () if kind == "partial_finetune" else ((selection.L0,),)
+    monkeypatch.setitem(
+        selection.PRESETS,
+        "balanced",
+        selection.QualityPreset(
+            "balanced", linear=linear, test_time_flip=False, finetune=PLAN, finetune_folds=1
+        ),
+    )
+
+    def training(name: str, these: list, previous: str = "") -> tuple[BundleMeta, dict[str, Any]]:
+        write_snapshot(store, f"datasets/t/{name}", info, these)
+        meta = train_model(
+            info,
+            these,
+            split_dataset(info, these),
+            store,
+            tmp_path / name,
+            TrainConfig(mode="embed", previous_bundle=previous),
+            snapshot=f"datasets/t/{name}",
+            run_id=name,
+        )
+        metrics = evaluate_model(tmp_path / name)
+        register_bundle(tmp_path / name, metrics, store, f"models/t/{name}")
+        return meta, metrics
+
+    first, _ = training("r1", rows[:11] + rows[12:23])
+    assert first.selection["kind"] == kind
+    assert store.exists(f"models/t/r1/{refit.FEATURES_FILE}")
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a refit must not fine-tune again")
+
+    monkeypatch.setattr(partial_finetune, "train_tail", refuse)
+    monkeypatch.setattr(partial_finetune, "compute_activations", refuse)
+    second, metrics = training("r2", rows, previous="models/t/r1")
+
+    assert second.selection["reused"]["changed_images"] == 2
+    assert second.selection["chosen"] == first.selection["chosen"]
+    assert second.selection["kind"] == kind
+    assert second.training["refit"] == {"from_run": "r1", "new_images": 2}
+    assert not second.frozen_backbone
+    before, after = (onnx.load(str(tmp_path / name / "model.onnx")) for name in ("r1", "r2"))
+    assert refit.trunk_id(before) == refit.trunk_id(after)  # the tuned blocks are kept
+    assert not np.array_equal(refit.layer_arrays(before)[0], refit.layer_arrays(after)[0])
+    assert metrics["accuracy"] >= 0.75
+    # The metrics came from the kept features: the served network gives the same answers.
+    model = BundleModel.load(tmp_path / "r2")
+    split = split_dataset(info, rows)
+    by_id = {row.image_id: row for row in rows}
+    tested = [by_id[image_id] for image_id in split.test]
+    served = model.logits_from_arrays(np.stack([_centre(store, row) for row in tested]))
+    w, b = refit.layer_arrays(after)
+    kept = np.load(tmp_path / "r2" / "test_inputs.npz")["features"]
+    np.testing.assert_allclose(kept @ w.T + b, served, atol=1e-4)
+    # The new images' features are kept for the next retrain.
+    carried = refit.TunedFeatures.from_bytes(store.get(f"models/t/r2/{refit.FEATURES_FILE}"))
+    assert {row.sha256 for row in rows} <= set(carried.centre)
