@@ -36,7 +36,12 @@ computed here without automatic differentiation, and checked against torch
 autograd in the tests. Per-channel constants between the pooling and the
 classifier (a partial fine-tune's head standardizes its input: ``(x - mean) /
 std``) fold into ``W``: a shift changes only the bias, a scale scales ``W``'s
-columns. A graph that does not end that way is refused
+columns. A partial fine-tune averaged with a linear head
+(:meth:`components.lib.partial_finetune.TunedTail.export_ensemble`)
+concatenates the tuned pooled features with the frozen embedding before its
+one linear layer: its Grad-CAM is the tuned feature map's, with that layer's
+columns of the tuned slice (the frozen part's own maps are left out). A graph
+that does not end that way is refused
 (:class:`~taskvision.errors.ExplainUnavailableError`).
 
 Which score is explained: multi_class explains the class's logit minus the
@@ -303,13 +308,21 @@ class GradCamNetwork:
         pool = pools[-1]
         tensor = pool.output[0]
         scale: Array | None = None  # per channel, from Mul / Div by constants on the way
-        # pooled vector -> (Flatten | Reshape | Squeeze | per-channel constant shift or scale)* -> Gemm
+        span: tuple[int, int] | None = None  # the pooled features' columns of a concatenation
+        # pooled vector -> (Flatten | Reshape | Squeeze | per-channel constant shift or scale)*
+        #   -> (one Concat with other features, then more shifts and scales)? -> Gemm
         while True:
             following = consumers.get(tensor, [])
             if len(following) != 1:
                 raise ExplainUnavailableError("The pooled features feed more than one layer.")
             node = following[0]
             if node.op_type in ("Flatten", "Reshape", "Squeeze"):
+                tensor = node.output[0]
+                continue
+            if node.op_type == "Concat" and span is None and scale is None:
+                # A partial fine-tune averaged with a linear head reads [tuned pooled features,
+                # frozen embedding]: the tuned map's gradient is the Gemm's columns of its slice.
+                span = _concat_span(model, node, tensor)
                 tensor = node.output[0]
                 continue
             constant = _constant_operand(node, tensor, initializers)
@@ -334,6 +347,8 @@ class GradCamNetwork:
         weight = weight if attributes.get("transB", 0) else weight.T  # (K, C)
         if scale is not None:  # W (s * x) = (W * s) x
             weight = weight * np.broadcast_to(scale.reshape(-1), (weight.shape[1],))[None, :]
+        if span is not None:
+            weight = weight[:, span[0] : span[1]]
         self.weight: Array = np.ascontiguousarray(weight, dtype=np.float32)
         self.logits_name = node.output[0]
         self.map_name = pool.input[0]
@@ -363,6 +378,27 @@ class GradCamNetwork:
             [self.logits_name, self.map_name], {name: arrays.astype(np.float32)}
         )
         return np.asarray(logits, dtype=np.float32), np.asarray(feature_map, dtype=np.float32)
+
+
+def _concat_span(model: Any, node: Any, tensor: str) -> tuple[int, int]:
+    """The columns ``tensor`` fills in the output of Concat ``node`` (along axis 1 of 2-d inputs)."""
+    import onnx
+    from onnx import helper
+
+    attributes = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    if attributes.get("axis") not in (1, -1):
+        raise ExplainUnavailableError("The pooled features are concatenated along another axis.")
+    inferred = onnx.shape_inference.infer_shapes(model)
+    widths: dict[str, int] = {}
+    for info in [*inferred.graph.value_info, *inferred.graph.output]:
+        dims = info.type.tensor_type.shape.dim
+        if len(dims) == 2 and dims[1].HasField("dim_value"):
+            widths[info.name] = dims[1].dim_value
+    inputs = list(node.input)
+    if tensor not in inputs or any(name not in widths for name in inputs[: inputs.index(tensor) + 1]):
+        raise ExplainUnavailableError("The widths of the concatenated features are unknown.")
+    start = sum(widths[name] for name in inputs[: inputs.index(tensor)])
+    return start, start + widths[tensor]
 
 
 def _constant_operand(node: Any, tensor: str, initializers: dict[str, Any]) -> Array | None:

@@ -7,7 +7,8 @@ Two modes:
   the training split only: linear heads over frozen-backbone features
   (ONNX Runtime embeddings, cached per image hash in the blob store, so
   retraining only embeds new images) and, from ``balanced`` on, a partial
-  fine-tune of the backbone's last block (:mod:`components.lib.partial_finetune`).
+  fine-tune of the backbone's last block (:mod:`components.lib.partial_finetune`),
+  alone and averaged with the linear head on the frozen embedding.
   The winner is refitted on the whole training split. Its out-of-fold scores
   set multi_label thresholds. Seconds to a few minutes. A retrain of barely
   changed data refits the previous version's choice instead (for a partial
@@ -193,7 +194,7 @@ def train_model(
         reuse = selection.reusable_choice(
             store, config.previous_bundle, info, rows, quality=config.quality, augment=config.augment
         )
-        if reuse is not None and reuse.kind == selection.PARTIAL_FINETUNE:
+        if reuse is not None and reuse.kind in (selection.PARTIAL_FINETUNE, selection.ENSEMBLE):
             _refit_partial_finetune(
                 info, train_rows, test_rows, y_train, y_test, store, out_dir, config, meta, report, reuse
             )
@@ -343,23 +344,25 @@ def _select_and_train(
         if time.perf_counter() > deadline and candidates:
             skipped.append(plan.name)
         else:
-            candidates.append(
-                _score_partial_finetune(
-                    plan,
-                    maps,
-                    known,
-                    y_fit,
-                    task_type,
-                    _start_setting(task_type, candidates, plan.backbone_id),
-                    fold_groups[: preset.finetune_folds],
-                    scored_rows,
-                    n_outputs=n_outputs,
-                    scale=scale,
-                    seed=config.seed,
-                    report=report,
-                )
+            tuned_candidate = _score_partial_finetune(
+                plan,
+                maps,
+                known,
+                y_fit,
+                task_type,
+                _start_setting(task_type, candidates, plan.backbone_id),
+                fold_groups[: preset.finetune_folds],
+                scored_rows,
+                n_outputs=n_outputs,
+                scale=scale,
+                seed=config.seed,
+                report=report,
             )
-    chosen = selection.choose(candidates)
+            candidates.append(tuned_candidate)
+            own = _own_linear(candidates, plan.backbone_id)
+            if own is not None:
+                candidates.append(selection.ensemble(tuned_candidate, own, task_type, y_fit, scale))
+    chosen = selection.choose(candidates, task_type=task_type, y=y_fit, seed=config.seed)
     logger.info("chose %s (cross-validated score %.4f)", chosen.name, chosen.cv_score)
     meta.selection = selection.selection_report(
         preset,
@@ -429,7 +432,20 @@ def _select_and_train(
             meta,
             n_outputs=n_outputs,
             report=report,
+            ensemble=chosen.kind == selection.ENSEMBLE,
+            flip=flip,
         )
+
+
+def _own_linear(
+    candidates: list[selection.CandidateScore], backbone_id: str
+) -> selection.CandidateScore | None:
+    """The linear candidate over the backbone's own multi-scale embedding (what an ensemble averages in)."""
+    own = [features.feature_id(backbone_id)]
+    return next(
+        (c for c in candidates if c.kind == selection.LINEAR and c.features == own and c.oof is not None),
+        None,
+    )
 
 
 def _keep_out_of_fold(
@@ -552,7 +568,11 @@ def _train_partial_finetune(
     *,
     n_outputs: int,
     report: Callable[[float, str], None],
+    ensemble: bool = False,
+    flip: bool = True,
 ) -> None:
+    """Fine-tune on every training row and export the network (averaged with the linear head on the
+    frozen embedding with ``ensemble``); its last layer's features of every image are kept."""
     import onnx
 
     from components.lib import refit
@@ -574,7 +594,24 @@ def _train_partial_finetune(
         seed=config.seed,
         report=lambda epoch: report(0.85 + 0.1 * epoch / plan.epochs, f"fine-tuning ({epoch}/{plan.epochs})"),
     )
-    tuned.export(out_dir / MODEL_FILE, input_size=spec.preprocess.input_size)
+    if ensemble:
+        centre = known[(plan.backbone_id, False)]
+        x_fit, y_all = centre, y
+        if flip:
+            x_fit = np.concatenate([centre, known[(plan.backbone_id, True)]])
+            y_all = np.concatenate([y, y])
+        linear = heads.fit_head(x_fit, y_all, task_type, setting, n_outputs=n_outputs)
+        frozen_mean, frozen_std = tuned.export_ensemble(
+            out_dir / MODEL_FILE,
+            pretrained,
+            linear,
+            x_fit,
+            tap_block=plan.tap_block,
+            input_size=spec.preprocess.input_size,
+        )
+        meta.training["ensemble_linear"] = {"features": [features.feature_id(plan.backbone_id)]}
+    else:
+        tuned.export(out_dir / MODEL_FILE, input_size=spec.preprocess.input_size)
     meta.frozen_backbone = False
     meta.features = []
     meta.backbone = spec.id
@@ -594,12 +631,16 @@ def _train_partial_finetune(
     network = onnx.load(str(out_dir / MODEL_FILE))
     test_features = refit.run_features(refit.features_session(network), test_arrays)
     kept = refit.TunedFeatures.empty()
-    kept.add(
-        [row.sha256 for row in train_rows],
-        tuned.features(data, view=0),
-        tuned.features(data, view=1),
-        exact=False,
-    )
+    train_features = [tuned.features(data, view=view) for view in (0, 1)]
+    if ensemble:
+        # The averaged network's last layer also reads the standardized frozen embedding.
+        train_features = [
+            np.concatenate(
+                [part, (known[(plan.backbone_id, view == 1)] - frozen_mean) / frozen_std], axis=1
+            ).astype(np.float32)
+            for view, part in enumerate(train_features)
+        ]
+    kept.add([row.sha256 for row in train_rows], *train_features, exact=False)
     kept.add([row.sha256 for row in test_rows], test_features, exact=True)
     kept.write(out_dir / refit.FEATURES_FILE)
     np.savez(
@@ -688,9 +729,10 @@ def _refit_partial_finetune(
     setting = cv.settings[best]
     chosen = selection.CandidateScore(
         name=reuse.chosen,
-        kind=selection.PARTIAL_FINETUNE,
+        kind=reuse.kind,  # an averaged network's one last layer is refitted over both feature sets
         cv_score=scores[best],
-        serving_cost=selection.BACKBONE_COST[previous.backbone],
+        serving_cost=selection.BACKBONE_COST[previous.backbone]
+        + (selection.ENSEMBLE_COST if reuse.kind == selection.ENSEMBLE else 0.0),
         seconds=time.perf_counter() - started,
         plan=dict(previous.training.get("partial_finetune", {})),
         head=setting.name,

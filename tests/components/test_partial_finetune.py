@@ -66,6 +66,36 @@ def test_the_exported_network_computes_what_the_tuned_tail_did(shapes: tuple, tm
     assert not all(np.array_equal(tuned_state[k], original[k]) for k in original if k.startswith("blocks.6."))
 
 
+def test_the_exported_ensemble_averages_the_tuned_network_and_the_linear_head(
+    shapes: tuple, tmp_path: Path
+) -> None:
+    store, info, rows = shapes
+    data, known = compute_activations(store, rows, PLAN, seed=0, use_cache=False, max_pixels=10**7)
+    y = targets(info, rows)
+    embeddings = np.concatenate([known[(backbone.BACKBONE_ID, m)] for m in (False, True)])
+    setting = heads.HeadSetting(heads.LOGISTIC, 0.1)
+    final = embeddings[:, : backbone.FINAL_DIM]
+    start = heads.fit_head(
+        final, np.concatenate([y, y]), info.task_type, setting, n_outputs=2, std_floor=STD_FLOOR
+    )
+    pretrained = backbone.build_torch_model(num_classes=0)
+    tuned = train_tail(pretrained, data, start, final, y, info.task_type, PLAN, seed=0)
+    linear = heads.fit_head(embeddings, np.concatenate([y, y]), info.task_type, setting, n_outputs=2)
+    tuned.export_ensemble(
+        tmp_path / "model.onnx", pretrained, linear, embeddings, tap_block=PLAN.tap_block, input_size=224
+    )
+    arrays = np.stack([_centre(store, row) for row in rows])
+    exported = backbone.onnx_session(tmp_path / "model.onnx").run(None, {"input": arrays})[0]
+    expected = 0.5 * (tuned.logits(data) + heads.predict(known[(backbone.BACKBONE_ID, False)], *linear))
+    np.testing.assert_allclose(exported, expected, atol=0.05)
+    # Still one linear layer over standardized features at the end (what a refit replaces).
+    import onnx
+
+    graph = onnx.load(str(tmp_path / "model.onnx")).graph
+    last = next(n for n in graph.node if graph.output[0].name in n.output)
+    assert last.op_type == "Gemm"
+
+
 def _centre(store: LocalBlobStore, row: object) -> np.ndarray:
     from components.lib.embeddings import decode_row, prepared_arrays
 
@@ -82,12 +112,12 @@ def test_balanced_scores_both_candidates_and_a_fine_tuned_winner_is_a_whole_netw
     selection = meta.selection
     assert selection["quality"] == "balanced" and selection["folds"] == 3
     kinds = {c["kind"] for c in selection["candidates"]}
-    assert kinds == {"linear", "partial_finetune"}
+    assert kinds == {"linear", "partial_finetune", "partial_finetune+linear"}
     # Scored on the same out-of-fold rows: the first fold (the fine-tune is checked on one).
     assert selection["scored_rows"] < len(split.train)
     assert evaluate_model(tmp_path / "model")["accuracy"] >= 0.75
     model = BundleModel.load(tmp_path / "model")
-    if selection["kind"] == "partial_finetune":
+    if selection["kind"] in ("partial_finetune", "partial_finetune+linear"):
         assert (
             not meta.frozen_backbone and meta.features == [] and (tmp_path / "model" / "model.onnx").exists()
         )
@@ -98,11 +128,13 @@ def test_balanced_scores_both_candidates_and_a_fine_tuned_winner_is_a_whole_netw
     assert probs.shape == (1, 2) and np.isclose(probs.sum(), 1.0, atol=1e-5)
 
 
+@pytest.mark.parametrize("kind", ["partial_finetune", "partial_finetune+linear"])
 def test_a_retrain_of_barely_changed_data_refits_the_tuned_networks_last_layer(
-    shapes: tuple, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    shapes: tuple, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind: str
 ) -> None:
-    """A partial fine-tune wins the first training; a retrain with 2 new images of 24 keeps the
-    tuned network (no fine-tuning, no activations) and refits its last layer over every image."""
+    """A partial fine-tune (alone, or averaged with the linear head) wins the first training; a
+    retrain with 2 new images of 24 keeps the tuned network (no fine-tuning, no activations) and
+    refits its last layer over every image."""
     import onnx
 
     from components.lib import partial_finetune, refit, selection
@@ -110,10 +142,14 @@ def test_a_retrain_of_barely_changed_data_refits_the_tuned_networks_last_layer(
     from taskvision.dataset import write_snapshot
 
     store, info, rows = shapes
+    # Without the linear candidate there is nothing to average; with it, the average is kept on a tie.
+    linear = () if kind == "partial_finetune" else ((selection.L0,),)
     monkeypatch.setitem(
         selection.PRESETS,
         "balanced",
-        selection.QualityPreset("balanced", linear=(), test_time_flip=False, finetune=PLAN, finetune_folds=1),
+        selection.QualityPreset(
+            "balanced", linear=linear, test_time_flip=False, finetune=PLAN, finetune_folds=1
+        ),
     )
 
     def training(name: str, these: list, previous: str = "") -> tuple[BundleMeta, dict[str, Any]]:
@@ -133,7 +169,7 @@ def test_a_retrain_of_barely_changed_data_refits_the_tuned_networks_last_layer(
         return meta, metrics
 
     first, _ = training("r1", rows[:11] + rows[12:23])
-    assert first.selection["kind"] == "partial_finetune"
+    assert first.selection["kind"] == kind
     assert store.exists(f"models/t/r1/{refit.FEATURES_FILE}")
 
     def refuse(*args: object, **kwargs: object) -> None:
@@ -145,7 +181,7 @@ def test_a_retrain_of_barely_changed_data_refits_the_tuned_networks_last_layer(
 
     assert second.selection["reused"]["changed_images"] == 2
     assert second.selection["chosen"] == first.selection["chosen"]
-    assert second.selection["kind"] == "partial_finetune"
+    assert second.selection["kind"] == kind
     assert second.training["refit"] == {"from_run": "r1", "new_images": 2}
     assert not second.frozen_backbone
     before, after = (onnx.load(str(tmp_path / name / "model.onnx")) for name in ("r1", "r2"))

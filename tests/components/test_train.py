@@ -530,3 +530,31 @@ def test_a_retrain_of_barely_changed_data_refits_the_previous_choice(
         selection.reusable_choice(store, "models/t/gone", task, rows[:100], quality="best", augment="flip")
         is None
     )
+
+
+def _candidate(name: str, kind: str, right: np.ndarray, cost: float) -> selection.CandidateScore:
+    """A 2-class candidate whose out-of-fold answers are right on the rows where ``right`` is True."""
+    oof = np.where(right[:, None], [[0.0, 1.0]], [[1.0, 0.0]]).astype(np.float32)  # every target is class 1
+    return selection.CandidateScore(
+        name=name,
+        kind=kind,
+        cv_score=float(right.mean()),
+        serving_cost=cost,
+        seconds=0.0,
+        oof=oof,
+        oof_rows=np.arange(len(right)),
+    )
+
+
+def test_the_averaged_candidate_gives_way_only_to_a_clearly_better_one() -> None:
+    y = np.ones(200, dtype=np.float32)
+    averaged = np.arange(200) >= 60  # right on 70 %
+    close = averaged.copy()
+    close[:30], close[60:84] = True, False  # 30 rows better, 24 worse: +3 points, within the noise
+    clear = averaged.copy()
+    clear[:60], clear[60:70] = True, False  # 60 rows better, 10 worse: +25 points
+    ensemble = _candidate("ft + linear", selection.ENSEMBLE, averaged, 1.15)
+    for other, expected in ((close, "ft + linear"), (clear, "linear")):
+        candidates = [_candidate("linear", selection.LINEAR, other, 1.0), ensemble]
+        assert selection.choose(candidates).name == "linear"  # by score alone
+        assert selection.choose(candidates, task_type=TaskType.MULTI_CLASS, y=y).name == expected

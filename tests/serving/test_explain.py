@@ -272,3 +272,68 @@ def test_top_region_and_crop_box() -> None:
     assert explain.crop_box(224, 224) == (14.0, 14.0, 210.0, 210.0)
     left, top, right, bottom = explain.crop_box(1000, 500)  # shorter side 500 -> 256
     assert (round(top), round(bottom)) == (31, 469) and round(right - left) == round(bottom - top)
+
+
+@pytest.mark.slow
+def test_a_fine_tune_averaged_with_a_linear_head_is_explained_with_its_tuned_map(tmp_path: Path) -> None:
+    """The averaged network's last layer reads [tuned pooled features, frozen embedding]: Grad-CAM
+    of the tuned map uses that layer's columns of the tuned slice, as torch autograd says."""
+    import copy
+
+    import torch
+
+    from components.lib.partial_finetune import _ensemble_network, _standardized_head
+    from taskvision.bundle import MODEL_FILE
+    from taskvision.preprocess import preprocess_bytes
+
+    rng = np.random.default_rng(8)
+    width = backbone.FINAL_DIM + backbone.EMBEDDING_DIM
+    weight = rng.standard_normal((3, width)).astype(np.float32) * 0.1
+    mean = rng.random(width).astype(np.float32)
+    std = (rng.random(width) + 0.5).astype(np.float32)
+    pretrained = backbone.build_torch_model(num_classes=0)
+    tuned = copy.deepcopy(pretrained)
+    with torch.no_grad():  # the tuned last block differs from the pretrained one
+        for parameter in tuned.blocks[6].parameters():
+            parameter.add_(0.01 * torch.randn_like(parameter))
+    network = _ensemble_network(tuned, pretrained, _standardized_head(mean, std, weight, np.zeros(3)), 6)
+    folder = tmp_path / "averaged"
+    folder.mkdir()
+    backbone.export_onnx(network, folder / MODEL_FILE, input_size=224)
+    (folder / "bundle.json").write_text(meta_for(TaskType.MULTI_CLASS, 3, frozen=False).to_json())
+    predictor = BundlePredictor("averaged", folder)
+    predictor.load()
+    image = _scene(random.Random(3), "disc", (80, 120))
+    (answer,) = predictor.classify([image], explain=True)
+    assert isinstance(answer, dict)
+    (explained,) = answer["_explanations"]
+    assert explained["id"] == answer["best_label"]["id"]
+
+    gradcam = explain.GradCamNetwork((folder / MODEL_FILE).read_bytes())
+    assert gradcam.weight.shape == (3, backbone.FINAL_DIM)
+    arrays = preprocess_bytes(image, max_pixels=10**7)[0][None]
+    logits, feature_map = gradcam.run(arrays)
+    best = int(logits[0].argmax())
+    ours = explain.grad_cam(feature_map, explain.explained_rows("multi_class", gradcam.weight))[0, best]
+    # torch: the same network, with the tuned map's gradient kept.
+    x = torch.from_numpy(arrays)
+    with torch.no_grad():
+        trunk = pretrained.bn1(pretrained.conv_stem(x))
+        parts = []
+        for index, block in enumerate(pretrained.blocks):
+            if index == 6:
+                tap = trunk
+            trunk = block(trunk)
+            if index in (3, 4, 5):
+                parts.append(trunk.mean(dim=(2, 3)))
+            if index == 5:
+                parts.append(trunk.amax(dim=(2, 3)))
+        frozen = pretrained.forward_head(pretrained.bn2(pretrained.conv_head(trunk)), pre_logits=True)
+    activations = tuned.bn2(tuned.conv_head(tuned.blocks[6](tap)))
+    activations.retain_grad()
+    scores = network.head(torch.cat([activations.mean(dim=(2, 3)), frozen, *parts], dim=1))
+    (scores[0, best] - scores[0].mean()).backward()
+    assert activations.grad is not None
+    reference = (activations.grad.mean(dim=(2, 3), keepdim=True) * activations).sum(dim=1)[0].detach().numpy()
+    np.testing.assert_allclose(logits, scores.detach().numpy(), atol=1e-3)
+    np.testing.assert_allclose(ours, reference, atol=1e-3 * float(np.abs(reference).max()))

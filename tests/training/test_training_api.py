@@ -313,6 +313,7 @@ def test_deleting_a_task_removes_runs_snapshots_and_bundles(client: TestClient) 
 @pytest.mark.s3
 def test_training_with_postgres_and_s3(postgres_url: str, s3_server: Any, tmp_path: Path) -> None:
     """The cluster-mode stores: the pipeline steps read the snapshot from and write the bundle to S3."""
+    from components.lib.refit import FEATURES_FILE
     from tests.conftest import s3_storage_settings
 
     settings = Settings(
@@ -332,8 +333,11 @@ def test_training_with_postgres_and_s3(postgres_url: str, s3_server: Any, tmp_pa
         assert done["status"] == "SUCCEEDED", done
         prefix = f"models/{task['id']}/{done['id']}"
         meta = BundleMeta.from_json(app.state.services.blobs.get(f"{prefix}/bundle.json"))
+        stored = ["bundle.json", "predictions.jsonl", "report.md", *meta.files]
+        if meta.selection.get("kind") in ("partial_finetune", "partial_finetune+linear"):
+            stored.append(FEATURES_FILE)  # a tuned network's per-image features, for the next retrain
         assert app.state.services.blobs.list_keys(f"{prefix}/") == sorted(
-            f"{prefix}/{name}" for name in ["bundle.json", "predictions.jsonl", "report.md", *meta.files]
+            f"{prefix}/{name}" for name in stored
         )
         model = client.get(f"/recognition/v2/model/?task={task['id']}").json()["results"][0]
         _check_evaluation(client, task, model)
