@@ -147,16 +147,27 @@ def build_torch_model(*, num_classes: int = 0, backbone_id: str = BACKBONE_ID) -
     return model.eval()
 
 
-def multi_scale_features(model: Any, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """Run a timm EfficientNet from the stem: (final pooled features, [block 3, 4, 5 means, block 5 max])."""
+def trunk(
+    model: Any, x: torch.Tensor, *, tap_block: int = 0
+) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
+    """Run a timm EfficientNet's stem and blocks: (the last block's map, [block 3, 4, 5 means,
+    block 5 max], the map entering block ``tap_block``)."""
     x = model.bn1(model.conv_stem(x))
-    parts = []
+    parts, tap = [], x
     for index, block in enumerate(model.blocks):
+        if index == tap_block:
+            tap = x
         x = block(x)
         if index in (3, 4, 5):
             parts.append(x.mean(dim=(2, 3)))
         if index == 5:
             parts.append(x.amax(dim=(2, 3)))
+    return x, parts, tap
+
+
+def multi_scale_features(model: Any, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Run a timm EfficientNet from the stem: (final pooled features, [block 3, 4, 5 means, block 5 max])."""
+    x, parts, _ = trunk(model, x)
     final = model.global_pool(model.bn2(model.conv_head(x))).flatten(1)
     return final, parts
 
@@ -192,16 +203,7 @@ def build_tapped_embedding_model(backbone_id: str, tap_block: int) -> torch.nn.M
 
         def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             m = self.model
-            x = m.bn1(m.conv_stem(x))
-            parts, tap = [], x
-            for index, block in enumerate(m.blocks):
-                if index == tap_block:
-                    tap = x
-                x = block(x)
-                if index in (3, 4, 5):
-                    parts.append(x.mean(dim=(2, 3)))
-                if index == 5:
-                    parts.append(x.amax(dim=(2, 3)))
+            x, parts, tap = trunk(m, x, tap_block=tap_block)
             final = m.global_pool(m.bn2(m.conv_head(x))).flatten(1)
             return torch.cat([final, *parts], dim=1), tap
 

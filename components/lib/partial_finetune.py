@@ -308,17 +308,7 @@ def _ensemble_network(model: Any, pretrained: Any, head: Any, tap_block: int) ->
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             p, m = self.pretrained, self.model
-            x = p.bn1(p.conv_stem(x))
-            parts = []
-            tuned = x
-            for index, block in enumerate(p.blocks):
-                if index == tap_block:
-                    tuned = x
-                x = block(x)
-                if index in (3, 4, 5):
-                    parts.append(x.mean(dim=(2, 3)))
-                if index == 5:
-                    parts.append(x.amax(dim=(2, 3)))
+            x, parts, tuned = backbone.trunk(p, x, tap_block=tap_block)
             for block in m.blocks[tap_block:]:
                 tuned = block(tuned)
             frozen = p.forward_head(p.bn2(p.conv_head(x)), pre_logits=True)

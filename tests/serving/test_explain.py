@@ -318,16 +318,7 @@ def test_a_fine_tune_averaged_with_a_linear_head_is_explained_with_its_tuned_map
     # torch: the same network, with the tuned map's gradient kept.
     x = torch.from_numpy(arrays)
     with torch.no_grad():
-        trunk = pretrained.bn1(pretrained.conv_stem(x))
-        parts = []
-        for index, block in enumerate(pretrained.blocks):
-            if index == 6:
-                tap = trunk
-            trunk = block(trunk)
-            if index in (3, 4, 5):
-                parts.append(trunk.mean(dim=(2, 3)))
-            if index == 5:
-                parts.append(trunk.amax(dim=(2, 3)))
+        trunk, parts, tap = backbone.trunk(pretrained, x, tap_block=6)
         frozen = pretrained.forward_head(pretrained.bn2(pretrained.conv_head(trunk)), pre_logits=True)
     activations = tuned.bn2(tuned.conv_head(tuned.blocks[6](tap)))
     activations.retain_grad()
