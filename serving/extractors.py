@@ -91,9 +91,7 @@ class Extractors:
             if int8 is None:
                 raise RuntimeError(f"No INT8 backbone is in use for {backbone_id}.")
             inner = Embedder(
-                # No spinning here: a lone INT8 request was slower with it (10.9 against 12.7 ms,
-                # quantized ops are many and short), unlike FP32's (see backbone.Embedder).
-                session=onnx_session(int8.path, spinning=False),
+                session=onnx_session(int8.path),  # spins: it runs alone (see Embedder)
                 backbone_id=backbone_id,
                 cache_size=EMBEDDING_CACHE,
                 concurrent_session=onnx_session(int8.path, threads=1, spinning=False),

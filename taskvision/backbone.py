@@ -333,19 +333,17 @@ class Embedder:
     overlapping requests run side by side, one core each, instead of fighting
     over one thread pool.
 
-    The FP32 ``session`` of :func:`shared_embedder` spins (busy-waits) between
-    its parallel sections, which makes a lone run faster (a lone Lite0 512 px
-    request: 9.8 against 12.9 ms of server time, three servers side by side;
-    INT8's many short quantized ops gain nothing from it, so its sessions do
-    not spin) but wastes a core whenever other runs overlap it. So the
-    embedder keeps a running share of the runs that started while another was
-    in progress (:data:`BUSY_DECAY`): while it is over :data:`BUSY_SHARE`, the
-    server is busy and every run, even one that starts alone, goes to the
-    one-thread ``concurrent_session``, which does not spin. Servers side by
-    side (``bench/serving_scale.py``'s requests, 200 tasks): a spinning
-    ``session`` for every lone start cost a fifth of the throughput of 8
-    clients (82.2 against 101.9 images/s); with this rule, 83.7 against 81.9
-    in another run, and single requests 16.95 against 20.25 ms.
+    ``session`` spins (busy-waits) between its parallel sections, which makes a
+    lone run faster (a lone Lite0 512 px request: 9.8 against 12.9 ms of server
+    time, three servers side by side) but wastes a core whenever other runs
+    overlap it. So the embedder keeps a running share of the runs that started
+    while another was in progress (:data:`BUSY_DECAY`): while it is over
+    :data:`BUSY_SHARE`, the server is busy and every run, even one that starts
+    alone, goes to the one-thread ``concurrent_session``, which does not spin.
+    Servers side by side (``bench/serving_scale.py``'s requests, 200 tasks): a
+    spinning ``session`` for every lone start cost a fifth of the throughput
+    of 8 clients (82.2 against 101.9 images/s); with this rule, 83.7 against
+    81.9 in another run, and single requests 16.95 against 20.25 ms.
     """
 
     def __init__(
