@@ -91,7 +91,7 @@ class Extractors:
             if int8 is None:
                 raise RuntimeError(f"No INT8 backbone is in use for {backbone_id}.")
             inner = Embedder(
-                session=onnx_session(int8.path),  # spins: it runs alone (see Embedder)
+                session=onnx_session(int8.path, spinning=False),
                 backbone_id=backbone_id,
                 cache_size=EMBEDDING_CACHE,
                 concurrent_session=onnx_session(int8.path, threads=1, spinning=False),

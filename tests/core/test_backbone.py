@@ -81,21 +81,3 @@ def test_overlapping_runs_use_the_one_thread_session_with_the_same_embeddings(im
     assert embedder.concurrent_runs > 0
     for embedded in results.values():
         np.testing.assert_allclose(embedded, alone, atol=1e-4)
-
-
-def test_a_busy_embedder_sends_even_lone_runs_to_the_one_thread_session(images: np.ndarray) -> None:
-    from taskvision.backbone import BUSY_SHARE, backbone_onnx_path, onnx_session
-
-    path = backbone_onnx_path()
-    embedder = Embedder(session=onnx_session(path), concurrent_session=onnx_session(path, threads=1))
-    embedder.busy_share = 0.9  # most recent runs overlapped another (a loaded server)
-    embedder.embed_arrays(images[:1])
-    assert embedder.concurrent_runs == 1  # alone, but the server is busy: not the spinning session
-    lone = 0
-    while embedder.busy_share > BUSY_SHARE:  # lone runs bring the share down...
-        embedder.embed_arrays(images[:1])
-        lone += 1
-    assert 1 <= lone <= 10
-    before = embedder.concurrent_runs
-    embedder.embed_arrays(images[:1])
-    assert embedder.concurrent_runs == before  # ...and a quiet server's lone run gets every core again
