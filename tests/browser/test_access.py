@@ -87,6 +87,9 @@ def _tab_to(page: Page, selector: str, *, limit: int = 80, backwards: bool = Fal
 def test_the_main_flow_works_with_the_keyboard_alone(page: Page, server: LiveServer, tmp_path: Path) -> None:
     """Sign in, create a tagging task, add a tag, upload, select two images, tag them, train: keys only."""
     token = server.new_user("keyboard")
+    # Playwright subscribes to file-chooser events without waiting for the browser's reply, so a
+    # listener added just before the key press can lose that race on a busy machine: subscribe now.
+    page.on("filechooser", lambda _: None)
     page.goto(f"{server.ip_url}console/sign-in")
     page.keyboard.type(token)  # the token field has the focus
     page.keyboard.press("Enter")
