@@ -55,7 +55,14 @@ from taskvision import explain, features, imaging, quantize
 from taskvision.bundle import BundleMeta, clip_values, outputs_from_logits
 from taskvision.errors import ExplainUnavailableError, TaskVisionError
 from taskvision.inference import BundleModel, preprocess_config
-from taskvision.preprocess import DEFAULT, PreprocessConfig, decode_image, resize_and_crop, to_array
+from taskvision.preprocess import (
+    DEFAULT,
+    PreprocessConfig,
+    decode_image,
+    draft_side,
+    resize_and_crop,
+    to_array,
+)
 from taskvision.task_types import TaskType
 
 logger = logging.getLogger(__name__)
@@ -131,7 +138,7 @@ class BundlePredictor(Model):
         self.network: BundleModel | None = None  # its own session: fine-tuned, or another kind of head
         self.memory_bytes = 0
         self._configs: tuple[PreprocessConfig, ...] = (DEFAULT,)  # the model's inputs' preprocessings
-        self._min_side = 2 * DEFAULT.resize_to  # a JPEG is decoded at reduced scale down to this side
+        self._min_side = draft_side(DEFAULT.resize_to)  # a JPEG is decoded at reduced scale down to this side
         self._gradcam: explain.GradCamNetwork | None = None
         self._lock = threading.Lock()
         self._precision: tuple[int, Precision] = (-1, Precision.FP32)
@@ -145,11 +152,11 @@ class BundlePredictor(Model):
             for feature_id in self.features:
                 features.feature_spec(feature_id)  # an unknown feature fails at load, not per request
             self._configs = input_configs(self.features)
-            self._min_side = features.draft_side(self.features)
+            self._min_side = features.draft_side(self.features, meta.draft_factor)
             self.head = read_linear_head(self.bundle_dir, meta, self.features)
         else:
             config = preprocess_config(meta)
-            self._configs, self._min_side = (config,), 2 * config.resize_to
+            self._configs, self._min_side = (config,), draft_side(config.resize_to, meta.draft_factor)
         if self.head is None:
             self.network = BundleModel.load(self.bundle_dir)
             weights = (self.bundle_dir / meta.weights_file).stat().st_size
@@ -179,8 +186,9 @@ class BundlePredictor(Model):
     def decode(self, data: bytes) -> tuple[dict[PreprocessConfig, Array], tuple[int, int]]:
         """One image's model inputs (per preprocessing) and its (width, height); TaskVisionError on bad input.
 
-        The image is decoded once (a JPEG at reduced scale, never below twice the largest
-        resize), as :meth:`taskvision.inference.BundleModel.decode` does for evaluation.
+        The image is decoded once (a JPEG at reduced scale, never below the bundle's
+        ``draft_factor`` times the largest resize), as
+        :meth:`taskvision.inference.BundleModel.decode` does for evaluation.
         """
         image, size = decode_image(data, max_pixels=self.max_image_pixels, min_side=self._min_side)
         inputs = {config: to_array(resize_and_crop(image, config), config) for config in self._configs}
@@ -195,9 +203,10 @@ class BundlePredictor(Model):
             try:
                 decoded.append(self.decode(data))
                 errors.append(None)
-                # The same bytes always decode to the same model input: hashing them (a few tens of
-                # KB) costs a twentieth of hashing the input array (600 KB).
-                keys.append(hashlib.blake2b(data, digest_size=16, person=b"encoded").digest())
+                # The same bytes always decode to the same model input at the same draft side:
+                # hashing them (a few tens of KB) costs a twentieth of hashing the input array.
+                digest = hashlib.blake2b(data, digest_size=16, person=b"encoded").digest()
+                keys.append(digest + self._min_side.to_bytes(4, "big"))
             except TaskVisionError as exc:
                 errors.append(exc)
         if not decoded:

@@ -2,7 +2,8 @@
 
 A bundle is a folder (local or under ``models/<task>/<run>/`` in the blob store)::
 
-    bundle.json   task type, ordered labels, backbone, preprocessing, features,
+    bundle.json   task type, ordered labels, backbone, preprocessing (and the JPEG
+                  decoding scale, ``draft_factor``), features,
                   thresholds, target scaling and value range, metrics, what model
                   selection tried (``selection``), dataset snapshot, training parameters
     head.onnx     frozen-backbone models: features (N, D) -> logits (N, K), one Gemm
@@ -31,6 +32,7 @@ import numpy as np
 import numpy.typing as npt
 
 from taskvision.features import LEGACY_FEATURES
+from taskvision.preprocess import DRAFT_FACTOR, LEGACY_DRAFT_FACTOR
 from taskvision.task_types import TaskType
 
 FORMAT = "taskvision.bundle/v1"
@@ -49,6 +51,9 @@ class BundleMeta:
     frozen_backbone: bool
     input_size: int
     preprocess: dict[str, Any]
+    # JPEGs are decoded down to this many times the resize (taskvision.preprocess.draft_side),
+    # in training as in serving; bundles without it were made with LEGACY_DRAFT_FACTOR.
+    draft_factor: int = DRAFT_FACTOR
     thresholds: list[float] = field(default_factory=list)  # multi_label: per output
     target_mean: list[float] = field(default_factory=list)  # regression: per output
     target_std: list[float] = field(default_factory=list)
@@ -84,6 +89,7 @@ class BundleMeta:
         if data.get("format") != FORMAT:
             raise ValueError(f"Not a {FORMAT} bundle (format={data.get('format')!r}).")
         data["task_type"] = TaskType(data["task_type"])
+        data.setdefault("draft_factor", LEGACY_DRAFT_FACTOR)
         return BundleMeta(**data)
 
 

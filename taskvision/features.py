@@ -44,7 +44,7 @@ import numpy as np
 import numpy.typing as npt
 from PIL import Image
 
-from taskvision import backbone
+from taskvision import backbone, preprocess
 from taskvision.preprocess import PreprocessConfig, resize_and_crop, to_array
 
 Array = npt.NDArray[np.float32]
@@ -198,6 +198,6 @@ def embed_images(
     )
 
 
-def draft_side(feature_ids: Sequence[str]) -> int:
-    """A JPEG may be decoded at reduced scale down to this side (twice the largest resize)."""
-    return 2 * max(config.resize_to for config in input_configs(feature_ids))
+def draft_side(feature_ids: Sequence[str], factor: int = preprocess.DRAFT_FACTOR) -> int:
+    """A JPEG may be decoded at reduced scale down to this side (see :func:`preprocess.draft_side`)."""
+    return preprocess.draft_side(max(config.resize_to for config in input_configs(feature_ids)), factor)

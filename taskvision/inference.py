@@ -23,7 +23,7 @@ from PIL import Image
 from taskvision import features
 from taskvision.backbone import Embedder, onnx_session, shared_embedder
 from taskvision.bundle import BundleMeta, outputs_from_logits
-from taskvision.preprocess import PreprocessConfig, decode_image, resize_and_crop, to_array
+from taskvision.preprocess import PreprocessConfig, decode_image, draft_side, resize_and_crop, to_array
 
 if TYPE_CHECKING:
     import onnxruntime
@@ -66,8 +66,8 @@ class BundleModel:
     def min_decode_side(self) -> int:
         """A JPEG may be decoded at reduced scale down to this side."""
         if self.meta.frozen_backbone:
-            return features.draft_side(self.meta.features)
-        return 2 * self.config.resize_to
+            return features.draft_side(self.meta.features, self.meta.draft_factor)
+        return draft_side(self.config.resize_to, self.meta.draft_factor)
 
     def decode(self, data: bytes, *, max_pixels: int) -> tuple[Image.Image, tuple[int, int]]:
         """Image bytes -> (upright RGB picture, original (width, height)); raises TaskVisionError."""

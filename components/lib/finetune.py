@@ -20,7 +20,7 @@ import numpy.typing as npt
 from taskvision import backbone, imaging
 from taskvision.bundle import MODEL_FILE, BundleMeta
 from taskvision.dataset import DatasetInfo, ManifestRow
-from taskvision.preprocess import DEFAULT, resize_and_crop, to_array
+from taskvision.preprocess import DEFAULT, draft_side, resize_and_crop, to_array
 from taskvision.storage import BlobStore
 from taskvision.task_types import TaskType
 
@@ -33,7 +33,7 @@ Array = npt.NDArray[np.float32]
 
 def _load(store: BlobStore, row: ManifestRow, max_pixels: int) -> Any:
     return imaging.load_rgb(
-        store.get(row.blob_key), max_pixels=max_pixels, draft_size=(DEFAULT.resize_to * 2,) * 2
+        store.get(row.blob_key), max_pixels=max_pixels, draft_size=(draft_side(DEFAULT.resize_to),) * 2
     )
 
 

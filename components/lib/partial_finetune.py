@@ -70,7 +70,7 @@ from components.lib.embeddings import (
 )
 from taskvision import backbone
 from taskvision.dataset import ManifestRow
-from taskvision.preprocess import PreprocessConfig, to_array
+from taskvision.preprocess import PreprocessConfig, draft_side, to_array
 from taskvision.storage import BlobStore
 from taskvision.task_types import TaskType
 
@@ -180,7 +180,7 @@ def compute_activations(
     done = 0
     with cache_writer(store, enabled=use_cache) as writer:
         for span, images in batches_of_images(
-            store, list(rows), max_pixels=max_pixels, min_side=2 * spec.preprocess.resize_to
+            store, list(rows), max_pixels=max_pixels, min_side=draft_side(spec.preprocess.resize_to)
         ):
             centre = np.stack([prepared_arrays(image, [spec.id])[spec.id] for image in images])
             views = [centre, mirror(centre)]

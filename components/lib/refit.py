@@ -40,6 +40,7 @@ import numpy.typing as npt
 from components.lib.embeddings import RUN_BATCH, batches_of_images, mirror, prepared_arrays
 from taskvision import backbone
 from taskvision.dataset import ManifestRow
+from taskvision.preprocess import draft_side
 from taskvision.storage import BlobStore
 
 if TYPE_CHECKING:
@@ -257,7 +258,7 @@ class TunedFeatures:
         spec = backbone.backbone_spec(backbone_id)
         runner = session()
         for span, images in batches_of_images(
-            store, todo, max_pixels=max_pixels, min_side=2 * spec.preprocess.resize_to
+            store, todo, max_pixels=max_pixels, min_side=draft_side(spec.preprocess.resize_to)
         ):
             arrays = np.stack([prepared_arrays(image, [spec.id])[spec.id] for image in images])
             shas = [todo[k].sha256 for k in span]

@@ -49,6 +49,7 @@ from taskvision import backbone, features
 from taskvision.bundle import BundleMeta
 from taskvision.dataset import DatasetInfo, ManifestRow, read_snapshot
 from taskvision.errors import NotFoundError
+from taskvision.preprocess import DRAFT_FACTOR
 from taskvision.storage import BlobStore
 from taskvision.task_types import TaskType
 
@@ -420,6 +421,7 @@ def reusable_choice(
             )
         if (
             not refittable
+            or previous.draft_factor != DRAFT_FACTOR  # its features came from other decodings
             or chosen.get("quality") != quality
             or previous.training.get("augment") != augment
             or not previous.dataset_snapshot

@@ -58,7 +58,7 @@ from taskvision.bundle import (
 )
 from taskvision.dataset import DatasetInfo, ManifestRow
 from taskvision.metrics import best_f1_thresholds
-from taskvision.preprocess import DEFAULT, PreprocessConfig
+from taskvision.preprocess import DEFAULT, PreprocessConfig, draft_side
 from taskvision.storage import BlobStore
 from taskvision.task_types import TaskType
 
@@ -623,7 +623,7 @@ def _train_partial_finetune(
     test_arrays = np.zeros((len(test_rows), 3, size, size), dtype=np.float32)
     for i, row in enumerate(test_rows):
         image = decode_row(
-            store, row, max_pixels=config.max_image_pixels, min_side=2 * spec.preprocess.resize_to
+            store, row, max_pixels=config.max_image_pixels, min_side=draft_side(spec.preprocess.resize_to)
         )
         test_arrays[i] = to_array(resize_and_crop(image, spec.preprocess), spec.preprocess)
     # What the last layer reads, for every image: the evaluate step's test inputs, and what a

@@ -16,6 +16,7 @@ from components.lib.train import TrainConfig, targets, train_model
 from taskvision import backbone
 from taskvision.bundle import BundleMeta
 from taskvision.inference import BundleModel
+from taskvision.preprocess import DEFAULT, draft_side
 from taskvision.storage import LocalBlobStore
 from tests.support.images import shape_image
 from tests.support.snapshots import shapes_in_store
@@ -99,7 +100,7 @@ def test_the_exported_ensemble_averages_the_tuned_network_and_the_linear_head(
 def _centre(store: LocalBlobStore, row: object) -> np.ndarray:
     from components.lib.embeddings import decode_row, prepared_arrays
 
-    image = decode_row(store, row, max_pixels=10**7, min_side=512)  # type: ignore[arg-type]
+    image = decode_row(store, row, max_pixels=10**7, min_side=draft_side(DEFAULT.resize_to))  # type: ignore[arg-type]
     return prepared_arrays(image, [backbone.BACKBONE_ID])[backbone.BACKBONE_ID]
 
 
