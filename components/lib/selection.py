@@ -64,6 +64,10 @@ PARTIAL_FINETUNE = "partial_finetune"
 # PartialFinetunePlan docs); a few points of accuracy over either alone in cross-validation.
 ENSEMBLE = "partial_finetune+linear"
 ENSEMBLE_COST = 0.15  # the pretrained last block and head convolution run besides the tuned ones
+# Regression only: a small network over a linear candidate's frozen features answering with a
+# distribution over the targets' range (components.lib.distribution_head).
+DISTRIBUTION = "distribution"
+DISTRIBUTION_COST = 0.02  # two small matrix products after the backbone
 
 # Relative CPU cost of one image through each backbone (ONNX Runtime, one thread, batch 1:
 # Lite0 6.0, Lite1 9.1, Lite2 12.3 ms on the 2-core benchmark machine).
@@ -83,6 +87,8 @@ class QualityPreset:
     finetune: PartialFinetunePlan | None
     finetune_folds: int  # folds the partial fine-tune is scored on: 1 = the first fold only
     budget_s: float = 600.0  # selection stops starting candidates after this long
+    # Regression: also a distribution head over the first linear candidate's features.
+    distribution: bool = False
 
 
 PRESETS: dict[str, QualityPreset] = {
@@ -94,6 +100,7 @@ PRESETS: dict[str, QualityPreset] = {
         finetune=PartialFinetunePlan(extra_views=1, epochs=6),
         finetune_folds=1,
         budget_s=120.0,
+        distribution=True,
     ),
     "best": QualityPreset(
         "best",
@@ -102,6 +109,7 @@ PRESETS: dict[str, QualityPreset] = {
         finetune=PartialFinetunePlan(extra_views=4, epochs=12),
         finetune_folds=3,
         budget_s=900.0,
+        distribution=True,
     ),
 }
 
@@ -126,7 +134,7 @@ class CandidateScore:
     """One candidate's cross-validated result."""
 
     name: str
-    kind: str  # linear | partial_finetune
+    kind: str  # LINEAR, PARTIAL_FINETUNE, ENSEMBLE or DISTRIBUTION
     cv_score: float  # higher is better (regression: minus the MAE, in the targets' units)
     serving_cost: float
     seconds: float
@@ -145,7 +153,7 @@ class CandidateScore:
             "serving_cost": round(self.serving_cost, 2),
             "seconds": round(self.seconds, 2),
         }
-        if self.kind == LINEAR:
+        if self.kind in (LINEAR, DISTRIBUTION):
             row.update(features=self.features, head=self.head)
         elif self.kind == ENSEMBLE:
             row.update(features=self.features, head=self.head, plan=self.plan)

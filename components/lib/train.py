@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -44,7 +44,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from components.lib import heads, selection
+from components.lib import distribution_head, heads, selection
 from components.lib.embeddings import View, embed_views
 from components.lib.split import SplitResult
 from taskvision import backbone, features
@@ -311,9 +311,11 @@ def _select_and_train(
     report(0.6, "choosing a model by cross-validation")
     deadline = started + preset.budget_s
     scored_rows = np.arange(len(train_rows))
+    scored_folds = fold_groups
     if plan is not None and preset.finetune_folds < len(fold_groups):
         # The fine-tune is checked on the first folds only: every candidate is scored on those rows.
-        scored_rows = np.sort(np.concatenate(fold_groups[: preset.finetune_folds]))
+        scored_folds = fold_groups[: preset.finetune_folds]
+        scored_rows = np.sort(np.concatenate(scored_folds))
     candidates: list[selection.CandidateScore] = []
     skipped: list[str] = []
     for ids in linear_ids:
@@ -340,6 +342,22 @@ def _select_and_train(
             test_time_flip=preset.test_time_flip,
             scored_rows=scored_rows,
         )
+    if preset.distribution and task_type is TaskType.REGRESSION and linear_ids:
+        if time.perf_counter() > deadline and candidates:
+            skipped.append(distribution_head.NAME)
+        else:
+            candidates.append(
+                _score_distribution(
+                    linear_ids[0],
+                    vectors,
+                    y_fit,
+                    scored_folds,
+                    scored_rows,
+                    flip=flip,
+                    scale=scale,
+                    seed=config.seed,
+                )
+            )
     if plan is not None and maps is not None:
         if time.perf_counter() > deadline and candidates:
             skipped.append(plan.name)
@@ -380,22 +398,20 @@ def _select_and_train(
 
     # 3. The winner, refitted on the whole training split.
     report(0.85, f"training {chosen.name}")
-    if chosen.kind == selection.LINEAR:
-        assert chosen.setting is not None
+    if chosen.kind in (selection.LINEAR, selection.DISTRIBUTION):
         meta.features = list(chosen.features)
         base_ids = [f.removesuffix(features.HFLIP) for f in chosen.features]
-        centre = features.assemble(vectors, base_ids)
-        x_fit, y_all = centre, y_fit
-        if flip:
-            mirrored = features.assemble(
-                {(b, False): vectors[(b, True)] for b in features.backbones_needed(base_ids)}, base_ids
-            )
-            x_fit, y_all = np.concatenate([centre, mirrored]), np.concatenate([y_fit, y_fit])
-        w, b = heads.fit_head(x_fit, y_all, task_type, chosen.setting, n_outputs=n_outputs)
-        meta.training["head"] = chosen.setting.name
-        meta.training["weight_decay"] = chosen.setting.penalty
-        (out_dir / HEAD_FILE).write_bytes(linear_head_onnx(w, b))
-        np.savez(out_dir / HEAD_ARRAYS_FILE, weight=w, bias=b)
+        x_fit, y_all = _frozen_training_set(vectors, base_ids, y_fit, flip=flip)
+        if chosen.kind == selection.LINEAR:
+            assert chosen.setting is not None
+            w, b = heads.fit_head(x_fit, y_all, task_type, chosen.setting, n_outputs=n_outputs)
+            meta.training["head"] = chosen.setting.name
+            meta.training["weight_decay"] = chosen.setting.penalty
+            (out_dir / HEAD_FILE).write_bytes(linear_head_onnx(w, b))
+            np.savez(out_dir / HEAD_ARRAYS_FILE, weight=w, bias=b)
+        else:  # not one linear layer: no head.npz, so serving runs head.onnx in its own session
+            distribution_head.fit(x_fit, y_all, seed=config.seed).export(out_dir / HEAD_FILE)
+            meta.training["head"] = distribution_head.NAME
         report(0.9, "embedding the test images")
         test_views = features.views_needed(chosen.features)
         test_vectors = embed_views(
@@ -435,6 +451,57 @@ def _select_and_train(
             ensemble=chosen.kind == selection.ENSEMBLE,
             flip=flip,
         )
+
+
+def _frozen_training_set(
+    vectors: dict[View, Array], feature_ids: list[str], y: Array, *, flip: bool
+) -> tuple[Array, Array]:
+    """A frozen-feature head's training rows: centre crops' features, with ``flip`` mirror images' too."""
+    centre = features.assemble(vectors, feature_ids)
+    if not flip:
+        return centre, y
+    mirrored = features.assemble(
+        {(b, False): vectors[(b, True)] for b in features.backbones_needed(feature_ids)}, feature_ids
+    )
+    return np.concatenate([centre, mirrored]), np.concatenate([y, y])
+
+
+def _score_distribution(
+    feature_ids: list[str],
+    vectors: dict[View, Array],
+    y: Array,
+    fold_groups: Sequence[npt.NDArray[np.int64]],
+    scored_rows: npt.NDArray[np.int64],
+    *,
+    flip: bool,
+    scale: float,
+    seed: int,
+) -> selection.CandidateScore:
+    """A distribution head over ``feature_ids``, fitted without each of ``fold_groups`` in turn."""
+    started = time.perf_counter()
+    oof = np.zeros(y.shape, dtype=np.float32)
+    centre = features.assemble(vectors, feature_ids)
+    for fold in fold_groups:
+        held = np.zeros(len(y), dtype=bool)
+        held[fold] = True
+        rest = np.flatnonzero(~held)
+        x_fit, y_fit = _frozen_training_set(
+            {view: rows[rest] for view, rows in vectors.items()}, feature_ids, y[rest], flip=flip
+        )
+        oof[fold] = distribution_head.fit(x_fit, y_fit, seed=seed).predict(centre[fold])
+    value = heads.score(TaskType.REGRESSION, y[scored_rows], oof[scored_rows]) * scale
+    logger.info("candidate %s: cross-validated score %.4f", distribution_head.NAME, value)
+    return selection.CandidateScore(
+        name=f"{selection.short_name(feature_ids)}, {distribution_head.NAME}",
+        kind=selection.DISTRIBUTION,
+        cv_score=value,
+        serving_cost=selection.serving_cost(feature_ids) + selection.DISTRIBUTION_COST,
+        seconds=time.perf_counter() - started,
+        features=list(feature_ids),
+        head=distribution_head.NAME,
+        oof=oof[scored_rows],
+        oof_rows=scored_rows,
+    )
 
 
 def _own_linear(

@@ -1,0 +1,116 @@
+"""Regression's distribution head: a model-selection candidate, exported to ONNX, served like it evaluated."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from components.lib import distribution_head, selection
+from components.lib.evaluate import evaluate_model
+from components.lib.split import split_dataset
+from components.lib.train import TrainConfig, train_model
+from serving.model import BundlePredictor
+from taskvision import backbone, features
+from taskvision.dataset import LabelInfo
+from taskvision.inference import BundleModel
+from taskvision.storage import LocalBlobStore
+from taskvision.task_types import TaskType
+from tests.components.test_train import cache_embeddings
+from tests.support.images import shape_image
+from tests.support.snapshots import RowMaker, info
+
+
+def _curved_dataset(n: int) -> tuple[object, list, np.ndarray, np.ndarray]:
+    """Cached embeddings whose value is a curved function of what they are made of: no straight line fits."""
+    rng = np.random.default_rng(3)
+    d = backbone.BACKBONES[backbone.BACKBONE_ID].embedding_dim
+    latent = rng.normal(size=(n, 2))
+    x = latent @ rng.normal(size=(2, d)) + 0.05 * rng.normal(size=(n, d))
+    values = 12.0 * np.abs(latent[:, 0]) + 4.0 * latent[:, 1] ** 2 + 20.0
+    maker = RowMaker()
+    for value in values:
+        maker.add(["v-size"], values={"v-size": float(value)})
+    return (
+        info(TaskType.REGRESSION, [LabelInfo("v-size", "size")], count=n),
+        maker.rows,
+        x.astype(np.float32),
+        values,
+    )
+
+
+@pytest.fixture
+def linear_or_distribution(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``balanced`` without the partial fine-tune: Lite0's linear head against the distribution head."""
+    preset = selection.QualityPreset(
+        "balanced",
+        linear=((features.feature_id(backbone.BACKBONE_ID),),),
+        test_time_flip=False,
+        finetune=None,
+        finetune_folds=0,
+        distribution=True,
+    )
+    monkeypatch.setitem(selection.PRESETS, "balanced", preset)
+
+
+def test_the_exported_head_answers_as_the_fitted_one() -> None:
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(80, 12)).astype(np.float32)
+    y = np.stack([x[:, 0] ** 2, np.abs(x[:, 1])], axis=1).astype(np.float32)  # two outputs
+    head = distribution_head.fit(x, (y - y.mean(0)) / y.std(0), seed=0)
+    centres = distribution_head.bin_centres((y - y.mean(0)) / y.std(0))
+    assert centres.shape == (2, distribution_head.BINS)
+    predicted = head.predict(x)
+    # answers are expectations over the bins: inside each output's widened range
+    assert np.all(predicted >= centres[:, :1].T) and np.all(predicted <= centres[:, -1:].T)
+    import onnxruntime
+
+    path = Path(__file__).parent / "unused.onnx"
+    try:
+        head.export(path)
+        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        exported = session.run(None, {"features": x})[0]
+    finally:
+        path.unlink(missing_ok=True)
+    np.testing.assert_allclose(exported, predicted, atol=1e-4)
+
+
+def test_a_curved_target_chooses_the_distribution_head_and_serves_it_as_evaluated(
+    tmp_path: Path, linear_or_distribution: None
+) -> None:
+    store = LocalBlobStore(tmp_path / "blobs")
+    task, rows, x, values = _curved_dataset(240)
+    cache_embeddings(store, rows, x)
+    split = split_dataset(task, rows, seed=0)
+    out = tmp_path / "model"
+
+    meta = train_model(task, rows, split, store, out, TrainConfig(mode="embed", quality="balanced"))
+
+    scores = {c["kind"]: c["cv_score"] for c in meta.selection["candidates"]}
+    assert set(scores) == {selection.LINEAR, selection.DISTRIBUTION}
+    assert scores[selection.DISTRIBUTION] > scores[selection.LINEAR] + 0.5  # minus MAE: lower error
+    assert meta.selection["kind"] == selection.DISTRIBUTION
+    assert meta.frozen_backbone and meta.features == [backbone.EMBEDDING_ID]
+    assert meta.training["head"] == distribution_head.NAME
+    # Not one linear layer: no head.npz, so serving runs head.onnx in its own session.
+    assert (out / "head.onnx").exists() and not (out / "head.npz").exists()
+    test = np.isin([row.image_id for row in rows], split.test)
+    metrics = evaluate_model(out)
+    assert metrics["test_images"] == int(test.sum()) and metrics["r2"] > 0.3  # 0.53 when written
+    model = BundleModel.load(out)
+    standardized = model.logits_from_embeddings(x[test])
+    assert np.abs(model.outputs(standardized)[:, 0] - values[test]).mean() == pytest.approx(
+        metrics["mae"], rel=1e-4
+    )
+
+    # Served on real images (the backbone runs): the answers of the evaluate step's code path.
+    predictor = BundlePredictor("curved", out)
+    predictor.load()
+    assert predictor.head is None and predictor.network is not None
+    images = [shape_image("circle", 5), shape_image("square", 6)]
+    prepared = np.stack([model.prepare(model.decode(data, max_pixels=10**7)[0]) for data in images])
+    expected = model.outputs(model.logits_from_prepared(prepared))[:, 0]
+    answers = predictor.classify(images)
+    served = [answer["labels"][0]["value"] for answer in answers]
+    assert served == pytest.approx(expected.tolist(), abs=1e-3)
