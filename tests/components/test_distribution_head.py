@@ -14,6 +14,7 @@ from components.lib.train import TrainConfig, train_model
 from serving.model import BundlePredictor
 from taskvision import backbone, features
 from taskvision.dataset import LabelInfo
+from taskvision.errors import ExplainUnavailableError
 from taskvision.inference import BundleModel
 from taskvision.storage import LocalBlobStore
 from taskvision.task_types import TaskType
@@ -114,3 +115,5 @@ def test_a_curved_target_chooses_the_distribution_head_and_serves_it_as_evaluate
     answers = predictor.classify(images)
     served = [answer["labels"][0]["value"] for answer in answers]
     assert served == pytest.approx(expected.tolist(), abs=1e-3)
+    with pytest.raises(ExplainUnavailableError):  # a class-activation map needs a linear head
+        predictor.classify(images[:1], explain=True)
