@@ -460,7 +460,12 @@ def reusable_choice(
 
 
 def narrowed(preset: QualityPreset, feature_ids: Sequence[str]) -> QualityPreset:
-    """``preset`` with the one linear candidate ``feature_ids`` (its +hflip variant scored with it)."""
+    """``preset`` with the one linear candidate ``feature_ids`` (its +hflip variant scored with it).
+
+    Nothing else: a distribution head's choice is not reused (a retrain after it is a full selection).
+    """
     base = tuple(fid.removesuffix(features.HFLIP) for fid in feature_ids)
     flip = any(fid.endswith(features.HFLIP) for fid in feature_ids)
-    return replace(preset, linear=(base,), test_time_flip=flip, finetune=None, finetune_folds=0)
+    return replace(
+        preset, linear=(base,), test_time_flip=flip, finetune=None, finetune_folds=0, distribution=False
+    )

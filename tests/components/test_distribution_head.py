@@ -55,6 +55,12 @@ def linear_or_distribution(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(selection.PRESETS, "balanced", preset)
 
 
+def test_a_retrain_that_reuses_a_linear_choice_scores_only_that_choice() -> None:
+    narrowed = selection.narrowed(selection.preset("balanced"), [features.feature_id(backbone.BACKBONE_ID)])
+    assert selection.preset("balanced").distribution and not narrowed.distribution
+    assert narrowed.finetune is None and len(narrowed.linear) == 1
+
+
 def test_the_exported_head_answers_as_the_fitted_one() -> None:
     rng = np.random.default_rng(0)
     x = rng.normal(size=(80, 12)).astype(np.float32)
