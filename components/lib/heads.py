@@ -260,6 +260,7 @@ def cross_validate(
     n_outputs: int,
     x_mirror: Array | None = None,
     augment_with_mirror: bool = False,
+    std_floor: float = 0.0,
 ) -> CrossValidation:
     """Fit every setting on each fold's complement; predict the fold.
 
@@ -279,7 +280,7 @@ def cross_validate(
         if augment_with_mirror and x_mirror is not None:
             x_fit = np.concatenate([x_fit, x_mirror[~held]])
             y_fit = np.concatenate([y_fit, y[~held]])
-        fits = fit_heads(x_fit, y_fit, task_type, settings, n_outputs=n_outputs)
+        fits = fit_heads(x_fit, y_fit, task_type, settings, n_outputs=n_outputs, std_floor=std_floor)
         for j, (w, b) in enumerate(fits):
             oof[j][held] = predict(x[held], w, b)
             if oof_mirror is not None and x_mirror is not None:

@@ -7,9 +7,10 @@ a retrain's dataset barely changed (:func:`components.lib.selection.reusable_cho
 fine-tuning the blocks again would cost a minute for little change: the retrain
 keeps the tuned blocks and refits that layer alone, its penalty chosen by
 cross-validation like a linear candidate's, on the features of every training
-image (old and new). The new ``model.onnx`` is the previous one with the
-layer's two initializers replaced, so the network's answers are exactly
-``features @ W.T + b``.
+image (old and new), standardized with spreads floored at the median one as the
+fine-tune's own head was (:data:`components.lib.partial_finetune.STD_FLOOR`).
+The new ``model.onnx`` is the previous one with the layer's two initializers
+replaced, so the network's answers are exactly ``features @ W.T + b``.
 
 The features of each image go into the bundle as ``tuned_features.npz``
 (:data:`FEATURES_FILE`: the images' sha256, centre-crop features as float32

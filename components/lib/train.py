@@ -774,6 +774,12 @@ def _refit_partial_finetune(
     )
 
     report(0.5, "choosing the last layer's penalty by cross-validation")
+    # Standardized with spreads floored at the median one, as the fine-tune's own head was: a tuned
+    # feature (nearly) constant on the training images would otherwise get a weight of up to 1e6
+    # on raw features, and the training features (from float16 activations) differ from the
+    # network's own by ~0.01, so a new image's answer flipped to the wrong label at 100 %.
+    from components.lib.partial_finetune import STD_FLOOR
+
     task_type = info.task_type
     n_outputs = len(meta.labels)
     y_fit = _standardized(meta, y_train)
@@ -790,6 +796,7 @@ def _refit_partial_finetune(
         n_outputs=n_outputs,
         x_mirror=x_mirror,
         augment_with_mirror=flip,
+        std_floor=STD_FLOOR,
     )
     scores = [heads.score(task_type, y_fit, oof) * scale for oof in cv.oof]
     best = int(np.argmax(scores))
@@ -814,7 +821,7 @@ def _refit_partial_finetune(
         if x_mirror is not None
         else (x, y_fit)
     )
-    w, b = heads.fit_head(x_fit, y_all, task_type, setting, n_outputs=n_outputs)
+    w, b = heads.fit_head(x_fit, y_all, task_type, setting, n_outputs=n_outputs, std_floor=STD_FLOOR)
     (out_dir / MODEL_FILE).write_bytes(refit.with_layer(network, serialized, w, b))
     kept.write(out_dir / refit.FEATURES_FILE)
     meta.frozen_backbone = False
