@@ -87,6 +87,7 @@ from __future__ import annotations
 import argparse
 import base64
 import csv
+import dataclasses
 import io
 import itertools
 import json
@@ -573,6 +574,7 @@ def breakdown(bundle_dir: Path, images: Sequence[str], *, int8_model: Path | Non
 
 # ---- INT8 accuracy on the shared photo sets ------------------------------------------------------
 
+ACCURACY_REPEATS = 4  # repeated cross-validation (see int8_accuracy)
 ACCURACY_SETS = {  # name -> (task type, label columns: None = the "label" column)
     "flowers": ("multi_class", None),
     "satellite": ("multi_class", None),
@@ -581,8 +583,16 @@ ACCURACY_SETS = {  # name -> (task type, label columns: None = the "label" colum
 }
 
 
-def int8_accuracy(int8_model: Path, *, folds: int = 5, seed: int = 0) -> dict[str, Any]:
-    """FP32 vs INT8 answers of heads fitted on FP32 embeddings, out of fold, on each shared photo set."""
+def int8_accuracy(
+    int8_model: Path, *, folds: int = 5, repeats: int = ACCURACY_REPEATS, seed: int = 0
+) -> dict[str, Any]:
+    """FP32 vs INT8 answers of heads fitted on FP32 embeddings, out of fold, on each shared photo set.
+
+    ``repeats`` times ``folds``-fold cross-validation, each with its own random folds: INT8 flips
+    a few percent of the low-margin flowers answers, and which of those are right depends on the
+    folds (one 5-fold split alone gave changes from +0.17 to -1.0 points on the same model), so
+    the change reported is the mean over the repeats, with each repeat's beside it.
+    """
     import numpy as np
 
     from components.lib.heads import LOGISTIC, RIDGE, HeadSetting, fit_head
@@ -611,7 +621,6 @@ def int8_accuracy(int8_model: Path, *, folds: int = 5, seed: int = 0) -> dict[st
         x8 = np.concatenate(
             [int8.embed_arrays(np.stack(arrays[i : i + 32])) for i in range(0, len(arrays), 32)]
         )
-        fold_of = np.random.default_rng(seed).permutation(len(rows)) % folds
         if kind == "multi_class":
             names = sorted({r["label"] for r in rows})
             y = np.asarray([names.index(r["label"]) for r in rows])
@@ -624,49 +633,110 @@ def int8_accuracy(int8_model: Path, *, folds: int = 5, seed: int = 0) -> dict[st
             assert columns is not None
             y = np.asarray([[float(r[c]) for c in columns] for r in rows], dtype=np.float32)
             task_type, n_out = TaskType.REGRESSION, len(columns)
-        out32 = np.zeros((len(rows), n_out), np.float32)
-        out8 = np.zeros((len(rows), n_out), np.float32)
-        for fold in range(folds):
-            train, test = fold_of != fold, fold_of == fold
-            if task_type is TaskType.REGRESSION:
-                mean, std = y[train].mean(axis=0), y[train].std(axis=0)
-                w, b = fit_head(
-                    x32[train], (y[train] - mean) / std, task_type, HeadSetting(RIDGE, 1.0), n_outputs=n_out
+        by_repeat: list[dict[str, float]] = []
+        for repeat in range(repeats):
+            fold_of = np.random.default_rng(seed + repeat).permutation(len(rows)) % folds
+            out32 = np.zeros((len(rows), n_out), np.float32)
+            out8 = np.zeros((len(rows), n_out), np.float32)
+            for fold in range(folds):
+                train, test = fold_of != fold, fold_of == fold
+                if task_type is TaskType.REGRESSION:
+                    mean, std = y[train].mean(axis=0), y[train].std(axis=0)
+                    w, b = fit_head(
+                        x32[train],
+                        (y[train] - mean) / std,
+                        task_type,
+                        HeadSetting(RIDGE, 1.0),
+                        n_outputs=n_out,
+                    )
+                    out32[test], out8[test] = (
+                        (x32[test] @ w.T + b) * std + mean,
+                        (x8[test] @ w.T + b) * std + mean,
+                    )
+                else:
+                    w, b = fit_head(
+                        x32[train], y[train], task_type, HeadSetting(LOGISTIC, 0.1), n_outputs=n_out
+                    )
+                    out32[test], out8[test] = x32[test] @ w.T + b, x8[test] @ w.T + b
+            if task_type is TaskType.MULTI_CLASS:
+                by_repeat.append(
+                    {
+                        "fp32": float((out32.argmax(1) == y).mean()),
+                        "int8": float((out8.argmax(1) == y).mean()),
+                        "same": float((out32.argmax(1) == out8.argmax(1)).mean()),
+                    }
                 )
-                out32[test], out8[test] = (
-                    (x32[test] @ w.T + b) * std + mean,
-                    (x8[test] @ w.T + b) * std + mean,
+            elif task_type is TaskType.MULTI_LABEL:
+                by_repeat.append(
+                    {
+                        "fp32": float(
+                            np.mean(
+                                [
+                                    average_precision(y[:, j].astype(np.int64), out32[:, j])
+                                    for j in range(n_out)
+                                ]
+                            )
+                        ),
+                        "int8": float(
+                            np.mean(
+                                [
+                                    average_precision(y[:, j].astype(np.int64), out8[:, j])
+                                    for j in range(n_out)
+                                ]
+                            )
+                        ),
+                        "same": float(((out32 >= 0) == (out8 >= 0)).all(axis=1).mean()),
+                    }
                 )
             else:
-                w, b = fit_head(x32[train], y[train], task_type, HeadSetting(LOGISTIC, 0.1), n_outputs=n_out)
-                out32[test], out8[test] = x32[test] @ w.T + b, x8[test] @ w.T + b
-        row: dict[str, Any] = {"images": len(rows), "task_type": kind}
-        if task_type is TaskType.MULTI_CLASS:
-            row["metric"] = "accuracy"
-            row["fp32"] = float((out32.argmax(1) == y).mean())
-            row["int8"] = float((out8.argmax(1) == y).mean())
-            row["same_answer"] = float((out32.argmax(1) == out8.argmax(1)).mean())
-        elif task_type is TaskType.MULTI_LABEL:
-            row["metric"] = "mAP"
-            row["fp32"] = float(
-                np.mean([average_precision(y[:, j].astype(np.int64), out32[:, j]) for j in range(n_out)])
-            )
-            row["int8"] = float(
-                np.mean([average_precision(y[:, j].astype(np.int64), out8[:, j]) for j in range(n_out)])
-            )
-            row["same_answer"] = float(((out32 >= 0) == (out8 >= 0)).all(axis=1).mean())
-        else:
-            row["metric"] = "MAE"
-            row["fp32"] = float(np.abs(out32 - y).mean())
-            row["int8"] = float(np.abs(out8 - y).mean())
-            row["mean_abs_change"] = float(np.abs(out32 - out8).mean())
-        row["change_points" if kind != "regression" else "change"] = round(
-            (row["int8"] - row["fp32"]) * (100 if kind != "regression" else 1), 3
-        )
+                by_repeat.append(
+                    {
+                        "fp32": float(np.abs(out32 - y).mean()),
+                        "int8": float(np.abs(out8 - y).mean()),
+                        "same": float(np.abs(out32 - out8).mean()),
+                    }
+                )
+        scale = 100 if kind != "regression" else 1
+        row: dict[str, Any] = {
+            "images": len(rows),
+            "task_type": kind,
+            "metric": {"multi_class": "accuracy", "multi_label": "mAP"}.get(kind, "MAE"),
+            "cross_validation": f"{repeats} x {folds}-fold",
+            "fp32": float(np.mean([r["fp32"] for r in by_repeat])),
+            "int8": float(np.mean([r["int8"] for r in by_repeat])),
+            "same_answer" if kind != "regression" else "mean_abs_change": float(
+                np.mean([r["same"] for r in by_repeat])
+            ),
+        }
+        changes = [round((r["int8"] - r["fp32"]) * scale, 3) for r in by_repeat]
+        row["change_points" if kind != "regression" else "change"] = round(float(np.mean(changes)), 3)
+        row["change_by_repeat"] = changes
         row["seconds"] = round(time.perf_counter() - started, 1)
         results[name] = row
         logger.info("  %s: %s", name, row)
     return results
+
+
+def int8_accuracy_only(count: int) -> dict[str, Any]:
+    """``--accuracy-only``: quantize the backbone as the service does, calibrated on ``count`` flowers
+    photos (the photos the benchmark's task is trained on), and compare it with FP32 on the shared sets."""
+    import numpy as np
+
+    from taskvision import quantize
+    from taskvision.backbone import BACKBONE_ID, backbone_onnx_path
+    from taskvision.preprocess import preprocess_bytes
+
+    with (DATASETS_ROOT / "flowers" / "labels.csv").open(newline="") as fh:
+        paths = [DATASETS_ROOT / "flowers" / r["path"] for r in csv.DictReader(fh)]
+    random.Random(0).shuffle(paths)
+    images = np.stack([preprocess_bytes(p.read_bytes(), max_pixels=10**8)[0] for p in paths[:count]])
+    with tempfile.TemporaryDirectory() as folder:
+        int8 = quantize.prepare_int8(BACKBONE_ID, backbone_onnx_path(), images, Path(folder))
+        logger.info("INT8: %s", int8.report.reason)
+        return {
+            "int8": {"calibration": "flowers", **dataclasses.asdict(int8.report)},
+            "int8_accuracy": int8_accuracy(int8.path),
+        }
 
 
 # ---- measurements ----------------------------------------------------------------
@@ -1042,17 +1112,49 @@ def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
             "pass": bool(memory["flat"]),
         },
     ]
+    return out + accuracy_targets(report)
+
+
+def accuracy_targets(report: dict[str, Any]) -> list[dict[str, Any]]:
+    out = []
     for name, row in report.get("int8_accuracy", {}).items():
         if row["task_type"] == "regression":
             continue
         out.append(
             {
-                "target": f"INT8 {row['metric']} change on {name} <= {TARGET_INT8_ACCURACY_CHANGE} points",
-                "value": f"{row['fp32']:.4f} -> {row['int8']:.4f} ({row['change_points']:+.2f} points)",
+                "target": f"INT8 {row['metric']} change on {name} <= {TARGET_INT8_ACCURACY_CHANGE} points "
+                f"(mean of {row['cross_validation']} cross-validation)",
+                "value": f"{row['fp32']:.4f} -> {row['int8']:.4f} ({row['change_points']:+.2f} points; "
+                f"by repeat {row['change_by_repeat']})",
                 "pass": abs(row["change_points"]) <= TARGET_INT8_ACCURACY_CHANGE,
             }
         )
     return out
+
+
+def accuracy_markdown(report: dict[str, Any]) -> str:
+    """The report of ``--accuracy-only``."""
+    machine, q = report["machine"], report["int8"]
+    out = [
+        f"## INT8 accuracy on the shared photo sets ({report['date']})",
+        "",
+        f"Commit {machine['git_commit']}{' (dirty)' if machine['git_dirty'] else ''}. The backbone "
+        f"quantized on {q['calibration_images']} flowers photos, checked on {q['check_images']} others "
+        f"({q['reason']}).",
+        "",
+        "| set | metric | FP32 | INT8 | change (mean) | change by repeat | same answer |",
+        "|---|---|---:|---:|---:|---|---:|",
+    ]
+    for name, row in report["int8_accuracy"].items():
+        change = row.get("change_points", row.get("change"))
+        same = row.get("same_answer", row.get("mean_abs_change"))
+        out.append(
+            f"| {name} ({row['images']}) | {row['metric']} | {row['fp32']:.4f} | {row['int8']:.4f} | "
+            f"{change:+.3f} | {row['change_by_repeat']} | {same:.4f} |"
+        )
+    out += ["", "Targets:", ""]
+    out += [f"- {'PASS' if t['pass'] else 'FAIL'}: {t['target']}: {t['value']}" for t in report["targets"]]
+    return "\n".join(out)
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -1197,6 +1299,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--batch-window-ms", type=float, default=0.0, help="the service's batching window (0: off)"
     )
+    parser.add_argument(
+        "--accuracy-only",
+        action="store_true",
+        help="only the INT8 accuracy comparison: quantize on flowers photos in-process, no service",
+    )
     parser.add_argument("--skip-naive", action="store_true", help="do not run the naive baseline")
     parser.add_argument("--seed", type=int, default=20240601)
     parser.add_argument("--server-log-level", default="info", choices=["debug", "info", "warning", "error"])
@@ -1326,6 +1433,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if args.naive_server:
         return naive_server_main(args.bundle, args.port)
+    if args.accuracy_only:
+        from serving.int8 import DEFAULT_CALIBRATION_IMAGES
+
+        report = {
+            "date": datetime.now(UTC).isoformat(timespec="seconds"),
+            "machine": machine_info(),
+            **int8_accuracy_only(DEFAULT_CALIBRATION_IMAGES),
+        }
+        report["targets"] = accuracy_targets(report)
+        write_report(report, args.out, accuracy_markdown)
+        return 0 if all(t["pass"] for t in report["targets"]) else 1
     report = run(args)
     write_report(report, args.out, markdown)
     return 0 if all(t["pass"] for t in report["targets"]) else 1

@@ -26,6 +26,9 @@ DATASETS = Path(
 )
 
 
+REPEATS = 4  # of 5-fold cross-validation on each set
+
+
 def _photos(name: str) -> list[tuple[Path, str]]:
     with (DATASETS / name / "labels.csv").open(newline="") as fh:
         return [(DATASETS / name / row["path"], row["label"]) for row in csv.DictReader(fh)]
@@ -93,20 +96,30 @@ def test_int8_answers_match_fp32_on_real_photos(tmp_path: Path) -> None:
         x8 = np.concatenate([quantized.embed_arrays(arrays[i : i + 50]) for i in range(0, len(arrays), 50)])
         names = sorted({label for _, label in photos})
         y = np.asarray([names.index(label) for _, label in photos])
-        folds = rng.permutation(len(y)) % 5
-        right32 = right8 = same = 0
-        for fold in range(5):
-            train, test = folds != fold, folds == fold
-            w, b = fit_head(
-                x32[train], y[train], TaskType.MULTI_CLASS, HeadSetting(LOGISTIC, 0.1), n_outputs=len(names)
-            )
-            p32, p8 = (x32[test] @ w.T + b).argmax(1), (x8[test] @ w.T + b).argmax(1)
-            right32 += int((p32 == y[test]).sum())
-            right8 += int((p8 == y[test]).sum())
-            same += int((p32 == p8).sum())
-        change = 100 * (right8 - right32) / len(y)
-        assert abs(change) <= 0.5, (name, change)  # accuracy points
-        assert same / len(y) >= 0.95, (name, same / len(y))
+        # INT8 flips a few percent of the low-margin flowers answers; which of those are right depends
+        # on the folds (one 5-fold split gave -1.0 to +0.17 points on the same model): the change is
+        # the mean over 4 repeats of 5-fold cross-validation, as bench/classify.py measures it.
+        changes, same = [], []
+        for repeat in range(REPEATS):
+            folds = np.random.default_rng(repeat).permutation(len(y)) % 5
+            right32 = right8 = agree = 0
+            for fold in range(5):
+                train, test = folds != fold, folds == fold
+                w, b = fit_head(
+                    x32[train],
+                    y[train],
+                    TaskType.MULTI_CLASS,
+                    HeadSetting(LOGISTIC, 0.1),
+                    n_outputs=len(names),
+                )
+                p32, p8 = (x32[test] @ w.T + b).argmax(1), (x8[test] @ w.T + b).argmax(1)
+                right32 += int((p32 == y[test]).sum())
+                right8 += int((p8 == y[test]).sum())
+                agree += int((p32 == p8).sum())
+            changes.append(100 * (right8 - right32) / len(y))
+            same.append(agree / len(y))
+        assert abs(np.mean(changes)) <= 0.5, (name, changes)  # accuracy points
+        assert min(same) >= 0.95, (name, same)
 
 
 @pytest.mark.slow
@@ -233,3 +246,42 @@ def test_the_int8_backbones_setting_names_known_backbones(monkeypatch: pytest.Mo
     monkeypatch.setenv("TASKVISION_SERVING_INT8_BACKBONES", "resnet50")
     with pytest.raises(ValidationError, match=r"Invalid backbone 'resnet50'"):
         Settings()
+
+
+def test_a_cached_quantization_is_reused_only_if_made_by_the_same_recipe(tmp_path: Path) -> None:
+    """A restart reuses the INT8 backbone it made; one made before the float/int8 split changed is made
+    again (its report lacks the recipe, or names another)."""
+    import dataclasses
+    import json
+
+    fp32 = tmp_path / "backbone.onnx"
+    fp32.write_bytes(b"the FP32 export")
+    report = quantize.Int8Report(
+        backbone_id=BACKBONE_ID,
+        fp32_sha256=quantize._file_sha256(fp32),
+        recipe=quantize.RECIPE,
+        calibration_images=200,
+        check_images=100,
+        mean_cosine=0.999,
+        p1_cosine=0.998,
+        accepted=True,
+        reason="ok",
+        quantize_s=1.0,
+    )
+
+    def cached(name: str, fields: dict[str, object]) -> None:
+        folder = tmp_path / "int8" / f"{BACKBONE_ID}-int8-{name}"
+        folder.mkdir(parents=True)
+        (folder / "model.onnx").write_bytes(b"int8")
+        np.savez(folder / "check.npz", fp32=np.zeros((1, 4)), int8=np.zeros((1, 4)))
+        (folder / "report.json").write_text(json.dumps(fields))
+
+    cached("current", dataclasses.asdict(report))
+    found = quantize.find_prepared(BACKBONE_ID, fp32, tmp_path / "int8")
+    assert found is not None and found.report.recipe == quantize.RECIPE
+    for folder in (tmp_path / "int8").iterdir():
+        (folder / "report.json").unlink()
+    older = {k: v for k, v in dataclasses.asdict(report).items() if k != "recipe"}
+    cached("before-recipes", older)
+    cached("other-recipe", {**dataclasses.asdict(report), "recipe": "float-conv_stem,bn1,blocks.0,blocks.1"})
+    assert quantize.find_prepared(BACKBONE_ID, fp32, tmp_path / "int8") is None
