@@ -59,8 +59,12 @@ options under test:
   check (the server's log says which), times the pieces with the INT8
   backbone, and (unless ``--skip-accuracy``) reports the accuracy change
   FP32 -> INT8 on the four shared photo sets: a head fitted on FP32 embeddings
-  the way the train step fits it (5-fold cross-validation, every photo a test
-  photo once), answered from FP32 and from INT8 embeddings of the same photos;
+  the way the train step fits it (4 x 5-fold cross-validation, every photo a
+  test photo once in each repeat; the mean change over the repeats), answered
+  from FP32 and from INT8 embeddings of the same photos;
+* ``--accuracy-only``: that comparison alone, without the service: the
+  backbone quantized in-process on 300 flowers photos (200 calibrate, 100
+  check), as the service would on its stored images;
 * ``--batch-window-ms MS``: ``TASKVISION_SERVING_BATCH_WINDOW_MS`` (batching
   across requests).
 
