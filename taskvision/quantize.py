@@ -38,8 +38,8 @@ ONNX Runtime per-tensor error analysis showed where the error enters):
 :data:`RECIPE` names these choices; a cached quantization made with another
 recipe is not reused.
 
-Quantized models are cached in a folder, keyed by the FP32 export and the
-calibration images, with the check embeddings and a JSON report.
+Quantized models are cached in a folder, keyed by the FP32 export, the
+recipe and the calibration images, with the check embeddings and a JSON report.
 Metrics in a bundle are always computed in FP32 (the evaluate step records
 ``"backbone_precision": "fp32"``); ``bench/classify.py --int8`` reports the accuracy
 change on the shared data sets.
@@ -78,7 +78,7 @@ CHECK_FRACTION = 1 / 3  # of the images given to prepare_int8: held out from cal
 CALIBRATION_BATCH = 8
 # Operators at the end of the embedding that stay in float (pooling, concatenation).
 FLOAT_TAIL_OPS = ("GlobalAveragePool", "ReduceMean", "ReduceMax", "Concat", "Flatten")
-# Nodes of timm's EfficientNet(-Lite) export that stay in float: the stem and stages 0-1.
+# Nodes of timm's EfficientNet(-Lite) export that stay in float: the stem and stages 0-2.
 FLOAT_PREFIXES = ("/conv_stem", "/bn1", "/blocks.0/", "/blocks.1/", "/blocks.2/")
 # What a quantization was made with: part of its cache key and its report (older reports lack it).
 RECIPE = "qdq-s8-weights-per-channel-u8-activations-minmax-float-" + ",".join(

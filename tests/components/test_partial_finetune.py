@@ -16,7 +16,7 @@ from components.lib.train import TrainConfig, targets, train_model
 from taskvision import backbone
 from taskvision.bundle import BundleMeta
 from taskvision.inference import BundleModel
-from taskvision.preprocess import DEFAULT, draft_side
+from taskvision.preprocess import DEFAULT, draft_side, preprocess_bytes
 from taskvision.storage import LocalBlobStore
 from tests.support.images import shape_image
 from tests.support.snapshots import shapes_in_store
@@ -102,19 +102,6 @@ def _centre(store: LocalBlobStore, row: object) -> np.ndarray:
 
     image = decode_row(store, row, max_pixels=10**7, min_side=draft_side(DEFAULT.resize_to))  # type: ignore[arg-type]
     return prepared_arrays(image, [backbone.BACKBONE_ID])[backbone.BACKBONE_ID]
-
-
-def _decoded(data: bytes) -> np.ndarray:
-    """The backbone's input array of an image's bytes."""
-    import io
-
-    from PIL import Image
-
-    from components.lib.embeddings import prepared_arrays
-
-    return prepared_arrays(Image.open(io.BytesIO(data)).convert("RGB"), [backbone.BACKBONE_ID])[
-        backbone.BACKBONE_ID
-    ]
 
 
 def test_balanced_scores_both_candidates_and_a_fine_tuned_winner_is_a_whole_network(
@@ -219,7 +206,11 @@ def test_a_retrain_of_barely_changed_data_refits_the_tuned_networks_last_layer(
     # the fine-tune's floor on the features' spreads put weights of thousands on features constant on
     # the training images, and answered a new red circle 'square' at 100 % (the journey test, once).
     fresh = np.stack(
-        [_decoded(shape_image(kind, 9000 + i)) for kind in ("circle", "square") for i in range(10)]
+        [
+            preprocess_bytes(shape_image(kind, 9000 + i), max_pixels=10**7)[0]
+            for kind in ("circle", "square")
+            for i in range(10)
+        ]
     )
     first_model = BundleModel.load(tmp_path / "r1")
     answers = [m.logits_from_arrays(fresh).argmax(axis=1) for m in (first_model, model)]
