@@ -501,6 +501,13 @@ def machine_info() -> dict[str, Any]:
     }
 
 
+def targets_lines(targets: list[dict[str, Any]]) -> list[str]:
+    """A report's targets as Markdown lines: a heading, then ``- PASS: target: value`` each."""
+    return ["", "Targets:", ""] + [
+        f"- {'PASS' if t['pass'] else 'FAIL'}: {t['target']}: {t['value']}" for t in targets
+    ]
+
+
 def write_report(report: dict[str, Any], out: Path, markdown: Callable[[dict[str, Any]], str]) -> None:
     """The report as JSON to ``out``, then as Markdown (``markdown(report)``) to stdout."""
     out.parent.mkdir(parents=True, exist_ok=True)

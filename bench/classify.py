@@ -138,6 +138,7 @@ from _common import (
     server_log_summary,
     smooth_field,
     stop_process,
+    targets_lines,
     upload_training_image,
     wait_for_int8,
     wait_healthy,
@@ -1136,6 +1137,22 @@ def accuracy_targets(report: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
+def accuracy_table(rows: dict[str, Any]) -> list[str]:
+    """FP32 against INT8 on each shared set (``int8_accuracy``'s rows), as a Markdown table."""
+    out = [
+        "| set | metric | FP32 | INT8 | change (mean) | change by repeat | same answer |",
+        "|---|---|---:|---:|---:|---|---:|",
+    ]
+    for name, row in rows.items():
+        change = row.get("change_points", row.get("change"))
+        same = row.get("same_answer", row.get("mean_abs_change"))
+        out.append(
+            f"| {name} ({row['images']}) | {row['metric']} | {row['fp32']:.4f} | {row['int8']:.4f} | "
+            f"{change:+.3f} | {row['change_by_repeat']} | {same:.4f} |"
+        )
+    return out
+
+
 def accuracy_markdown(report: dict[str, Any]) -> str:
     """The report of ``--accuracy-only``."""
     machine, q = report["machine"], report["int8"]
@@ -1146,18 +1163,9 @@ def accuracy_markdown(report: dict[str, Any]) -> str:
         f"quantized on {q['calibration_images']} flowers photos, checked on {q['check_images']} others "
         f"({q['reason']}).",
         "",
-        "| set | metric | FP32 | INT8 | change (mean) | change by repeat | same answer |",
-        "|---|---|---:|---:|---:|---|---:|",
     ]
-    for name, row in report["int8_accuracy"].items():
-        change = row.get("change_points", row.get("change"))
-        same = row.get("same_answer", row.get("mean_abs_change"))
-        out.append(
-            f"| {name} ({row['images']}) | {row['metric']} | {row['fp32']:.4f} | {row['int8']:.4f} | "
-            f"{change:+.3f} | {row['change_by_repeat']} | {same:.4f} |"
-        )
-    out += ["", "Targets:", ""]
-    out += [f"- {'PASS' if t['pass'] else 'FAIL'}: {t['target']}: {t['value']}" for t in report["targets"]]
+    out += accuracy_table(report["int8_accuracy"])
+    out += targets_lines(report["targets"])
     return "\n".join(out)
 
 
@@ -1255,16 +1263,8 @@ def markdown(report: dict[str, Any]) -> str:
             f"{q.get('head_precision', '?')}.",
         ]
     if report.get("int8_accuracy"):
-        out += ["", "| set | metric | FP32 | INT8 | change | same answer |", "|---|---|---:|---:|---:|---:|"]
-        for name, row in report["int8_accuracy"].items():
-            change = row.get("change_points", row.get("change"))
-            same = row.get("same_answer", row.get("mean_abs_change"))
-            out.append(
-                f"| {name} ({row['images']}) | {row['metric']} | {row['fp32']:.4f} | {row['int8']:.4f} | "
-                f"{change:+.3f} | {same:.4f} |"
-            )
-    out += ["", "Targets:", ""]
-    out += [f"- {'PASS' if t['pass'] else 'FAIL'}: {t['target']}: {t['value']}" for t in report["targets"]]
+        out += ["", *accuracy_table(report["int8_accuracy"])]
+    out += targets_lines(report["targets"])
     return "\n".join(out)
 
 

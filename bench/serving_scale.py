@@ -92,6 +92,7 @@ from _common import (
     server_env,
     server_log_summary,
     smooth_field,
+    targets_lines,
     wait_for_int8,
     write_report,
 )
@@ -622,8 +623,7 @@ def markdown(report: dict[str, Any]) -> str:
                 f"| {side} | {row['slow_request']['seconds']} | {b['p50']} / {b['p99']} / {b['max']} | "
                 f"{d['p50']} / {d['p99']} / {d['max']} | {row['answered_during']} |"
             )
-    out += ["", "Targets:", ""]
-    out += [f"- {'PASS' if t['pass'] else 'FAIL'}: {t['target']}: {t['value']}" for t in report["targets"]]
+    out += targets_lines(report["targets"])
     return "\n".join(out)
 
 
