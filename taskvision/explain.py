@@ -57,9 +57,7 @@ from __future__ import annotations
 import base64
 import io
 import logging
-import os
 import threading
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -128,25 +126,10 @@ def maps_onnx_path() -> Path:
     key = backbone.export_key(f"{name}-v1", MAPS_BACKBONE, str(backbone.EMBEDDING_DIM))
     path = backbone.cache_dir() / f"{name}-{key}.onnx"
     if not path.exists():
-        import torch
-
         logger.info("exporting %s with its feature maps to ONNX at %s (once)", backbone.EMBEDDING_ID, path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        names = ["embedding", *MAP_NAMES]
-        with torch.inference_mode(), warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)
-            torch.onnx.export(
-                build_maps_model(),
-                (torch.zeros(1, 3, DEFAULT.input_size, DEFAULT.input_size),),
-                str(tmp),
-                input_names=["input"],
-                output_names=names,
-                dynamic_axes={"input": {0: "batch"}, **{name: {0: "batch"} for name in names}},
-                opset_version=17,
-                dynamo=False,
-            )
-        os.replace(tmp, path)
+        backbone.export_onnx(
+            build_maps_model(), path, input_size=DEFAULT.input_size, output_names=["embedding", *MAP_NAMES]
+        )
     return path
 
 
