@@ -56,6 +56,8 @@ class Extractors:
         self._embedders: dict[tuple[str, Precision], Embeds] = {}
         self._int8: dict[str, Int8Backbone] = {}  # accepted ones, by backbone id
         self.int8_generation = 0  # changes whenever the INT8 backbones in use change
+        # The INT8 check images' head inputs by feature ids, for the current generation (see int8_checks).
+        self._checks: dict[tuple[str, ...], Array | None] = {}
         self._lock = threading.Lock()
 
     # ---- INT8 ------------------------------------------------------------------------
@@ -66,11 +68,39 @@ class Extractors:
             self._int8[int8.backbone_id] = int8
             self._embedders.pop((int8.backbone_id, Precision.INT8), None)
             self.int8_generation += 1
+            self._checks.clear()
         logger.info("INT8 backbone in use for %s (%s)", int8.backbone_id, int8.path)
 
     def int8(self, backbone_id: str) -> Int8Backbone | None:
         """The accepted INT8 backbone of ``backbone_id``, if any."""
         return self._int8.get(backbone_id)
+
+    def int8_checks(self, feature_ids: Sequence[str]) -> Array | None:
+        """The head input of the INT8 check images over ``feature_ids``: (2N, D), FP32's N rows, then INT8's.
+
+        One array, so that a head checks both with one matrix product. None unless
+        every backbone the ids need has an INT8 backbone in use. A ``+hflip`` part
+        is checked on the image itself for both views (how INT8's error goes
+        through a head is what is checked). Cached per feature ids until the INT8
+        backbones change: every head loaded (again, after an eviction) is checked on
+        these, and assembling them cost more than the check itself.
+        """
+        key = tuple(feature_ids)
+        with self._lock:
+            if key in self._checks:
+                return self._checks[key]
+            found = {b: self._int8.get(b) for b in features.backbones_needed(key)}
+        checks = {b: c for b, c in found.items() if c is not None}
+        inputs: Array | None = None
+        if checks and len(checks) == len(found):
+            views = [(b, m) for b in checks for m in (False, True)]
+            fp32 = features.assemble({(b, m): checks[b].check_fp32 for b, m in views}, key)
+            int8 = features.assemble({(b, m): checks[b].check_int8 for b, m in views}, key)
+            inputs = np.concatenate([fp32, int8])
+        with self._lock:
+            if all(self._int8.get(b) is c for b, c in found.items()):  # not changed meanwhile
+                self._checks[key] = inputs
+        return inputs
 
     # ---- embedding -------------------------------------------------------------------
 

@@ -222,27 +222,18 @@ class BundlePredictor(Model):
         if self._precision[0] == generation:
             return self._precision[1]
         precision = Precision.FP32
+        checks = None
         if self.head is not None and self.meta is not None:
-            found = {b: self.extractors.int8(b) for b in features.backbones_needed(self.features)}
-            checks = {b: c for b, c in found.items() if c is not None}
-            if checks and len(checks) == len(found):
-                # Every backbone's check images are its own; a +hflip part is checked on the image
-                # itself for both views (how INT8's error goes through this head is what is checked).
-                fp32 = features.assemble(
-                    {(b, m): c.check_fp32 for b, c in checks.items() for m in (False, True)}, self.features
-                )
-                int8 = features.assemble(
-                    {(b, m): c.check_int8 for b, c in checks.items() for m in (False, True)}, self.features
-                )
-                verdict = quantize.answers_within_tolerance(
-                    self.meta, self.head.logits(fp32), self.head.logits(int8)
-                )
-                if verdict.ok:
-                    precision = Precision.INT8
-                else:
-                    logger.info(
-                        "%s stays FP32: INT8 answers out of tolerance (%s)", self.name, verdict.reason
-                    )
+            checks = self.extractors.int8_checks(self.features)
+        if checks is not None:
+            assert self.head is not None and self.meta is not None
+            logits = self.head.logits(checks)  # FP32's check images, then the same through INT8
+            half = len(logits) // 2
+            verdict = quantize.answers_within_tolerance(self.meta, logits[:half], logits[half:])
+            if verdict.ok:
+                precision = Precision.INT8
+            else:
+                logger.info("%s stays FP32: INT8 answers out of tolerance (%s)", self.name, verdict.reason)
         self._precision = (generation, precision)
         return precision
 

@@ -187,6 +187,14 @@ def test_a_head_uses_int8_only_within_tolerance(tmp_path: Path) -> None:
     image = shape_image("circle", 900)
     (answer,) = calm.classify([image])
     assert isinstance(answer, dict) and answer["best_label"]["name"] == "label 0"
+    # Every head with the same features is checked on one array, assembled once per INT8 backbone.
+    checks = extractors.int8_checks(calm.features)
+    assert checks is not None and checks is extractors.int8_checks(list(calm.features))
+    n = len(int8.check_fp32)
+    np.testing.assert_array_equal(checks, np.concatenate([int8.check_fp32, int8.check_int8]))
+    assert extractors.int8_checks(two_backbones.features) is None  # Lite1 has no INT8 backbone here
+    extractors.use_int8(reused)
+    assert extractors.int8_checks(calm.features) is not checks and len(checks) == 2 * n
 
 
 def test_int8_stays_off_without_enough_stored_images(tmp_path: Path) -> None:

@@ -123,6 +123,8 @@ def test_loaded_versions_stay_within_the_memory_budget(tmp_path: Path) -> None:
     for i in range(6):
         answers[i] = _answer(repository.get_or_load(f"task-{i}.v1"))
         assert repository.memory_bytes <= repository.memory_budget
+        loaded = [model for model in repository.get_models().values() if model.ready]
+        assert repository.memory_bytes == sum(model.memory_bytes for model in loaded)
     assert sorted(repository.get_models()) == ["task-3.v1", "task-4.v1", "task-5.v1"]
     assert len(repository.bank) == 3 and repository.evictions == 3
     # The least recently used goes first: touching task-3 makes task-4 the next one out.
