@@ -79,7 +79,8 @@ def parse_json(raw: bytes | str) -> Any:
 
 
 async def read_body(request: Request, *, max_bytes: int) -> dict[str, Any]:
-    """Parse the request body into a dict. An empty body is ``{}``.
+    """Parse the request body into a dict. An empty body is ``{}``; one of only whitespace is not
+    JSON (a 400), as any other text that is not.
 
     Multipart file fields are returned as ``UploadFile`` objects.
     """
@@ -104,7 +105,7 @@ async def read_body(request: Request, *, max_bytes: int) -> dict[str, Any]:
             raise PayloadTooLargeError(f"The request body is larger than {max_bytes} bytes.")
         chunks.append(chunk)
     raw = b"".join(chunks)
-    if not raw.strip():
+    if not raw:
         return {}
     parsed = parse_json(raw)
     if not isinstance(parsed, dict):

@@ -45,6 +45,18 @@ def test_deeply_nested_json_is_a_400(client: TestClient, path: str) -> None:
     assert response.json()["code"] == "invalid_json" and "nested" in response.json()["detail"]
 
 
+@pytest.mark.parametrize("body", [b"\r", b" ", b"\n\t "])
+def test_a_body_of_only_whitespace_is_not_json(client: TestClient, body: bytes) -> None:
+    """schemathesis found PUT training-image accepting ``\r`` as an empty body (200): it is not JSON."""
+    created = client.post(IMAGES, json={"base64": b64(image_bytes(3))}).json()
+    for method, path in (("PUT", f"{IMAGES}/{created['id']}"), ("POST", TASKS)):
+        response = client.request(method, path, content=body, headers={"Content-Type": "application/json"})
+        assert response.status_code == 400, response.text
+        assert response.json()["code"] == "invalid_json"
+    empty = client.request("PUT", f"{IMAGES}/{created['id']}", content=b"")  # no body at all: no changes
+    assert empty.status_code == 200, empty.text
+
+
 def test_deeply_nested_meta_data_is_a_400(client: TestClient) -> None:
     nested: Any = 0
     for _ in range(200):
