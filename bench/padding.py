@@ -3,12 +3,12 @@
 Each backbone (``--backbones``, default Lite0, the one served) is exported
 twice in this run, into a temporary folder:
 
-* **before**: ``torch.onnx.export`` of the embedding network as it comes from
-  timm (the way :func:`taskvision.backbone.export_onnx` exported it until
-  now): TensorFlow-style padding worked out from the input's shape at run
-  time, a ``Pad`` before each stride-2 convolution;
-* **now**: :func:`taskvision.backbone.export_onnx`, which makes the padding
-  static and folds it into the convolutions (:mod:`taskvision.static_padding`).
+* **before**: :func:`taskvision.backbone.export_onnx` with ``fold_padding=False``,
+  the way it exported until now: TensorFlow-style padding worked out from the
+  input's shape at run time, a ``Pad`` before each stride-2 convolution;
+* **now**: :func:`taskvision.backbone.export_onnx` as it exports by default,
+  the padding made static and folded into the convolutions
+  (:mod:`taskvision.static_padding`).
 
 Both are quantized to INT8 the way the server does it
 (:func:`taskvision.quantize.quantize_onnx`, calibrated on the same
@@ -33,7 +33,6 @@ import statistics
 import sys
 import tempfile
 import time
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -46,27 +45,6 @@ sys.path.insert(0, str(REPO_ROOT))
 logger = logging.getLogger("bench.padding")
 
 DEFAULT_OUT = REPO_ROOT / "bench" / "results" / "padding.json"
-
-
-def export_before(backbone_id: str, path: Path) -> None:
-    """The embedding network exported as it comes from timm (dynamic TensorFlow-style padding)."""
-    import torch
-
-    from taskvision import backbone
-
-    size = backbone.backbone_spec(backbone_id).preprocess.input_size
-    with torch.inference_mode(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            backbone.build_embedding_model(backbone_id),
-            (torch.zeros(1, 3, size, size),),
-            str(path),
-            input_names=["input"],
-            output_names=["output"],
-            dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}},
-            opset_version=17,
-            dynamo=False,
-        )
 
 
 def photos(backbone_id: str, count: int, skip: int = 0) -> np.ndarray:
@@ -86,12 +64,11 @@ def measure(backbone_id: str, workdir: Path, args: argparse.Namespace) -> dict[s
     from taskvision import backbone, quantize
 
     paths = {"fp32 before": workdir / "before.onnx", "fp32 now": workdir / "now.onnx"}
-    export_before(backbone_id, paths["fp32 before"])
-    backbone.export_onnx(
-        backbone.build_embedding_model(backbone_id),
-        paths["fp32 now"],
-        input_size=backbone.backbone_spec(backbone_id).preprocess.input_size,
-    )
+    size = backbone.backbone_spec(backbone_id).preprocess.input_size
+    for name, fold in (("fp32 before", False), ("fp32 now", True)):
+        backbone.export_onnx(
+            backbone.build_embedding_model(backbone_id), paths[name], input_size=size, fold_padding=fold
+        )
     calibration = photos(backbone_id, args.calibration)
     check = photos(backbone_id, args.check, skip=args.calibration)
     for side in ("before", "now"):

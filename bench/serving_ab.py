@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from _common import REPO_ROOT, Client, init_script, machine_info, wait_for_int8, write_report
-from serving_scale import POOL, Images, classify, image_pool, make_tasks, serving
+from serving_scale import POOL, Images, classify, image_pool, make_tasks, serving, summary
 
 logger = logging.getLogger("bench.serving_ab")
 
@@ -85,14 +85,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         classify(clients[side], rng.choice(tasks.ids), images.take())
                         for _ in range(args.requests)
                     ]
-                    ok = [c for c in calls if c.ok]
+                    figures = summary(calls)
                     rounds[side].append(
                         {
-                            "p50_ms": round(statistics.median(c.seconds for c in ok) * 1000, 2),
-                            "server_p50_ms": round(
-                                statistics.median(c.processing_s or 0.0 for c in ok) * 1000, 2
-                            ),
-                            "errors": len(calls) - len(ok),
+                            "p50_ms": figures["latency_ms"]["p50"],
+                            "server_p50_ms": figures["server_processing_ms_p50"],
+                            "errors": figures["errors"],
                         }
                     )
                     logger.info("round %d, %s: %s", r, side, rounds[side][-1])

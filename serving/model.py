@@ -222,18 +222,18 @@ class BundlePredictor(Model):
         if self._precision[0] == generation:
             return self._precision[1]
         precision = Precision.FP32
-        checks = None
         if self.head is not None and self.meta is not None:
             checks = self.extractors.int8_checks(self.features)
-        if checks is not None:
-            assert self.head is not None and self.meta is not None
-            logits = self.head.logits(checks)  # FP32's check images, then the same through INT8
-            half = len(logits) // 2
-            verdict = quantize.answers_within_tolerance(self.meta, logits[:half], logits[half:])
-            if verdict.ok:
-                precision = Precision.INT8
-            else:
-                logger.info("%s stays FP32: INT8 answers out of tolerance (%s)", self.name, verdict.reason)
+            if checks is not None:
+                logits = self.head.logits(checks)  # FP32's check images, then the same through INT8
+                half = len(logits) // 2
+                verdict = quantize.answers_within_tolerance(self.meta, logits[:half], logits[half:])
+                if verdict.ok:
+                    precision = Precision.INT8
+                else:
+                    logger.info(
+                        "%s stays FP32: INT8 answers out of tolerance (%s)", self.name, verdict.reason
+                    )
         self._precision = (generation, precision)
         return precision
 

@@ -249,13 +249,20 @@ def export_key(name: str, backbone_id: str, *extra: str) -> str:
 
 
 def export_onnx(
-    model: Any, path: Path, *, input_size: int = 224, output_names: Sequence[str] = ("output",)
+    model: Any,
+    path: Path,
+    *,
+    input_size: int = 224,
+    output_names: Sequence[str] = ("output",),
+    fold_padding: bool = True,
 ) -> None:
     """Export a torch module taking (N, 3, H, W) float32 to ONNX with a dynamic batch axis.
 
     The export takes ``input_size`` images only: timm's TensorFlow-style padding is
     worked out for that size and folded into the convolutions
     (:mod:`taskvision.static_padding`; the same values, about 1.4x faster).
+    ``fold_padding=False`` exports the padding as timm computes it (how exports were
+    made before; ``bench/padding.py`` compares the two).
     """
     import onnx
     import torch
@@ -268,7 +275,7 @@ def export_onnx(
     with torch.inference_mode(), warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         torch.onnx.export(
-            static_padding.make_padding_static(model, input_size),
+            static_padding.make_padding_static(model, input_size) if fold_padding else model,
             (example,),
             str(tmp),
             input_names=["input"],
@@ -277,9 +284,10 @@ def export_onnx(
             opset_version=17,
             dynamo=False,
         )
-    exported = onnx.load(str(tmp))
-    if static_padding.fold_pads_into_convs(exported):
-        onnx.save(exported, str(tmp))
+    if fold_padding:
+        exported = onnx.load(str(tmp))
+        if static_padding.fold_pads_into_convs(exported):
+            onnx.save(exported, str(tmp))
     os.replace(tmp, path)  # atomic: concurrent exporters never see a half-written file
 
 

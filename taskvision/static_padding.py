@@ -160,25 +160,25 @@ class _ConstantValues:
     def __init__(self, model: onnx.ModelProto) -> None:
         self.model = model
         self.producers = {out: node for node in model.graph.node for out in node.output}
-        self.initializers = {i.name for i in model.graph.initializer}
+        self.order = {id(node): i for i, node in enumerate(model.graph.node)}
+        self.initializers = {i.name: i for i in model.graph.initializer}
 
     def get(self, name: str) -> np.ndarray | None:
         from onnx import helper, numpy_helper
         from onnx.reference import ReferenceEvaluator
 
         if name in self.initializers:
-            init = next(i for i in self.model.graph.initializer if i.name == name)
-            return np.asarray(numpy_helper.to_array(init))
+            return np.asarray(numpy_helper.to_array(self.initializers[name]))
         nodes = self._ancestors(name)
         if nodes is None:
             return None
-        needed = {i for node in nodes for i in node.input} & self.initializers
+        needed = {i for node in nodes for i in node.input} & self.initializers.keys()
         graph = helper.make_graph(
             nodes,
             "constant",
             [],
             [helper.make_tensor_value_info(name, 0, None)],
-            [i for i in self.model.graph.initializer if i.name in needed],
+            [self.initializers[i] for i in sorted(needed)],
         )
         sub = helper.make_model(graph, opset_imports=self.model.opset_import)
         (value,) = ReferenceEvaluator(sub).run([name], {})  # a list: intermediate=False
@@ -198,8 +198,7 @@ class _ConstantValues:
             if id(node) not in found:
                 found[id(node)] = node
                 pending.extend(node.input)
-        order = {id(node): i for i, node in enumerate(self.model.graph.node)}
-        return sorted(found.values(), key=lambda node: order[id(node)])
+        return sorted(found.values(), key=lambda node: self.order[id(node)])
 
 
 def _drop_unused(model: onnx.ModelProto) -> None:
