@@ -82,7 +82,8 @@ async def read_body(request: Request, *, max_bytes: int) -> dict[str, Any]:
     """Parse the request body into a dict. An empty body is ``{}``; one of only whitespace is not
     JSON (a 400), as any other text that is not.
 
-    Multipart file fields are returned as ``UploadFile`` objects.
+    Multipart file fields are returned as ``UploadFile`` objects. A form field given twice is
+    a 400: no form field takes more than one value.
     """
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     declared = request.headers.get("content-length")
@@ -93,6 +94,8 @@ async def read_body(request: Request, *, max_bytes: int) -> dict[str, Any]:
         data: dict[str, Any] = {}
         for key, value in form.multi_items():
             check_text(key, where="A form field name")
+            if key in data:  # no field takes a list; keeping one of them would drop the others unseen
+                raise BadRequestError(f"Form field {key!r} is given more than once.", code="invalid_form")
             if isinstance(value, str):
                 check_text(value, where=f"Form field {key!r}")
             data[key] = value

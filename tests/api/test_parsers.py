@@ -57,6 +57,38 @@ def test_a_body_of_only_whitespace_is_not_json(client: TestClient, body: bytes) 
     assert empty.status_code == 200, empty.text
 
 
+def test_a_form_field_given_twice_is_a_400(client: TestClient) -> None:
+    """schemathesis found a multipart upload with ``meta_data`` repeated 14 times accepted, the last kept."""
+    upload = {"img_path": ("a.png", image_bytes(4), "image/png")}
+    twice = client.post(IMAGES, data={"meta_data": ['{"a": 1}', "null"]}, files=upload)
+    assert twice.status_code == 400, twice.text
+    assert twice.json()["code"] == "invalid_form" and "'meta_data'" in twice.json()["detail"]
+    fields = [("name", b"first"), ("name", b"second"), ("type", b"multi_class")]
+    as_multipart = client.post(TASKS, files=[(key, (None, value)) for key, value in fields])
+    as_urlencoded = client.post(
+        TASKS,
+        content=b"&".join(key.encode() + b"=" + value for key, value in fields),
+        headers={"Content-Type": "application/x-www-form-urlencoded"},
+    )
+    for response in (as_multipart, as_urlencoded):
+        assert response.status_code == 400, response.text
+        assert response.json()["detail"] == "Form field 'name' is given more than once."
+    assert client.get(IMAGES).json()["count"] == 0 and client.get(TASKS).json()["count"] == 0
+    once = client.post(IMAGES, data={"meta_data": '{"a": 1}'}, files=upload)
+    assert once.status_code == 201 and once.json()["meta_data"] == {"a": 1}
+
+
+@pytest.mark.parametrize("tail", ["%0A", "%0D", "%09", "x%0Ay", "%7F", "%1B"])
+def test_a_control_character_in_the_path_is_a_400(client: TestClient, tail: str) -> None:
+    """schemathesis found GET ``/webhook/%0A`` answered with the webhook list: Starlette's ``$``
+    matches before a final newline, so ``/webhook/\n`` routed to ``/webhook/``."""
+    for prefix in ("/recognition/v2/webhook/", f"{TASKS}/", f"{IMAGES}/"):
+        response = client.get(prefix + tail)
+        assert response.status_code == 400, (prefix + tail, response.text)
+        assert "control character" in response.json()["detail"]
+    assert client.get("/recognition/v2/webhook/").status_code == 200  # the list itself still answers
+
+
 def test_deeply_nested_meta_data_is_a_400(client: TestClient) -> None:
     nested: Any = 0
     for _ in range(200):
