@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from components.lib import distribution_head, selection
+from components.lib import distribution_head, embeddings, selection
 from components.lib.evaluate import evaluate_model
 from components.lib.split import split_dataset
 from components.lib.train import TrainConfig, train_model
@@ -123,3 +124,70 @@ def test_a_curved_target_chooses_the_distribution_head_and_serves_it_as_evaluate
     assert served == pytest.approx(expected.tolist(), abs=1e-3)
     with pytest.raises(ExplainUnavailableError):  # a class-activation map needs a linear head
         predictor.classify(images[:1], explain=True)
+
+
+def test_a_mirror_image_that_averages_noise_away_chooses_the_flipped_head_and_serves_it(
+    tmp_path: Path, linear_or_distribution: None
+) -> None:
+    """A picture and its mirror image carry opposite noise, so their average is the clean vector:
+    ``+hflip`` scores better, the same fitted heads are scored both ways, and the bundle serves
+    the averaged features."""
+    store = LocalBlobStore(tmp_path / "blobs")
+    n = 240
+    rng = np.random.default_rng(3)
+    latent = rng.normal(size=(n, 2))
+    mixing = rng.normal(size=(2, backbone.BACKBONES[backbone.BACKBONE_ID].embedding_dim))
+    values = 12.0 * np.abs(latent[:, 0]) + 4.0 * latent[:, 1] ** 2 + 20.0
+    clean = latent @ mixing + 0.05 * rng.normal(size=(n, mixing.shape[1]))
+    noise = 0.3 * rng.normal(size=latent.shape) @ mixing
+    views = {False: (clean + noise).astype(np.float32), True: (clean - noise).astype(np.float32)}
+    maker = RowMaker()
+    for value in values:
+        maker.add(["v-size"], values={"v-size": float(value)})
+    rows = maker.rows
+    task = info(TaskType.REGRESSION, [LabelInfo("v-size", "size")], count=n)
+    for row, centre, mirror in zip(rows, views[False], views[True], strict=True):
+        for mirrored, vector in ((False, centre), (True, mirror)):
+            buf = io.BytesIO()
+            np.save(buf, vector)
+            store.put(embeddings.cache_key((backbone.BACKBONE_ID, mirrored), row.sha256), buf.getvalue())
+    split = split_dataset(task, rows, seed=0)
+    out = tmp_path / "model"
+
+    meta = train_model(task, rows, split, store, out, TrainConfig(mode="embed", quality="balanced"))
+
+    flipped = backbone.EMBEDDING_ID + features.HFLIP
+    by_features = {
+        tuple(c["features"]): c for c in meta.selection["candidates"] if c["kind"] == selection.DISTRIBUTION
+    }
+    assert set(by_features) == {(backbone.EMBEDDING_ID,), (flipped,)}
+    assert by_features[(flipped,)]["cv_score"] > by_features[(backbone.EMBEDDING_ID,)]["cv_score"]
+    assert (
+        by_features[(flipped,)]["serving_cost"]
+        > 2 * by_features[(backbone.EMBEDDING_ID,)]["serving_cost"] - 0.1
+    )
+    assert meta.selection["kind"] == selection.DISTRIBUTION and meta.features == [flipped]
+
+    # Evaluated on the test images' averaged vectors, as served.
+    test = np.isin([row.image_id for row in rows], split.test)
+    averaged = (views[False] + views[True])[test] / 2
+    model = BundleModel.load(out)
+    answers = model.outputs(model.logits_from_embeddings(averaged))[:, 0]
+    assert np.abs(answers - values[test]).mean() == pytest.approx(evaluate_model(out)["mae"], rel=1e-4)
+
+    # Served on real images: the backbone runs on the picture and its mirror image.
+    predictor = BundlePredictor("flipped", out)
+    predictor.load()
+    images = [shape_image("circle", 5), shape_image("square", 6)]
+    prepared = np.stack([model.prepare(model.decode(data, max_pixels=10**7)[0]) for data in images])
+    expected = model.outputs(model.logits_from_prepared(prepared))[:, 0]
+    served = [answer["labels"][0]["value"] for answer in predictor.classify(images)]
+    assert served == pytest.approx(expected.tolist(), abs=1e-3)
+    one_view = features.embed_prepared(
+        np.stack(
+            [features.prepare(model.decode(d, max_pixels=10**7)[0], [backbone.EMBEDDING_ID]) for d in images]
+        ),
+        [backbone.EMBEDDING_ID],
+    )
+    centre_only = model.outputs(model.logits_from_embeddings(one_view))[:, 0]
+    assert not np.allclose(centre_only, expected, atol=1e-3)  # the mirror image did count
