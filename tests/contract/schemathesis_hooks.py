@@ -3,12 +3,13 @@
 Before it reports a negative multipart case that we accepted (ST201, "schema-violating request
 accepted"), schemathesis 4.32 checks whether the fields it actually sent are valid after all
 (``checks._form_body_is_valid_as_sent``): a field mutated into an empty array sends no part, so
-an optional boolean "mutated" to ``[]`` is simply absent. That check validates a file part by
-its generated value, ``bytes``, which its JSON Schema validator refuses (``ValueError:
-Unsupported type: 'bytes'``); the exception is read as "not valid as sent", and a request that
-was valid on the wire is reported as accepted invalid data (seen on ``POST
-/recognition/v2/training-image`` with ``test_image: []``). Here a file's bytes are validated as
-the string (``format: binary``) the schema declares them to be; everything else is unchanged.
+an optional ``meta_data`` "mutated" to ``[]`` is simply absent. That check validates a file
+part by its generated value, a ``Binary`` (a ``str`` subclass holding bytes), which its JSON
+Schema validator refuses (``ValueError: Unsupported type: 'Binary'``); the exception is read
+as "not valid as sent", and a request that was valid on the wire is reported as accepted
+invalid data (seen on ``POST /recognition/v2/training-image`` with ``meta_data: []`` and with
+``test_image: []``). Here a file part is validated as the string (``format: binary``) the
+schema declares it to be; everything else is unchanged.
 Loaded with ``SCHEMATHESIS_HOOKS=<this file>``.
 """
 
@@ -21,15 +22,25 @@ from schemathesis.specs.openapi import checks
 _form_body_is_valid_as_sent = checks._form_body_is_valid_as_sent
 
 
+_JSON_TYPES = (str, int, float, bool, type(None), list, dict)  # exact types: Binary subclasses str
+
+
+class _WithFilesAsText:
+    """``case`` as the check reads it, with each file part's value replaced by a string."""
+
+    def __init__(self, case: Any) -> None:
+        self._case = case
+        self.body = {k: v if type(v) in _JSON_TYPES else "<file>" for k, v in case.body.items()}
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._case, name)
+
+
 def _files_as_text(response: Any, case: Any, media_type: str) -> bool:
     body = case.body
-    if not isinstance(body, dict) or not any(isinstance(v, bytes | bytearray) for v in body.values()):
-        return _form_body_is_valid_as_sent(response, case, media_type)
-    case.body = {k: v.decode("latin-1") if isinstance(v, bytes | bytearray) else v for k, v in body.items()}
-    try:
-        return _form_body_is_valid_as_sent(response, case, media_type)
-    finally:
-        case.body = body
+    if isinstance(body, dict) and not all(type(v) in _JSON_TYPES for v in body.values()):
+        case = _WithFilesAsText(case)
+    return _form_body_is_valid_as_sent(response, case, media_type)
 
 
 checks._form_body_is_valid_as_sent = _files_as_text

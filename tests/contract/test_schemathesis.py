@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.images import image_bytes
 from tests.support.live_server import LiveServer, running_server
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
@@ -74,3 +75,29 @@ def test_the_api_keeps_to_its_own_schema(server: LiveServer) -> None:
     assert "Failures:" not in summary and "Errors:" not in summary, summary
     tested = re.search(r"Tested: (\d+)", summary)
     assert tested is not None and int(tested.group(1)) >= 40, summary
+
+
+def test_the_work_around_reads_an_upload_as_sent(server: LiveServer) -> None:
+    """The hook's case: a multipart upload whose optional ``meta_data`` is ``[]`` sends only the file,
+    which is valid; schemathesis' own re-check says otherwise until the hook is loaded (once a
+    schemathesis release fixes it, `before` is True here: drop the hook)."""
+    import schemathesis
+    from schemathesis.core import hooks
+    from schemathesis.specs.openapi import checks
+    from schemathesis.transport.serialization import Binary
+
+    operation = schemathesis.openapi.from_url(f"{server.ip_url}openapi.json")[
+        "/recognition/v2/training-image"
+    ]["POST"]
+    png = image_bytes(1)
+    case = operation.Case(
+        body={"img_path": Binary(png), "meta_data": []},
+        media_type="multipart/form-data",
+        headers={"Authorization": f"Token {server.token}"},
+    )
+    response = case.call()
+    assert response.status_code == 201, response.text
+    assert b'name="meta_data"' not in response.request.body  # an empty array sends no part
+    before = checks._form_body_is_valid_as_sent(response, case, "multipart/form-data")
+    hooks.load_from_path(str(HOOKS))
+    assert not before and checks._form_body_is_valid_as_sent(response, case, "multipart/form-data")
