@@ -482,7 +482,7 @@ def _score_distribution(
     With ``test_time_flip`` (the mirror images' vectors are at hand) the same fitted heads are
     also scored on each held-out image's centre and mirror vectors averaged (``+hflip``
     features): a second candidate at no extra training, which serving pays for with a second
-    backbone run. On the ``ages`` faces it was 0.15-0.3 years better (README, "Quality presets").
+    backbone run. On the ``ages`` faces it was 0.1-0.3 years better (README, "Quality presets").
     """
     started = time.perf_counter()
     variants = [list(feature_ids)]

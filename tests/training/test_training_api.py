@@ -1,4 +1,10 @@
-"""Training through the API with the real local KFP runner (kfp.local), for each task type."""
+"""Training through the API with the real local KFP runner (kfp.local), for each task type.
+
+Trainings whose model does not matter to the test (a retrain after a failure, a kill or a
+restart, a queued second run, a webhook's trigger, a task about to be deleted) use
+``quality="fast"``: the default, ``balanced``, adds a partial fine-tune of the backbone (about
+30 s per training here) and is trained in the tests that check what it chooses.
+"""
 
 from __future__ import annotations
 
@@ -244,7 +250,7 @@ def test_a_problem_only_the_images_show_fails_the_run_in_validation(client: Test
     assert client.get(f"/recognition/v2/model/?task={task['id']}").json()["count"] == 0
 
     assert client.delete(f"{IMAGES}/{tiny}").status_code == 204
-    fixed = wait(client, train(client, task["id"])["id"])
+    fixed = wait(client, train(client, task["id"], quality="fast")["id"])
     assert fixed["status"] == "SUCCEEDED" and fixed["version"] == 1
 
 
@@ -268,7 +274,7 @@ def test_a_killed_run_fails_cleanly_and_the_task_can_train_again(settings: Setti
         assert "was killed (signal 9)" in killed["error"]
         assert client.get(f"{TASKS}/{task['id']}").json()["last_train_status"] == "TRAINING_FAILED"
         assert client.get(f"/recognition/v2/model/?task={task['id']}").json()["count"] == 0
-        again = wait(client, train(client, task["id"])["id"])
+        again = wait(client, train(client, task["id"], quality="fast")["id"])
         assert again["status"] == "SUCCEEDED" and again["version"] == 1
 
 
@@ -292,12 +298,12 @@ def test_a_run_interrupted_by_a_restart_is_marked_failed(settings: Settings) -> 
         failed = client.get(f"/recognition/v2/training-run/{run['id']}").json()
         assert failed["status"] == "FAILED" and "restart" in failed["error"]
         assert client.get(f"{TASKS}/{task['id']}").json()["last_train_status"] == "TRAINING_FAILED"
-        assert wait(client, train(client, task["id"])["id"])["status"] == "SUCCEEDED"
+        assert wait(client, train(client, task["id"], quality="fast")["id"])["status"] == "SUCCEEDED"
 
 
 def test_deleting_a_task_removes_runs_snapshots_and_bundles(client: TestClient) -> None:
     task = make_task(client, "multi_class", per_label=20)
-    assert wait(client, train(client, task["id"])["id"])["status"] == "SUCCEEDED"
+    assert wait(client, train(client, task["id"], quality="fast")["id"])["status"] == "SUCCEEDED"
     blobs = client.app.state.services.blobs  # type: ignore[attr-defined]
     for prefix in ("datasets", "runs", "models"):
         assert blobs.list_keys(f"{prefix}/{task['id']}/"), prefix
@@ -348,8 +354,8 @@ def test_runs_queue_one_at_a_time(client: TestClient) -> None:
         make_task(client, "multi_class", per_label=20),
         make_task(client, "regression", 12),
     )
-    first = train(client, first_task["id"])
-    second = train(client, second_task["id"])
+    first = train(client, first_task["id"], quality="fast")
+    second = train(client, second_task["id"], quality="fast")
     running = _running_snapshot(client, first["id"])
     waiting = client.get(f"/recognition/v2/training-run/{second['id']}").json()
     assert waiting["status"] == "QUEUED" and waiting["queue_position"] == 1 and waiting["eta_seconds"] is None
@@ -385,7 +391,7 @@ def test_webhooks_tell_about_a_training_and_a_slow_target_delays_nothing(tmp_pat
                 "/recognition/v2/webhook", json={"url": f"http://127.0.0.1:{hole.port}/"}
             ).json()
             task = make_task(client, "multi_class", per_label=20)
-            run = train(client, task["id"])
+            run = train(client, task["id"], quality="fast")
             done = wait(client, run["id"])
             assert done["status"] == "SUCCEEDED"
             deadline = time.monotonic() + 20
