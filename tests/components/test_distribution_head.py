@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from components.lib import distribution_head, embeddings, selection
+from components.lib import distribution_head, selection
 from components.lib.evaluate import evaluate_model
 from components.lib.split import split_dataset
 from components.lib.train import TrainConfig, train_model
@@ -24,20 +23,30 @@ from tests.support.images import shape_image
 from tests.support.snapshots import RowMaker, info
 
 
-def _curved_dataset(n: int) -> tuple[object, list, np.ndarray, np.ndarray]:
-    """Cached embeddings whose value is a curved function of what they are made of: no straight line fits."""
+def _curved_dataset(
+    n: int, *, mirror_noise: float = 0.0
+) -> tuple[object, list, np.ndarray, np.ndarray, np.ndarray]:
+    """Cached embeddings whose value is a curved function of what they are made of: no straight line fits.
+
+    Returns the task, its rows, the centre crops' and the mirror images' vectors, and the values.
+    With ``mirror_noise`` a picture and its mirror image carry opposite noise along the signal,
+    so their average is the clean vector; without, both views are the clean vector.
+    """
     rng = np.random.default_rng(3)
     d = backbone.BACKBONES[backbone.BACKBONE_ID].embedding_dim
     latent = rng.normal(size=(n, 2))
-    x = latent @ rng.normal(size=(2, d)) + 0.05 * rng.normal(size=(n, d))
+    mixing = rng.normal(size=(2, d))
+    clean = latent @ mixing + 0.05 * rng.normal(size=(n, d))
     values = 12.0 * np.abs(latent[:, 0]) + 4.0 * latent[:, 1] ** 2 + 20.0
+    noise = mirror_noise * rng.normal(size=latent.shape) @ mixing
     maker = RowMaker()
     for value in values:
         maker.add(["v-size"], values={"v-size": float(value)})
     return (
         info(TaskType.REGRESSION, [LabelInfo("v-size", "size")], count=n),
         maker.rows,
-        x.astype(np.float32),
+        (clean + noise).astype(np.float32),
+        (clean - noise).astype(np.float32),
         values,
     )
 
@@ -88,7 +97,7 @@ def test_a_curved_target_chooses_the_distribution_head_and_serves_it_as_evaluate
     tmp_path: Path, linear_or_distribution: None
 ) -> None:
     store = LocalBlobStore(tmp_path / "blobs")
-    task, rows, x, values = _curved_dataset(240)
+    task, rows, x, _, values = _curved_dataset(240)
     cache_embeddings(store, rows, x)
     split = split_dataset(task, rows, seed=0)
     out = tmp_path / "model"
@@ -133,24 +142,8 @@ def test_a_mirror_image_that_averages_noise_away_chooses_the_flipped_head_and_se
     ``+hflip`` scores better, the same fitted heads are scored both ways, and the bundle serves
     the averaged features."""
     store = LocalBlobStore(tmp_path / "blobs")
-    n = 240
-    rng = np.random.default_rng(3)
-    latent = rng.normal(size=(n, 2))
-    mixing = rng.normal(size=(2, backbone.BACKBONES[backbone.BACKBONE_ID].embedding_dim))
-    values = 12.0 * np.abs(latent[:, 0]) + 4.0 * latent[:, 1] ** 2 + 20.0
-    clean = latent @ mixing + 0.05 * rng.normal(size=(n, mixing.shape[1]))
-    noise = 0.3 * rng.normal(size=latent.shape) @ mixing
-    views = {False: (clean + noise).astype(np.float32), True: (clean - noise).astype(np.float32)}
-    maker = RowMaker()
-    for value in values:
-        maker.add(["v-size"], values={"v-size": float(value)})
-    rows = maker.rows
-    task = info(TaskType.REGRESSION, [LabelInfo("v-size", "size")], count=n)
-    for row, centre, mirror in zip(rows, views[False], views[True], strict=True):
-        for mirrored, vector in ((False, centre), (True, mirror)):
-            buf = io.BytesIO()
-            np.save(buf, vector)
-            store.put(embeddings.cache_key((backbone.BACKBONE_ID, mirrored), row.sha256), buf.getvalue())
+    task, rows, centre, mirror, values = _curved_dataset(240, mirror_noise=0.3)
+    cache_embeddings(store, rows, centre, mirrored=mirror)
     split = split_dataset(task, rows, seed=0)
     out = tmp_path / "model"
 
@@ -170,7 +163,7 @@ def test_a_mirror_image_that_averages_noise_away_chooses_the_flipped_head_and_se
 
     # Evaluated on the test images' averaged vectors, as served.
     test = np.isin([row.image_id for row in rows], split.test)
-    averaged = (views[False] + views[True])[test] / 2
+    averaged = (centre + mirror)[test] / 2
     model = BundleModel.load(out)
     answers = model.outputs(model.logits_from_embeddings(averaged))[:, 0]
     assert np.abs(answers - values[test]).mean() == pytest.approx(evaluate_model(out)["mae"], rel=1e-4)

@@ -236,13 +236,16 @@ def cache_embeddings(
     rows: list[ManifestRow],
     vectors: np.ndarray,
     backbone_id: str = backbone.BACKBONE_ID,
+    mirrored: np.ndarray | None = None,
 ) -> None:
-    """Put embeddings where the train step looks for them, for both the centre crop and the mirrored one."""
-    for row, vector in zip(rows, vectors, strict=True):
-        buf = io.BytesIO()
-        np.save(buf, vector.astype(np.float32))
-        for mirrored in (False, True):
-            store.put(embeddings.cache_key((backbone_id, mirrored), row.sha256), buf.getvalue())
+    """Put embeddings where the train step looks for them, for the centre crop and the mirrored one
+    (``mirrored``'s vectors, or the same ones)."""
+    views = {False: vectors, True: vectors if mirrored is None else mirrored}
+    for view, table in views.items():
+        for row, vector in zip(rows, table, strict=True):
+            buf = io.BytesIO()
+            np.save(buf, vector.astype(np.float32))
+            store.put(embeddings.cache_key((backbone_id, view), row.sha256), buf.getvalue())
 
 
 @pytest.fixture

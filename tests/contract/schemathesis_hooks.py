@@ -37,10 +37,8 @@ class _WithFilesAsText:
 
 
 def _files_as_text(response: Any, case: Any, media_type: str) -> bool:
-    body = case.body
-    if isinstance(body, dict) and not all(type(v) in _JSON_TYPES for v in body.values()):
-        case = _WithFilesAsText(case)
-    return _form_body_is_valid_as_sent(response, case, media_type)
+    view = _WithFilesAsText(case) if isinstance(case.body, dict) else case
+    return _form_body_is_valid_as_sent(response, view, media_type)
 
 
 checks._form_body_is_valid_as_sent = _files_as_text
