@@ -53,6 +53,10 @@ class Evaluation:
 
 
 def _outputs(meta: BundleMeta, model_dir: Path, data: Any) -> Array:
+    if "logits" in data:
+        # The train step ran the exported network on the test images (a network that does not
+        # end in one linear layer: a partial fine-tune averaged with a distribution head).
+        return outputs_from_logits(meta, data["logits"].astype(np.float32))
     if "features" in data:
         # A partial fine-tune's test images as its last layer reads them (the train step ran the
         # exported network on them): that layer is all that is left to compute.

@@ -77,6 +77,8 @@ from taskvision.task_types import TaskType
 if TYPE_CHECKING:
     import torch
 
+    from components.lib.distribution_head import DistributionHead
+
 logger = logging.getLogger(__name__)
 
 Array = npt.NDArray[np.float32]
@@ -307,15 +309,57 @@ def _ensemble_network(model: Any, pretrained: Any, head: Any, tap_block: int) ->
             self.head = head
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            p, m = self.pretrained, self.model
-            x, parts, tuned = backbone.trunk(p, x, tap_block=tap_block)
-            for block in m.blocks[tap_block:]:
-                tuned = block(tuned)
-            frozen = p.forward_head(p.bn2(p.conv_head(x)), pre_logits=True)
-            tuned = m.forward_head(m.bn2(m.conv_head(tuned)), pre_logits=True)
-            return self.head(torch.cat([tuned, frozen, *parts], dim=1))
+            tuned, frozen = _tuned_and_frozen(self.model, self.pretrained, x, tap_block)
+            return self.head(torch.cat([tuned, *frozen], dim=1))
 
     return Ensemble().eval()
+
+
+def _distribution_network(
+    model: Any, pretrained: Any, tuned_head: Any, distribution: Any, tap_block: int, *, test_time_flip: bool
+) -> torch.nn.Module:
+    """Image -> the average of ``tuned_head`` over the tuned final pooled features and the
+    distribution head ``distribution`` (a torch module) over the pretrained multi-scale embedding;
+    the branches share the early blocks as in :func:`_ensemble_network`.
+
+    With ``test_time_flip`` both run on the image and its mirror image (one batch of twice the
+    size): the tuned network's answers of the two are averaged, and so are the two embeddings
+    before the distribution head (what the ``+hflip`` features are)."""
+    import torch
+
+    class Averaged(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+            self.pretrained = pretrained
+            self.tuned_head = tuned_head
+            self.distribution = distribution
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if test_time_flip:
+                x = torch.cat([x, torch.flip(x, dims=[3])])
+            tuned, frozen = _tuned_and_frozen(self.model, self.pretrained, x, tap_block)
+            answers, embedding = self.tuned_head(tuned), torch.cat(frozen, dim=1)
+            if test_time_flip:  # rows [images, mirror images] -> their means
+                answers = answers.reshape(2, -1, answers.shape[1]).mean(dim=0)
+                embedding = embedding.reshape(2, -1, embedding.shape[1]).mean(dim=0)
+            return (answers + self.distribution(embedding)) * 0.5
+
+    return Averaged().eval()
+
+
+def _tuned_and_frozen(
+    model: Any, pretrained: Any, x: torch.Tensor, tap_block: int
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """One image batch through both networks, the early blocks run once: (the tuned final pooled
+    features, the parts of the pretrained multi-scale embedding in its order)."""
+    p, m = pretrained, model
+    x, parts, tuned = backbone.trunk(p, x, tap_block=tap_block)
+    for block in m.blocks[tap_block:]:
+        tuned = block(tuned)
+    frozen = p.forward_head(p.bn2(p.conv_head(x)), pre_logits=True)
+    tuned = m.forward_head(m.bn2(m.conv_head(tuned)), pre_logits=True)
+    return tuned, [frozen, *parts]
 
 
 def _network(model: Any, head: Any) -> torch.nn.Module:
@@ -424,6 +468,26 @@ class TunedTail:
         network = _ensemble_network(self.model, pretrained, head, tap_block)
         backbone.export_onnx(network, path, input_size=input_size)
         return mean, std
+
+    def export_with_distribution(
+        self,
+        path: Path,
+        pretrained: Any,
+        distribution: DistributionHead,
+        *,
+        tap_block: int,
+        input_size: int,
+        test_time_flip: bool = False,
+    ) -> None:
+        """The tuned network averaged with a distribution head on the pretrained multi-scale
+        embedding (regression: both answer standardized targets), as ONNX; with
+        ``test_time_flip`` over the image and its mirror image. The graph ends in the average,
+        not one linear layer: it cannot be refitted (:mod:`components.lib.refit`)."""
+        head = distribution.module()
+        network = _distribution_network(
+            self.model, pretrained, self.tail.head, head, tap_block, test_time_flip=test_time_flip
+        )
+        backbone.export_onnx(network, path, input_size=input_size)
 
 
 def train_tail(

@@ -68,6 +68,11 @@ ENSEMBLE_COST = 0.15  # the pretrained last block and head convolution run besid
 # distribution over the targets' range (components.lib.distribution_head).
 DISTRIBUTION = "distribution"
 DISTRIBUTION_COST = 0.02  # two small matrix products after the backbone
+# Regression only: the partial fine-tune averaged with the distribution head over the same
+# backbone's frozen multi-scale embedding, one network like ENSEMBLE (its end is not one linear
+# layer, so a retrain after it is a full selection).
+ENSEMBLE_DISTRIBUTION = "partial_finetune+distribution"
+ENSEMBLES = (ENSEMBLE, ENSEMBLE_DISTRIBUTION)
 
 # Relative CPU cost of one image through each backbone (ONNX Runtime, one thread, batch 1:
 # Lite0 6.0, Lite1 9.1, Lite2 12.3 ms on the 2-core benchmark machine).
@@ -134,7 +139,7 @@ class CandidateScore:
     """One candidate's cross-validated result."""
 
     name: str
-    kind: str  # LINEAR, PARTIAL_FINETUNE, ENSEMBLE or DISTRIBUTION
+    kind: str  # LINEAR, PARTIAL_FINETUNE, DISTRIBUTION or one of ENSEMBLES
     cv_score: float  # higher is better (regression: minus the MAE, in the targets' units)
     serving_cost: float
     seconds: float
@@ -144,6 +149,7 @@ class CandidateScore:
     oof: Array | None = None  # out-of-fold outputs of the training rows ``oof_rows``
     oof_rows: npt.NDArray[np.int64] | None = None
     setting: heads.HeadSetting | None = None
+    oof_mirror: Array | None = None  # a partial fine-tune's out-of-fold outputs of the mirror images
 
     def report(self) -> dict[str, Any]:
         row: dict[str, Any] = {
@@ -155,7 +161,7 @@ class CandidateScore:
         }
         if self.kind in (LINEAR, DISTRIBUTION):
             row.update(features=self.features, head=self.head)
-        elif self.kind == ENSEMBLE:
+        elif self.kind in ENSEMBLES:
             row.update(features=self.features, head=self.head, plan=self.plan)
         else:
             row.update(plan=self.plan)
@@ -230,30 +236,48 @@ def score_linear(
 
 
 def ensemble(
-    finetune: CandidateScore, linear: CandidateScore, task_type: TaskType, y: Array, scale: float
-) -> CandidateScore:
-    """The candidate averaging ``finetune``'s outputs with ``linear``'s (same backbone), scored on the
-    fine-tune's out-of-fold rows from both candidates' out-of-fold outputs (no training of its own)."""
-    assert finetune.oof is not None and finetune.oof_rows is not None and linear.oof is not None
-    oof = ((finetune.oof + linear.oof[finetune.oof_rows]) * np.float32(0.5)).astype(np.float32)
+    finetune: CandidateScore, partner: CandidateScore, task_type: TaskType, y: Array, scale: float
+) -> CandidateScore | None:
+    """The candidate averaging ``finetune``'s outputs with ``partner``'s: a linear head
+    (:data:`ENSEMBLE`) or a distribution head (:data:`ENSEMBLE_DISTRIBUTION`) over the same
+    backbone's frozen embedding. Scored on the fine-tune's out-of-fold rows from both candidates'
+    out-of-fold outputs (no training of its own); None if ``partner`` lacks some of those rows.
+
+    A distribution head scored on ``+hflip`` features (the centre and mirror image's averaged)
+    is averaged with the fine-tune's answers of both images averaged: the whole network runs
+    on the image and its mirror image, at twice the cost.
+    """
+    assert finetune.oof is not None and finetune.oof_rows is not None and partner.oof is not None
+    partner_oof = _on_rows(partner, finetune.oof_rows)
+    flipped = any(f.endswith(features.HFLIP) for f in partner.features)
+    if partner_oof is None or (flipped and finetune.oof_mirror is None):
+        return None
+    own = finetune.oof
+    if flipped:
+        assert finetune.oof_mirror is not None
+        own = (own + finetune.oof_mirror) * np.float32(0.5)
+    oof = ((own + partner_oof) * np.float32(0.5)).astype(np.float32)
+    name = f"{finetune.name}{features.HFLIP if flipped else ''} + {partner.name}"
     value = heads.score(task_type, y[finetune.oof_rows], oof) * scale
-    logger.info("candidate %s + %s: cross-validated score %.4f", finetune.name, linear.name, value)
+    logger.info("candidate %s: cross-validated score %.4f", name, value)
+    distribution = partner.kind == DISTRIBUTION
     return CandidateScore(
-        name=f"{finetune.name} + {linear.name}",
-        kind=ENSEMBLE,
+        name=name,
+        kind=ENSEMBLE_DISTRIBUTION if distribution else ENSEMBLE,
         cv_score=value,
-        serving_cost=finetune.serving_cost + ENSEMBLE_COST,
+        serving_cost=(finetune.serving_cost + ENSEMBLE_COST) * (2 if flipped else 1)
+        + (DISTRIBUTION_COST if distribution else 0.0),
         seconds=0.0,
-        features=list(linear.features),
-        head=linear.head,
+        features=list(partner.features),
+        head=partner.head,
         plan=finetune.plan,
         oof=oof,
         oof_rows=finetune.oof_rows,
-        setting=linear.setting,
+        setting=finetune.setting if distribution else partner.setting,  # the tuned network's start head
     )
 
 
-# The ensemble is kept unless another candidate beats it in at least this share of paired
+# An ensemble is kept unless another candidate beats it in at least this share of paired
 # bootstrap resamples of the scored rows (about two standard errors): on one held-out fold of a
 # few hundred images the scores' noise (a 160-image fold: +-3.5 points of accuracy) is larger than
 # the gaps between candidates, and in 5-fold cross-validation over every image of the four shared
@@ -272,14 +296,14 @@ def choose(
 ) -> CandidateScore:
     """The best cross-validated score; a tie goes to the cheaper one to serve.
 
-    With ``task_type`` and the training targets ``y``, an :data:`ENSEMBLE` candidate is
-    preferred: it gives way only to a candidate that beats it in at least
+    With ``task_type`` and the training targets ``y``, the best-scored of the :data:`ENSEMBLES`
+    candidates is preferred: it gives way only to a candidate that beats it in at least
     :data:`PREFER_ENSEMBLE_CONFIDENCE` of bootstrap resamples of its scored rows.
     """
     if not candidates:
         raise ValueError("No candidate was scored.")
-    best = min(candidates, key=lambda c: (-round(c.cv_score, 9), c.serving_cost))
-    preferred = next((c for c in candidates if c.kind == ENSEMBLE), None)
+    best = min(candidates, key=_rank)
+    preferred = min((c for c in candidates if c.kind in ENSEMBLES), key=_rank, default=None)
     if preferred is None or best is preferred or task_type is None or y is None:
         return best
     if _wins_share(best, preferred, task_type, y, seed) >= PREFER_ENSEMBLE_CONFIDENCE:
@@ -292,6 +316,11 @@ def choose(
         best.cv_score,
     )
     return preferred
+
+
+def _rank(candidate: CandidateScore) -> tuple[float, float]:
+    """Sort key: the higher score first, then the cheaper to serve."""
+    return (-round(candidate.cv_score, 9), candidate.serving_cost)
 
 
 def _wins_share(
@@ -349,8 +378,8 @@ def selection_report(
         "skipped": list(skipped),
         "seconds": round(seconds, 2),
         "rule": (
-            f"best score (a tie: cheaper to serve); {ENSEMBLE} kept unless beaten in "
-            f">= {PREFER_ENSEMBLE_CONFIDENCE:.0%} of {BOOTSTRAP_RESAMPLES} bootstrap resamples"
+            f"best score (a tie: cheaper to serve); the best of {' and '.join(ENSEMBLES)} kept unless "
+            f"beaten in >= {PREFER_ENSEMBLE_CONFIDENCE:.0%} of {BOOTSTRAP_RESAMPLES} bootstrap resamples"
         ),
     }
 

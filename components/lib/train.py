@@ -342,11 +342,12 @@ def _select_and_train(
             test_time_flip=preset.test_time_flip,
             scored_rows=scored_rows,
         )
+    distributions: list[selection.CandidateScore] = []
     if preset.distribution and task_type is TaskType.REGRESSION and linear_ids:
         if time.perf_counter() > deadline and candidates:
             skipped.append(distribution_head.NAME)
         else:
-            candidates += _score_distribution(
+            distributions = _score_distribution(
                 linear_ids[0],
                 vectors,
                 y_fit,
@@ -357,6 +358,7 @@ def _select_and_train(
                 scale=scale,
                 seed=config.seed,
             )
+            candidates += distributions
     if plan is not None and maps is not None:
         if time.perf_counter() > deadline and candidates:
             skipped.append(plan.name)
@@ -374,11 +376,18 @@ def _select_and_train(
                 scale=scale,
                 seed=config.seed,
                 report=report,
+                mirrored=any(f.endswith(features.HFLIP) for c in distributions for f in c.features),
             )
             candidates.append(tuned_candidate)
-            own = _own_linear(candidates, plan.backbone_id)
-            if own is not None:
-                candidates.append(selection.ensemble(tuned_candidate, own, task_type, y_fit, scale))
+            partners = [_own_linear(candidates, plan.backbone_id), *_own_distributions(distributions, plan)]
+            for partner in partners:
+                averaged = (
+                    selection.ensemble(tuned_candidate, partner, task_type, y_fit, scale)
+                    if partner is not None
+                    else None
+                )
+                if averaged is not None:
+                    candidates.append(averaged)
     chosen = selection.choose(candidates, task_type=task_type, y=y_fit, seed=config.seed)
     logger.info("chose %s (cross-validated score %.4f)", chosen.name, chosen.cv_score)
     meta.selection = selection.selection_report(
@@ -447,8 +456,9 @@ def _select_and_train(
             meta,
             n_outputs=n_outputs,
             report=report,
-            ensemble=chosen.kind == selection.ENSEMBLE,
+            partner=chosen.kind,
             flip=flip,
+            test_time_flip=any(f.endswith(features.HFLIP) for f in chosen.features),
         )
 
 
@@ -533,6 +543,16 @@ def _own_linear(
     )
 
 
+def _own_distributions(
+    distributions: list[selection.CandidateScore], plan: Any
+) -> list[selection.CandidateScore]:
+    """The distribution heads over the fine-tuned backbone's own multi-scale embedding (the centre
+    crop's, and with the mirror image's averaged in): what :data:`selection.ENSEMBLE_DISTRIBUTION`
+    averages in."""
+    own = features.feature_id(plan.backbone_id)
+    return [c for c in distributions if c.features in ([own], [own + features.HFLIP]) and c.oof is not None]
+
+
 def _keep_out_of_fold(
     chosen: selection.CandidateScore,
     train_rows: list[ManifestRow],
@@ -604,12 +624,16 @@ def _score_partial_finetune(
     scale: float,
     seed: int,
     report: Callable[[float, str], None],
+    mirrored: bool = False,
 ) -> selection.CandidateScore:
+    """The fine-tune trained without each of ``fold_groups`` in turn; with ``mirrored`` its answers
+    of the held-out mirror images are kept too (``oof_mirror``, for a flipped average)."""
     from components.lib.partial_finetune import train_tail
 
     started = time.perf_counter()
     pretrained = backbone.build_torch_model(num_classes=0, backbone_id=plan.backbone_id)
     oof = np.zeros((len(y), n_outputs), dtype=np.float32)
+    oof_mirror = np.zeros_like(oof) if mirrored else None
     for index, fold in enumerate(fold_groups):
         report(
             0.6 + 0.25 * index / len(fold_groups),
@@ -621,6 +645,8 @@ def _score_partial_finetune(
         start, frozen = _start_head(known, plan.backbone_id, rest, y, task_type, setting, n_outputs)
         tuned = train_tail(pretrained, data.subset(rest), start, frozen, y[rest], task_type, plan, seed=seed)
         oof[fold] = tuned.logits(data.subset(fold))
+        if oof_mirror is not None:
+            oof_mirror[fold] = tuned.logits(data.subset(fold), view=1)
     value = heads.score(task_type, y[scored_rows], oof[scored_rows]) * scale
     logger.info("candidate %s: cross-validated score %.4f", plan.name, value)
     return selection.CandidateScore(
@@ -633,6 +659,7 @@ def _score_partial_finetune(
         oof=oof[scored_rows],
         oof_rows=scored_rows,
         setting=setting,
+        oof_mirror=oof_mirror[scored_rows] if oof_mirror is not None else None,
     )
 
 
@@ -653,11 +680,17 @@ def _train_partial_finetune(
     *,
     n_outputs: int,
     report: Callable[[float, str], None],
-    ensemble: bool = False,
+    partner: str = selection.PARTIAL_FINETUNE,
     flip: bool = True,
+    test_time_flip: bool = False,
 ) -> None:
-    """Fine-tune on every training row and export the network (averaged with the linear head on the
-    frozen embedding with ``ensemble``); its last layer's features of every image are kept."""
+    """Fine-tune on every training row and export the network, alone or (``partner``, the chosen
+    candidate's kind) averaged with a linear or distribution head on the frozen embedding.
+
+    A network that ends in one linear layer keeps that layer's features of every image (what a
+    retrain refits, and the evaluate step's test inputs); the one averaged with a distribution
+    head (``test_time_flip``: each member on the image and its mirror image) keeps its test
+    images' outputs."""
     import onnx
 
     from components.lib import refit
@@ -679,12 +712,29 @@ def _train_partial_finetune(
         seed=config.seed,
         report=lambda epoch: report(0.85 + 0.1 * epoch / plan.epochs, f"fine-tuning ({epoch}/{plan.epochs})"),
     )
-    if ensemble:
-        centre = known[(plan.backbone_id, False)]
-        x_fit, y_all = centre, y
-        if flip:
-            x_fit = np.concatenate([centre, known[(plan.backbone_id, True)]])
-            y_all = np.concatenate([y, y])
+    centre = known[(plan.backbone_id, False)]
+    x_fit, y_all = centre, y
+    if flip:
+        x_fit = np.concatenate([centre, known[(plan.backbone_id, True)]])
+        y_all = np.concatenate([y, y])
+    ensemble = partner == selection.ENSEMBLE
+    if partner == selection.ENSEMBLE_DISTRIBUTION:
+        report(0.95, "training the distribution head")
+        tuned.export_with_distribution(
+            out_dir / MODEL_FILE,
+            pretrained,
+            distribution_head.fit(x_fit, y_all, seed=config.seed),
+            tap_block=plan.tap_block,
+            input_size=spec.preprocess.input_size,
+            test_time_flip=test_time_flip,
+        )
+        own = features.feature_id(plan.backbone_id)
+        meta.training["ensemble_distribution"] = {
+            "features": [own + features.HFLIP if test_time_flip else own],
+            "head": distribution_head.NAME,
+            "test_time_flip": test_time_flip,
+        }
+    elif ensemble:
         linear = heads.fit_head(x_fit, y_all, task_type, setting, n_outputs=n_outputs)
         frozen_mean, frozen_std = tuned.export_ensemble(
             out_dir / MODEL_FILE,
@@ -711,6 +761,14 @@ def _train_partial_finetune(
             store, row, max_pixels=config.max_image_pixels, min_side=draft_side(spec.preprocess.resize_to)
         )
         test_arrays[i] = to_array(resize_and_crop(image, spec.preprocess), spec.preprocess)
+    if partner == selection.ENSEMBLE_DISTRIBUTION:
+        np.savez(
+            out_dir / TEST_INPUTS_FILE,
+            image_ids=np.asarray([row.image_id for row in test_rows]),
+            logits=_network_outputs(out_dir / MODEL_FILE, test_arrays, n_outputs=n_outputs),
+            targets=y_test,
+        )
+        return
     # What the last layer reads, for every image: the evaluate step's test inputs, and what a
     # retrain of barely changed data refits that layer on (components.lib.refit).
     network = onnx.load(str(out_dir / MODEL_FILE))
@@ -734,6 +792,18 @@ def _train_partial_finetune(
         features=test_features,
         targets=y_test,
     )
+
+
+def _network_outputs(path: Path, arrays: Array, *, n_outputs: int) -> Array:
+    """The exported network's outputs of preprocessed images (N, 3, H, W), in runs of RUN_BATCH."""
+    import onnxruntime as ort
+
+    from components.lib.embeddings import RUN_BATCH
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    runs = range(0, len(arrays), RUN_BATCH)
+    out = [session.run(None, {"input": arrays[i : i + RUN_BATCH]})[0] for i in runs]
+    return np.concatenate(out).astype(np.float32) if out else np.zeros((0, n_outputs), dtype=np.float32)
 
 
 def _refit_partial_finetune(

@@ -219,3 +219,152 @@ def test_a_retrain_of_barely_changed_data_refits_the_tuned_networks_last_layer(
     assert largest[1] <= 10 * largest[0], (
         f"largest weight {largest[1]:.4g}, the first version's {largest[0]:.4g}"
     )
+
+
+@pytest.fixture(scope="module")
+def sizes(tmp_path_factory: pytest.TempPathFactory) -> tuple[LocalBlobStore, object, list]:
+    """A regression task over the shapes: circles near 10, squares near 30."""
+    from dataclasses import replace
+
+    from taskvision.dataset import LabelInfo
+    from taskvision.task_types import TaskType
+
+    store = LocalBlobStore(tmp_path_factory.mktemp("blobs"))
+    shapes_info, shape_rows = shapes_in_store(store, per_label=12)
+    rows = [
+        replace(row, labels=["v"], values={"v": (10.0 if row.labels == ["L0"] else 30.0) + (i % 12) * 0.5})
+        for i, row in enumerate(shape_rows)
+    ]
+    return store, replace(shapes_info, task_type=TaskType.REGRESSION, labels=[LabelInfo("v", "size")]), rows
+
+
+@pytest.mark.parametrize("test_time_flip", [False, True])
+def test_the_exported_network_averages_the_tuned_network_and_the_distribution_head(
+    sizes: tuple, tmp_path: Path, test_time_flip: bool
+) -> None:
+    from components.lib import distribution_head
+
+    store, info, rows = sizes
+    data, known = compute_activations(store, rows, PLAN, seed=0, use_cache=False, max_pixels=10**7)
+    y = targets(info, rows)
+    y = (y - y.mean()) / y.std()
+    embeddings = np.concatenate([known[(backbone.BACKBONE_ID, m)] for m in (False, True)])
+    final = embeddings[:, : backbone.FINAL_DIM]
+    setting = heads.HeadSetting(heads.RIDGE, 1.0)
+    start = heads.fit_head(
+        final, np.concatenate([y, y]), info.task_type, setting, n_outputs=1, std_floor=STD_FLOOR
+    )
+    pretrained = backbone.build_torch_model(num_classes=0)
+    tuned = train_tail(pretrained, data, start, final, y, info.task_type, PLAN, seed=0)
+    # Fitted to the opposite targets, so that a network missing either member is far off.
+    head = distribution_head.fit(embeddings, -np.concatenate([y, y]), seed=0)
+    tuned.export_with_distribution(
+        tmp_path / "model.onnx",
+        pretrained,
+        head,
+        tap_block=PLAN.tap_block,
+        input_size=224,
+        test_time_flip=test_time_flip,
+    )
+    arrays = np.stack([_centre(store, row) for row in rows])
+    exported = backbone.onnx_session(tmp_path / "model.onnx").run(None, {"input": arrays})[0]
+    tuned_alone, head_alone = tuned.logits(data), head.predict(known[(backbone.BACKBONE_ID, False)])
+    if test_time_flip:  # each member's answer of the image and its mirror image, averaged
+        tuned_alone = 0.5 * (tuned_alone + tuned.logits(data, view=1))
+        head_alone = head.predict(
+            0.5 * (known[(backbone.BACKBONE_ID, False)] + known[(backbone.BACKBONE_ID, True)])
+        )
+    np.testing.assert_allclose(exported, 0.5 * (tuned_alone + head_alone), atol=0.05)
+    assert np.abs(tuned_alone - head_alone).min() > 1.0
+
+
+@pytest.mark.parametrize("test_time_flip", [False, True])
+def test_a_fine_tune_averaged_with_the_distribution_head_serves_what_its_evaluation_measured(
+    sizes: tuple, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, test_time_flip: bool
+) -> None:
+    """Regression in ``balanced``: the fine-tune is averaged with the linear head, and with the
+    distribution head on the centre crop or (``+hflip``) on the image and its mirror image. When
+    one of the latter is chosen, the bundle is that one network; the served answers are those its
+    evaluation measured; a retrain is a full selection (no last layer to refit)."""
+    from components.lib import selection
+    from components.lib.register import register_bundle
+    from taskvision.dataset import write_snapshot
+
+    store, info, rows = sizes
+    monkeypatch.setitem(selection.PRESETS, "balanced", replace_plan(selection.PRESETS["balanced"]))
+    choose = selection.choose
+    offered: list[str] = []
+
+    def the_averaged_distribution_head(
+        candidates: list[selection.CandidateScore], **kwargs: Any
+    ) -> selection.CandidateScore:
+        offered.extend(c.kind for c in candidates)
+        choose(candidates, **kwargs)  # what the rule would say is not what this test is about
+        return next(
+            c
+            for c in candidates
+            if c.kind == selection.ENSEMBLE_DISTRIBUTION
+            and c.features[0].endswith("+hflip") == test_time_flip
+        )
+
+    monkeypatch.setattr(selection, "choose", the_averaged_distribution_head)
+    write_snapshot(store, "datasets/t/r1", info, rows)
+    split = split_dataset(info, rows)
+    meta = train_model(
+        info,
+        rows,
+        split,
+        store,
+        tmp_path / "r1",
+        TrainConfig(mode="embed"),
+        snapshot="datasets/t/r1",
+        run_id="r1",
+    )
+    # The distribution head twice (centre crop; mirror image averaged in), each averaged with the fine-tune.
+    assert sorted(offered) == [
+        "distribution",
+        "distribution",
+        "linear",
+        "partial_finetune",
+        "partial_finetune+distribution",
+        "partial_finetune+distribution",
+        "partial_finetune+linear",
+    ]
+    costs = sorted(
+        c["serving_cost"]
+        for c in meta.selection["candidates"]
+        if c["kind"] == "partial_finetune+distribution"
+    )
+    once = 1.0 + selection.ENSEMBLE_COST
+    assert costs == pytest.approx(
+        [once + selection.DISTRIBUTION_COST, 2 * once + selection.DISTRIBUTION_COST], abs=0.01
+    )
+    assert meta.selection["kind"] == "partial_finetune+distribution"
+    assert not meta.frozen_backbone and meta.features == []
+    assert meta.training["ensemble_distribution"]["test_time_flip"] == test_time_flip
+    assert meta.training["ensemble_distribution"]["features"] == [
+        backbone.EMBEDDING_ID + ("+hflip" if test_time_flip else "")
+    ]
+
+    metrics = evaluate_model(tmp_path / "r1")
+    model = BundleModel.load(tmp_path / "r1")
+    by_id = {row.image_id: row for row in rows}
+    tested = [by_id[image_id] for image_id in split.test]
+    served = model.outputs(model.logits_from_arrays(np.stack([_centre(store, row) for row in tested])))
+    truth = np.array([row.values["v"] for row in tested])
+    assert metrics["mae"] == pytest.approx(float(np.abs(served[:, 0] - truth).mean()), abs=1e-3)
+    trained = np.mean([by_id[image_id].values["v"] for image_id in split.train])
+    assert metrics["mae"] < np.abs(truth - trained).mean()  # better than the training mean for everything
+
+    register_bundle(tmp_path / "r1", metrics, store, "models/t/r1")
+    assert (
+        selection.reusable_choice(store, "models/t/r1", info, rows, quality="balanced", augment="flip")
+        is None
+    )
+
+
+def replace_plan(preset: Any) -> Any:
+    """``preset`` with this module's short fine-tune plan (3 epochs)."""
+    from dataclasses import replace
+
+    return replace(preset, finetune=PLAN)

@@ -561,3 +561,20 @@ def test_the_averaged_candidate_gives_way_only_to_a_clearly_better_one() -> None
         candidates = [_candidate("linear", selection.LINEAR, other, 1.0), ensemble]
         assert selection.choose(candidates).name == "linear"  # by score alone
         assert selection.choose(candidates, task_type=TaskType.MULTI_CLASS, y=y).name == expected
+
+
+def test_the_better_of_two_averaged_candidates_is_the_one_kept() -> None:
+    """Regression offers the fine-tune averaged with the linear head and with the distribution head:
+    the better-scored of the two holds the place that only a clearly better candidate takes."""
+    y = np.ones(200, dtype=np.float32)
+    with_linear = np.arange(200) >= 80  # right on 60 %
+    with_distribution = np.arange(200) >= 60  # 70 %
+    close = with_distribution.copy()
+    close[:30], close[60:84] = True, False  # +3 points over the better average: within the noise
+    candidates = [
+        _candidate("ft + linear", selection.ENSEMBLE, with_linear, 1.15),
+        _candidate("ft + distribution", selection.ENSEMBLE_DISTRIBUTION, with_distribution, 1.17),
+        _candidate("linear", selection.LINEAR, close, 1.0),
+    ]
+    assert selection.choose(candidates).name == "linear"  # by score alone
+    assert selection.choose(candidates, task_type=TaskType.MULTI_CLASS, y=y).name == "ft + distribution"
