@@ -40,6 +40,12 @@ once, only the last block and the head convolution run twice (pretrained and
 tuned), about 15 % more than the backbone alone; averaging logits of two
 linear layers is one linear layer over both feature sets, so the graph still
 ends in one ``Gemm`` over standardized pooled features.
+
+For regression, the tuned network is also averaged with the distribution head
+(:mod:`components.lib.distribution_head`) on the same frozen embedding
+(``partial_finetune+distribution``, :meth:`TunedTail.export_with_distribution`),
+optionally over the image and its mirror image: one network again, but it ends
+in the average of the two members, not in one linear layer.
 """
 
 from __future__ import annotations
