@@ -279,18 +279,27 @@ class ImagePool:
 # ---- training data ------------------------------------------------------------
 
 
-def training_set() -> tuple[str, list[tuple[Path | bytes, str]]]:
-    """(description, [(file or bytes, label name)]): the flowers, or generated discs and squares."""
+TASK_TYPES = {"flowers": "multi_class", "ages": "regression"}
+
+
+def training_set(dataset: str = "flowers") -> tuple[str, list[tuple[Path | bytes, str, float | None]]]:
+    """(description, [(file or bytes, label name, value)]): the flowers (or, with ``dataset``
+    ``ages``, the faces' ages: a regression task), or generated discs and squares."""
+    if dataset == "ages":
+        with (DATASETS_ROOT / "ages" / "labels.csv").open(newline="") as fh:
+            faces = list(csv.DictReader(fh))
+        aged = [(DATASETS_ROOT / "ages" / row["path"], "age", float(row["age"])) for row in faces]
+        return f"ages ({len(aged)} photos)", aged
     labels_csv = DATASETS_ROOT / "flowers" / "labels.csv"
     if labels_csv.is_file():
         with labels_csv.open(newline="") as fh:
             rows = list(csv.DictReader(fh))
-        items: list[tuple[Path | bytes, str]] = [
-            (DATASETS_ROOT / "flowers" / row["path"], row["label"].strip()) for row in rows
+        items: list[tuple[Path | bytes, str, float | None]] = [
+            (DATASETS_ROOT / "flowers" / row["path"], row["label"].strip(), None) for row in rows
         ]
         return f"flowers ({len(items)} photos)", items
     rng = random.Random(7)
-    generated: list[tuple[Path | bytes, str]] = []
+    generated: list[tuple[Path | bytes, str, float | None]] = []
     for shape in ("disc", "square"):
         for _ in range(30):
             img = Image.new("RGB", (128, 128), tuple(rng.randrange(256) for _ in range(3)))
@@ -301,7 +310,7 @@ def training_set() -> tuple[str, list[tuple[Path | bytes, str]]]:
             draw.ellipse(box, fill=colour) if shape == "disc" else draw.rectangle(box, fill=colour)
             out = io.BytesIO()
             img.save(out, format="PNG")
-            generated.append((out.getvalue(), shape))
+            generated.append((out.getvalue(), shape, None))
     return f"generated discs and squares ({len(generated)} images)", generated
 
 
@@ -437,22 +446,28 @@ def classify(
 # ---- building and training the task -------------------------------------------------
 
 
-def build_and_train(client: Client, server: Service, quality: str) -> dict[str, Any]:
-    """Create a multi_class task, upload and label its images, train with ``quality``, wait for production."""
-    description, items = training_set()
-    names = sorted({label for _, label in items})
-    task = expect(client.post(f"{API}/task/", {"name": "classify bench", "type": "multi_class"}), 201, "task")
+def build_and_train(
+    client: Client, server: Service, quality: str, dataset: str = "flowers"
+) -> dict[str, Any]:
+    """Create the task, upload and label its images, train with ``quality``, wait for production."""
+    description, items = training_set(dataset)
+    task_type = TASK_TYPES[dataset]
+    names = sorted({label for _, label, _ in items})
+    task = expect(client.post(f"{API}/task/", {"name": "classify bench", "type": task_type}), 201, "task")
+    label_type = "value" if task_type == "regression" else "category"
     label_ids: dict[str, str] = {}
     for name in names:
-        label = expect(client.post(f"{API}/label/", {"name": name, "type": "category"}), 201, "label")
+        label = expect(client.post(f"{API}/label/", {"name": name, "type": label_type}), 201, "label")
         expect(client.post(f"{API}/task/{task['id']}/add-label", {"label_id": label["id"]}), 200, "attach")
         label_ids[name] = label["id"]
 
-    def upload(item: tuple[Path | bytes, str]) -> None:
-        source, label_name = item
+    def upload(item: tuple[Path | bytes, str, float | None]) -> None:
+        source, label_name, value = item
         data = source.read_bytes() if isinstance(source, Path) else source
         image_id, _ = upload_training_image(client, data)
-        payload = {"label_id": label_ids[label_name]}
+        payload: dict[str, Any] = {"label_id": label_ids[label_name]}
+        if value is not None:
+            payload["value"] = value
         expect(client.post(f"{API}/training-image/{image_id}/add-label", payload), 200, "add label")
 
     logger.info("uploading %s with %d client threads", description, UPLOAD_CONCURRENCY)
@@ -484,6 +499,7 @@ def build_and_train(client: Client, server: Service, quality: str) -> dict[str, 
     logger.info("version %s in production after %.1f s; bundle %s", production, train_s, bundles[-1].parent)
     return {
         "task_id": task["id"],
+        "task_type": task_type,
         "dataset": description,
         "labels": names,
         "upload_s": round(upload_s, 1),
@@ -781,8 +797,11 @@ def latency_runs(
     requests_n: int,
     with_cached: bool,
     pid: int,
-) -> tuple[dict[str, Any], dict[int, tuple[str, float]]]:
-    """Sequential latency with 1 and 10 fresh records per request (and the cached case)."""
+) -> tuple[dict[str, Any], dict[int, tuple[str, float]], str | None]:
+    """Sequential latency with 1 and 10 fresh records per request (and the cached case).
+
+    The third value: why the model answered ``explain`` with an error (a model that cannot be
+    explained, such as a regression network averaged with a distribution head), its runs skipped."""
     warm = run_sequential(client, task_id, lambda: pool.take(1), WARMUP_REQUESTS)
     warm += run_sequential(client, task_id, lambda: pool.take(10), 3)
     if not all(c.ok for c in warm):
@@ -796,8 +815,14 @@ def latency_runs(
         ten = run_sequential(client, task_id, lambda: pool.take(10), requests_n)
     out["10 records, cold"] = {**summarize(ten), "other_cpu_pct": other.pct}
     logger.info("  10 records, cold: %s", out["10 records, cold"]["latency_ms"])
+    unexplained = None
     if with_cached:  # the service: what "explain": true costs
-        classify(client, task_id, pool.take(1), explain=True)  # the maps backbone's session loads
+        probe = classify(client, task_id, pool.take(1), explain=True)  # the maps backbone's session loads
+        refused = probe.error or ""
+        if not probe.ok and (refused.startswith("HTTP 400") or "'code': 400" in refused):
+            unexplained = probe.error
+            logger.info("  explain: this model cannot be explained (%s); its runs are skipped", probe.error)
+    if with_cached and unexplained is None:
         with OtherCpu([pid]) as other:
             calls = [classify(client, task_id, pool.take(1), explain=True) for _ in range(requests_n)]
         out["1 record, cold, explain"] = {**summarize(calls), "other_cpu_pct": other.pct}
@@ -825,7 +850,7 @@ def latency_runs(
                 "  %s: other processes used %.0f%% of the CPU meanwhile", name, row["other_cpu_pct"]
             )
     answers = {index: (label, prob) for call in one if call.ok for index, label, prob in call.best}
-    return out, answers
+    return out, answers, unexplained
 
 
 def throughput_run(
@@ -932,9 +957,11 @@ def measure(
     pid = server.process.pid
     out: dict[str, Any] = {"pid": pid}
     logger.info("%s: sequential latency (%d requests each)", server.name, args.requests)
-    out["latency"], answers = latency_runs(
+    out["latency"], answers, unexplained = latency_runs(
         client, task_id, pool, cached, requests_n=args.requests, with_cached=memory, pid=pid
     )
+    if unexplained is not None:
+        out["explain_unavailable"] = unexplained
     logger.info("%s: throughput, %d clients for %.0f s", server.name, args.clients, args.duration)
     out["throughput"] = throughput_run(
         client, task_id, pool, clients=args.clients, duration_s=args.duration, pid=pid
@@ -1169,6 +1196,11 @@ def accuracy_markdown(report: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
+def _headline(metrics: dict[str, Any]) -> str:
+    """The test split's accuracy (classification) or MAE (regression)."""
+    return f"MAE {metrics['mae']}" if "mae" in metrics else f"accuracy {metrics.get('accuracy', 'n/a')}"
+
+
 def markdown(report: dict[str, Any]) -> str:
     cfg, machine, training = report["config"], report["machine"], report["training"]
     commit = f"{machine['git_commit']}{' (dirty)' if machine['git_dirty'] else ''}"
@@ -1179,9 +1211,10 @@ def markdown(report: dict[str, Any]) -> str:
         f"batching window {cfg['batch_window_ms']} ms)",
         "",
         f"{machine['nproc']} CPUs ({machine['cpu_model']}), load average at start {load}, "
-        f"Python {machine['python']}, commit {commit}. Task: multi_class on {training['dataset']}, "
+        f"Python {machine['python']}, commit {commit}. "
+        f"Task: {training.get('task_type', 'multi_class')} on {training['dataset']}, "
         f"trained in {training['train_s']} s ({training['training_mode'] or 'default'} mode; "
-        f"test accuracy {training['test_metrics'].get('accuracy', 'n/a')}). "
+        f"test {_headline(training['test_metrics'])}). "
         f"Images: {images['images']} distinct "
         f"{images['size']} JPEGs (q{images['jpeg_quality']}, mean {images['mean_jpeg_kib']} KiB; "
         f"{images['source']}). Client and server on the same machine. Cold = every image new to the "
@@ -1214,6 +1247,11 @@ def markdown(report: dict[str, Any]) -> str:
             f"{row['server_processing_ms_p50']} | "
             f"**{row['images_per_s']}** | {row['other_cpu_pct']} |"
         )
+    if "explain_unavailable" in report["service"]:
+        out += [
+            "",
+            f"Explanations: not available for this model ({report['service']['explain_unavailable']}).",
+        ]
     s_tp = report["service"]["throughput"]
     naive = report.get("naive") or {"throughput": {}}
     n_tp = naive["throughput"]
@@ -1309,6 +1347,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="only the INT8 accuracy comparison: quantize on flowers photos in-process, no service",
     )
     parser.add_argument("--skip-naive", action="store_true", help="do not run the naive baseline")
+    parser.add_argument(
+        "--dataset",
+        default="flowers",
+        choices=sorted(TASK_TYPES),
+        help="the task trained: flowers (multi_class) or ages (regression; needs --skip-naive)",
+    )
     parser.add_argument("--seed", type=int, default=20240601)
     parser.add_argument("--server-log-level", default="info", choices=["debug", "info", "warning", "error"])
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="where to write the JSON results")
@@ -1324,6 +1368,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error("--requests, --clients, --memory-requests and --memory-every must be 1 or more")
     if args.pool < 20:
         parser.error("--pool must be 20 or more")
+    if args.dataset != "flowers" and not (args.skip_naive or args.accuracy_only):
+        parser.error("the naive baseline answers classification only: --dataset ages needs --skip-naive")
+    if args.dataset != "flowers" and args.int8:
+        parser.error("--int8 is measured on the flowers task (its backbone is calibrated on its images)")
     return args
 
 
@@ -1362,6 +1410,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "server_log_level": args.server_log_level,
         "service_omp_wait_policy": "PASSIVE",
         "quality": args.quality,
+        "dataset": args.dataset,
         "naive_omp_wait_policy": args.naive_omp_wait_policy,
         "images": image_info,
     }
@@ -1373,7 +1422,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     workdir = Path(tempfile.mkdtemp(prefix="taskvision-classify-bench-"))
     try:
         with running_taskvision(workdir, log_level=args.server_log_level, log_name="train.log") as trainer:
-            report["training"] = build_and_train(Client(trainer), trainer, args.quality)
+            report["training"] = build_and_train(Client(trainer), trainer, args.quality, args.dataset)
             token = trainer.token
         bundle_dir = Path(report["training"]["bundle_dir"])
         task_id = report["training"]["task_id"]
