@@ -818,8 +818,7 @@ def latency_runs(
     unexplained = None
     if with_cached:  # the service: what "explain": true costs
         probe = classify(client, task_id, pool.take(1), explain=True)  # the maps backbone's session loads
-        refused = probe.error or ""
-        if not probe.ok and (refused.startswith("HTTP 400") or "'code': 400" in refused):
+        if not probe.ok and "explain_unavailable" in (probe.error or ""):
             unexplained = probe.error
             logger.info("  explain: this model cannot be explained (%s); its runs are skipped", probe.error)
     if with_cached and unexplained is None:

@@ -100,6 +100,11 @@ def backbones_needed(feature_ids: Sequence[str]) -> list[str]:
     return list(dict.fromkeys(feature_spec(fid).backbone_id for fid in feature_ids))
 
 
+def any_flipped(feature_ids: Sequence[str]) -> bool:
+    """Whether any of the ids averages in the mirror image's features (``+hflip``)."""
+    return any(fid.endswith(HFLIP) for fid in feature_ids)
+
+
 def views_needed(feature_ids: Sequence[str]) -> list[tuple[str, bool]]:
     """The (backbone, mirrored) embeddings the ids need, in a fixed order."""
     views: dict[tuple[str, bool], None] = {}

@@ -169,10 +169,15 @@ def features_session(model: onnx.ModelProto) -> onnxruntime.InferenceSession:
 
 
 def run_features(session: onnxruntime.InferenceSession, arrays: Array) -> Array:
-    """Features of preprocessed images (N, 3, H, W), in runs of :data:`RUN_BATCH`."""
-    out = [
-        session.run(None, {"input": arrays[i : i + RUN_BATCH]})[1] for i in range(0, len(arrays), RUN_BATCH)
-    ]
+    """Features of preprocessed images (N, 3, H, W): the second output of a :func:`features_session`."""
+    return run_batches(session, arrays, output=1)
+
+
+def run_batches(session: onnxruntime.InferenceSession, arrays: Array, *, output: int) -> Array:
+    """The network's output number ``output`` of preprocessed images (N, 3, H, W), in runs of
+    :data:`RUN_BATCH`."""
+    runs = range(0, len(arrays), RUN_BATCH)
+    out = [session.run(None, {"input": arrays[i : i + RUN_BATCH]})[output] for i in runs]
     return np.concatenate(out).astype(np.float32) if out else np.zeros((0, 0), dtype=np.float32)
 
 

@@ -249,7 +249,7 @@ def ensemble(
     """
     assert finetune.oof is not None and finetune.oof_rows is not None and partner.oof is not None
     partner_oof = _on_rows(partner, finetune.oof_rows)
-    flipped = any(f.endswith(features.HFLIP) for f in partner.features)
+    flipped = features.any_flipped(partner.features)
     if partner_oof is None or (flipped and finetune.oof_mirror is None):
         return None
     own = finetune.oof
@@ -494,7 +494,7 @@ def narrowed(preset: QualityPreset, feature_ids: Sequence[str]) -> QualityPreset
     Nothing else: a distribution head's choice is not reused (a retrain after it is a full selection).
     """
     base = tuple(fid.removesuffix(features.HFLIP) for fid in feature_ids)
-    flip = any(fid.endswith(features.HFLIP) for fid in feature_ids)
+    flip = features.any_flipped(feature_ids)
     return replace(
         preset, linear=(base,), test_time_flip=flip, finetune=None, finetune_folds=0, distribution=False
     )

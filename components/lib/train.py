@@ -376,16 +376,12 @@ def _select_and_train(
                 scale=scale,
                 seed=config.seed,
                 report=report,
-                mirrored=any(f.endswith(features.HFLIP) for c in distributions for f in c.features),
+                mirrored=any(features.any_flipped(c.features) for c in distributions),
             )
             candidates.append(tuned_candidate)
-            partners = [_own_linear(candidates, plan.backbone_id), *_own_distributions(distributions, plan)]
-            for partner in partners:
-                averaged = (
-                    selection.ensemble(tuned_candidate, partner, task_type, y_fit, scale)
-                    if partner is not None
-                    else None
-                )
+            own = _own_linear(candidates, plan.backbone_id)
+            for partner in ([own] if own is not None else []) + _own_distributions(distributions, plan):
+                averaged = selection.ensemble(tuned_candidate, partner, task_type, y_fit, scale)
                 if averaged is not None:
                     candidates.append(averaged)
     chosen = selection.choose(candidates, task_type=task_type, y=y_fit, seed=config.seed)
@@ -458,7 +454,7 @@ def _select_and_train(
             report=report,
             partner=chosen.kind,
             flip=flip,
-            test_time_flip=any(f.endswith(features.HFLIP) for f in chosen.features),
+            test_time_flip=features.any_flipped(chosen.features),
         )
 
 
@@ -765,7 +761,7 @@ def _train_partial_finetune(
         np.savez(
             out_dir / TEST_INPUTS_FILE,
             image_ids=np.asarray([row.image_id for row in test_rows]),
-            logits=_network_outputs(out_dir / MODEL_FILE, test_arrays, n_outputs=n_outputs),
+            logits=refit.run_batches(backbone.onnx_session(out_dir / MODEL_FILE), test_arrays, output=0),
             targets=y_test,
         )
         return
@@ -792,18 +788,6 @@ def _train_partial_finetune(
         features=test_features,
         targets=y_test,
     )
-
-
-def _network_outputs(path: Path, arrays: Array, *, n_outputs: int) -> Array:
-    """The exported network's outputs of preprocessed images (N, 3, H, W), in runs of RUN_BATCH."""
-    import onnxruntime as ort
-
-    from components.lib.embeddings import RUN_BATCH
-
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    runs = range(0, len(arrays), RUN_BATCH)
-    out = [session.run(None, {"input": arrays[i : i + RUN_BATCH]})[0] for i in runs]
-    return np.concatenate(out).astype(np.float32) if out else np.zeros((0, n_outputs), dtype=np.float32)
 
 
 def _refit_partial_finetune(
