@@ -32,11 +32,12 @@ CHILD = textwrap.dedent(
     libc.fopen.argtypes = [ctypes.c_char_p, ctypes.c_char_p]
     libc.malloc_info.argtypes = [ctypes.c_int, ctypes.c_void_p]
     libc.fclose.argtypes = [ctypes.c_void_p]
-    path = os.path.join(tempfile.mkdtemp(), "malloc.xml")
-    stream = libc.fopen(path.encode(), b"w")
-    libc.malloc_info(0, stream)
-    libc.fclose(stream)
-    print(applied, len(re.findall(r"<heap nr=", open(path).read())))
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "malloc.xml")
+        stream = libc.fopen(path.encode(), b"w")
+        libc.malloc_info(0, stream)
+        libc.fclose(stream)
+        print(applied, len(re.findall(r"<heap nr=", open(path).read())))
     """
 )
 
