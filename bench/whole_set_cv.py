@@ -1,0 +1,277 @@
+"""Whole-set cross-validation of ``balanced``'s classification models, and how hard the test split is.
+
+``bench/train.py`` judges a quality preset on one test split (the service's
+80/20 split: 120 of the 600 flowers). One image there is 0.83 points of
+accuracy, and one fine-tune's random start moves the result by a point or
+two, so one run on that split cannot tell close models apart. This script
+measures the same models two ways, with the service's own code and settings
+(no HTTP service):
+
+* the images of ``../shared/datasets/<name>/`` (a ``multi_class`` set: flowers or
+  satellite) are put in a temporary local blob store, as an upload would;
+* :func:`components.lib.partial_finetune.compute_activations` with the preset's
+  fine-tune plan (``--quality``, default ``balanced``) gives every image's
+  activations (centre crop, mirror image, augmented views) and its frozen Lite0
+  multi-scale embedding, through the same ONNX network as the train step;
+* models are trained as the train step trains them on its training split: the
+  linear head's penalty chosen by 3-fold cross-validation (trained on the image
+  and its mirror image, ``augment=flip``), the linear head fitted, and the
+  partial fine-tune trained from the linear head on the final features
+  (:func:`components.lib.partial_finetune.train_tail`); their answers and their
+  average (``partial_finetune+linear``) are scored:
+
+  1. **the service's split** (:func:`components.lib.split.split_dataset`, seed 0,
+     as the train step calls it): trained on its training side, scored on its
+     test side, once per ``--split-seeds`` seed (the inner folds and the
+     fine-tune's start): the spread of what ``bench/train.py`` can measure;
+  2. **whole-set cross-validation**: for each ``--fold-seeds`` seed,
+     ``--folds``-fold cross-validation over *all* images; accuracy over all
+     images, over the service's test-split images and over the others.
+
+Run it by hand (not collected by pytest; about 4 minutes for the flowers on 2 cores)::
+
+    OMP_WAIT_POLICY=PASSIVE .venv/bin/python bench/whole_set_cv.py --dataset flowers \\
+        [--quality balanced] [--split-seeds 0,1,2,3,4] [--fold-seeds 1000,1001,1002] [--folds 5]
+
+Results: Markdown on stdout, JSON in ``--out`` (default
+``bench/results/whole_set_cv_<dataset>[_<quality>].json``); progress on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import logging
+import os
+import statistics
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch is imported (see README)
+
+import numpy as np
+from _common import DATASETS_ROOT, git_state, init_script, machine_info, write_report
+
+from components.lib import heads, selection, split
+from components.lib.partial_finetune import STD_FLOOR, PartialFinetunePlan, compute_activations, train_tail
+from taskvision import backbone
+from taskvision.dataset import DatasetInfo, LabelInfo, ManifestRow
+from taskvision.storage import LocalBlobStore
+from taskvision.task_types import TaskType
+
+logger = logging.getLogger("bench.whole_set_cv")
+
+
+RESULTS = Path(__file__).resolve().parent / "results"
+INNER_FOLDS = 3  # the train step's cv_folds
+TRAIN_SEED = 0  # the train step's seed (activations' augmentations, the fine-tune's start)
+MODELS = ("linear", "partial_finetune", "partial_finetune+linear")
+
+
+def load_dataset(name: str, store: LocalBlobStore) -> tuple[DatasetInfo, list[ManifestRow], list[str]]:
+    """Every image of a ``multi_class`` set into ``store``: the split's inputs and the label names."""
+    folder = DATASETS_ROOT / name
+    if not (folder / "labels.csv").is_file():
+        sys.exit(f"{folder / 'labels.csv'} not found: the shared data sets are not on this machine")
+    with open(folder / "labels.csv", newline="") as fh:
+        records = list(csv.DictReader(fh))
+    if "label" not in records[0]:
+        sys.exit(f"{name} is not a multi_class set (labels.csv has no 'label' column)")
+    names = sorted({r["label"] for r in records})
+    rows = []
+    for index, record in enumerate(records):
+        data = (folder / record["path"]).read_bytes()
+        sha = hashlib.sha256(data).hexdigest()
+        store.put(f"images/{sha}", data)
+        rows.append(ManifestRow(f"img{index:05d}", f"images/{sha}", sha, [record["label"]]))
+    info = DatasetInfo(
+        task_id=name,
+        task_type=TaskType.MULTI_CLASS,
+        labels=[LabelInfo(id=n, name=n) for n in names],
+        snapshot_id="whole-set-cv",
+        created=datetime.now(UTC).isoformat(),
+        count=len(rows),
+    )
+    return info, rows, names
+
+
+def fit_and_answer(
+    y: np.ndarray,
+    centre: np.ndarray,
+    mirrored: np.ndarray,
+    data: Any,
+    pretrained: Any,
+    rest: np.ndarray,
+    held: np.ndarray,
+    seed: int,
+    plan: PartialFinetunePlan,
+) -> tuple[np.ndarray, np.ndarray, str]:
+    """The linear head and the fine-tune trained on rows ``rest`` as the train step trains them
+    (``seed``: its inner folds and the fine-tune's start); their logits of rows ``held``."""
+    task = TaskType.MULTI_CLASS
+    n_outputs = int(y.max()) + 1
+    grid = heads.default_grid(task)
+    final = slice(0, backbone.FINAL_DIM)
+    inner = heads.folds(len(rest), INNER_FOLDS, seed)
+    cv = heads.cross_validate(
+        centre[rest], y[rest], task, grid, inner, n_outputs=n_outputs, x_mirror=mirrored[rest],
+        augment_with_mirror=True,
+    )  # fmt: skip
+    setting = grid[max(range(len(grid)), key=lambda j: heads.score(task, y[rest], cv.oof[j]))]
+    both_y = np.concatenate([y[rest], y[rest]])
+    w, b = heads.fit_head(
+        np.concatenate([centre[rest], mirrored[rest]]), both_y, task, setting, n_outputs=n_outputs
+    )
+    frozen = np.concatenate([centre[rest, final], mirrored[rest, final]])
+    start = heads.fit_head(frozen, both_y, task, setting, n_outputs=n_outputs, std_floor=STD_FLOOR)
+    tuned = train_tail(pretrained, data.subset(rest), start, frozen, y[rest], task, plan, seed=seed)
+    return heads.predict(centre[held], w, b), tuned.logits(data.subset(held)), setting.name
+
+
+def answers(linear: np.ndarray, tuned: np.ndarray) -> dict[str, np.ndarray]:
+    return {
+        "linear": linear,
+        "partial_finetune": tuned,
+        "partial_finetune+linear": (linear + tuned) * np.float32(0.5),
+    }
+
+
+def out_of_fold(
+    y: np.ndarray,
+    centre: np.ndarray,
+    mirrored: np.ndarray,
+    data: Any,
+    pretrained: Any,
+    fold_seed: int,
+    k: int,
+    plan: PartialFinetunePlan,
+) -> dict[str, np.ndarray]:
+    """Each model's out-of-fold logits over all images."""
+    linear = np.zeros((len(y), int(y.max()) + 1), dtype=np.float32)
+    tuned = np.zeros_like(linear)
+    for index, fold in enumerate(heads.folds(len(y), k, fold_seed)):
+        started = time.perf_counter()
+        rest = np.setdiff1d(np.arange(len(y)), fold)
+        linear[fold], tuned[fold], head = fit_and_answer(
+            y, centre, mirrored, data, pretrained, rest, fold, TRAIN_SEED, plan
+        )
+        logger.info(
+            "fold seed %d, fold %d/%d: head %s, %.1f s", fold_seed, index + 1, k, head,
+            time.perf_counter() - started,
+        )  # fmt: skip
+    return answers(linear, tuned)
+
+
+def accuracy(y: np.ndarray, logits: np.ndarray, rows: np.ndarray) -> float:
+    return float((logits[rows].argmax(axis=1) == y[rows]).mean())
+
+
+def markdown(report: dict[str, Any]) -> str:
+    lines = [
+        f"Whole-set {report['folds']}-fold cross-validation, {report['dataset']} ({report['images']} images; "
+        f"the service's test split: {report['test_images']}), `{report['quality']}`'s fine-tune plan",
+        "",
+        "| fold seed | model | all images | the service's test-split images | the other images |",
+        "|---|---|---:|---:|---:|",
+    ]
+    for seed, models in report["by_seed"].items():
+        for model, a in models.items():
+            lines.append(f"| {seed} | {model} | {a['all']:.3f} | {a['test_split']:.3f} | {a['others']:.3f} |")
+    for model, a in report["mean"].items():
+        lines.append(f"| mean | {model} | {a['all']:.3f} | {a['test_split']:.3f} | {a['others']:.3f} |")
+    seeds = list(report["service_split"])
+    lines += [
+        "",
+        "Trained on the service's training split, scored on its test split (as `bench/train.py` "
+        "measures), by seed (inner folds and the fine-tune's start):",
+        "",
+        "| model | " + " | ".join(f"seed {s}" for s in seeds) + " | median |",
+        "|---|" + "---:|" * (len(seeds) + 1),
+    ]
+    for model in MODELS:
+        values = [report["service_split"][s][model] for s in seeds]
+        cells = " | ".join(f"{v:.3f}" for v in values)
+        lines.append(f"| {model} | {cells} | {statistics.median(values):.3f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--dataset", default="flowers")
+    parser.add_argument("--fold-seeds", default="1000,1001,1002")
+    parser.add_argument("--folds", type=int, default=5)
+    parser.add_argument("--quality", default="balanced", help="whose fine-tune plan: balanced or best")
+    parser.add_argument("--split-seeds", default="0,1,2,3,4")
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    init_script()
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="taskvision-wscv-") as tmp:
+        store = LocalBlobStore(Path(tmp))
+        info, rows, names = load_dataset(args.dataset, store)
+        plan = selection.preset(args.quality).finetune
+        assert plan is not None, f"{args.quality} has no partial fine-tune"
+        data, embeddings = compute_activations(
+            store, rows, plan, seed=TRAIN_SEED, use_cache=False, max_pixels=80_000_000
+        )
+    spec = backbone.backbone_spec(plan.backbone_id)
+    centre, mirrored = embeddings[(spec.id, False)], embeddings[(spec.id, True)]
+    y = np.array([names.index(row.labels[0]) for row in rows])
+    test_ids = set(split.split_dataset(info, rows).test)
+    test = np.array([row.image_id in test_ids for row in rows])
+    groups = {"all": np.arange(len(y)), "test_split": np.flatnonzero(test), "others": np.flatnonzero(~test)}
+    pretrained = backbone.build_torch_model(num_classes=0, backbone_id=plan.backbone_id)
+    train_rows, test_rows = np.flatnonzero(~test), np.flatnonzero(test)
+    service_split: dict[str, dict[str, float]] = {}
+    for seed in (int(s) for s in args.split_seeds.split(",")):
+        linear, tuned, head = fit_and_answer(
+            y, centre, mirrored, data, pretrained, train_rows, test_rows, seed, plan
+        )
+        service_split[str(seed)] = {
+            model: accuracy(y[test_rows], logits, np.arange(len(test_rows)))
+            for model, logits in answers(linear, tuned).items()
+        }
+        logger.info("service split, seed %d (head %s): %s", seed, head, service_split[str(seed)])
+    by_seed: dict[str, dict[str, dict[str, float]]] = {}
+    for fold_seed in (int(s) for s in args.fold_seeds.split(",")):
+        logits = out_of_fold(y, centre, mirrored, data, pretrained, fold_seed, args.folds, plan)
+        by_seed[str(fold_seed)] = {
+            model: {group: accuracy(y, logits[model], rows_) for group, rows_ in groups.items()}
+            for model in MODELS
+        }
+        logger.info("fold seed %d: %s", fold_seed, by_seed[str(fold_seed)])
+    mean = {
+        model: {group: statistics.fmean(s[model][group] for s in by_seed.values()) for group in groups}
+        for model in MODELS
+    }
+    commit, dirty = git_state()
+    report = {
+        "dataset": args.dataset,
+        "images": len(y),
+        "test_images": int(test.sum()),
+        "folds": args.folds,
+        "quality": args.quality,
+        "plan": plan.describe(),
+        "by_seed": by_seed,
+        "mean": mean,
+        "service_split": service_split,
+        "seconds": round(time.perf_counter() - started, 1),
+        "commit": commit,
+        "dirty": dirty,
+        "machine": machine_info(),
+        "load_average_end": Path("/proc/loadavg").read_text().split()[:3],
+    }
+    default = (
+        RESULTS
+        / f"whole_set_cv_{args.dataset}{'' if args.quality == 'balanced' else '_' + args.quality}.json"
+    )
+    write_report(report, args.out or default, markdown)
+
+
+if __name__ == "__main__":
+    main()
