@@ -58,8 +58,10 @@ import numpy as np
 from _common import DATASETS_ROOT, git_state, init_script, machine_info, write_report
 
 from components.lib import heads, selection, split
-from components.lib.partial_finetune import STD_FLOOR, PartialFinetunePlan, compute_activations, train_tail
-from taskvision import backbone
+from components.lib.embeddings import View
+from components.lib.partial_finetune import PartialFinetunePlan, compute_activations, train_tail
+from components.lib.train import TrainConfig, _start_head
+from taskvision import backbone, features
 from taskvision.dataset import DatasetInfo, LabelInfo, ManifestRow
 from taskvision.storage import LocalBlobStore
 from taskvision.task_types import TaskType
@@ -68,8 +70,7 @@ logger = logging.getLogger("bench.whole_set_cv")
 
 
 RESULTS = Path(__file__).resolve().parent / "results"
-INNER_FOLDS = 3  # the train step's cv_folds
-TRAIN_SEED = 0  # the train step's seed (activations' augmentations, the fine-tune's start)
+TRAINING = TrainConfig()  # the train step's defaults: its cv_folds, seed and max_image_pixels
 MODELS = ("linear", "partial_finetune", "partial_finetune+linear")
 
 
@@ -102,8 +103,7 @@ def load_dataset(name: str, store: LocalBlobStore) -> tuple[DatasetInfo, list[Ma
 
 def fit_and_answer(
     y: np.ndarray,
-    centre: np.ndarray,
-    mirrored: np.ndarray,
+    embeddings: dict[View, np.ndarray],
     data: Any,
     pretrained: Any,
     rest: np.ndarray,
@@ -115,20 +115,23 @@ def fit_and_answer(
     (``seed``: its inner folds and the fine-tune's start); their logits of rows ``held``."""
     task = TaskType.MULTI_CLASS
     n_outputs = int(y.max()) + 1
-    grid = heads.default_grid(task)
-    final = slice(0, backbone.FINAL_DIM)
-    inner = heads.folds(len(rest), INNER_FOLDS, seed)
-    cv = heads.cross_validate(
-        centre[rest], y[rest], task, grid, inner, n_outputs=n_outputs, x_mirror=mirrored[rest],
-        augment_with_mirror=True,
+    centre, mirrored = embeddings[(plan.backbone_id, False)], embeddings[(plan.backbone_id, True)]
+    # The linear candidate's head setting, chosen as the train step chooses it (augment=flip).
+    (linear,) = selection.score_linear(
+        task, y[rest], 1.0, [features.feature_id(plan.backbone_id)], centre[rest], mirrored[rest],
+        heads.folds(len(rest), TRAINING.cv_folds, seed), heads.default_grid(task), n_outputs=n_outputs,
+        augment_with_mirror=True, test_time_flip=False, scored_rows=np.arange(len(rest)),
     )  # fmt: skip
-    setting = grid[max(range(len(grid)), key=lambda j: heads.score(task, y[rest], cv.oof[j]))]
-    both_y = np.concatenate([y[rest], y[rest]])
+    setting = linear.setting
+    assert setting is not None
     w, b = heads.fit_head(
-        np.concatenate([centre[rest], mirrored[rest]]), both_y, task, setting, n_outputs=n_outputs
+        np.concatenate([centre[rest], mirrored[rest]]),
+        np.concatenate([y[rest], y[rest]]),
+        task,
+        setting,
+        n_outputs=n_outputs,
     )
-    frozen = np.concatenate([centre[rest, final], mirrored[rest, final]])
-    start = heads.fit_head(frozen, both_y, task, setting, n_outputs=n_outputs, std_floor=STD_FLOOR)
+    start, frozen = _start_head(embeddings, plan.backbone_id, rest, y, task, setting, n_outputs)
     tuned = train_tail(pretrained, data.subset(rest), start, frozen, y[rest], task, plan, seed=seed)
     return heads.predict(centre[held], w, b), tuned.logits(data.subset(held)), setting.name
 
@@ -143,8 +146,7 @@ def answers(linear: np.ndarray, tuned: np.ndarray) -> dict[str, np.ndarray]:
 
 def out_of_fold(
     y: np.ndarray,
-    centre: np.ndarray,
-    mirrored: np.ndarray,
+    embeddings: dict[View, np.ndarray],
     data: Any,
     pretrained: Any,
     fold_seed: int,
@@ -158,17 +160,13 @@ def out_of_fold(
         started = time.perf_counter()
         rest = np.setdiff1d(np.arange(len(y)), fold)
         linear[fold], tuned[fold], head = fit_and_answer(
-            y, centre, mirrored, data, pretrained, rest, fold, TRAIN_SEED, plan
+            y, embeddings, data, pretrained, rest, fold, TRAINING.seed, plan
         )
         logger.info(
             "fold seed %d, fold %d/%d: head %s, %.1f s", fold_seed, index + 1, k, head,
             time.perf_counter() - started,
         )  # fmt: skip
     return answers(linear, tuned)
-
-
-def accuracy(y: np.ndarray, logits: np.ndarray, rows: np.ndarray) -> float:
-    return float((logits[rows].argmax(axis=1) == y[rows]).mean())
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -217,10 +215,8 @@ def main() -> None:
         plan = selection.preset(args.quality).finetune
         assert plan is not None, f"{args.quality} has no partial fine-tune"
         data, embeddings = compute_activations(
-            store, rows, plan, seed=TRAIN_SEED, use_cache=False, max_pixels=80_000_000
+            store, rows, plan, seed=TRAINING.seed, use_cache=False, max_pixels=TRAINING.max_image_pixels
         )
-    spec = backbone.backbone_spec(plan.backbone_id)
-    centre, mirrored = embeddings[(spec.id, False)], embeddings[(spec.id, True)]
     y = np.array([names.index(row.labels[0]) for row in rows])
     test_ids = set(split.split_dataset(info, rows).test)
     test = np.array([row.image_id in test_ids for row in rows])
@@ -230,18 +226,21 @@ def main() -> None:
     service_split: dict[str, dict[str, float]] = {}
     for seed in (int(s) for s in args.split_seeds.split(",")):
         linear, tuned, head = fit_and_answer(
-            y, centre, mirrored, data, pretrained, train_rows, test_rows, seed, plan
+            y, embeddings, data, pretrained, train_rows, test_rows, seed, plan
         )
         service_split[str(seed)] = {
-            model: accuracy(y[test_rows], logits, np.arange(len(test_rows)))
+            model: heads.score(TaskType.MULTI_CLASS, y[test_rows], logits)
             for model, logits in answers(linear, tuned).items()
         }
         logger.info("service split, seed %d (head %s): %s", seed, head, service_split[str(seed)])
     by_seed: dict[str, dict[str, dict[str, float]]] = {}
     for fold_seed in (int(s) for s in args.fold_seeds.split(",")):
-        logits = out_of_fold(y, centre, mirrored, data, pretrained, fold_seed, args.folds, plan)
+        logits = out_of_fold(y, embeddings, data, pretrained, fold_seed, args.folds, plan)
         by_seed[str(fold_seed)] = {
-            model: {group: accuracy(y, logits[model], rows_) for group, rows_ in groups.items()}
+            model: {
+                group: heads.score(TaskType.MULTI_CLASS, y[rows_], logits[model][rows_])
+                for group, rows_ in groups.items()
+            }
             for model in MODELS
         }
         logger.info("fold seed %d: %s", fold_seed, by_seed[str(fold_seed)])
