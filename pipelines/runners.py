@@ -89,8 +89,12 @@ class LocalRunner:
         root = self._root(run_id)
         root.mkdir(parents=True, exist_ok=True)
         (root / "arguments.json").write_text(json.dumps(arguments))
+        (root / "tmp").mkdir(exist_ok=True)
         log = (root / "run.log").open("wb")
         env = {**os.environ, **self.env, "OMP_WAIT_POLICY": "PASSIVE", "PYTHONUNBUFFERED": "1"}
+        # Each KFP step's command writes its code into a `mktemp -d` folder it never removes:
+        # temporary files go into the run's folder, which forget() deletes.
+        env["TMPDIR"] = str(root / "tmp")
         self._children[run_id] = subprocess.Popen(
             [sys.executable, "-m", "pipelines.local_run", str(root / "arguments.json"), str(root)],
             stdout=log,
@@ -322,8 +326,10 @@ class KubeflowRunner:
 
         self.client = client or Client(host=host, namespace=namespace)
         self.namespace = namespace
-        self.package = Path(tempfile.mkdtemp(prefix="taskvision-kfp-")) / "training.yaml"
-        compile_pipeline(self.package, gpu_count=gpu_count, s3_secret=s3_secret)
+        with tempfile.TemporaryDirectory(prefix="taskvision-kfp-") as scratch:  # compiled once, into memory
+            package = Path(scratch) / "training.yaml"
+            compile_pipeline(package, gpu_count=gpu_count, s3_secret=s3_secret)
+            self.package = package.read_text()
 
     def submit(self, run_id: str, task_id: str, arguments: dict[str, Any]) -> str:
         experiment = f"taskvision-task-{task_id}"
@@ -333,13 +339,16 @@ class KubeflowRunner:
             ).experiment_id
         except Exception:
             experiment_id = self.client.create_experiment(experiment, namespace=self.namespace).experiment_id
-        result = self.client.create_run_from_pipeline_package(
-            str(self.package),
-            arguments=arguments,
-            run_name=f"train-{run_id}",
-            experiment_id=experiment_id,
-            enable_caching=False,
-        )
+        with tempfile.TemporaryDirectory(prefix="taskvision-kfp-") as scratch:  # the client reads a file
+            package = Path(scratch) / "training.yaml"
+            package.write_text(self.package)
+            result = self.client.create_run_from_pipeline_package(
+                str(package),
+                arguments=arguments,
+                run_name=f"train-{run_id}",
+                experiment_id=experiment_id,
+                enable_caching=False,
+            )
         logger.info("run %s: submitted to Kubeflow as %s", run_id, result.run_id)
         return str(result.run_id)
 

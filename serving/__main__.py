@@ -4,7 +4,8 @@ The container entrypoint on the cluster (the InferenceService's ServingRuntime
 passes KServe's usual flags). ``--model-dir`` is either one bundle (it holds
 bundle.json; served as ``--model-name``) or a folder of bundles, loaded on
 demand through ``/v2/repository/models/<name>/load``. An ``s3://`` model dir
-is copied locally first (credentials from TASKVISION_S3_* or AWS_* variables).
+is copied locally first (credentials from TASKVISION_S3_* or AWS_* variables)
+into one scratch folder of the process, removed when the server exits.
 
 The same repository as the embedded server: frozen-backbone heads in one head
 bank over shared backbones, loads that never block other requests, loaded
@@ -15,8 +16,10 @@ TASKVISION_SERVING_MEMORY_MB / _BATCH_WINDOW_MS variables, as for the control pl
 """
 
 import argparse
+import atexit
 import logging
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -90,13 +93,17 @@ def main() -> None:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     limit_arenas()  # before the server's threads exist; see taskvision/malloc.py
 
-    local = fetch_bundle(args.model_dir, Path(tempfile.mkdtemp(prefix="taskvision-bundle-")))
+    # The s3:// bundle's copy and the INT8 backbones: this process's own, gone when it exits
+    # (KServe's ModelServer returns on SIGTERM, so the exit handlers run).
+    scratch = Path(tempfile.mkdtemp(prefix="taskvision-serving-"))
+    atexit.register(shutil.rmtree, scratch, ignore_errors=True)
+    local = fetch_bundle(args.model_dir, scratch / "bundle")
     extractors = Extractors(batch_window_ms=args.batch_window_ms)
     if args.int8_calibration:
         start_int8(
             extractors,
             _open_store(args.int8_calibration),
-            Path(tempfile.mkdtemp(prefix="taskvision-int8-")),
+            scratch / "int8",
             backbone_ids=[part.strip() for part in args.int8_backbones.split(",") if part.strip()],
         )
     if (local / "bundle.json").is_file():  # one bundle: serve it under --model-name

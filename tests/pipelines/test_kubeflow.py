@@ -7,6 +7,7 @@ the same pipeline steps' library code on the run's recorded arguments.
 
 from __future__ import annotations
 
+import tempfile
 import time
 import warnings
 from collections.abc import Iterator
@@ -46,7 +47,12 @@ def kfp_server(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Fake
         yield server
 
 
-def test_submit_status_and_cancel(kfp_server: FakeKfpServer) -> None:
+def test_submit_status_and_cancel(
+    kfp_server: FakeKfpServer, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     runner = KubeflowRunner(kfp_server.host, gpu_count=1)
     arguments = {
         "storage_url": "s3://bucket?endpoint=http://minio:9000",
@@ -65,6 +71,7 @@ def test_submit_status_and_cancel(kfp_server: FakeKfpServer) -> None:
     spec = json_format.ParseDict(body["pipeline_spec"], pipeline_spec_pb2.PipelineSpec())
     assert spec.pipeline_info.name == "taskvision-training"
     assert set(spec.root.dag.tasks) == {"validate", "split", "train", "evaluate", "register"}
+    assert list(scratch.iterdir()) == []  # the compiled package lives in memory, not in leftover files
 
     # A second run of the same task reuses its experiment.
     runner.submit("r2", "t", {**arguments, "run_id": "r2"})

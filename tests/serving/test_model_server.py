@@ -50,8 +50,11 @@ def _free_port() -> int:
 
 
 def _start(args: list[str], log: Path) -> tuple[subprocess.Popen[bytes], str]:
+    """The model server as a child; its temporary files go to ``tmp/`` beside ``log``."""
     port = _free_port()
-    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
+    scratch = log.parent / "tmp"
+    scratch.mkdir(exist_ok=True)
+    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "TMPDIR": str(scratch)}
     with log.open("wb") as out:
         child = subprocess.Popen(
             [sys.executable, "-m", "serving", *args, "--http-port", str(port), "--enable_grpc", "false"],

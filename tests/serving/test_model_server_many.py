@@ -64,3 +64,6 @@ def test_many_bundles_within_a_memory_budget(tmp_path: Path) -> None:
     finally:
         child.terminate()
         child.wait(timeout=20)
+    assert child.returncode == 0
+    left = [path.name for path in (tmp_path / "tmp").iterdir() if path.name != ".ses"]  # ONNX Runtime's
+    assert left == []  # the INT8 backbones went with the server

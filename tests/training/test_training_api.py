@@ -317,10 +317,16 @@ def test_deleting_a_task_removes_runs_snapshots_and_bundles(client: TestClient) 
 
 @pytest.mark.postgres
 @pytest.mark.s3
-def test_training_with_postgres_and_s3(postgres_url: str, s3_server: Any, tmp_path: Path) -> None:
+def test_training_with_postgres_and_s3(
+    postgres_url: str, s3_server: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The cluster-mode stores: the pipeline steps read the snapshot from and write the bundle to S3."""
     from components.lib.refit import FEATURES_FILE
     from tests.conftest import s3_storage_settings
+
+    system_tmp = tmp_path / "system-tmp"  # what the service's children would otherwise write to
+    system_tmp.mkdir()
+    monkeypatch.setenv("TMPDIR", str(system_tmp))
 
     settings = Settings(
         data_dir=tmp_path,
@@ -347,6 +353,7 @@ def test_training_with_postgres_and_s3(postgres_url: str, s3_server: Any, tmp_pa
         )
         model = client.get(f"/recognition/v2/model/?task={task['id']}").json()["results"][0]
         _check_evaluation(client, task, model)
+    assert list(system_tmp.iterdir()) == []  # the steps' temporary files went with the run's folder
 
 
 def test_runs_queue_one_at_a_time(client: TestClient) -> None:
