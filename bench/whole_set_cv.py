@@ -18,23 +18,32 @@ measures the same models two ways, with the service's own code and settings
   and its mirror image, ``augment=flip``), the linear head fitted, and the
   partial fine-tune trained from the linear head on the final features
   (:func:`components.lib.partial_finetune.train_tail`); their answers and their
-  average (``partial_finetune+linear``) are scored:
+  average (``partial_finetune+linear``);
+* ``--partners lite1,lite1+lite2`` adds, for each named backbone set, a linear
+  head on those backbones' multi-scale embeddings (concatenated; chosen and
+  trained the same way) and its average with the fine-tune
+  (``partial_finetune+linear[lite1]``): an ensemble of two different
+  backbones, which the service does not build (one network serves Lite0's
+  fine-tune and its linear head); measured here to see whether it is worth building.
 
-  1. **the service's split** (:func:`components.lib.split.split_dataset`, seed 0,
-     as the train step calls it): trained on its training side, scored on its
-     test side, once per ``--split-seeds`` seed (the inner folds and the
-     fine-tune's start): the spread of what ``bench/train.py`` can measure;
-  2. **whole-set cross-validation**: for each ``--fold-seeds`` seed,
-     ``--folds``-fold cross-validation over *all* images; accuracy over all
-     images, over the service's test-split images and over the others.
+Each model is scored two ways:
+
+1. **the service's split** (:func:`components.lib.split.split_dataset`, seed 0,
+   as the train step calls it): trained on its training side, scored on its
+   test side, once per ``--split-seeds`` seed (the inner folds and the
+   fine-tune's start): the spread of what ``bench/train.py`` can measure;
+2. **whole-set cross-validation**: for each ``--fold-seeds`` seed,
+   ``--folds``-fold cross-validation over *all* images; accuracy over all
+   images, over the service's test-split images and over the others.
 
 Run it by hand (not collected by pytest; about 4 minutes for the flowers on 2 cores)::
 
     OMP_WAIT_POLICY=PASSIVE .venv/bin/python bench/whole_set_cv.py --dataset flowers \\
-        [--quality balanced] [--split-seeds 0,1,2,3,4] [--fold-seeds 1000,1001,1002] [--folds 5]
+        [--quality balanced] [--split-seeds 0,1,2,3,4] [--fold-seeds 1000,1001,1002] [--folds 5] \\
+        [--partners lite1,lite1+lite2]
 
 Results: Markdown on stdout, JSON in ``--out`` (default
-``bench/results/whole_set_cv_<dataset>[_<quality>].json``); progress on stderr.
+``bench/results/whole_set_cv_<dataset>[_<quality>][_partners].json``); progress on stderr.
 """
 
 from __future__ import annotations
@@ -58,7 +67,7 @@ import numpy as np
 from _common import DATASETS_ROOT, git_state, init_script, machine_info, write_report
 
 from components.lib import heads, selection, split
-from components.lib.embeddings import View
+from components.lib.embeddings import View, embed_views
 from components.lib.partial_finetune import PartialFinetunePlan, compute_activations, train_tail
 from components.lib.train import TrainConfig, _start_head
 from taskvision import backbone, features
@@ -72,6 +81,29 @@ logger = logging.getLogger("bench.whole_set_cv")
 RESULTS = Path(__file__).resolve().parent / "results"
 TRAINING = TrainConfig()  # the train step's defaults: its cv_folds, seed and max_image_pixels
 MODELS = ("linear", "partial_finetune", "partial_finetune+linear")
+Partner = tuple[str, ...]  # backbone ids whose multi-scale embeddings a partner linear head reads
+
+
+def parse_partners(text: str) -> list[Partner]:
+    """``lite1,lite1+lite2`` -> [(Lite1's id,), (Lite1's id, Lite2's id)]."""
+    by_short = {b.replace("tf_efficientnet_", "").replace(".in1k", ""): b for b in backbone.BACKBONES}
+    partners = []
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        names = part.split("+")
+        unknown = [n for n in names if n not in by_short]
+        if unknown:
+            sys.exit(f"unknown backbone {unknown[0]!r} in --partners (known: {', '.join(by_short)})")
+        partners.append(tuple(by_short[n] for n in names))
+    return partners
+
+
+def partner_name(partner: Partner) -> str:
+    return "+".join(b.replace("tf_efficientnet_", "").replace(".in1k", "") for b in partner)
+
+
+def model_names(partners: list[Partner]) -> list[str]:
+    extra = [f"{kind}[{partner_name(p)}]" for p in partners for kind in ("linear", "partial_finetune+linear")]
+    return [*MODELS, *extra]
 
 
 def load_dataset(name: str, store: LocalBlobStore) -> tuple[DatasetInfo, list[ManifestRow], list[str]]:
@@ -101,24 +133,22 @@ def load_dataset(name: str, store: LocalBlobStore) -> tuple[DatasetInfo, list[Ma
     return info, rows, names
 
 
-def fit_and_answer(
+def fit_linear(
     y: np.ndarray,
     embeddings: dict[View, np.ndarray],
-    data: Any,
-    pretrained: Any,
+    partner: Partner,
     rest: np.ndarray,
     held: np.ndarray,
     seed: int,
-    plan: PartialFinetunePlan,
-) -> tuple[np.ndarray, np.ndarray, str]:
-    """The linear head and the fine-tune trained on rows ``rest`` as the train step trains them
-    (``seed``: its inner folds and the fine-tune's start); their logits of rows ``held``."""
+) -> tuple[np.ndarray, heads.HeadSetting]:
+    """A linear head on ``partner``'s multi-scale embeddings, its setting chosen and the head trained
+    as the train step does (3-fold CV on rows ``rest``, image and mirror image): its logits of ``held``."""
     task = TaskType.MULTI_CLASS
     n_outputs = int(y.max()) + 1
-    centre, mirrored = embeddings[(plan.backbone_id, False)], embeddings[(plan.backbone_id, True)]
-    # The linear candidate's head setting, chosen as the train step chooses it (augment=flip).
+    centre = np.concatenate([embeddings[(b, False)] for b in partner], axis=1)
+    mirrored = np.concatenate([embeddings[(b, True)] for b in partner], axis=1)
     (linear,) = selection.score_linear(
-        task, y[rest], 1.0, [features.feature_id(plan.backbone_id)], centre[rest], mirrored[rest],
+        task, y[rest], 1.0, [features.feature_id(b) for b in partner], centre[rest], mirrored[rest],
         heads.folds(len(rest), TRAINING.cv_folds, seed), heads.default_grid(task), n_outputs=n_outputs,
         augment_with_mirror=True, test_time_flip=False, scored_rows=np.arange(len(rest)),
     )  # fmt: skip
@@ -131,17 +161,37 @@ def fit_and_answer(
         setting,
         n_outputs=n_outputs,
     )
+    return heads.predict(centre[held], w, b), setting
+
+
+def fit_and_answer(
+    y: np.ndarray,
+    embeddings: dict[View, np.ndarray],
+    data: Any,
+    pretrained: Any,
+    rest: np.ndarray,
+    held: np.ndarray,
+    seed: int,
+    plan: PartialFinetunePlan,
+    partners: list[Partner],
+) -> tuple[dict[str, np.ndarray], str]:
+    """The linear head, the fine-tune (and the partners' linear heads) trained on rows ``rest`` as the
+    train step trains them (``seed``: inner folds and the fine-tune's start); each model's logits
+    of rows ``held``."""
+    task = TaskType.MULTI_CLASS
+    n_outputs = int(y.max()) + 1
+    linear, setting = fit_linear(y, embeddings, (plan.backbone_id,), rest, held, seed)
     start, frozen = _start_head(embeddings, plan.backbone_id, rest, y, task, setting, n_outputs)
-    tuned = train_tail(pretrained, data.subset(rest), start, frozen, y[rest], task, plan, seed=seed)
-    return heads.predict(centre[held], w, b), tuned.logits(data.subset(held)), setting.name
-
-
-def answers(linear: np.ndarray, tuned: np.ndarray) -> dict[str, np.ndarray]:
-    return {
-        "linear": linear,
-        "partial_finetune": tuned,
-        "partial_finetune+linear": (linear + tuned) * np.float32(0.5),
-    }
+    tuned = train_tail(pretrained, data.subset(rest), start, frozen, y[rest], task, plan, seed=seed).logits(
+        data.subset(held)
+    )
+    half = np.float32(0.5)
+    logits = {"linear": linear, "partial_finetune": tuned, "partial_finetune+linear": (linear + tuned) * half}
+    for partner in partners:
+        other, _ = fit_linear(y, embeddings, partner, rest, held, seed)
+        logits[f"linear[{partner_name(partner)}]"] = other
+        logits[f"partial_finetune+linear[{partner_name(partner)}]"] = (other + tuned) * half
+    return logits, setting.name
 
 
 def out_of_fold(
@@ -152,21 +202,23 @@ def out_of_fold(
     fold_seed: int,
     k: int,
     plan: PartialFinetunePlan,
+    partners: list[Partner],
 ) -> dict[str, np.ndarray]:
     """Each model's out-of-fold logits over all images."""
-    linear = np.zeros((len(y), int(y.max()) + 1), dtype=np.float32)
-    tuned = np.zeros_like(linear)
+    oof = {m: np.zeros((len(y), int(y.max()) + 1), dtype=np.float32) for m in model_names(partners)}
     for index, fold in enumerate(heads.folds(len(y), k, fold_seed)):
         started = time.perf_counter()
         rest = np.setdiff1d(np.arange(len(y)), fold)
-        linear[fold], tuned[fold], head = fit_and_answer(
-            y, embeddings, data, pretrained, rest, fold, TRAINING.seed, plan
+        logits, head = fit_and_answer(
+            y, embeddings, data, pretrained, rest, fold, TRAINING.seed, plan, partners
         )
+        for model, values in logits.items():
+            oof[model][fold] = values
         logger.info(
             "fold seed %d, fold %d/%d: head %s, %.1f s", fold_seed, index + 1, k, head,
             time.perf_counter() - started,
         )  # fmt: skip
-    return answers(linear, tuned)
+    return oof
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -191,7 +243,7 @@ def markdown(report: dict[str, Any]) -> str:
         "| model | " + " | ".join(f"seed {s}" for s in seeds) + " | median |",
         "|---|" + "---:|" * (len(seeds) + 1),
     ]
-    for model in MODELS:
+    for model in report["models"]:
         values = [report["service_split"][s][model] for s in seeds]
         cells = " | ".join(f"{v:.3f}" for v in values)
         lines.append(f"| {model} | {cells} | {statistics.median(values):.3f} |")
@@ -205,9 +257,16 @@ def main() -> None:
     parser.add_argument("--folds", type=int, default=5)
     parser.add_argument("--quality", default="balanced", help="whose fine-tune plan: balanced or best")
     parser.add_argument("--split-seeds", default="0,1,2,3,4")
+    parser.add_argument(
+        "--partners",
+        default="",
+        help="backbone sets for extra linear heads averaged with the fine-tune, e.g. lite1,lite1+lite2",
+    )
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     init_script()
+    partners = parse_partners(args.partners)
+    models = model_names(partners)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="taskvision-wscv-") as tmp:
         store = LocalBlobStore(Path(tmp))
@@ -217,6 +276,12 @@ def main() -> None:
         data, embeddings = compute_activations(
             store, rows, plan, seed=TRAINING.seed, use_cache=False, max_pixels=TRAINING.max_image_pixels
         )
+        others = sorted({b for partner in partners for b in partner} - {plan.backbone_id})
+        if others:
+            views = [(b, mirrored) for b in others for mirrored in (False, True)]
+            embeddings.update(
+                embed_views(store, rows, views, use_cache=False, max_pixels=TRAINING.max_image_pixels)
+            )
     y = np.array([names.index(row.labels[0]) for row in rows])
     test_ids = set(split.split_dataset(info, rows).test)
     test = np.array([row.image_id in test_ids for row in rows])
@@ -225,28 +290,28 @@ def main() -> None:
     train_rows, test_rows = np.flatnonzero(~test), np.flatnonzero(test)
     service_split: dict[str, dict[str, float]] = {}
     for seed in (int(s) for s in args.split_seeds.split(",")):
-        linear, tuned, head = fit_and_answer(
-            y, embeddings, data, pretrained, train_rows, test_rows, seed, plan
+        answers, head = fit_and_answer(
+            y, embeddings, data, pretrained, train_rows, test_rows, seed, plan, partners
         )
         service_split[str(seed)] = {
             model: heads.score(TaskType.MULTI_CLASS, y[test_rows], logits)
-            for model, logits in answers(linear, tuned).items()
+            for model, logits in answers.items()
         }
         logger.info("service split, seed %d (head %s): %s", seed, head, service_split[str(seed)])
     by_seed: dict[str, dict[str, dict[str, float]]] = {}
     for fold_seed in (int(s) for s in args.fold_seeds.split(",")):
-        logits = out_of_fold(y, embeddings, data, pretrained, fold_seed, args.folds, plan)
+        logits = out_of_fold(y, embeddings, data, pretrained, fold_seed, args.folds, plan, partners)
         by_seed[str(fold_seed)] = {
             model: {
                 group: heads.score(TaskType.MULTI_CLASS, y[rows_], logits[model][rows_])
                 for group, rows_ in groups.items()
             }
-            for model in MODELS
+            for model in models
         }
         logger.info("fold seed %d: %s", fold_seed, by_seed[str(fold_seed)])
     mean = {
         model: {group: statistics.fmean(s[model][group] for s in by_seed.values()) for group in groups}
-        for model in MODELS
+        for model in models
     }
     commit, dirty = git_state()
     report = {
@@ -256,6 +321,7 @@ def main() -> None:
         "folds": args.folds,
         "quality": args.quality,
         "plan": plan.describe(),
+        "models": models,
         "by_seed": by_seed,
         "mean": mean,
         "service_split": service_split,
@@ -265,10 +331,8 @@ def main() -> None:
         "machine": machine_info(),
         "load_average_end": Path("/proc/loadavg").read_text().split()[:3],
     }
-    default = (
-        RESULTS
-        / f"whole_set_cv_{args.dataset}{'' if args.quality == 'balanced' else '_' + args.quality}.json"
-    )
+    suffix = ("" if args.quality == "balanced" else f"_{args.quality}") + ("_partners" if partners else "")
+    default = RESULTS / f"whole_set_cv_{args.dataset}{suffix}.json"
     write_report(report, args.out or default, markdown)
 
 
