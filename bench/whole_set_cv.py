@@ -86,7 +86,7 @@ Partner = tuple[str, ...]  # backbone ids whose multi-scale embeddings a partner
 
 def parse_partners(text: str) -> list[Partner]:
     """``lite1,lite1+lite2`` -> [(Lite1's id,), (Lite1's id, Lite2's id)]."""
-    by_short = {b.replace("tf_efficientnet_", "").replace(".in1k", ""): b for b in backbone.BACKBONES}
+    by_short = {selection.short_name([b]): b for b in backbone.BACKBONES}
     partners = []
     for part in filter(None, (p.strip() for p in text.split(","))):
         names = part.split("+")
@@ -98,7 +98,7 @@ def parse_partners(text: str) -> list[Partner]:
 
 
 def partner_name(partner: Partner) -> str:
-    return "+".join(b.replace("tf_efficientnet_", "").replace(".in1k", "") for b in partner)
+    return "+".join(selection.short_name([b]) for b in partner)
 
 
 def model_names(partners: list[Partner]) -> list[str]:
