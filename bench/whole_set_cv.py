@@ -69,7 +69,7 @@ from _common import DATASETS_ROOT, git_state, init_script, machine_info, write_r
 from components.lib import heads, selection, split
 from components.lib.embeddings import View, embed_views
 from components.lib.partial_finetune import PartialFinetunePlan, compute_activations, train_tail
-from components.lib.train import TrainConfig, _start_head
+from components.lib.train import TrainConfig, start_head
 from taskvision import backbone, features
 from taskvision.dataset import DatasetInfo, LabelInfo, ManifestRow
 from taskvision.storage import LocalBlobStore
@@ -181,7 +181,7 @@ def fit_and_answer(
     task = TaskType.MULTI_CLASS
     n_outputs = int(y.max()) + 1
     linear, setting = fit_linear(y, embeddings, (plan.backbone_id,), rest, held, seed)
-    start, frozen = _start_head(embeddings, plan.backbone_id, rest, y, task, setting, n_outputs)
+    start, frozen = start_head(embeddings, plan.backbone_id, rest, y, task, setting, n_outputs)
     tuned = train_tail(pretrained, data.subset(rest), start, frozen, y[rest], task, plan, seed=seed).logits(
         data.subset(held)
     )

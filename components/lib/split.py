@@ -8,6 +8,12 @@ Rules, in order:
    label keeps about ``test_fraction`` of its images for testing. The order
    inside a stratum comes from a hash of (seed, sha256): the same snapshot and
    seed always give the same split, and adding images moves few others.
+
+Both sides list their image ids in content order (SHA-256, then image id), and
+the train step builds its cross-validation folds from that order. So the same
+photos give the same folds, the same model selection and, up to the floating
+point of the machine, the same model, whatever ids they got and in whatever
+order they were uploaded (ids are random UUIDs, and uploads run in parallel).
 """
 
 from __future__ import annotations
@@ -81,6 +87,6 @@ def split_dataset(
         # Keep at least one image of the stratum for training.
         take = max(0, min(wanted - already, len(free) - 1))
         test_groups.update(free[:take])
-    train = [r.image_id for sha, members in groups.items() if sha not in test_groups for r in members]
-    test = [r.image_id for sha, members in groups.items() if sha in test_groups for r in members]
-    return SplitResult(train=sorted(train), test=sorted(test))
+    train = [(sha, r.image_id) for sha, members in groups.items() if sha not in test_groups for r in members]
+    test = [(sha, r.image_id) for sha, members in groups.items() if sha in test_groups for r in members]
+    return SplitResult(train=[i for _, i in sorted(train)], test=[i for _, i in sorted(test)])

@@ -573,7 +573,7 @@ def _keep_out_of_fold(
     )
 
 
-def _start_head(
+def start_head(
     known: dict[View, Array],
     backbone_id: str,
     rows: npt.NDArray[np.int64],
@@ -638,7 +638,7 @@ def _score_partial_finetune(
         held = np.zeros(len(y), dtype=bool)
         held[fold] = True
         rest = np.flatnonzero(~held)
-        start, frozen = _start_head(known, plan.backbone_id, rest, y, task_type, setting, n_outputs)
+        start, frozen = start_head(known, plan.backbone_id, rest, y, task_type, setting, n_outputs)
         tuned = train_tail(pretrained, data.subset(rest), start, frozen, y[rest], task_type, plan, seed=seed)
         oof[fold] = tuned.logits(data.subset(fold))
         if oof_mirror is not None:
@@ -696,7 +696,7 @@ def _train_partial_finetune(
 
     spec = backbone.backbone_spec(plan.backbone_id)
     pretrained = backbone.build_torch_model(num_classes=0, backbone_id=plan.backbone_id)
-    start, frozen = _start_head(known, plan.backbone_id, np.arange(len(y)), y, task_type, setting, n_outputs)
+    start, frozen = start_head(known, plan.backbone_id, np.arange(len(y)), y, task_type, setting, n_outputs)
     tuned = train_tail(
         pretrained,
         data,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -359,6 +360,30 @@ def test_embed_mode_trains_a_head_that_evaluates_well(
         )
         assert written["training"]["head"].startswith(("ridge", "huber"))
         assert metrics["r2"] > 0.9 and metrics["out_of_range"] == 0
+
+
+def test_the_same_photos_train_the_same_model_whatever_their_ids_and_upload_order(
+    tmp_path: Path, no_backbone: None
+) -> None:
+    """Image ids are random UUIDs and uploads run in parallel: the train step's folds (and so the
+    penalty chosen, the cross-validated scores and the head) must come from the photos alone."""
+    store = LocalBlobStore(tmp_path / "blobs")
+    task, rows, x = embedding_dataset(TaskType.REGRESSION, n=90)
+    x = x + np.random.default_rng(3).normal(scale=3.0, size=x.shape).astype(np.float32)  # folds matter
+    cache_embeddings(store, rows, x)
+    shuffled = [rows[i] for i in np.random.default_rng(5).permutation(len(rows))]
+    renamed = [replace(row, image_id=f"id-{k:04d}") for k, row in enumerate(shuffled)]
+
+    def scores_and_head(rows: list[ManifestRow], out: Path) -> tuple[dict[str, float], np.ndarray]:
+        split = split_dataset(task, rows, seed=0)
+        meta = train_model(task, rows, split, store, out, TrainConfig(mode="embed", quality="fast"))
+        head = np.load(out / "head.npz")
+        return {c["name"]: c["cv_score"] for c in meta.selection["candidates"]}, head["weight"]
+
+    first_scores, first_head = scores_and_head(rows, tmp_path / "first")
+    again_scores, again_head = scores_and_head(renamed, tmp_path / "again")
+    assert again_scores == pytest.approx(first_scores, rel=1e-6)
+    np.testing.assert_allclose(again_head, first_head, rtol=1e-4, atol=1e-6)
 
 
 def test_the_head_has_one_output_per_label_even_if_a_label_has_no_training_image(
