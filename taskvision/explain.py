@@ -42,7 +42,15 @@ concatenates the tuned pooled features with the frozen embedding before its
 one linear layer: its Grad-CAM is the tuned feature map's, with that layer's
 columns of the tuned slice (the frozen part's own maps are left out). A graph
 that does not end that way is refused
-(:class:`~taskvision.errors.ExplainUnavailableError`).
+(:class:`~taskvision.errors.ExplainUnavailableError`). Regression's fine-tune
+averaged with a distribution head
+(:meth:`components.lib.partial_finetune.TunedTail.export_with_distribution`)
+answers ``(tuned layer + distribution head) * 0.5``, with the test-time flip
+over the image and its mirror image as one batch: the distribution head reads
+the frozen embedding, so the answer's gradient on the tuned map is still the
+tuned layer's weights, times the constant factors after it, and the mirror
+image's map is flipped back and added (:class:`_AnswerTail` checks that graph
+shape and refuses any other).
 
 Which score is explained: multi_class explains the class's logit minus the
 mean logit (softmax depends only on those differences); multi_label and
@@ -284,7 +292,6 @@ class GradCamNetwork:
             for name in node.input:
                 consumers.setdefault(name, []).append(node)
         initializers = {t.name: t for t in graph.initializer}
-        outputs = {o.name for o in graph.output}
         pools = [node for node in graph.node if node.op_type == "GlobalAveragePool"]
         if not pools:
             raise ExplainUnavailableError("The network has no global average pooling to explain.")
@@ -320,7 +327,6 @@ class GradCamNetwork:
         if (
             node.op_type != "Gemm"
             or node.input[0] != tensor
-            or node.output[0] not in outputs
             or node.input[1] not in initializers
             or attributes.get("transA", 0)
             or attributes.get("alpha", 1.0) != 1.0
@@ -332,8 +338,11 @@ class GradCamNetwork:
             weight = weight * np.broadcast_to(scale.reshape(-1), (weight.shape[1],))[None, :]
         if span is not None:
             weight = weight[:, span[0] : span[1]]
-        self.weight: Array = np.ascontiguousarray(weight, dtype=np.float32)
-        self.logits_name = node.output[0]
+        tail = _AnswerTail(graph, consumers, pool.input[0])
+        answer, answer_factor = tail.follow(node.output[0])
+        self.weight: Array = np.ascontiguousarray(weight * np.float32(answer_factor), dtype=np.float32)
+        self.mirrored = tail.mirrored  # the map's rows: the images, then their mirror images
+        self.logits_name = answer
         self.map_name = pool.input[0]
         graph.output.append(helper.make_tensor_value_info(self.map_name, onnx.TensorProto.FLOAT, None))
         self._bytes = model.SerializeToString()
@@ -360,7 +369,145 @@ class GradCamNetwork:
         logits, feature_map = session.run(
             [self.logits_name, self.map_name], {name: arrays.astype(np.float32)}
         )
-        return np.asarray(logits, dtype=np.float32), np.asarray(feature_map, dtype=np.float32)
+        feature_map = np.asarray(feature_map, dtype=np.float32)
+        if (
+            self.mirrored
+        ):  # the mirror image's map, flipped back, adds to the image's (Grad-CAM is linear in it)
+            n = len(arrays)
+            if len(feature_map) != 2 * n:
+                raise ExplainUnavailableError("The network's feature map does not hold each image twice.")
+            feature_map = feature_map[:n] + feature_map[n:, :, :, ::-1]
+        return np.asarray(logits, dtype=np.float32), np.ascontiguousarray(feature_map)
+
+
+class _AnswerTail:
+    """What an averaged network does after the tuned features' linear layer, up to its answer.
+
+    :func:`components.lib.partial_finetune._distribution_network` averages that layer's output
+    with a distribution head's over the frozen embedding (``(tuned + other) * 0.5``), and with a
+    test-time flip runs the image and its mirror image as one batch of twice the size and averages
+    the two rows of each answer (``Reshape`` to ``(2, N, K)``, ``ReduceMean`` over axis 0). The
+    gradient of the answer with respect to the tuned feature map is then the linear layer's
+    weight times the constant factors on the way (0.5 for the average, 0.5 more for the mirror
+    pair), on the image's map and, flipped back, on its mirror image's; the other member adds
+    nothing as long as it is not computed from that map (checked). Anything else is refused.
+    """
+
+    def __init__(self, graph: Any, consumers: dict[str, list[Any]], feature_map: str) -> None:
+        from onnx import numpy_helper
+
+        self.graph = graph
+        self.consumers = consumers
+        self.outputs = {o.name for o in graph.output}
+        self.constants: dict[str, Array] = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+        self.producers: dict[str, Any] = {}
+        for node in graph.node:
+            for name in node.output:
+                self.producers[name] = node
+            if node.op_type == "Constant":
+                value = next((a.t for a in node.attribute if a.name == "value"), None)
+                if value is not None:
+                    self.constants[node.output[0]] = numpy_helper.to_array(value)
+        self.from_map = self._downstream(feature_map)
+        self.mirrored = False
+
+    def follow(self, tensor: str) -> tuple[str, float]:
+        """(the graph output the answer is, the constant factor from ``tensor`` to it)."""
+        factor, partnered = 1.0, False
+        while tensor not in self.outputs:
+            node = self._only_consumer(tensor)
+            other = [name for name in node.input if name != tensor]
+            if node.op_type == "Reshape" and not self.mirrored:
+                tensor = self._mirror_mean(node)
+                factor *= 0.5
+                continue
+            if node.op_type in ("Mul", "Div") and len(other) == 1 and other[0] in self.constants:
+                value = self.constants[other[0]]
+                if value.size != 1 or (node.op_type == "Div" and node.input[0] != tensor):
+                    raise ExplainUnavailableError("The answer is scaled by more than one number.")
+                number = float(value.reshape(-1)[0])
+                factor *= number if node.op_type == "Mul" else 1.0 / number
+            elif node.op_type == "Add" and len(other) == 1 and not partnered:
+                if other[0] in self.from_map:
+                    raise ExplainUnavailableError("The answer adds another function of the feature map.")
+                partnered = other[0] not in self.constants  # the averaged member (a constant: a shift)
+            else:
+                raise ExplainUnavailableError(
+                    "The network does not end in pooling and one linear classifier."
+                )
+            tensor = node.output[0]
+        if factor <= 0.0:
+            raise ExplainUnavailableError(
+                "The answer is the classifier's output scaled by a negative number."
+            )
+        return tensor, factor
+
+    def _only_consumer(self, tensor: str) -> Any:
+        following = [n for n in self.consumers.get(tensor, []) if n.op_type != "Shape"]
+        if len(following) != 1:
+            raise ExplainUnavailableError("The classifier's output feeds more than one layer.")
+        return following[0]
+
+    def _mirror_mean(self, reshape: Any) -> str:
+        """The output of ``Reshape`` to (2, N, K) + ``ReduceMean`` over axis 0 of an image batch
+        the graph doubled with its mirror images; refused otherwise."""
+        from onnx import helper
+
+        mean = self._only_consumer(reshape.output[0])
+        attributes = {a.name: helper.get_attribute_value(a) for a in mean.attribute}
+        axes = attributes.get("axes")
+        if axes is None and len(mean.input) > 1 and mean.input[1] in self.constants:
+            axes = self.constants[mean.input[1]].reshape(-1).tolist()  # opset 18: axes as an input
+        shape = self.producers.get(reshape.input[1])
+        leading = (
+            self.constants.get(shape.input[0])
+            if shape is not None and shape.op_type == "Concat"
+            else self.constants.get(reshape.input[1])
+        )
+        if (
+            mean.op_type != "ReduceMean"
+            or list(axes or []) != [0]
+            or attributes.get("keepdims", 1) != 0
+            or leading is None
+            or int(leading.reshape(-1)[0]) != 2
+            or not self._input_doubled_with_mirror()
+        ):
+            raise ExplainUnavailableError(
+                "The network averages its answers in a way that cannot be explained."
+            )
+        self.mirrored = True
+        return str(mean.output[0])
+
+    def _input_doubled_with_mirror(self) -> bool:
+        """Whether the graph's input enters as Concat(axis 0)[input, input flipped along its width]."""
+        from onnx import helper
+
+        image = self.graph.input[0].name
+        for node in self.consumers.get(image, []):
+            if node.op_type != "Concat" or list(node.input)[:1] != [image] or len(node.input) != 2:
+                continue
+            attributes = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+            flipped = self.producers.get(node.input[1])
+            if attributes.get("axis") != 0 or flipped is None or flipped.op_type != "Slice":
+                continue
+            parts = [self.constants.get(name) for name in flipped.input[1:]]
+            if flipped.input[0] != image or len(parts) != 4 or any(p is None for p in parts):
+                continue
+            _, _, axes, steps = (np.asarray(p).reshape(-1).tolist() for p in parts)
+            if axes in ([3], [-1]) and steps == [-1]:
+                return True
+        return False
+
+    def _downstream(self, tensor: str) -> set[str]:
+        """Every tensor computed from ``tensor``."""
+        seen, todo = {tensor}, [tensor]
+        while todo:
+            for node in self.consumers.get(todo.pop(), []):
+                for name in node.output:
+                    if name not in seen:
+                        seen.add(name)
+                        todo.append(name)
+        return seen
 
 
 def _concat_span(model: Any, node: Any, tensor: str) -> tuple[int, int]:

@@ -328,3 +328,120 @@ def test_a_fine_tune_averaged_with_a_linear_head_is_explained_with_its_tuned_map
     reference = (activations.grad.mean(dim=(2, 3), keepdim=True) * activations).sum(dim=1)[0].detach().numpy()
     np.testing.assert_allclose(logits, scores.detach().numpy(), atol=1e-3)
     np.testing.assert_allclose(ours, reference, atol=1e-3 * float(np.abs(reference).max()))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("test_time_flip", [False, True])
+def test_a_fine_tune_averaged_with_a_distribution_head_is_explained_with_its_tuned_map(
+    tmp_path: Path, test_time_flip: bool
+) -> None:
+    """Regression's averaged network answers ``(tuned head + distribution head) * 0.5`` (with the
+    test-time flip: over the image and its mirror image). The distribution head reads the frozen
+    embedding, not the tuned map, so the answer's Grad-CAM over the tuned map is the tuned head's
+    weights times the factors on the way, on the image's map plus the mirror image's flipped
+    back: what torch autograd gives."""
+    import copy
+
+    import torch
+
+    from components.lib.partial_finetune import _distribution_network, _standardized_head
+    from taskvision.bundle import MODEL_FILE
+    from taskvision.preprocess import preprocess_bytes
+
+    rng = np.random.default_rng(9)
+    weight = rng.standard_normal((1, backbone.FINAL_DIM)).astype(np.float32) * 0.1
+    mean = rng.random(backbone.FINAL_DIM).astype(np.float32)
+    std = (rng.random(backbone.FINAL_DIM) + 0.5).astype(np.float32)
+    pretrained = backbone.build_torch_model(num_classes=0)
+    tuned = copy.deepcopy(pretrained)
+    with torch.no_grad():
+        for parameter in tuned.blocks[6].parameters():
+            parameter.add_(0.01 * torch.randn_like(parameter))
+    torch.manual_seed(0)
+    distribution = torch.nn.Sequential(
+        torch.nn.Linear(EMBEDDING_DIM, 8), torch.nn.GELU(), torch.nn.Linear(8, 1)
+    )
+    head = _standardized_head(mean, std, weight, np.zeros(1))
+    network = _distribution_network(tuned, pretrained, head, distribution, 6, test_time_flip=test_time_flip)
+    folder = tmp_path / "averaged"
+    folder.mkdir()
+    backbone.export_onnx(network, folder / MODEL_FILE, input_size=224)
+    (folder / "bundle.json").write_text(meta_for(TaskType.REGRESSION, 1, frozen=False).to_json())
+    predictor = BundlePredictor("averaged", folder)
+    predictor.load()
+    image = _scene(random.Random(4), "disc", (80, 120))
+    (answer,) = predictor.classify([image], explain=True)
+    (plain,) = predictor.classify([image])
+    assert isinstance(answer, dict) and isinstance(plain, dict)
+    (explained,) = answer["_explanations"]
+    assert explained["id"] == "label-0" and explained["heatmap"].startswith("data:image/png;base64,")
+    assert answer["best_label"]["value"] == pytest.approx(plain["best_label"]["value"], abs=1e-3)
+
+    gradcam = explain.GradCamNetwork((folder / MODEL_FILE).read_bytes())
+    assert gradcam.mirrored is test_time_flip
+    arrays = preprocess_bytes(image, max_pixels=10**7)[0][None]
+    answers, feature_map = gradcam.run(arrays)
+    ours = explain.grad_cam(feature_map, explain.explained_rows("regression", gradcam.weight))[0, 0]
+    # torch: the same network, with the tuned map's gradient kept.
+    x = torch.from_numpy(arrays)
+    if test_time_flip:
+        x = torch.cat([x, torch.flip(x, dims=[3])])
+    with torch.no_grad():
+        trunk, parts, tap = backbone.trunk(pretrained, x, tap_block=6)
+        frozen = torch.cat(
+            [pretrained.forward_head(pretrained.bn2(pretrained.conv_head(trunk)), pre_logits=True), *parts], 1
+        )
+    activations = tuned.bn2(tuned.conv_head(tuned.blocks[6](tap)))
+    activations.retain_grad()
+    values = head(activations.mean(dim=(2, 3)))
+    if test_time_flip:
+        values, frozen = values.reshape(2, 1, 1).mean(dim=0), frozen.reshape(2, 1, -1).mean(dim=0)
+    output = (values + distribution(frozen)) * 0.5
+    output[0, 0].backward()
+    assert activations.grad is not None
+    per_copy = (activations.grad.mean(dim=(2, 3), keepdim=True) * activations).sum(dim=1).detach().numpy()
+    reference = per_copy[0] + (per_copy[1][:, ::-1] if test_time_flip else 0.0)
+    np.testing.assert_allclose(answers, output.detach().numpy(), atol=1e-3)
+    np.testing.assert_allclose(ours, reference, atol=1e-3 * float(np.abs(reference).max()))
+
+
+def _averaged_tiny_network(partner_reads_the_map: bool) -> bytes:
+    """``network_onnx``'s graph with its answer averaged with a second member: computed from the
+    image (explainable: that member has no gradient on the feature map) or from the feature map
+    itself (not explainable by the classifier's weights alone)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    model = onnx.load_model_from_string(network_onnx(2, seed=5)[0])
+    graph = model.graph
+    graph.node[-1].output[0] = "logits"
+    source = "features" if partner_reads_the_map else "input"
+    graph.initializer.append(numpy_helper.from_array(np.ones((2, 1), np.float32), "spread"))
+    graph.initializer.append(numpy_helper.from_array(np.float32(0.5), "half"))
+    graph.node.extend(
+        [
+            helper.make_node("ReduceMean", [source], ["level"], axes=[1, 2, 3], keepdims=0),
+            helper.make_node("Unsqueeze", ["level", "axis1"], ["column"]),
+            helper.make_node("MatMul", ["column", "spread_t"], ["member"]),
+            helper.make_node("Add", ["logits", "member"], ["sum"]),
+            helper.make_node("Mul", ["sum", "half"], ["output"]),
+        ]
+    )
+    graph.initializer.append(numpy_helper.from_array(np.asarray([1], np.int64), "axis1"))
+    graph.initializer.append(numpy_helper.from_array(np.ones((1, 2), np.float32), "spread_t"))
+    del graph.output[:]
+    graph.output.append(helper.make_tensor_value_info("output", TensorProto.FLOAT, ["batch", 2]))
+    onnx.checker.check_model(model)
+    return model.SerializeToString()
+
+
+def test_an_averaged_answer_is_explained_only_when_the_other_member_ignores_the_map() -> None:
+    network = explain.GradCamNetwork(_averaged_tiny_network(partner_reads_the_map=False))
+    _, params = network_onnx(2, seed=5)
+    np.testing.assert_allclose(network.weight, 0.5 * params["fc_w"], rtol=1e-6)  # the average halves it
+    assert network.logits_name == "output" and not network.mirrored
+    image = np.random.default_rng(2).standard_normal((1, 3, 224, 224)).astype(np.float32)
+    answers, feature_map = network.run(image)
+    assert answers.shape == (1, 2) and feature_map.shape == (1, 8, 14, 14)
+    with pytest.raises(ExplainUnavailableError, match="another function of the feature map"):
+        explain.GradCamNetwork(_averaged_tiny_network(partner_reads_the_map=True))
