@@ -29,9 +29,10 @@ measures the same models two ways, with the service's own code and settings
 Each model is scored two ways:
 
 1. **the service's split** (:func:`components.lib.split.split_dataset`, seed 0,
-   as the train step calls it): trained on its training side, scored on its
-   test side, once per ``--split-seeds`` seed (the inner folds and the
-   fine-tune's start): the spread of what ``bench/train.py`` can measure;
+   as the train step calls it): trained on its training side, in the order the
+   train step gets it, scored on its test side, once per ``--split-seeds`` seed
+   (the inner folds and the fine-tune's start): the spread of what
+   ``bench/train.py`` can measure; seed 0 is the train step's own;
 2. **whole-set cross-validation**: for each ``--fold-seeds`` seed,
    ``--folds``-fold cross-validation over *all* images; accuracy over all
    images, over the service's test-split images and over the others.
@@ -283,11 +284,14 @@ def main() -> None:
                 embed_views(store, rows, views, use_cache=False, max_pixels=TRAINING.max_image_pixels)
             )
     y = np.array([names.index(row.labels[0]) for row in rows])
-    test_ids = set(split.split_dataset(info, rows).test)
-    test = np.array([row.image_id in test_ids for row in rows])
+    service = split.split_dataset(info, rows)
+    test = np.isin([row.image_id for row in rows], service.test)
     groups = {"all": np.arange(len(y)), "test_split": np.flatnonzero(test), "others": np.flatnonzero(~test)}
     pretrained = backbone.build_torch_model(num_classes=0, backbone_id=plan.backbone_id)
-    train_rows, test_rows = np.flatnonzero(~test), np.flatnonzero(test)
+    # In the order the train step gets them (the split's content order): its folds follow it.
+    position = {row.image_id: index for index, row in enumerate(rows)}
+    train_rows = np.asarray([position[i] for i in service.train])
+    test_rows = np.asarray([position[i] for i in service.test])
     service_split: dict[str, dict[str, float]] = {}
     for seed in (int(s) for s in args.split_seeds.split(",")):
         answers, head = fit_and_answer(
