@@ -356,7 +356,13 @@ def running_server(workdir: Path, name: str, *, code: Path, log_level: str) -> I
     data_dir = workdir / name / "data"
     cache_dir = data_dir / "cache"
     cache_dir.mkdir(parents=True)
-    env = server_env(TASKVISION_CACHE_DIR=str(cache_dir), PYTHONUNBUFFERED="1", PYTHONPATH=str(code))
+    # The baseline's code predates 357234a: its kfp.local steps leave a folder in the temporary
+    # folder each (KFP's ``mktemp -d``). Inside the work directory they go when it does.
+    temporary = workdir / name / "tmp"
+    temporary.mkdir()
+    env = server_env(
+        TASKVISION_CACHE_DIR=str(cache_dir), PYTHONUNBUFFERED="1", PYTHONPATH=str(code), TMPDIR=str(temporary)
+    )
     with running_service(
         data_dir=data_dir, log_path=workdir / f"{name}.log", env=env, log_level=log_level, name=name, cwd=code
     ) as server:
