@@ -370,9 +370,7 @@ class GradCamNetwork:
             [self.logits_name, self.map_name], {name: arrays.astype(np.float32)}
         )
         feature_map = np.asarray(feature_map, dtype=np.float32)
-        if (
-            self.mirrored
-        ):  # the mirror image's map, flipped back, adds to the image's (Grad-CAM is linear in it)
+        if self.mirrored:  # the mirror image's map, flipped back, adds to the image's: Grad-CAM is linear
             n = len(arrays)
             if len(feature_map) != 2 * n:
                 raise ExplainUnavailableError("The network's feature map does not hold each image twice.")
@@ -436,10 +434,6 @@ class _AnswerTail:
                     "The network does not end in pooling and one linear classifier."
                 )
             tensor = node.output[0]
-        if factor <= 0.0:
-            raise ExplainUnavailableError(
-                "The answer is the classifier's output scaled by a negative number."
-            )
         return tensor, factor
 
     def _only_consumer(self, tensor: str) -> Any:
