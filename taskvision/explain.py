@@ -323,7 +323,7 @@ class GradCamNetwork:
                 tensor = node.output[0]
                 continue
             break
-        attributes = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        attributes = _attributes(node)
         if (
             node.op_type != "Gemm"
             or node.input[0] != tensor
@@ -445,10 +445,9 @@ class _AnswerTail:
     def _mirror_mean(self, reshape: Any) -> str:
         """The output of ``Reshape`` to (2, N, K) + ``ReduceMean`` over axis 0 of an image batch
         the graph doubled with its mirror images; refused otherwise."""
-        from onnx import helper
 
         mean = self._only_consumer(reshape.output[0])
-        attributes = {a.name: helper.get_attribute_value(a) for a in mean.attribute}
+        attributes = _attributes(mean)
         axes = attributes.get("axes")
         if axes is None and len(mean.input) > 1 and mean.input[1] in self.constants:
             axes = self.constants[mean.input[1]].reshape(-1).tolist()  # opset 18: axes as an input
@@ -474,13 +473,12 @@ class _AnswerTail:
 
     def _input_doubled_with_mirror(self) -> bool:
         """Whether the graph's input enters as Concat(axis 0)[input, input flipped along its width]."""
-        from onnx import helper
 
         image = self.graph.input[0].name
         for node in self.consumers.get(image, []):
             if node.op_type != "Concat" or list(node.input)[:1] != [image] or len(node.input) != 2:
                 continue
-            attributes = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+            attributes = _attributes(node)
             flipped = self.producers.get(node.input[1])
             if attributes.get("axis") != 0 or flipped is None or flipped.op_type != "Slice":
                 continue
@@ -504,12 +502,18 @@ class _AnswerTail:
         return seen
 
 
+def _attributes(node: Any) -> dict[str, Any]:
+    """An ONNX node's attributes by name, as Python values."""
+    from onnx import helper
+
+    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+
 def _concat_span(model: Any, node: Any, tensor: str) -> tuple[int, int]:
     """The columns ``tensor`` fills in the output of Concat ``node`` (along axis 1 of 2-d inputs)."""
     import onnx
-    from onnx import helper
 
-    attributes = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    attributes = _attributes(node)
     if attributes.get("axis") not in (1, -1):
         raise ExplainUnavailableError("The pooled features are concatenated along another axis.")
     inferred = onnx.shape_inference.infer_shapes(model)
