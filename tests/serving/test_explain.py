@@ -6,6 +6,7 @@ import base64
 import io
 import random
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -209,6 +210,32 @@ def test_a_fine_tuned_bundle_is_explained_with_grad_cam(tmp_path: Path) -> None:
         assert explained["heatmap"].startswith("data:image/png;base64,")
 
 
+def _served(network: Any, folder: Path, task_type: TaskType, n_labels: int) -> BundlePredictor:
+    """``network`` (a torch module: image -> answers) exported as a fine-tuned bundle in ``folder``,
+    loaded by the predictor that serves it."""
+    from taskvision.bundle import MODEL_FILE
+
+    folder.mkdir()
+    backbone.export_onnx(network, folder / MODEL_FILE, input_size=224)
+    (folder / "bundle.json").write_text(meta_for(task_type, n_labels, frozen=False).to_json())
+    predictor = BundlePredictor(folder.name, folder)
+    predictor.load()
+    return predictor
+
+
+def _tuned_copy(pretrained: Any) -> Any:
+    """A copy of ``pretrained`` whose last block (the one a partial fine-tune trains) differs from it."""
+    import copy
+
+    import torch
+
+    tuned = copy.deepcopy(pretrained)
+    with torch.no_grad():
+        for parameter in tuned.blocks[6].parameters():
+            parameter.add_(0.01 * torch.randn_like(parameter))
+    return tuned
+
+
 @pytest.mark.slow
 def test_a_partial_fine_tune_is_explained_with_grad_cam(tmp_path: Path) -> None:
     """The exported partial fine-tune standardizes the pooled features before its linear layer;
@@ -227,11 +254,7 @@ def test_a_partial_fine_tune_is_explained_with_grad_cam(tmp_path: Path) -> None:
         backbone.build_torch_model(num_classes=0), _head(weight, np.zeros(3, np.float32), mean, std)
     )
     folder = tmp_path / "partial"
-    folder.mkdir()
-    backbone.export_onnx(network, folder / MODEL_FILE, input_size=224)
-    (folder / "bundle.json").write_text(meta_for(TaskType.MULTI_CLASS, 3, frozen=False).to_json())
-    predictor = BundlePredictor("partial", folder)
-    predictor.load()
+    predictor = _served(network, folder, TaskType.MULTI_CLASS, 3)
     image = _scene(random.Random(2), "disc", (80, 120))
     (answer,) = predictor.classify([image], explain=True)
     assert isinstance(answer, dict)
@@ -278,7 +301,6 @@ def test_top_region_and_crop_box() -> None:
 def test_a_fine_tune_averaged_with_a_linear_head_is_explained_with_its_tuned_map(tmp_path: Path) -> None:
     """The averaged network's last layer reads [tuned pooled features, frozen embedding]: Grad-CAM
     of the tuned map uses that layer's columns of the tuned slice, as torch autograd says."""
-    import copy
 
     import torch
 
@@ -292,17 +314,10 @@ def test_a_fine_tune_averaged_with_a_linear_head_is_explained_with_its_tuned_map
     mean = rng.random(width).astype(np.float32)
     std = (rng.random(width) + 0.5).astype(np.float32)
     pretrained = backbone.build_torch_model(num_classes=0)
-    tuned = copy.deepcopy(pretrained)
-    with torch.no_grad():  # the tuned last block differs from the pretrained one
-        for parameter in tuned.blocks[6].parameters():
-            parameter.add_(0.01 * torch.randn_like(parameter))
+    tuned = _tuned_copy(pretrained)
     network = _ensemble_network(tuned, pretrained, _standardized_head(mean, std, weight, np.zeros(3)), 6)
     folder = tmp_path / "averaged"
-    folder.mkdir()
-    backbone.export_onnx(network, folder / MODEL_FILE, input_size=224)
-    (folder / "bundle.json").write_text(meta_for(TaskType.MULTI_CLASS, 3, frozen=False).to_json())
-    predictor = BundlePredictor("averaged", folder)
-    predictor.load()
+    predictor = _served(network, folder, TaskType.MULTI_CLASS, 3)
     image = _scene(random.Random(3), "disc", (80, 120))
     (answer,) = predictor.classify([image], explain=True)
     assert isinstance(answer, dict)
@@ -340,7 +355,6 @@ def test_a_fine_tune_averaged_with_a_distribution_head_is_explained_with_its_tun
     embedding, not the tuned map, so the answer's Grad-CAM over the tuned map is the tuned head's
     weights times the factors on the way, on the image's map plus the mirror image's flipped
     back: what torch autograd gives."""
-    import copy
 
     import torch
 
@@ -353,10 +367,7 @@ def test_a_fine_tune_averaged_with_a_distribution_head_is_explained_with_its_tun
     mean = rng.random(backbone.FINAL_DIM).astype(np.float32)
     std = (rng.random(backbone.FINAL_DIM) + 0.5).astype(np.float32)
     pretrained = backbone.build_torch_model(num_classes=0)
-    tuned = copy.deepcopy(pretrained)
-    with torch.no_grad():
-        for parameter in tuned.blocks[6].parameters():
-            parameter.add_(0.01 * torch.randn_like(parameter))
+    tuned = _tuned_copy(pretrained)
     torch.manual_seed(0)
     distribution = torch.nn.Sequential(
         torch.nn.Linear(EMBEDDING_DIM, 8), torch.nn.GELU(), torch.nn.Linear(8, 1)
@@ -364,11 +375,7 @@ def test_a_fine_tune_averaged_with_a_distribution_head_is_explained_with_its_tun
     head = _standardized_head(mean, std, weight, np.zeros(1))
     network = _distribution_network(tuned, pretrained, head, distribution, 6, test_time_flip=test_time_flip)
     folder = tmp_path / "averaged"
-    folder.mkdir()
-    backbone.export_onnx(network, folder / MODEL_FILE, input_size=224)
-    (folder / "bundle.json").write_text(meta_for(TaskType.REGRESSION, 1, frozen=False).to_json())
-    predictor = BundlePredictor("averaged", folder)
-    predictor.load()
+    predictor = _served(network, folder, TaskType.REGRESSION, 1)
     image = _scene(random.Random(4), "disc", (80, 120))
     (answer,) = predictor.classify([image], explain=True)
     (plain,) = predictor.classify([image])
