@@ -478,6 +478,18 @@ class TunedTail:
         backbone.export_onnx(network, path, input_size=input_size)
         return mean, std
 
+    def replace_head(self, weight: Array, bias: Array) -> None:
+        """A new last layer ``(W, b)`` over the same standardized features (a refit's)."""
+        head = self.tail.head
+        self.tail.head = _standardized_head(
+            head.get_buffer("mean").numpy(), head.get_buffer("std").numpy(), weight, bias
+        )
+
+    def save(self, path: Path) -> None:
+        """The tail's weights (tuned blocks, head convolution, head) as ``.npz``, by parameter name."""
+        arrays = {name: value.detach().numpy() for name, value in self.tail.state_dict().items()}
+        np.savez(path, **arrays)
+
     def export_with_distribution(
         self,
         path: Path,
@@ -497,6 +509,27 @@ class TunedTail:
             self.model, pretrained, self.tail.head, head, tap_block, test_time_flip=test_time_flip
         )
         backbone.export_onnx(network, path, input_size=input_size)
+
+
+def load_tail(pretrained: Any, plan: PartialFinetunePlan, data: bytes) -> TunedTail:
+    """A copy of ``pretrained`` with the tail :meth:`TunedTail.save` wrote (for ``plan``) in place."""
+    import io
+
+    import torch
+
+    with np.load(io.BytesIO(data)) as npz:
+        state = {name: torch.from_numpy(npz[name]) for name in npz.files}
+    model = copy.deepcopy(pretrained)
+    head = _standardized_head(
+        state["head.mean"].numpy(),
+        state["head.std"].numpy(),
+        state["head.linear.weight"].numpy(),
+        state["head.linear.bias"].numpy(),
+    )
+    tail: Any = _tail(model, plan, head)
+    tail.load_state_dict(state, strict=True)  # into model's own last blocks: the tail wraps them
+    tail.eval()
+    return TunedTail(model=model, tail=tail)
 
 
 def train_tail(

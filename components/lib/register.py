@@ -3,7 +3,8 @@
 Beside the bundle go the evaluation's per-image predictions
 (``predictions.jsonl``) and its Markdown report (``report.md``), which the
 API serves for the version (``api/services/evaluations.py``), and a partial
-fine-tune's per-image features (``tuned_features.npz``, for the next retrain).
+fine-tune's per-image features (``tuned_features.npz``) and, for a network that does not end in
+one linear layer, its tuned weights (``tuned_tail.npz``): what the next retrain refits from.
 
 ``bundle.json`` is written last: a bundle folder that has it is complete, so
 the control plane's run watcher never registers a half-written bundle.
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from components.lib.refit import FEATURES_FILE
+from components.lib.refit import RETRAIN_FILES
 from taskvision.bundle import BundleMeta
 from taskvision.storage import BlobStore
 
@@ -42,10 +43,10 @@ def register_bundle(
     if report is not None and report.is_file():
         store.put(f"{bundle_prefix}/{REPORT_FILE}", report.read_bytes(), content_type="text/markdown")
     meta.metrics = dict(metrics)
-    # A partial fine-tune's per-image features: what a later retrain refits its last layer on.
-    features = model_dir / FEATURES_FILE
-    if features.is_file():
-        store.put(f"{bundle_prefix}/{FEATURES_FILE}", features.read_bytes())
+    # A partial fine-tune's per-image features (and tuned weights): what a later retrain refits from.
+    for name in RETRAIN_FILES:
+        if (model_dir / name).is_file():
+            store.put(f"{bundle_prefix}/{name}", (model_dir / name).read_bytes())
     for name in meta.files:
         if name == meta.weights_file or (model_dir / name).is_file():  # the weights file must exist
             store.put(f"{bundle_prefix}/{name}", (model_dir / name).read_bytes())

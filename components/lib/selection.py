@@ -26,10 +26,10 @@ A retrain of a dataset that barely changed (:func:`reusable_choice`: at most
 10 % of the images new, removed or relabelled, same preset and labels) refits
 the previous version's choice instead of scoring every candidate again: a
 linear choice's head, or a partial fine-tune's last layer over its tuned
-features (:mod:`components.lib.refit`), the penalty still chosen by
-cross-validation. That is what makes a retrain take seconds (the partial
-fine-tune's candidate alone costs a minute). The bundle records it
-(``selection.reused``).
+features (:mod:`components.lib.refit`; averaged with a distribution head, that
+head too), the penalty still chosen by cross-validation. That is what makes a
+retrain take seconds (the partial fine-tune's candidate alone costs a minute).
+The bundle records it (``selection.reused``).
 """
 
 from __future__ import annotations
@@ -440,10 +440,12 @@ def reusable_choice(
     :data:`REUSE_MAX_CHANGED` of the images new, removed or relabelled since the snapshot of the
     last full selection: a linear one, or a partial fine-tune (alone or averaged with a linear
     head: one last layer either way) whose bundle kept its images' features
-    (:data:`components.lib.refit.FEATURES_FILE`). Anything else (or anything missing)
-    gives None: a full selection.
+    (:data:`components.lib.refit.FEATURES_FILE`), or a partial fine-tune averaged with a
+    distribution head whose bundle kept those and its tuned weights
+    (:data:`components.lib.refit.TAIL_FILE`). Anything else (or anything missing) gives None:
+    a full selection.
     """
-    from components.lib.refit import FEATURES_FILE
+    from components.lib.refit import FEATURES_FILE, TAIL_FILE
 
     if not previous_bundle:
         return None
@@ -451,11 +453,12 @@ def reusable_choice(
         previous = BundleMeta.from_json(store.get(f"{previous_bundle}/bundle.json"))
         chosen = previous.selection
         kind = chosen.get("kind")
+        kept = [FEATURES_FILE, TAIL_FILE] if kind == ENSEMBLE_DISTRIBUTION else [FEATURES_FILE]
         if kind == LINEAR:
             refittable = bool(previous.features)
         else:
-            refittable = kind in (PARTIAL_FINETUNE, ENSEMBLE) and store.exists(
-                f"{previous_bundle}/{FEATURES_FILE}"
+            refittable = kind in (PARTIAL_FINETUNE, *ENSEMBLES) and all(
+                store.exists(f"{previous_bundle}/{name}") for name in kept
             )
         if (
             not refittable
@@ -492,7 +495,8 @@ def reusable_choice(
 def narrowed(preset: QualityPreset, feature_ids: Sequence[str]) -> QualityPreset:
     """``preset`` with the one linear candidate ``feature_ids`` (its +hflip variant scored with it).
 
-    Nothing else: a distribution head's choice is not reused (a retrain after it is a full selection).
+    Nothing else: a distribution head alone is not reused (a retrain after it is a full selection;
+    averaged with a partial fine-tune it is refitted, ``components.lib.train``).
     """
     base = tuple(fid.removesuffix(features.HFLIP) for fid in feature_ids)
     flip = features.any_flipped(feature_ids)

@@ -12,7 +12,8 @@ Two modes:
   The winner is refitted on the whole training split. Its out-of-fold scores
   set multi_label thresholds. Seconds to a few minutes. A retrain of barely
   changed data refits the previous version's choice instead (for a partial
-  fine-tune: its last layer only, :mod:`components.lib.refit`): seconds.
+  fine-tune: its last layer only, :mod:`components.lib.refit`): seconds; averaged
+  with a distribution head (regression), that head too: about half a minute.
 * ``finetune`` (default when a GPU is present): train the whole network end
   to end with SGD, augmentation and a cosine schedule.
 
@@ -24,7 +25,8 @@ clipped to the training values' range plus a margin (``value_range``).
 The output is a model folder: ``bundle.json`` (without metrics yet),
 ``head.onnx`` + ``head.npz`` (a frozen-backbone head) or ``model.onnx`` (a
 whole network; a partial fine-tune adds ``tuned_features.npz``, what its last
-layer reads for each image), ``test_inputs.npz`` (the test split's image ids,
+layer reads for each image, and when averaged with a distribution head
+``tuned_tail.npz``, its tuned weights), ``test_inputs.npz`` (the test split's image ids,
 embeddings, last-layer features or preprocessed images, and targets) and, when
 model selection scored the
 training split, ``train_oof.npz`` (each training image's out-of-fold raw
@@ -196,6 +198,10 @@ def train_model(
         )
         if reuse is not None and reuse.kind in (selection.PARTIAL_FINETUNE, selection.ENSEMBLE):
             _refit_partial_finetune(
+                info, train_rows, test_rows, y_train, y_test, store, out_dir, config, meta, report, reuse
+            )
+        elif reuse is not None and reuse.kind == selection.ENSEMBLE_DISTRIBUTION:
+            _refit_with_distribution(
                 info, train_rows, test_rows, y_train, y_test, store, out_dir, config, meta, report, reuse
             )
         else:
@@ -690,9 +696,7 @@ def _train_partial_finetune(
     import onnx
 
     from components.lib import refit
-    from components.lib.embeddings import decode_row
     from components.lib.partial_finetune import train_tail
-    from taskvision.preprocess import resize_and_crop, to_array
 
     spec = backbone.backbone_spec(plan.backbone_id)
     pretrained = backbone.build_torch_model(num_classes=0, backbone_id=plan.backbone_id)
@@ -750,27 +754,21 @@ def _train_partial_finetune(
     meta.preprocess = preprocess_record(spec.preprocess)
     meta.training["partial_finetune"] = plan.describe()
     meta.training["head"] = setting.name
-    size = spec.preprocess.input_size
-    test_arrays = np.zeros((len(test_rows), 3, size, size), dtype=np.float32)
-    for i, row in enumerate(test_rows):
-        image = decode_row(
-            store, row, max_pixels=config.max_image_pixels, min_side=draft_side(spec.preprocess.resize_to)
-        )
-        test_arrays[i] = to_array(resize_and_crop(image, spec.preprocess), spec.preprocess)
+    test_arrays = _test_arrays(store, test_rows, spec.preprocess, config)
+    kept = refit.TunedFeatures.empty()
+    train_features = [tuned.features(data, view=view) for view in (0, 1)]
     if partner == selection.ENSEMBLE_DISTRIBUTION:
-        np.savez(
-            out_dir / TEST_INPUTS_FILE,
-            image_ids=np.asarray([row.image_id for row in test_rows]),
-            logits=refit.run_batches(backbone.onnx_session(out_dir / MODEL_FILE), test_arrays, output=0),
-            targets=y_test,
-        )
+        _save_test_outputs(out_dir, test_rows, test_arrays, y_test)
+        # What a retrain of barely changed data refits from: the tuned layer's features of the
+        # training images and the tuned weights (_refit_with_distribution).
+        kept.add([row.sha256 for row in train_rows], *train_features, exact=False)
+        kept.write(out_dir / refit.FEATURES_FILE)
+        tuned.save(out_dir / refit.TAIL_FILE)
         return
     # What the last layer reads, for every image: the evaluate step's test inputs, and what a
     # retrain of barely changed data refits that layer on (components.lib.refit).
     network = onnx.load(str(out_dir / MODEL_FILE))
     test_features = refit.run_features(refit.features_session(network), test_arrays)
-    kept = refit.TunedFeatures.empty()
-    train_features = [tuned.features(data, view=view) for view in (0, 1)]
     if ensemble:
         # The averaged network's last layer also reads the standardized frozen embedding.
         train_features = [
@@ -786,6 +784,38 @@ def _train_partial_finetune(
         out_dir / TEST_INPUTS_FILE,
         image_ids=np.asarray([row.image_id for row in test_rows]),
         features=test_features,
+        targets=y_test,
+    )
+
+
+def _test_arrays(
+    store: BlobStore, test_rows: list[ManifestRow], preprocess: PreprocessConfig, config: TrainConfig
+) -> Array:
+    """The test images, preprocessed for a whole network: (N, 3, size, size)."""
+    from components.lib.embeddings import decode_row
+    from taskvision.preprocess import resize_and_crop, to_array
+
+    size = preprocess.input_size
+    arrays = np.zeros((len(test_rows), 3, size, size), dtype=np.float32)
+    for i, row in enumerate(test_rows):
+        image = decode_row(
+            store, row, max_pixels=config.max_image_pixels, min_side=draft_side(preprocess.resize_to)
+        )
+        arrays[i] = to_array(resize_and_crop(image, preprocess), preprocess)
+    return arrays
+
+
+def _save_test_outputs(
+    out_dir: Path, test_rows: list[ManifestRow], test_arrays: Array, y_test: Array
+) -> None:
+    """The exported network's own outputs of the test images: the evaluate step's test inputs for a
+    network that does not end in one linear layer."""
+    from components.lib import refit
+
+    np.savez(
+        out_dir / TEST_INPUTS_FILE,
+        image_ids=np.asarray([row.image_id for row in test_rows]),
+        logits=refit.run_batches(backbone.onnx_session(out_dir / MODEL_FILE), test_arrays, output=0),
         targets=y_test,
     )
 
@@ -927,5 +957,181 @@ def _refit_partial_finetune(
         reuse.chosen,
         len(train_rows),
         new,
+        time.perf_counter() - started,
+    )
+
+
+def _refit_with_distribution(
+    info: DatasetInfo,
+    train_rows: list[ManifestRow],
+    test_rows: list[ManifestRow],
+    y_train: Array,
+    y_test: Array,
+    store: BlobStore,
+    out_dir: Path,
+    config: TrainConfig,
+    meta: BundleMeta,
+    report: Callable[[float, str], None],
+    reuse: selection.Reuse,
+) -> None:
+    """The previous version's tuned blocks with both members of the average refitted: the tuned
+    layer (its penalty chosen by the average's cross-validated score) and the distribution head,
+    on every training image; the network is then exported again (components.lib.refit)."""
+    from dataclasses import replace
+
+    from components.lib import refit
+    from components.lib.partial_finetune import (
+        STD_FLOOR,
+        PartialFinetunePlan,
+        compute_activations,
+        load_tail,
+    )
+
+    started = time.perf_counter()
+    logger.info(
+        "%d of %d images changed since run %s: refitting both members of its %s",
+        reuse.changed_images,
+        reuse.images,
+        reuse.run_id,
+        reuse.chosen,
+    )
+    previous = BundleMeta.from_json(store.get(f"{reuse.bundle}/bundle.json"))
+    plan = PartialFinetunePlan(**previous.training["partial_finetune"])
+    averaged = dict(previous.training["ensemble_distribution"])
+    test_time_flip = bool(averaged["test_time_flip"])
+    spec = backbone.backbone_spec(plan.backbone_id)
+    flip = config.augment == "flip"
+    pretrained = backbone.build_torch_model(num_classes=0, backbone_id=plan.backbone_id)
+    tuned = load_tail(pretrained, plan, store.get(f"{reuse.bundle}/{refit.TAIL_FILE}"))
+    kept = refit.TunedFeatures.from_bytes(store.get(f"{reuse.bundle}/{refit.FEATURES_FILE}"))
+
+    report(0.1, "computing the features of new images")
+    # The tuned layer's features of images the previous version did not train on, made as the
+    # fine-tune's own were: from the activations entering the tuned blocks (centre, mirror image).
+    new = list(
+        {
+            r.sha256: r for r in train_rows if r.sha256 not in kept.centre or r.sha256 not in kept.mirrored
+        }.values()
+    )
+    if new:
+        data, _ = compute_activations(
+            store,
+            new,
+            replace(plan, extra_views=0),
+            seed=config.seed,
+            use_cache=config.cache_embeddings,
+            max_pixels=config.max_image_pixels,
+        )
+        kept.add([r.sha256 for r in new], *(tuned.features(data, view=v) for v in (0, 1)), exact=False)
+    own = [features.feature_id(plan.backbone_id)]
+    vectors = embed_views(
+        store,
+        train_rows,
+        [(plan.backbone_id, False), (plan.backbone_id, True)],
+        use_cache=config.cache_embeddings,
+        max_pixels=config.max_image_pixels,
+    )
+
+    task_type = info.task_type
+    n_outputs = len(meta.labels)
+    y_fit = _standardized(meta, y_train)
+    scale = float(np.mean(meta.target_std))
+    every = np.arange(len(train_rows))
+    fold_groups = heads.folds(len(train_rows), max(2, min(config.cv_folds, len(train_rows))), config.seed)
+    report(0.3, "cross-validating the distribution head")
+    distribution = _score_distribution(
+        own,
+        vectors,
+        y_fit,
+        fold_groups,
+        every,
+        flip=flip,
+        test_time_flip=test_time_flip,
+        scale=scale,
+        seed=config.seed,
+    )[-1 if test_time_flip else 0]
+    assert distribution.oof is not None
+
+    report(0.6, "choosing the tuned layer's penalty by cross-validation")
+    x, x_mirror = kept.matrix(train_rows), kept.matrix(train_rows, mirrored=True)
+    cv = heads.cross_validate(
+        x,
+        y_fit,
+        task_type,
+        heads.default_grid(task_type, fixed_penalty=config.weight_decay),
+        fold_groups,
+        n_outputs=n_outputs,
+        x_mirror=x_mirror,
+        augment_with_mirror=flip,
+        std_floor=STD_FLOOR,
+    )
+    assert cv.oof_mirror is not None
+    averages = [
+        ((0.5 * (oof + mirrored) if test_time_flip else oof) + distribution.oof) * np.float32(0.5)
+        for oof, mirrored in zip(cv.oof, cv.oof_mirror, strict=True)
+    ]
+    scores = [heads.score(task_type, y_fit, average) * scale for average in averages]
+    best = int(np.argmax(scores))
+    setting = cv.settings[best]
+    chosen = selection.CandidateScore(
+        name=reuse.chosen,
+        kind=selection.ENSEMBLE_DISTRIBUTION,
+        cv_score=scores[best],
+        serving_cost=(selection.BACKBONE_COST[plan.backbone_id] + selection.ENSEMBLE_COST)
+        * (2 if test_time_flip else 1)
+        + selection.DISTRIBUTION_COST,
+        seconds=time.perf_counter() - started,
+        features=list(averaged["features"]),
+        head=distribution_head.NAME,
+        plan=plan.describe(),
+        oof=averages[best].astype(np.float32),
+        oof_rows=every,
+        setting=setting,
+    )
+
+    report(0.8, "refitting the tuned layer and the distribution head")
+    x_fit, y_all = (np.concatenate([x, x_mirror]), np.concatenate([y_fit, y_fit])) if flip else (x, y_fit)
+    tuned.replace_head(
+        *heads.fit_head(x_fit, y_all, task_type, setting, n_outputs=n_outputs, std_floor=STD_FLOOR)
+    )
+    frozen_x, frozen_y = _frozen_training_set(vectors, own, y_fit, flip=flip)
+    tuned.export_with_distribution(
+        out_dir / MODEL_FILE,
+        pretrained,
+        distribution_head.fit(frozen_x, frozen_y, seed=config.seed),
+        tap_block=plan.tap_block,
+        input_size=spec.preprocess.input_size,
+        test_time_flip=test_time_flip,
+    )
+    kept.write(out_dir / refit.FEATURES_FILE)
+    tuned.save(out_dir / refit.TAIL_FILE)
+    meta.frozen_backbone = False
+    meta.features = []
+    meta.backbone = spec.id
+    meta.input_size = spec.preprocess.input_size
+    meta.preprocess = preprocess_record(spec.preprocess)
+    meta.training["partial_finetune"] = plan.describe()
+    meta.training["head"] = setting.name
+    meta.training["ensemble_distribution"] = averaged
+    meta.training["refit"] = {"from_run": reuse.run_id, "new_images": len(new)}
+    meta.selection = selection.selection_report(
+        selection.preset(config.quality),
+        chosen,
+        [chosen],
+        metric=selection.metric_name(task_type),
+        folds=len(fold_groups),
+        scored_rows=len(train_rows),
+        skipped=[],
+        seconds=time.perf_counter() - started,
+    )
+    meta.selection["reused"] = reuse.report()
+    _keep_out_of_fold(chosen, train_rows, y_train, out_dir, meta)
+    report(0.95, "answering the test images")
+    _save_test_outputs(out_dir, test_rows, _test_arrays(store, test_rows, spec.preprocess, config), y_test)
+    logger.info(
+        "refitted %s on %d images (%d new) in %.2f s",
+        reuse.chosen,
+        len(train_rows),
+        len(new),
         time.perf_counter() - started,
     )

@@ -10,7 +10,13 @@ import pytest
 
 from components.lib import heads
 from components.lib.evaluate import evaluate_model
-from components.lib.partial_finetune import STD_FLOOR, PartialFinetunePlan, compute_activations, train_tail
+from components.lib.partial_finetune import (
+    STD_FLOOR,
+    PartialFinetunePlan,
+    compute_activations,
+    load_tail,
+    train_tail,
+)
 from components.lib.split import split_dataset
 from components.lib.train import TrainConfig, targets, train_model
 from taskvision import backbone
@@ -276,6 +282,13 @@ def test_the_exported_network_averages_the_tuned_network_and_the_distribution_he
         )
     np.testing.assert_allclose(exported, 0.5 * (tuned_alone + head_alone), atol=0.05)
     assert np.abs(tuned_alone - head_alone).min() > 1.0
+    # What a retrain rebuilds the network from: the saved tail, loaded into a copy of the
+    # pretrained model (which stays as it was), answers as the trained one.
+    tuned.save(tmp_path / "tail.npz")
+    untouched = {k: v.clone() for k, v in pretrained.state_dict().items()}
+    back = load_tail(pretrained, PLAN, (tmp_path / "tail.npz").read_bytes())
+    np.testing.assert_allclose(back.logits(data), tuned.logits(data), atol=1e-5)
+    assert all(v.equal(untouched[k]) for k, v in pretrained.state_dict().items())
 
 
 @pytest.mark.parametrize("test_time_flip", [False, True])
@@ -285,12 +298,14 @@ def test_a_fine_tune_averaged_with_the_distribution_head_serves_what_its_evaluat
     """Regression in ``balanced``: the fine-tune is averaged with the linear head, and with the
     distribution head on the centre crop or (``+hflip``) on the image and its mirror image. When
     one of the latter is chosen, the bundle is that one network; the served answers are those its
-    evaluation measured; a retrain is a full selection (no last layer to refit)."""
-    from components.lib import selection
+    evaluation measured. A retrain with 2 new images of 24 keeps the tuned blocks (no fine-tuning)
+    and refits both members on every image."""
+    from components.lib import partial_finetune, refit, selection
     from components.lib.register import register_bundle
     from taskvision.dataset import write_snapshot
 
-    store, info, rows = sizes
+    store, info, every_row = sizes
+    rows = every_row[:11] + every_row[12:23]
     monkeypatch.setitem(selection.PRESETS, "balanced", replace_plan(selection.PRESETS["balanced"]))
     choose = selection.choose
     offered: list[str] = []
@@ -357,10 +372,58 @@ def test_a_fine_tune_averaged_with_the_distribution_head_serves_what_its_evaluat
     assert metrics["mae"] < np.abs(truth - trained).mean()  # better than the training mean for everything
 
     register_bundle(tmp_path / "r1", metrics, store, "models/t/r1")
-    assert (
-        selection.reusable_choice(store, "models/t/r1", info, rows, quality="balanced", augment="flip")
-        is None
+    assert store.exists(f"models/t/r1/{refit.TAIL_FILE}") and store.exists(
+        f"models/t/r1/{refit.FEATURES_FILE}"
     )
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a refit must neither fine-tune nor select again")
+
+    monkeypatch.setattr(partial_finetune, "train_tail", refuse)
+    monkeypatch.setattr(selection, "choose", refuse)
+    write_snapshot(store, "datasets/t/r2", info, every_row)
+    trained_before = {by_id[image_id].sha256 for image_id in split.train}
+    split = split_dataset(info, every_row)
+    second = train_model(
+        info,
+        every_row,
+        split,
+        store,
+        tmp_path / "r2",
+        TrainConfig(mode="embed", previous_bundle="models/t/r1"),
+        snapshot="datasets/t/r2",
+        run_id="r2",
+    )
+    assert second.selection["reused"]["changed_images"] == 2
+    assert second.selection["kind"] == "partial_finetune+distribution"
+    assert second.selection["chosen"] == meta.selection["chosen"]
+    assert second.training["ensemble_distribution"] == meta.training["ensemble_distribution"]
+    by_id = {row.image_id: row for row in every_row}
+    trained_now = {by_id[image_id].sha256 for image_id in split.train}
+    # Features are computed for the training images the first version did not train on.
+    assert second.training["refit"] == {"from_run": "r1", "new_images": len(trained_now - trained_before)}
+    assert len(trained_now - trained_before) >= 1
+    # The tuned blocks are kept; the tuned layer is refitted.
+    tails = [np.load(tmp_path / name / refit.TAIL_FILE) for name in ("r1", "r2")]
+    blocks = [name for name in tails[0].files if not name.startswith("head.")]
+    assert blocks and all(np.array_equal(tails[0][name], tails[1][name]) for name in blocks)
+    assert not np.array_equal(tails[0]["head.linear.weight"], tails[1]["head.linear.weight"])
+    # Every training image has an out-of-fold answer of the refitted average.
+    oof = np.load(tmp_path / "r2" / "train_oof.npz")
+    assert sorted(oof["image_ids"]) == sorted(split.train)
+    # The served answers are those the evaluation measured, and better than the training mean.
+    metrics = evaluate_model(tmp_path / "r2")
+    model = BundleModel.load(tmp_path / "r2")
+    tested = [by_id[image_id] for image_id in split.test]
+    served = model.outputs(model.logits_from_arrays(np.stack([_centre(store, row) for row in tested])))
+    truth = np.array([row.values["v"] for row in tested])
+    assert metrics["mae"] == pytest.approx(float(np.abs(served[:, 0] - truth).mean()), abs=1e-3)
+    trained = np.mean([by_id[image_id].values["v"] for image_id in split.train])
+    assert metrics["mae"] < np.abs(truth - trained).mean()
+    # The new images' features are kept for the next retrain.
+    register_bundle(tmp_path / "r2", metrics, store, "models/t/r2")
+    carried = refit.TunedFeatures.from_bytes(store.get(f"models/t/r2/{refit.FEATURES_FILE}"))
+    assert {by_id[image_id].sha256 for image_id in split.train} <= set(carried.mirrored)
 
 
 def replace_plan(preset: Any) -> Any:
