@@ -15,7 +15,10 @@ in the same run and on the same photos:
    photos, so each needs embedding), each ``--repeats`` times for the
    nothing-new case.
 
-Run: ``.venv/bin/python bench/retrain.py [--quality fast] [--out bench/results/retrain.json]``.
+Run: ``.venv/bin/python bench/retrain.py [--dataset flowers] [--quality fast] [--runners warm,kfp-local]
+[--code PATH] [--out bench/results/retrain.json]``. ``--code`` runs the services on another checkout
+(a ``git worktree`` of an older commit: the same-run baseline). A regression set (``ages``) gets
+its new images' values, and each retrain's test MAE is recorded.
 """
 
 from __future__ import annotations
@@ -49,8 +52,11 @@ RUNNERS = ("warm", "kfp-local")
 TARGET_S = 3.0  # issue 13: a retrain with <= 10 new images
 
 
-def new_images(dataset: Dataset, count: int, offset: int) -> list[tuple[bytes, tuple[str, ...], None]]:
-    """``count`` images the service has not seen: mirrored, centre-cropped copies of the set's photos."""
+def new_images(
+    dataset: Dataset, count: int, offset: int
+) -> list[tuple[bytes, tuple[str, ...], float | None]]:
+    """``count`` images the service has not seen: mirrored, centre-cropped copies of the set's photos
+    (with the photo's value, for a regression set)."""
     jobs = []
     for k in range(count):
         item = dataset.items[(offset + k * 7) % len(dataset.items)]
@@ -60,14 +66,14 @@ def new_images(dataset: Dataset, count: int, offset: int) -> list[tuple[bytes, t
         dx, dy = int(w * 0.05) + (offset + k) % 3, int(h * 0.05)
         out = io.BytesIO()
         image.crop((dx, dy, w - dx, h - dy)).save(out, format="JPEG", quality=90)
-        jobs.append((out.getvalue(), item.labels, None))
+        jobs.append((out.getvalue(), item.labels, item.value))
     return jobs
 
 
 def bench_runner(runner: str, dataset: Dataset, workdir: Path, args: argparse.Namespace) -> dict[str, Any]:
     os.environ["TASKVISION_PIPELINE_RUNNER"] = runner  # server_env copies this process's environment
     params = {"quality": args.quality}
-    with running_server(workdir, runner, code=REPO_ROOT, log_level="warning") as server:
+    with running_server(workdir, runner, code=args.code, log_level="warning") as server:
         client = Client(server)
         built = upload_dataset(client, dataset, runner)
         first = train_and_wait(client, server, built.task_id, params=params)
@@ -86,6 +92,7 @@ def bench_runner(runner: str, dataset: Dataset, workdir: Path, args: argparse.Na
                     "images": len(dataset.items) + added,
                     "request_to_production_s": outcome.seconds,
                     "accuracy": outcome.metrics.get("accuracy"),
+                    "mae": outcome.metrics.get("mae"),  # regression
                     "chosen": _chosen(outcome),
                     # Refitted the previous version's choice (no new model selection), or chose anew.
                     "refitted_choice": bool(outcome.bundle_selection.get("reused")),
@@ -102,6 +109,16 @@ def bench_runner(runner: str, dataset: Dataset, workdir: Path, args: argparse.Na
     }
 
 
+def _commit(code: Path) -> str:
+    """The short commit the checkout at ``code`` is at ('+dirty' with uncommitted changes)."""
+    import subprocess
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(code), *args], capture_output=True, text=True).stdout.strip()
+
+    return git("rev-parse", "--short", "HEAD") + ("+dirty" if git("status", "--porcelain") else "")
+
+
 def _chosen(outcome: TrainOutcome) -> str:
     return str(outcome.bundle_selection.get("chosen", ""))
 
@@ -115,27 +132,32 @@ def summary(result: dict[str, Any]) -> dict[str, float]:
 
 def markdown(report: dict[str, Any]) -> str:
     results = {r["runner"]: r for r in report["runners"]}
-    warm, kfp = summary(results["warm"]), summary(results["kfp-local"])
+    medians = {runner: summary(result) for runner, result in results.items()}
+    runners = list(medians)
     lines = [
-        f"Retrain of a {report['images']}-image task ({report['dataset']}, quality `{report['quality']}`), "
-        "request -> production, median seconds:",
+        f"Retrain of a {report['images']}-image task ({report['dataset']}, quality `{report['quality']}`, "
+        f"code {report['code_commit']}), request -> production, median seconds:",
         "",
-        "| new images | warm worker | kfp.local | ratio |",
-        "|---:|---:|---:|---:|",
+        "| new images | " + " | ".join(runners) + (" | ratio |" if len(runners) == 2 else " |"),
+        "|---:|" + "---:|" * (len(runners) + (len(runners) == 2)),
     ]
-    for key in warm:
-        n = key.split("_")[1]
-        lines.append(f"| {n} | {warm[key]:.2f} | {kfp[key]:.2f} | {kfp[key] / warm[key]:.1f}x |")
+    for key in medians[runners[0]]:
+        cells = [f"{medians[runner][key]:.2f}" for runner in runners]
+        if len(runners) == 2:
+            cells.append(f"{medians[runners[1]][key] / medians[runners[0]][key]:.1f}x")
+        lines.append(f"| {key.split('_')[1]} | " + " | ".join(cells) + " |")
+    lines.append("")
     lines += [
-        "",
-        f"First training (every photo embedded): warm {results['warm']['first_training_s']:.1f} s "
-        f"(chose {results['warm']['first_training_chose']}), "
-        f"kfp.local {results['kfp-local']['first_training_s']:.1f} s "
-        f"(chose {results['kfp-local']['first_training_chose']}).",
-        f"Target: <= {TARGET_S:.0f} s with <= 10 new images: "
-        + ("met" if max(warm["new_0_median_s"], warm["new_10_median_s"]) <= TARGET_S else "NOT met")
-        + ".",
+        f"First training (every photo embedded), {runner}: {result['first_training_s']:.1f} s "
+        f"(chose {result['first_training_chose']})."
+        for runner, result in results.items()
     ]
+    first = medians[runners[0]]
+    lines.append(
+        f"Target: <= {TARGET_S:.0f} s with <= 10 new images ({runners[0]}): "
+        + ("met" if max(first["new_0_median_s"], first["new_10_median_s"]) <= TARGET_S else "NOT met")
+        + "."
+    )
     return "\n".join(lines) + "\n"
 
 
@@ -147,7 +169,20 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--quality", default="fast", choices=("fast", "balanced", "best"))
     parser.add_argument("--repeats", type=int, default=3, help="retrains with nothing new, per runner")
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "bench" / "results" / "retrain.json")
-    return parser.parse_args(argv)
+    parser.add_argument(
+        "--runners", default=",".join(RUNNERS), help=f"comma-separated, of {', '.join(RUNNERS)}"
+    )
+    parser.add_argument(
+        "--code",
+        type=Path,
+        default=REPO_ROOT,
+        help="the checkout whose code the services run (e.g. a git worktree of an older commit)",
+    )
+    args = parser.parse_args(argv)
+    args.runners = [r for r in args.runners.split(",") if r]
+    if not args.runners or any(r not in RUNNERS for r in args.runners):
+        parser.error(f"--runners: choose from {', '.join(RUNNERS)}")
+    return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -159,10 +194,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         "dataset": args.dataset,
         "images": len(dataset.items),
         "quality": args.quality,
+        "code": str(args.code),
+        "code_commit": _commit(args.code),
         "runners": [],
     }
     with tempfile.TemporaryDirectory(prefix="bench-retrain-") as tmp:
-        for runner in RUNNERS:
+        for runner in args.runners:
             report["runners"].append(bench_runner(runner, dataset, Path(tmp), args))
     report["machine"]["load_average_at_end"] = loadavg()
     write_report(report, args.out, markdown)
