@@ -353,7 +353,7 @@ def _select_and_train(
         if time.perf_counter() > deadline and candidates:
             skipped.append(distribution_head.NAME)
         else:
-            distributions = _score_distribution(
+            distributions, _ = _score_distribution(
                 linear_ids[0],
                 vectors,
                 y_fit,
@@ -488,8 +488,11 @@ def _score_distribution(
     test_time_flip: bool,
     scale: float,
     seed: int,
-) -> list[selection.CandidateScore]:
-    """A distribution head over ``feature_ids``, fitted without each of ``fold_groups`` in turn.
+    final: tuple[Array, Array] | None = None,
+) -> tuple[list[selection.CandidateScore], distribution_head.DistributionHead | None]:
+    """A distribution head over ``feature_ids``, fitted without each of ``fold_groups`` in turn
+    (side by side, :func:`distribution_head.fit_many`); with ``final`` (training rows and targets),
+    also the head fitted on those, alongside.
 
     With ``test_time_flip`` (the mirror images' vectors are at hand) the same fitted heads are
     also scored on each held-out image's centre and mirror vectors averaged (``+hflip``
@@ -502,14 +505,16 @@ def _score_distribution(
         variants.append([features.feature_spec(f + features.HFLIP).id for f in feature_ids])
     inputs = [features.assemble(vectors, ids) for ids in variants]
     oofs = [np.zeros(y.shape, dtype=np.float32) for _ in variants]
+    jobs = []
     for fold in fold_groups:
-        held = np.zeros(len(y), dtype=bool)
-        held[fold] = True
-        rest = np.flatnonzero(~held)
-        x_fit, y_fit = _frozen_training_set(
-            {view: rows[rest] for view, rows in vectors.items()}, feature_ids, y[rest], flip=flip
+        rest = np.setdiff1d(np.arange(len(y)), fold)
+        jobs.append(
+            _frozen_training_set(
+                {view: rows[rest] for view, rows in vectors.items()}, feature_ids, y[rest], flip=flip
+            )
         )
-        head = distribution_head.fit(x_fit, y_fit, seed=seed)
+    fitted = distribution_head.fit_many([*jobs, *([final] if final is not None else [])], seed=seed)
+    for fold, head in zip(fold_groups, fitted, strict=False):
         for x, oof in zip(inputs, oofs, strict=True):
             oof[fold] = head.predict(x[fold])
     seconds = time.perf_counter() - started
@@ -531,7 +536,7 @@ def _score_distribution(
                 oof_rows=scored_rows,
             )
         )
-    return results
+    return results, fitted[-1] if final is not None else None
 
 
 def _own_linear(
@@ -1038,8 +1043,8 @@ def _refit_with_distribution(
     scale = float(np.mean(meta.target_std))
     every = np.arange(len(train_rows))
     fold_groups = heads.folds(len(train_rows), max(2, min(config.cv_folds, len(train_rows))), config.seed)
-    report(0.3, "cross-validating the distribution head")
-    distribution = _score_distribution(
+    report(0.3, "training the distribution head (and cross-validating it)")
+    distributions, refitted = _score_distribution(
         own,
         vectors,
         y_fit,
@@ -1049,8 +1054,10 @@ def _refit_with_distribution(
         test_time_flip=test_time_flip,
         scale=scale,
         seed=config.seed,
-    )[-1 if test_time_flip else 0]
-    assert distribution.oof is not None
+        final=_frozen_training_set(vectors, own, y_fit, flip=flip),
+    )
+    distribution = distributions[-1 if test_time_flip else 0]
+    assert distribution.oof is not None and refitted is not None
 
     report(0.6, "choosing the tuned layer's penalty by cross-validation")
     x, x_mirror = kept.matrix(train_rows), kept.matrix(train_rows, mirrored=True)
@@ -1089,16 +1096,15 @@ def _refit_with_distribution(
         setting=setting,
     )
 
-    report(0.8, "refitting the tuned layer and the distribution head")
+    report(0.8, "refitting the tuned layer")
     x_fit, y_all = (np.concatenate([x, x_mirror]), np.concatenate([y_fit, y_fit])) if flip else (x, y_fit)
     tuned.replace_head(
         *heads.fit_head(x_fit, y_all, task_type, setting, n_outputs=n_outputs, std_floor=STD_FLOOR)
     )
-    frozen_x, frozen_y = _frozen_training_set(vectors, own, y_fit, flip=flip)
     tuned.export_with_distribution(
         out_dir / MODEL_FILE,
         pretrained,
-        distribution_head.fit(frozen_x, frozen_y, seed=config.seed),
+        refitted,
         tap_block=plan.tap_block,
         input_size=spec.preprocess.input_size,
         test_time_flip=test_time_flip,
