@@ -105,6 +105,9 @@ def bench_runner(runner: str, dataset: Dataset, workdir: Path, args: argparse.Na
         "runner": runner,
         "first_training_s": first.seconds,
         "first_training_chose": _chosen(first),
+        "first_training_metrics": {
+            k: first.metrics.get(k) for k in ("accuracy", "mae") if k in first.metrics
+        },
         "retrains": retrains,
     }
 
