@@ -503,7 +503,8 @@ class TunedTail:
         """The tuned network averaged with a distribution head on the pretrained multi-scale
         embedding (regression: both answer standardized targets), as ONNX; with
         ``test_time_flip`` over the image and its mirror image. The graph ends in the average,
-        not one linear layer: it cannot be refitted (:mod:`components.lib.refit`)."""
+        not one linear layer: a refit rebuilds it from the saved tail (:meth:`save`,
+        :func:`load_tail`) and exports it again (:mod:`components.lib.refit`)."""
         head = distribution.module()
         network = _distribution_network(
             self.model, pretrained, self.tail.head, head, tap_block, test_time_flip=test_time_flip

@@ -70,7 +70,7 @@ DISTRIBUTION = "distribution"
 DISTRIBUTION_COST = 0.02  # two small matrix products after the backbone
 # Regression only: the partial fine-tune averaged with the distribution head over the same
 # backbone's frozen multi-scale embedding, one network like ENSEMBLE (its end is not one linear
-# layer, so a retrain after it is a full selection).
+# layer: a retrain after it refits both members and exports the network again).
 ENSEMBLE_DISTRIBUTION = "partial_finetune+distribution"
 ENSEMBLES = (ENSEMBLE, ENSEMBLE_DISTRIBUTION)
 
