@@ -825,6 +825,95 @@ def _save_test_outputs(
     )
 
 
+def _tuned_layer_cv(
+    x: Array,
+    x_mirror: Array | None,
+    y_fit: Array,
+    task_type: TaskType,
+    fold_groups: Sequence[npt.NDArray[np.int64]],
+    config: TrainConfig,
+    n_outputs: int,
+) -> heads.CrossValidation:
+    """A refit's last-layer settings cross-validated on the kept features (with ``augment=flip``
+    the mirror images join each training side).
+
+    Standardized with spreads floored at the median one, as the fine-tune's own head was: a tuned
+    feature (nearly) constant on the training images would otherwise get a weight of up to 1e6
+    on raw features, and the training features (from float16 activations) differ from the
+    network's own by ~0.01, so a new image's answer flipped to the wrong label at 100 %.
+    """
+    from components.lib.partial_finetune import STD_FLOOR
+
+    return heads.cross_validate(
+        x,
+        y_fit,
+        task_type,
+        heads.default_grid(task_type, fixed_penalty=config.weight_decay),
+        fold_groups,
+        n_outputs=n_outputs,
+        x_mirror=x_mirror,
+        augment_with_mirror=config.augment == "flip",
+        std_floor=STD_FLOOR,
+    )
+
+
+def _fit_tuned_layer(
+    x: Array,
+    x_mirror: Array | None,
+    y_fit: Array,
+    task_type: TaskType,
+    setting: heads.HeadSetting,
+    n_outputs: int,
+    *,
+    flip: bool,
+) -> tuple[Array, Array]:
+    """A refit's last layer ``(W, b)`` on every training image (with ``flip``, their mirror images too)."""
+    from components.lib.partial_finetune import STD_FLOOR
+
+    x_fit, y_all = (x, y_fit)
+    if flip and x_mirror is not None:
+        x_fit, y_all = np.concatenate([x, x_mirror]), np.concatenate([y_fit, y_fit])
+    return heads.fit_head(x_fit, y_all, task_type, setting, n_outputs=n_outputs, std_floor=STD_FLOOR)
+
+
+def _record_refit(
+    meta: BundleMeta,
+    previous: BundleMeta,
+    chosen: selection.CandidateScore,
+    reuse: selection.Reuse,
+    new_images: int,
+    folds: int,
+    train_rows: list[ManifestRow],
+    y_train: Array,
+    out_dir: Path,
+    config: TrainConfig,
+    started: float,
+) -> None:
+    """What a refit of a tuned network records: the previous version's network, the refitted
+    layer's setting, the selection report of its one candidate, and its out-of-fold answers."""
+    assert chosen.setting is not None
+    meta.frozen_backbone = False
+    meta.features = []
+    meta.backbone = previous.backbone
+    meta.input_size = previous.input_size
+    meta.preprocess = previous.preprocess
+    meta.training["partial_finetune"] = chosen.plan
+    meta.training["head"] = chosen.setting.name
+    meta.training["refit"] = {"from_run": reuse.run_id, "new_images": new_images}
+    meta.selection = selection.selection_report(
+        selection.preset(config.quality),
+        chosen,
+        [chosen],
+        metric=selection.metric_name(meta.task_type),
+        folds=folds,
+        scored_rows=len(train_rows),
+        skipped=[],
+        seconds=time.perf_counter() - started,
+    )
+    meta.selection["reused"] = reuse.report()
+    _keep_out_of_fold(chosen, train_rows, y_train, out_dir, meta)
+
+
 def _refit_partial_finetune(
     info: DatasetInfo,
     train_rows: list[ManifestRow],
@@ -881,12 +970,6 @@ def _refit_partial_finetune(
     )
 
     report(0.5, "choosing the last layer's penalty by cross-validation")
-    # Standardized with spreads floored at the median one, as the fine-tune's own head was: a tuned
-    # feature (nearly) constant on the training images would otherwise get a weight of up to 1e6
-    # on raw features, and the training features (from float16 activations) differ from the
-    # network's own by ~0.01, so a new image's answer flipped to the wrong label at 100 %.
-    from components.lib.partial_finetune import STD_FLOOR
-
     task_type = info.task_type
     n_outputs = len(meta.labels)
     y_fit = _standardized(meta, y_train)
@@ -894,17 +977,7 @@ def _refit_partial_finetune(
     x = kept.matrix(train_rows)
     x_mirror = kept.matrix(train_rows, mirrored=True) if flip else None
     fold_groups = heads.folds(len(train_rows), max(2, min(config.cv_folds, len(train_rows))), config.seed)
-    cv = heads.cross_validate(
-        x,
-        y_fit,
-        task_type,
-        heads.default_grid(task_type, fixed_penalty=config.weight_decay),
-        fold_groups,
-        n_outputs=n_outputs,
-        x_mirror=x_mirror,
-        augment_with_mirror=flip,
-        std_floor=STD_FLOOR,
-    )
+    cv = _tuned_layer_cv(x, x_mirror, y_fit, task_type, fold_groups, config, n_outputs)
     scores = [heads.score(task_type, y_fit, oof) * scale for oof in cv.oof]
     best = int(np.argmax(scores))
     setting = cv.settings[best]
@@ -923,34 +996,12 @@ def _refit_partial_finetune(
     )
 
     report(0.8, "refitting the last layer")
-    x_fit, y_all = (
-        (np.concatenate([x, x_mirror]), np.concatenate([y_fit, y_fit]))
-        if x_mirror is not None
-        else (x, y_fit)
-    )
-    w, b = heads.fit_head(x_fit, y_all, task_type, setting, n_outputs=n_outputs, std_floor=STD_FLOOR)
+    w, b = _fit_tuned_layer(x, x_mirror, y_fit, task_type, setting, n_outputs, flip=flip)
     (out_dir / MODEL_FILE).write_bytes(refit.with_layer(network, serialized, w, b))
     kept.write(out_dir / refit.FEATURES_FILE)
-    meta.frozen_backbone = False
-    meta.features = []
-    meta.backbone = previous.backbone
-    meta.input_size = previous.input_size
-    meta.preprocess = previous.preprocess
-    meta.training["partial_finetune"] = chosen.plan
-    meta.training["head"] = setting.name
-    meta.training["refit"] = {"from_run": reuse.run_id, "new_images": new}
-    meta.selection = selection.selection_report(
-        selection.preset(config.quality),
-        chosen,
-        [chosen],
-        metric=selection.metric_name(task_type),
-        folds=len(fold_groups),
-        scored_rows=len(train_rows),
-        skipped=[],
-        seconds=time.perf_counter() - started,
+    _record_refit(
+        meta, previous, chosen, reuse, new, len(fold_groups), train_rows, y_train, out_dir, config, started
     )
-    meta.selection["reused"] = reuse.report()
-    _keep_out_of_fold(chosen, train_rows, y_train, out_dir, meta)
     np.savez(
         out_dir / TEST_INPUTS_FILE,
         image_ids=np.asarray([row.image_id for row in test_rows]),
@@ -985,12 +1036,7 @@ def _refit_with_distribution(
     from dataclasses import replace
 
     from components.lib import refit
-    from components.lib.partial_finetune import (
-        STD_FLOOR,
-        PartialFinetunePlan,
-        compute_activations,
-        load_tail,
-    )
+    from components.lib.partial_finetune import PartialFinetunePlan, compute_activations, load_tail
 
     started = time.perf_counter()
     logger.info(
@@ -1061,17 +1107,7 @@ def _refit_with_distribution(
 
     report(0.6, "choosing the tuned layer's penalty by cross-validation")
     x, x_mirror = kept.matrix(train_rows), kept.matrix(train_rows, mirrored=True)
-    cv = heads.cross_validate(
-        x,
-        y_fit,
-        task_type,
-        heads.default_grid(task_type, fixed_penalty=config.weight_decay),
-        fold_groups,
-        n_outputs=n_outputs,
-        x_mirror=x_mirror,
-        augment_with_mirror=flip,
-        std_floor=STD_FLOOR,
-    )
+    cv = _tuned_layer_cv(x, x_mirror, y_fit, task_type, fold_groups, config, n_outputs)
     assert cv.oof_mirror is not None
     averages = [
         ((0.5 * (oof + mirrored) if test_time_flip else oof) + distribution.oof) * np.float32(0.5)
@@ -1097,10 +1133,7 @@ def _refit_with_distribution(
     )
 
     report(0.8, "refitting the tuned layer")
-    x_fit, y_all = (np.concatenate([x, x_mirror]), np.concatenate([y_fit, y_fit])) if flip else (x, y_fit)
-    tuned.replace_head(
-        *heads.fit_head(x_fit, y_all, task_type, setting, n_outputs=n_outputs, std_floor=STD_FLOOR)
-    )
+    tuned.replace_head(*_fit_tuned_layer(x, x_mirror, y_fit, task_type, setting, n_outputs, flip=flip))
     tuned.export_with_distribution(
         out_dir / MODEL_FILE,
         pretrained,
@@ -1111,27 +1144,20 @@ def _refit_with_distribution(
     )
     kept.write(out_dir / refit.FEATURES_FILE)
     tuned.save(out_dir / refit.TAIL_FILE)
-    meta.frozen_backbone = False
-    meta.features = []
-    meta.backbone = spec.id
-    meta.input_size = spec.preprocess.input_size
-    meta.preprocess = preprocess_record(spec.preprocess)
-    meta.training["partial_finetune"] = plan.describe()
-    meta.training["head"] = setting.name
     meta.training["ensemble_distribution"] = averaged
-    meta.training["refit"] = {"from_run": reuse.run_id, "new_images": len(new)}
-    meta.selection = selection.selection_report(
-        selection.preset(config.quality),
+    _record_refit(
+        meta,
+        previous,
         chosen,
-        [chosen],
-        metric=selection.metric_name(task_type),
-        folds=len(fold_groups),
-        scored_rows=len(train_rows),
-        skipped=[],
-        seconds=time.perf_counter() - started,
+        reuse,
+        len(new),
+        len(fold_groups),
+        train_rows,
+        y_train,
+        out_dir,
+        config,
+        started,
     )
-    meta.selection["reused"] = reuse.report()
-    _keep_out_of_fold(chosen, train_rows, y_train, out_dir, meta)
     report(0.95, "answering the test images")
     _save_test_outputs(out_dir, test_rows, _test_arrays(store, test_rows, spec.preprocess, config), y_test)
     logger.info(
