@@ -303,7 +303,8 @@ class BundlePredictor(Model):
         meta = self.bundle_meta
         outputs, grids = self._outputs_and_grids(prepared)
         index = {lb["id"]: i for i, lb in enumerate(meta.labels)}
-        config = self._configs[0]
+        # The maps cover the crop the model saw; a head over several backbones: the largest of theirs.
+        config = explain.explanation_grid(self.features).config if self.head is not None else self._configs[0]
         explanations = []
         for image, row in enumerate(outputs):
             best = self.describe(row)["best_label"]
@@ -322,9 +323,8 @@ class BundlePredictor(Model):
         meta = self.bundle_meta
         task_type = str(meta.task_type)
         if self.head is not None:
-            explain.check_explainable(self.features)
             rows = explain.explained_rows(task_type, self.head.weight)
-            head_input, grids = explain.linear_head_cam(prepared.inputs[DEFAULT], self.features, rows)
+            head_input, grids = explain.linear_head_cam(prepared.inputs, self.features, rows)
             return outputs_from_logits(meta, self.head.logits(head_input)), grids
         if not meta.frozen_backbone:
             network = self._gradcam_network()

@@ -2,28 +2,35 @@
 
 **Frozen-backbone heads (CAM).** The head is linear over the backbone's
 multi-scale embedding, and every part of that embedding is a pooling of a
-feature map: the final 1280-channel map (7x7, average-pooled) and blocks 3, 4
-(14x14, averaged) and 5 (7x7, averaged and max-pooled). So a logit splits
-exactly into one contribution per image location: location (i, j) of a
-map with H x W cells contributes ``w . A[:, i, j] / (H W)`` for an averaged
-part, and the maximum of a max-pooled channel contributes ``w_k A_k`` at the
-location where it was taken. :func:`cam` adds these up on a 14x14 grid
-(a 7x7 cell is shared equally by the four 14x14 cells it covers); the grid
-sums to the logit minus the bias. The maps come from a second ONNX export of
-the same backbone that also outputs them (:func:`maps_onnx_path`), run only
-for requests that ask for explanations.
+feature map: the final 1280-channel map (7x7 for Lite0 at 224 px,
+average-pooled) and blocks 3, 4 (14x14, averaged) and 5 (7x7, averaged and
+max-pooled). So a logit splits exactly into one contribution per image
+location: location (i, j) of a map with H x W cells contributes
+``w . A[:, i, j] / (H W)`` for an averaged part, and the maximum of a
+max-pooled channel contributes ``w_k A_k`` at the location where it was taken.
+:func:`cam` adds these up on one grid over the image: each map's cells
+partition the crop the backbone saw into equal squares, and a cell's
+contribution is shared among the grid cells it overlaps, in proportion to the
+area (for Lite0 a 7x7 cell is shared equally by the four 14x14 cells it
+covers). The grid sums to the logit minus the bias. The maps come from a second
+ONNX export of the same backbone that also outputs them (:func:`maps_onnx_path`),
+run only for requests that ask for explanations.
 
 A head's input is the concatenation of its bundle's ``features``
-(:mod:`taskvision.features`); each part is a slice of the backbone's
+(:mod:`taskvision.features`); each part is a slice of a backbone's
 embedding, of the image or (``+hflip``) averaged with its mirror image's. So
-the head's weights split exactly into weights over the image's embedding and
-over the mirror image's (:func:`view_weights`), and the mirror image's map,
-flipped back, adds to the image's. Explanations cover heads over Lite0's
-features (any of its feature ids, mirrored or not, in any combination): the
-grids of Lite1 (240 px) and Lite2 (260 px) neither share Lite0's crop nor
-split evenly into one another (15 and 17 cells against 8 and 9), so a map of a
-head over them would not be exact; such a head is refused with
-:class:`~taskvision.errors.ExplainUnavailableError` (a 400).
+the head's weights split exactly into weights over each backbone's embedding
+of the image and of the mirror image (:func:`view_weights`), and the mirror
+image's map, flipped back, adds to the image's. A head over several backbones
+(Lite0, Lite1 at 240 px, Lite2 at 260 px: ``best``'s concatenations) adds each
+backbone's maps on one grid over the largest of their centre crops (Lite2's
+89 % of the shorter side against Lite0's 87.5 %; the crops share their centre,
+up to a pixel of rounding): :func:`explanation_grid` says where each
+backbone's crop lies on it and how fine it is (the finest backbone's block-3
+grid: 14, 15 or 17 cells). A cell is placed by the crop's equal partition,
+not by the convolutions' exact padding (Lite1's 8 block-5 cells at stride 32
+span 256 px of its 240), which moves a coarse cell's share by at most half a
+cell; the sums stay exact.
 
 **Fine-tuned networks (Grad-CAM).** A fine-tuned bundle's ``model.onnx`` ends
 in global average pooling and a linear classifier (timm's EfficientNet).
@@ -66,7 +73,7 @@ import base64
 import io
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -85,16 +92,16 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 Array = npt.NDArray[np.float32]
-GRID = 14  # the explanation grid: blocks 3-4 of EfficientNet-Lite0 at 224 px (16 px cells)
+GRID = 14  # the explanation grid of Lite0's features: its blocks 3-4 at 224 px (16 px cells)
 HEATMAP_SIZE = 56  # pixels of the PNG's side (the console scales it over the crop)
 MAP_NAMES = ("final", "block3", "block4", "block5")
-MAPS_BACKBONE = backbone.BACKBONE_ID  # the backbone whose maps are explained (Lite0)
+MAPS_BACKBONE = backbone.BACKBONE_ID  # the default backbone (Lite0)
 
 
 # ---- the backbone with its feature maps -------------------------------------------------------
 
 
-def build_maps_model() -> torch.nn.Module:
+def build_maps_model(backbone_id: str = MAPS_BACKBONE) -> torch.nn.Module:
     """The multi-scale embedding network that also returns the feature maps it pools."""
     import torch
 
@@ -125,18 +132,22 @@ def build_maps_model() -> torch.nn.Module:
             )
             return embedding, final, b3, b4, b5
 
-    return MultiScaleWithMaps(backbone.build_torch_model(num_classes=0)).eval()
+    return MultiScaleWithMaps(backbone.build_torch_model(num_classes=0, backbone_id=backbone_id)).eval()
 
 
-def maps_onnx_path() -> Path:
+def maps_onnx_path(backbone_id: str = MAPS_BACKBONE) -> Path:
     """The cached ONNX export of :func:`build_maps_model` (exported with torch on first use)."""
-    name = f"{backbone.EMBEDDING_ID}-maps"
-    key = backbone.export_key(f"{name}-v1", MAPS_BACKBONE, str(backbone.EMBEDDING_DIM))
+    spec = backbone.backbone_spec(backbone_id)
+    name = f"{spec.embedding_id}-maps"
+    key = backbone.export_key(f"{name}-v1", backbone_id, str(spec.embedding_dim))
     path = backbone.cache_dir() / f"{name}-{key}.onnx"
     if not path.exists():
-        logger.info("exporting %s with its feature maps to ONNX at %s (once)", backbone.EMBEDDING_ID, path)
+        logger.info("exporting %s with its feature maps to ONNX at %s (once)", spec.embedding_id, path)
         backbone.export_onnx(
-            build_maps_model(), path, input_size=DEFAULT.input_size, output_names=["embedding", *MAP_NAMES]
+            build_maps_model(backbone_id),
+            path,
+            input_size=spec.preprocess.input_size,
+            output_names=["embedding", *MAP_NAMES],
         )
     return path
 
@@ -146,7 +157,7 @@ class FeatureMaps:
     """One batch through the maps backbone: the embedding (N, D) and the maps it pools."""
 
     embeddings: Array
-    final: Array  # (N, 1280, 7, 7)
+    final: Array  # (N, 1280, 7, 7) for Lite0 at 224 px
     block3: Array  # (N, 80, 14, 14)
     block4: Array  # (N, 112, 14, 14)
     block5: Array  # (N, 192, 7, 7)
@@ -155,15 +166,18 @@ class FeatureMaps:
 class MapsBackbone:
     """The backbone export with feature maps, on ONNX Runtime (loaded on first use, thread-safe)."""
 
-    def __init__(self, session: onnxruntime.InferenceSession | None = None) -> None:
+    def __init__(
+        self, session: onnxruntime.InferenceSession | None = None, *, backbone_id: str = MAPS_BACKBONE
+    ) -> None:
         self._session = session
+        self.backbone_id = backbone_id
         self._lock = threading.Lock()
 
     @property
     def session(self) -> onnxruntime.InferenceSession:
         with self._lock:
             if self._session is None:
-                self._session = backbone.onnx_session(maps_onnx_path(), spinning=False)
+                self._session = backbone.onnx_session(maps_onnx_path(self.backbone_id), spinning=False)
             return self._session
 
     def run(self, arrays: Array) -> FeatureMaps:
@@ -177,95 +191,148 @@ _MAPS_LOCK = threading.Lock()
 
 
 def shared_maps_backbone(backbone_id: str = MAPS_BACKBONE) -> MapsBackbone:
-    """The process-wide maps backbone (only Lite0 has one; see the module docstring)."""
-    if backbone_id != MAPS_BACKBONE:
-        raise ExplainUnavailableError(f"Explanations are not available for backbone {backbone_id!r}.")
+    """The process-wide maps backbone of ``backbone_id`` (loaded on first use)."""
+    backbone.backbone_spec(backbone_id)  # a ValueError for an unknown backbone
     with _MAPS_LOCK:
         if backbone_id not in _MAPS:
-            _MAPS[backbone_id] = MapsBackbone()
+            _MAPS[backbone_id] = MapsBackbone(backbone_id=backbone_id)
         return _MAPS[backbone_id]
 
 
-def check_explainable(feature_ids: Sequence[str]) -> None:
-    """Raise :class:`ExplainUnavailableError` unless a linear head over ``feature_ids`` can be explained."""
-    others = [fid for fid in feature_ids if features.feature_spec(fid).backbone_id != MAPS_BACKBONE]
-    if others:
-        raise ExplainUnavailableError(
-            f"Explanations cover heads over {MAPS_BACKBONE} features only; this model also uses "
-            f"{', '.join(others)}."
-        )
+View = tuple[str, bool]  # (backbone id, mirrored)
 
 
-def view_weights(feature_ids: Sequence[str], weights: Array) -> dict[bool, Array]:
-    """Rows (R, D) over the concatenated ``feature_ids`` as rows over the backbone's embedding of the
-    image (``False``) and of its mirror image (``True``, only when a ``+hflip`` id needs it).
+def view_weights(feature_ids: Sequence[str], weights: Array) -> dict[View, Array]:
+    """Rows (R, D) over the concatenated ``feature_ids`` as rows over each backbone's embedding of
+    the image (``(backbone, False)``) and of its mirror image (``(backbone, True)``, only when a
+    ``+hflip`` id needs it).
 
-    ``x @ weights.T`` equals ``e @ out[False].T + e_mirrored @ out[True].T`` exactly.
+    ``x @ weights.T`` equals the sum of ``e[view] @ out[view].T`` over the views, exactly.
     """
-    dim = backbone.EMBEDDING_DIM
-    out = {False: np.zeros((weights.shape[0], dim), dtype=np.float32)}
+    out: dict[View, Array] = {}
+
+    def rows(view: View) -> Array:
+        if view not in out:
+            dim = backbone.backbone_spec(view[0]).embedding_dim
+            out[view] = np.zeros((weights.shape[0], dim), dtype=np.float32)
+        return out[view]
+
     offset = 0
     for fid in feature_ids:
         spec = features.feature_spec(fid)
         part = weights[:, offset : offset + spec.dim]
         offset += spec.dim
         if spec.hflip_mean:
-            mirrored = out.setdefault(True, np.zeros_like(out[False]))
-            out[False][:, spec.start : spec.stop] += 0.5 * part
-            mirrored[:, spec.start : spec.stop] += 0.5 * part
+            rows((spec.backbone_id, False))[:, spec.start : spec.stop] += 0.5 * part
+            rows((spec.backbone_id, True))[:, spec.start : spec.stop] += 0.5 * part
         else:
-            out[False][:, spec.start : spec.stop] += part
+            rows((spec.backbone_id, False))[:, spec.start : spec.stop] += part
     if offset != weights.shape[1]:
         raise ValueError(f"The head takes {weights.shape[1]} inputs; {list(feature_ids)} give {offset}.")
     return out
 
 
-def linear_head_cam(arrays: Array, feature_ids: Sequence[str], rows: Array) -> tuple[Array, Array]:
-    """The head input (N, D) of Lite0-preprocessed images and the maps (N, R, 14, 14) of R weight rows.
+@dataclass(frozen=True)
+class ExplanationGrid:
+    """Where a head's maps are added up: ``size`` x ``size`` cells over the centre crop of
+    ``config`` (the largest crop of the head's backbones); ``spans[b]`` is the part of that crop's
+    side, as fractions ``(start, stop)``, that backbone ``b``'s own crop covers."""
 
+    size: int
+    config: PreprocessConfig
+    spans: dict[str, tuple[float, float]]
+
+
+def explanation_grid(feature_ids: Sequence[str]) -> ExplanationGrid:
+    """The grid the maps of a head over ``feature_ids`` are added up on (see the module docstring).
+
+    Lite0's features alone: :data:`GRID` cells over Lite0's crop, as before there were several backbones.
+    """
+    configs = {b: backbone.backbone_spec(b).preprocess for b in features.backbones_needed(feature_ids)}
+    widest = max(configs.values(), key=lambda c: c.input_size / c.resize_to)
+    spans = {}
+    for b, config in configs.items():
+        share = (config.input_size / config.resize_to) / (widest.input_size / widest.resize_to)
+        spans[b] = ((1.0 - share) / 2.0, (1.0 + share) / 2.0)
+    size = max(-(-c.input_size // 16) for c in configs.values())  # blocks 3-4 have stride 16
+    return ExplanationGrid(size=size, config=widest, spans=spans)
+
+
+def linear_head_cam(
+    inputs: Array | Mapping[PreprocessConfig, Array], feature_ids: Sequence[str], rows: Array
+) -> tuple[Array, Array]:
+    """The head input (N, D) and the maps (N, R, G, G) of R weight rows, on :func:`explanation_grid`'s grid.
+
+    ``inputs`` holds the images preprocessed for each backbone the features need (keyed by its
+    :class:`~taskvision.preprocess.PreprocessConfig`), or is one array when they need one backbone.
     Each map sums to the row's product with the head input.
     """
-    check_explainable(feature_ids)
-    maps_backbone = shared_maps_backbone()
-    weights = view_weights(feature_ids, rows)
-    views = {False: maps_backbone.run(arrays)}
-    if True in weights:  # the mirror image's input is the input reversed along its width
-        views[True] = maps_backbone.run(np.ascontiguousarray(arrays[:, :, :, ::-1]))
-    head_input = features.assemble(
-        {(MAPS_BACKBONE, mirrored): maps.embeddings for mirrored, maps in views.items()}, feature_ids
-    )
-    grids = cam(views[False], weights[False])
-    if True in views:
-        grids += cam(views[True], weights[True])[:, :, :, ::-1]  # flipped back onto the image
-    return head_input, grids
+    grid = explanation_grid(feature_ids)
+    if isinstance(inputs, np.ndarray) and len(grid.spans) != 1:
+        raise ValueError(f"{list(feature_ids)} need {len(grid.spans)} preprocessings; one array was given.")
+    embeddings: dict[View, Array] = {}
+    grids = None
+    for (b, mirrored), view_rows in view_weights(feature_ids, rows).items():
+        arrays = inputs if isinstance(inputs, np.ndarray) else inputs[backbone.backbone_spec(b).preprocess]
+        if mirrored:  # the mirror image's input is the input reversed along its width
+            arrays = np.ascontiguousarray(arrays[:, :, :, ::-1])
+        maps = shared_maps_backbone(b).run(arrays)
+        embeddings[(b, mirrored)] = maps.embeddings
+        part = cam(maps, view_rows, size=grid.size, span=grid.spans[b])
+        if mirrored:  # flipped back onto the image (the span is centred, so it maps onto itself)
+            part = part[:, :, :, ::-1]
+        grids = part if grids is None else grids + part
+    assert grids is not None
+    return features.assemble(embeddings, feature_ids), np.ascontiguousarray(grids, dtype=np.float32)
 
 
 # ---- the maps of a linear head (CAM) ---------------------------------------------------------------
 
 
-def cam(maps: FeatureMaps, weights: Array) -> Array:
-    """Per-location contributions (N, R, 14, 14) to ``embedding @ weights.T`` for R weight rows (R, D).
+def share_matrix(cells: int, span: tuple[float, float], size: int) -> Array:
+    """(size, cells): the share of each of ``cells`` equal cells over ``span`` (fractions of a side)
+    that falls in each of ``size`` equal cells over the whole side; each column sums to 1."""
+    start, stop = span
+    source = np.linspace(start, stop, cells + 1)
+    target = np.linspace(0.0, 1.0, size + 1)
+    ends = np.minimum(target[1:, None], source[None, 1:])
+    overlap = ends - np.maximum(target[:-1, None], source[None, :-1])
+    return (np.clip(overlap, 0.0, None) / np.diff(source)[None, :]).astype(np.float32)
 
-    Each grid sums to the corresponding product (the logit without its bias).
+
+def cam(
+    maps: FeatureMaps, weights: Array, *, size: int = GRID, span: tuple[float, float] = (0.0, 1.0)
+) -> Array:
+    """Per-location contributions (N, R, size, size) to ``embedding @ weights.T`` for R weight rows (R, D).
+
+    Each map's cells cover ``span`` of the grid's side (all of it by default) and share their
+    contributions among the grid cells they overlap. Each grid sums to the corresponding product
+    (the logit without its bias).
     """
-    n = maps.final.shape[0]
+    n, r = maps.final.shape[0], weights.shape[0]
     c_final, c3, c4, c5 = (m.shape[1] for m in (maps.final, maps.block3, maps.block4, maps.block5))
     w_final, w3, w4, w5_mean, w5_max = np.split(
         weights.astype(np.float32), np.cumsum([c_final, c3, c4, c5, c5])[:-1], axis=1
     )
-    coarse = np.einsum("rk,nkij->nrij", w_final, maps.final) / 49.0
-    coarse += np.einsum("rk,nkij->nrij", w5_mean, maps.block5) / 49.0
+
+    def averaged(w: Array, feature_map: Array) -> Array:  # (N, R, H, W)
+        h, w_ = feature_map.shape[2:]
+        return np.einsum("rk,nkij->nrij", w, feature_map) / np.float32(h * w_)
+
     # Max-pooled block 5: channel k's maximum is taken at one location; its whole term goes there.
+    block5 = averaged(w5_mean, maps.block5)
     flat = maps.block5.reshape(n, c5, -1)
     where = flat.argmax(axis=2)  # (N, C5)
     peak = np.take_along_axis(flat, where[:, :, None], axis=2)[:, :, 0]  # (N, C5)
     for image in range(n):
         contribution = w5_max * peak[image][None, :]  # (R, C5)
-        np.add.at(coarse[image].reshape(weights.shape[0], -1).T, where[image], contribution.T)
-    fine = np.einsum("rk,nkij->nrij", w3, maps.block3) / 196.0
-    fine += np.einsum("rk,nkij->nrij", w4, maps.block4) / 196.0
-    fine += np.repeat(np.repeat(coarse, 2, axis=2), 2, axis=3) / 4.0
-    return fine.astype(np.float32)
+        np.add.at(block5[image].reshape(r, -1).T, where[image], contribution.T)
+    out = np.zeros((n, r, size, size), dtype=np.float32)
+    for part in (averaged(w_final, maps.final), block5, averaged(w3, maps.block3), averaged(w4, maps.block4)):
+        down = share_matrix(part.shape[2], span, size)
+        across = share_matrix(part.shape[3], span, size)
+        out += np.einsum("ti,nrij,uj->nrtu", down, part, across)
+    return out
 
 
 def explained_rows(task_type: str, weight: Array) -> Array:

@@ -169,6 +169,122 @@ def test_cam_splits_each_logit_exactly_over_the_image() -> None:
     grids = explain.cam(maps, weights)
     assert grids.shape == (2, 3, 14, 14)
     np.testing.assert_allclose(grids.sum(axis=(2, 3)), embedding @ weights.T, rtol=1e-4, atol=1e-3)
+    # Lite0's grids nest: each 7x7 cell's share goes to the four 14x14 cells it covers, a quarter each.
+    w_final, w3, w4, w5_mean, w5_max = np.split(weights, np.cumsum([1280, 80, 112, 192, 192])[:-1], axis=1)
+    coarse = (
+        np.einsum("rk,nkij->nrij", w_final, maps.final) / 49
+        + np.einsum("rk,nkij->nrij", w5_mean, maps.block5) / 49
+    )
+    for n in range(2):
+        for k in range(192):
+            i, j = np.unravel_index(int(maps.block5[n, k].argmax()), (7, 7))
+            coarse[n, :, i, j] += w5_max[:, k] * maps.block5[n, k].max()
+    fine = (np.einsum("rk,nkij->nrij", w3, maps.block3) + np.einsum("rk,nkij->nrij", w4, maps.block4)) / 196
+    expected = fine + np.repeat(np.repeat(coarse, 2, axis=2), 2, axis=3) / 4
+    np.testing.assert_allclose(grids, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_cam_shares_cells_that_do_not_nest_by_their_area() -> None:
+    """Lite2's maps at 260 px (17x17 and 9x9 cells) on a 17-cell grid where its crop covers the
+    middle 96 %: every logit still splits exactly, and a cell's share lands where the cell is."""
+    rng = np.random.default_rng(1)
+    channels = (1280, 88, 120, 208)
+    maps = explain.FeatureMaps(
+        embeddings=np.zeros((1, 0), np.float32),
+        final=rng.random((1, 1280, 9, 9), dtype=np.float32),
+        block3=rng.random((1, 88, 17, 17), dtype=np.float32),
+        block4=rng.random((1, 120, 17, 17), dtype=np.float32),
+        block5=rng.random((1, 208, 9, 9), dtype=np.float32),
+    )
+    embedding = np.concatenate(
+        [m.mean(axis=(2, 3)) for m in (maps.final, maps.block3, maps.block4, maps.block5)]
+        + [maps.block5.max(axis=(2, 3))],
+        axis=1,
+    )
+    weights = rng.standard_normal((2, sum(channels) + 208)).astype(np.float32)
+    grids = explain.cam(maps, weights, size=17, span=(0.02, 0.98))
+    assert grids.shape == (1, 2, 17, 17)
+    np.testing.assert_allclose(grids.sum(axis=(2, 3)), embedding @ weights.T, rtol=1e-4, atol=1e-3)
+    assert np.all(grids[0, :, 0, :] != 0)  # the crop's first cells reach into the grid's first row
+
+    # One activation in final cell (2, 6) of 9: it covers [0.02 + 0.96 * 2 / 9, 0.02 + 0.96 * 3 / 9)
+    # = [0.233, 0.340) down and [0.660, 0.767) across: grid rows 3-5 and columns 11-13 of 17.
+    lone = explain.FeatureMaps(
+        embeddings=maps.embeddings,
+        final=np.zeros_like(maps.final),
+        block3=np.zeros_like(maps.block3),
+        block4=np.zeros_like(maps.block4),
+        block5=np.zeros_like(maps.block5),
+    )
+    lone.final[0, 0, 2, 6] = 81.0
+    only_final = np.zeros_like(weights)
+    only_final[:, 0] = 1.0
+    grid = explain.cam(lone, only_final, size=17, span=(0.02, 0.98))[0, 0]
+    assert grid.sum() == pytest.approx(1.0, rel=1e-5)
+    rows, cols = np.nonzero(grid)
+    assert set(rows) == {3, 4, 5} and set(cols) == {11, 12, 13}
+
+
+def test_share_matrix() -> None:
+    np.testing.assert_allclose(explain.share_matrix(14, (0.0, 1.0), 14), np.eye(14), atol=1e-6)
+    shares = explain.share_matrix(8, (0.0045, 0.9955), 17)
+    assert shares.shape == (17, 8)
+    np.testing.assert_allclose(shares.sum(axis=0), 1.0, rtol=1e-5)
+    assert shares[0, 0] > 0 and shares[16, 7] > 0 and shares[16, 0] == 0
+
+
+@pytest.mark.slow
+def test_a_head_over_lite1_and_lite2_peaks_on_the_object(tmp_path: Path) -> None:
+    """``best``'s heads over other backbones are explained too: each backbone's maps on one grid
+    over the largest crop (Lite2's), the mirror image's flipped back; the peak is on the object."""
+    from components.lib.heads import LOGISTIC, HeadSetting, fit_head
+    from serving.extractors import Extractors
+    from taskvision import features
+    from taskvision.preprocess import preprocess_bytes
+
+    lite1, lite2 = (backbone.backbone_spec(b) for b in list(backbone.BACKBONES)[1:])
+    fids = [features.feature_id(lite1.id), features.feature_id(lite2.id, hflip=True)]
+    rng = random.Random(3)
+    kinds = [("disc", "square", None)[i % 3] for i in range(90)]
+    images = [_scene(rng, kind, _centre(rng)) for kind in kinds]
+
+    def inputs(data: list[bytes]) -> dict[Any, np.ndarray]:
+        return {
+            spec.preprocess: np.stack(
+                [preprocess_bytes(d, max_pixels=10**7, config=spec.preprocess)[0] for d in data]
+            )
+            for spec in (lite1, lite2)
+        }
+
+    embeddings = Extractors().embed(fids, inputs(images))
+    weight, bias = fit_head(
+        embeddings, np.asarray([i % 3 for i in range(90)]), TaskType.MULTI_CLASS, HeadSetting(LOGISTIC, 0.1),
+        n_outputs=3,
+    )  # fmt: skip
+    write_head_bundle(tmp_path / "two", weight=weight, bias=bias, features=fids)
+    predictor = BundlePredictor("two", tmp_path / "two")
+    predictor.load()
+    check = random.Random(12)
+    # Off the vertical centre line, where the object and its mirror place are far apart.
+    cases = [
+        (kind, (check.choice([check.randrange(50, 80), check.randrange(145, 175)]), check.randrange(50, 175)))
+        for kind in ("disc", "square")
+        for _ in range(4)
+    ]
+    scenes = [_scene(check, kind, centre) for kind, centre in cases]
+    answers = predictor.classify(scenes, explain=True)
+    for (kind, (x, y)), answer, plain in zip(cases, answers, predictor.classify(scenes), strict=True):
+        assert isinstance(answer, dict) and isinstance(plain, dict)
+        assert answer["best_label"]["name"] == ("label 0" if kind == "disc" else "label 1")
+        assert answer["best_label"]["prob"] == pytest.approx(plain["best_label"]["prob"], abs=1e-4)
+        (explained,) = answer["_explanations"]
+        assert explained["heatmap_box"] == [round(v) for v in explain.crop_box(SIZE, SIZE, lite2.preprocess)]
+        px, py = _peak(answer)
+        assert abs(px - x) <= 32 and abs(py - y) <= 32, (kind, (x, y), (px, py))
+    head_input, grids = explain.linear_head_cam(inputs(scenes), fids, weight)
+    assert grids.shape == (8, 3, 17, 17)
+    np.testing.assert_allclose(head_input, Extractors().embed(fids, inputs(scenes)), atol=2e-4)
+    np.testing.assert_allclose(grids.sum(axis=(2, 3)), head_input @ weight.T, rtol=1e-4, atol=1e-3)
 
 
 def test_grad_cam_of_a_network_equals_torch_autograd(tmp_path: Path) -> None:

@@ -10,8 +10,7 @@ import pytest
 from serving.extractors import Extractors
 from serving.model import BundlePredictor
 from serving.repository import BundleRepository
-from taskvision import explain, features
-from taskvision.errors import ExplainUnavailableError
+from taskvision import backbone, explain, features
 from taskvision.inference import BundleModel
 from taskvision.preprocess import DEFAULT, preprocess_bytes
 from tests.support.bundles import write_head_bundle
@@ -46,15 +45,20 @@ def test_a_head_over_two_backbones_and_a_mirror_image_is_served_from_the_bank(tm
         assert _probabilities(answer, 4) == pytest.approx(row.tolist(), abs=1e-4)
 
 
-def test_a_head_over_another_backbone_is_served_but_not_explained(tmp_path: Path) -> None:
+def test_a_head_over_another_backbone_is_served_and_explained(tmp_path: Path) -> None:
     write_head_bundle(tmp_path / "lite1", n_labels=3, seed=4, features=[features.feature_id(LITE1)])
     predictor = BundlePredictor("lite1", tmp_path / "lite1")
     predictor.load()
     assert predictor.head is not None
     (answer,) = predictor.classify(IMAGES[:1])
     assert _probabilities(answer, 3) == pytest.approx(_evaluated(tmp_path / "lite1", IMAGES[:1])[0], abs=1e-4)
-    with pytest.raises(ExplainUnavailableError, match=LITE1):
-        predictor.classify(IMAGES[:1], explain=True)
+    (explained,) = predictor.classify(IMAGES[:1], explain=True)
+    assert _probabilities(explained, 3) == pytest.approx(_probabilities(answer, 3), abs=1e-4)
+    assert isinstance(explained, dict)
+    (heat,) = explained["_explanations"]
+    lite1 = backbone.backbone_spec(LITE1).preprocess
+    box = explain.crop_box(explained["_width"], explained["_height"], lite1)
+    assert heat["heatmap_box"] == [round(v) for v in box]
 
 
 def test_an_unknown_feature_fails_at_load(tmp_path: Path) -> None:
