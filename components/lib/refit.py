@@ -15,8 +15,9 @@ replaced, so the network's answers are exactly ``features @ W.T + b``.
 The features of each image go into the bundle as ``tuned_features.npz``
 (:data:`FEATURES_FILE`: the images' sha256, centre-crop features as float32
 and mirror-image ones as float16, about 7.5 KB an image), written by the full
-fine-tune and carried forward, with the new images', by each refit: a refit
-computes features only for images the previous version did not have. The
+fine-tune and carried forward, with the new images' and without those no
+longer in the dataset, by each refit: a refit computes features only for
+images the previous version did not have. The
 training images' come from the float16 activations the fine-tune trained on
 (within about 1 % of the exported network's); a test image's must be the
 network's own (``exact``), since the evaluation's metrics are computed from
@@ -38,7 +39,7 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -229,6 +230,16 @@ class TunedFeatures:
                 self.exact.add(sha)
             else:
                 self.exact.discard(sha)
+
+    def keep_only(self, shas: Iterable[str]) -> int:
+        """Forget the images not in ``shas`` (removed from the dataset); how many were forgotten."""
+        wanted = set(shas)
+        gone = [sha for sha in self.centre if sha not in wanted]
+        for sha in gone:
+            del self.centre[sha]
+            self.mirrored.pop(sha, None)
+            self.exact.discard(sha)
+        return len(gone)
 
     def write(self, path: Path) -> None:
         shas = sorted(self.centre)

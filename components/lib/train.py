@@ -998,6 +998,7 @@ def _refit_partial_finetune(
     report(0.8, "refitting the last layer")
     w, b = _fit_tuned_layer(x, x_mirror, y_fit, task_type, setting, n_outputs, flip=flip)
     (out_dir / MODEL_FILE).write_bytes(refit.with_layer(network, serialized, w, b))
+    kept.keep_only(row.sha256 for row in [*train_rows, *test_rows])  # not the removed images'
     kept.write(out_dir / refit.FEATURES_FILE)
     _record_refit(
         meta, previous, chosen, reuse, new, len(fold_groups), train_rows, y_train, out_dir, config, started
@@ -1142,6 +1143,7 @@ def _refit_with_distribution(
         input_size=spec.preprocess.input_size,
         test_time_flip=test_time_flip,
     )
+    kept.keep_only(row.sha256 for row in [*train_rows, *test_rows])  # not the removed images'
     kept.write(out_dir / refit.FEATURES_FILE)
     tuned.save(out_dir / refit.TAIL_FILE)
     meta.training["ensemble_distribution"] = averaged

@@ -225,6 +225,12 @@ def test_a_retrain_of_barely_changed_data_refits_the_tuned_networks_last_layer(
     assert largest[1] <= 10 * largest[0], (
         f"largest weight {largest[1]:.4g}, the first version's {largest[0]:.4g}"
     )
+    # An image removed again (one change since r1's selection): the next refit forgets its features.
+    third, _ = training("r3", rows[:23], previous="models/t/r2")
+    assert third.selection["reused"]["changed_images"] == 1
+    assert third.training["refit"] == {"from_run": "r2", "new_images": 0}
+    carried = refit.TunedFeatures.from_bytes(store.get(f"models/t/r3/{refit.FEATURES_FILE}"))
+    assert set(carried.centre) == {row.sha256 for row in rows[:23]}
 
 
 @pytest.fixture(scope="module")
