@@ -30,7 +30,7 @@ ends in the average of two members, not in one layer. Its bundle keeps the train
 features of the tuned layer and the tuned tail's weights (:data:`TAIL_FILE`); a refit keeps
 the tuned blocks, refits the tuned layer (its penalty chosen by the average's cross-validated
 score) and the distribution head on every training image, and exports the network again
-(``components.lib.train._refit_with_distribution``): 35 s for the 1,500 faces of ``ages``
+(``components.lib.train._refit_with_distribution``): 28 s for the 1,500 faces of ``ages``
 against 89 s for the full selection, which fine-tunes twice (README, Retrain).
 """
 
