@@ -25,6 +25,9 @@ measures the same models two ways, with the service's own code and settings
   (``partial_finetune+linear[lite1]``): an ensemble of two different
   backbones, which the service does not build (one network serves Lite0's
   fine-tune and its linear head); measured here to see whether it is worth building.
+  A name with ``@224`` (``lite1@224``) feeds that backbone Lite0's own input (the
+  224 px crop) instead of its native size: what one network with one input
+  could run beside the fine-tune;
 
 Each model is scored two ways:
 
@@ -41,7 +44,7 @@ Run it by hand (not collected by pytest; about 4 minutes for the flowers on 2 co
 
     OMP_WAIT_POLICY=PASSIVE .venv/bin/python bench/whole_set_cv.py --dataset flowers \\
         [--quality balanced] [--split-seeds 0,1,2,3,4] [--fold-seeds 1000,1001,1002] [--folds 5] \\
-        [--partners lite1,lite1+lite2]
+        [--partners lite1,lite1+lite2,lite1@224]
 
 Results: Markdown on stdout, JSON in ``--out`` (default
 ``bench/results/whole_set_cv_<dataset>[_<quality>][_partners].json``); progress on stderr.
@@ -58,6 +61,7 @@ import statistics
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -68,11 +72,12 @@ import numpy as np
 from _common import DATASETS_ROOT, git_state, init_script, machine_info, write_report
 
 from components.lib import heads, selection, split
-from components.lib.embeddings import View, embed_views
+from components.lib.embeddings import View, batches_of_images, embed_views, mirror
 from components.lib.partial_finetune import PartialFinetunePlan, compute_activations, train_tail
 from components.lib.train import TrainConfig, start_head
 from taskvision import backbone, features
 from taskvision.dataset import DatasetInfo, LabelInfo, ManifestRow
+from taskvision.preprocess import DEFAULT, draft_side, resize_and_crop, to_array
 from taskvision.storage import LocalBlobStore
 from taskvision.task_types import TaskType
 
@@ -82,24 +87,62 @@ logger = logging.getLogger("bench.whole_set_cv")
 RESULTS = Path(__file__).resolve().parent / "results"
 TRAINING = TrainConfig()  # the train step's defaults: its cv_folds, seed and max_image_pixels
 MODELS = ("linear", "partial_finetune", "partial_finetune+linear")
-Partner = tuple[str, ...]  # backbone ids whose multi-scale embeddings a partner linear head reads
+# The embeddings a partner linear head reads: backbone ids, each optionally with "@<px>" (that
+# backbone fed Lite0's preprocessing at <px> instead of its own input; see the module docstring).
+Partner = tuple[str, ...]
+AT = "@"
 
 
 def parse_partners(text: str) -> list[Partner]:
-    """``lite1,lite1+lite2`` -> [(Lite1's id,), (Lite1's id, Lite2's id)]."""
+    """``lite1,lite1+lite2,lite1@224`` -> [(Lite1's id,), (Lite1's id, Lite2's id), (Lite1's id@224,)]."""
     by_short = {selection.short_name([b]): b for b in backbone.BACKBONES}
     partners = []
     for part in filter(None, (p.strip() for p in text.split(","))):
-        names = part.split("+")
-        unknown = [n for n in names if n not in by_short]
+        names = [n.partition(AT) for n in part.split("+")]
+        unknown = [n for n, _, _ in names if n not in by_short]
         if unknown:
             sys.exit(f"unknown backbone {unknown[0]!r} in --partners (known: {', '.join(by_short)})")
-        partners.append(tuple(by_short[n] for n in names))
+        odd = [size for _, at, size in names if at and not size.isdigit()]
+        if odd:
+            sys.exit(f"{AT}{odd[0]} in --partners: give the input size in pixels (e.g. lite1@224)")
+        partners.append(tuple(by_short[n] + at + size for n, at, size in names))
     return partners
 
 
+def base_id(embedding: str) -> str:
+    """The backbone id of a partner's embedding name (``<id>`` or ``<id>@<px>``)."""
+    return embedding.partition(AT)[0]
+
+
 def partner_name(partner: Partner) -> str:
-    return "+".join(selection.short_name([b]) for b in partner)
+    return "+".join(
+        selection.short_name([base_id(b)]) + b.partition(AT)[1] + b.partition(AT)[2] for b in partner
+    )
+
+
+def embed_at(
+    store: LocalBlobStore, rows: list[ManifestRow], embedding: str, folder: Path
+) -> dict[View, np.ndarray]:
+    """``<id>@<px>``'s embeddings of ``rows`` and of their mirror images: the backbone's multi-scale
+    embedding network (exported to ONNX for that input size) on Lite0's preprocessing at ``px``."""
+    size = int(embedding.partition(AT)[2])
+    config = replace(DEFAULT, input_size=size, crop_pct=size / DEFAULT.resize_to)
+    path = folder / f"{selection.short_name([base_id(embedding)])}-{size}.onnx"
+    backbone.export_onnx(backbone.build_embedding_model(base_id(embedding)), path, input_size=size)
+    session = backbone.onnx_session(path)
+    arrays = []
+    for _, images in batches_of_images(
+        store, rows, max_pixels=TRAINING.max_image_pixels, min_side=draft_side(config.resize_to)
+    ):
+        arrays.append(np.stack([to_array(resize_and_crop(image, config), config) for image in images]))
+    centre = np.concatenate(arrays)
+
+    def run(batch: np.ndarray) -> np.ndarray:
+        return np.concatenate(
+            [session.run(None, {"input": batch[i : i + 32]})[0] for i in range(0, len(batch), 32)]
+        )
+
+    return {(embedding, False): run(centre), (embedding, True): run(mirror(centre))}
 
 
 def model_names(partners: list[Partner]) -> list[str]:
@@ -149,7 +192,7 @@ def fit_linear(
     centre = np.concatenate([embeddings[(b, False)] for b in partner], axis=1)
     mirrored = np.concatenate([embeddings[(b, True)] for b in partner], axis=1)
     (linear,) = selection.score_linear(
-        task, y[rest], 1.0, [features.feature_id(b) for b in partner], centre[rest], mirrored[rest],
+        task, y[rest], 1.0, [features.feature_id(base_id(b)) for b in partner], centre[rest], mirrored[rest],
         heads.folds(len(rest), TRAINING.cv_folds, seed), heads.default_grid(task), n_outputs=n_outputs,
         augment_with_mirror=True, test_time_flip=False, scored_rows=np.arange(len(rest)),
     )  # fmt: skip
@@ -278,11 +321,14 @@ def main() -> None:
             store, rows, plan, seed=TRAINING.seed, use_cache=False, max_pixels=TRAINING.max_image_pixels
         )
         others = sorted({b for partner in partners for b in partner} - {plan.backbone_id})
-        if others:
-            views = [(b, mirrored) for b in others for mirrored in (False, True)]
+        native = [b for b in others if AT not in b]
+        if native:
+            views = [(b, mirrored) for b in native for mirrored in (False, True)]
             embeddings.update(
                 embed_views(store, rows, views, use_cache=False, max_pixels=TRAINING.max_image_pixels)
             )
+        for embedding in (b for b in others if AT in b):
+            embeddings.update(embed_at(store, rows, embedding, Path(tmp)))
     y = np.array([names.index(row.labels[0]) for row in rows])
     service = split.split_dataset(info, rows)
     test = np.isin([row.image_id for row in rows], service.test)
