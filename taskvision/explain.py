@@ -329,9 +329,12 @@ def cam(
         np.add.at(block5[image].reshape(r, -1).T, where[image], contribution.T)
     out = np.zeros((n, r, size, size), dtype=np.float32)
     for part in (averaged(w_final, maps.final), block5, averaged(w3, maps.block3), averaged(w4, maps.block4)):
+        if part.shape[2:] == (size, size) and span == (0.0, 1.0):  # the grid's own cells
+            out += part
+            continue
         down = share_matrix(part.shape[2], span, size)
         across = share_matrix(part.shape[3], span, size)
-        out += np.einsum("ti,nrij,uj->nrtu", down, part, across)
+        out += down @ part @ across.T  # (T, H) @ (N, R, H, W) @ (W, U)
     return out
 
 
