@@ -13,8 +13,8 @@ partial fine-tune (README, "Quality presets").
 
 Fitting is cheap per step but many steps: on this 2-core machine one fit on 1,600 rows took 9.9 s
 with one torch thread and 11.6 s with two (the matrices are too small to share), and two fits on
-one thread each, side by side in two Python threads, took 9.9 s together (6.5 s each since the
-optimizer is torch's fused AdamW). So :func:`fit_many`
+one thread each, side by side in two Python threads, took 9.9 s together (one fit alone: 6.5 s
+since the optimizer is torch's fused AdamW). So :func:`fit_many`
 runs the train step's several fits (cross-validation folds, the final head) that way, each with
 its own random generator (initial weights, dropout, batch order): a fit's result does not depend
 on what runs beside it.
