@@ -43,6 +43,23 @@ def _centre(rng: random.Random) -> tuple[int, int]:
     return rng.randrange(50, 175), rng.randrange(50, 175)
 
 
+def _training_scenes() -> tuple[list[bytes], np.ndarray]:
+    """90 scenes, discs, squares and empty ones in turn (labels 0, 1, 2), anywhere in the crop."""
+    rng = random.Random(3)
+    labels = np.arange(90) % 3
+    return [_scene(rng, ("disc", "square", None)[label], _centre(rng)) for label in labels], labels
+
+
+def _off_centre_cases(rng: random.Random) -> list[tuple[str, tuple[int, int]]]:
+    """Four discs and four squares off the vertical centre line, where the object and its mirror
+    place are far apart."""
+    return [
+        (kind, (rng.choice([rng.randrange(50, 80), rng.randrange(145, 175)]), rng.randrange(50, 175)))
+        for kind in ("disc", "square")
+        for _ in range(4)
+    ]
+
+
 def _peak(record: dict[str, object]) -> tuple[float, float]:
     """Where the heat map PNG is brightest, in the image's pixels."""
     (explained,) = record["_explanations"]  # type: ignore[misc]
@@ -66,16 +83,10 @@ def shapes_head(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from components.lib.heads import LOGISTIC, HeadSetting, fit_head
     from taskvision.preprocess import preprocess_bytes
 
-    rng = random.Random(3)
-    images, labels = [], []
-    for i in range(90):
-        images.append(_scene(rng, ("disc", "square", None)[i % 3], _centre(rng)))
-        labels.append(i % 3)
+    images, labels = _training_scenes()
     arrays = np.stack([preprocess_bytes(data, max_pixels=10**7)[0] for data in images])
     embeddings = shared_embedder().embed_arrays(arrays)
-    weight, bias = fit_head(
-        embeddings, np.asarray(labels), TaskType.MULTI_CLASS, HeadSetting(LOGISTIC, 0.1), n_outputs=3
-    )
+    weight, bias = fit_head(embeddings, labels, TaskType.MULTI_CLASS, HeadSetting(LOGISTIC, 0.1), n_outputs=3)
     directory = tmp_path_factory.mktemp("explain") / "shapes"
     write_head_bundle(directory, weight=weight, bias=bias)
     return directory
@@ -119,12 +130,7 @@ def test_a_head_over_mirrored_features_peaks_on_the_object(shapes_head: Path, tm
     predictor = BundlePredictor("mirrored", tmp_path / "mirrored")
     predictor.load()
     rng = random.Random(12)
-    # Off the vertical centre line, where the object and its mirror place are far apart.
-    cases = [
-        (kind, (rng.choice([rng.randrange(50, 80), rng.randrange(145, 175)]), rng.randrange(50, 175)))
-        for kind in ("disc", "square")
-        for _ in range(4)
-    ]
+    cases = _off_centre_cases(rng)
     answers = predictor.classify([_scene(rng, kind, centre) for kind, centre in cases], explain=True)
     for (kind, (x, y)), answer in zip(cases, answers, strict=True):
         assert isinstance(answer, dict)
@@ -244,9 +250,7 @@ def test_a_head_over_lite1_and_lite2_peaks_on_the_object(tmp_path: Path) -> None
 
     lite1, lite2 = (backbone.backbone_spec(b) for b in list(backbone.BACKBONES)[1:])
     fids = [features.feature_id(lite1.id), features.feature_id(lite2.id, hflip=True)]
-    rng = random.Random(3)
-    kinds = [("disc", "square", None)[i % 3] for i in range(90)]
-    images = [_scene(rng, kind, _centre(rng)) for kind in kinds]
+    images, labels = _training_scenes()
 
     def inputs(data: list[bytes]) -> dict[Any, np.ndarray]:
         return {
@@ -257,20 +261,12 @@ def test_a_head_over_lite1_and_lite2_peaks_on_the_object(tmp_path: Path) -> None
         }
 
     embeddings = Extractors().embed(fids, inputs(images))
-    weight, bias = fit_head(
-        embeddings, np.asarray([i % 3 for i in range(90)]), TaskType.MULTI_CLASS, HeadSetting(LOGISTIC, 0.1),
-        n_outputs=3,
-    )  # fmt: skip
+    weight, bias = fit_head(embeddings, labels, TaskType.MULTI_CLASS, HeadSetting(LOGISTIC, 0.1), n_outputs=3)
     write_head_bundle(tmp_path / "two", weight=weight, bias=bias, features=fids)
     predictor = BundlePredictor("two", tmp_path / "two")
     predictor.load()
     check = random.Random(12)
-    # Off the vertical centre line, where the object and its mirror place are far apart.
-    cases = [
-        (kind, (check.choice([check.randrange(50, 80), check.randrange(145, 175)]), check.randrange(50, 175)))
-        for kind in ("disc", "square")
-        for _ in range(4)
-    ]
+    cases = _off_centre_cases(check)
     scenes = [_scene(check, kind, centre) for kind, centre in cases]
     answers = predictor.classify(scenes, explain=True)
     for (kind, (x, y)), answer, plain in zip(cases, answers, predictor.classify(scenes), strict=True):
