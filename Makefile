@@ -20,9 +20,12 @@ $(VENV)/.installed: pyproject.toml
 run: venv
 	$(BIN)/taskvision serve --host $(HOST) --port $(PORT) --data-dir $(DATA_DIR)
 
-# The whole suite: static checks first (seconds), then every test.
+# The whole suite: static checks first (seconds), then every test, in TEST_WORKERS processes
+# (pytest-xdist; each test file stays in one process, with its module fixtures). 0 runs them in
+# this process, one at a time.
+TEST_WORKERS ?= 2
 test: venv lint typecheck
-	$(BIN)/pytest $(PYTEST_ARGS)
+	$(BIN)/pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 lint: venv
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

@@ -13,7 +13,7 @@ import os
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytest
 from fastapi import FastAPI
@@ -27,6 +27,29 @@ from api.settings import Settings
 
 if TYPE_CHECKING:
     from tests.support.servers import S3Endpoint
+
+# Before anything loads torch's OpenMP runtime (none of the imports above does): its idle threads
+# then sleep instead of spinning. With the default policy, a test that trains in this process while
+# a server or training worker runs fights it for the 2 cores.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+# Lines a pytest-xdist worker leaves in ``config.workeroutput`` for the terminal summary, which only
+# the controller prints (e.g. why the browser tests did not run: tests/browser/conftest.py).
+SUMMARY_LINES = "taskvision_summary_lines"
+_lines_from_workers: list[str] = []
+
+
+@pytest.hookimpl(optionalhook=True)  # a pytest-xdist hook: the suite also runs without it
+def pytest_testnodedown(node: Any, error: object) -> None:
+    for line in getattr(node, "workeroutput", {}).get(SUMMARY_LINES, []):
+        if line not in _lines_from_workers:  # every worker collects, and says the same
+            _lines_from_workers.append(line)
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    for line in _lines_from_workers:
+        terminalreporter.write_line(line)
 
 
 @pytest.fixture(autouse=True)

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 import requests
 
+from tests.conftest import SUMMARY_LINES
 from tests.support.live_server import TASKVISION, LiveServer, running_server
 
 if TYPE_CHECKING:
@@ -64,6 +65,14 @@ def _missing() -> str | None:
 _not_run: list[str] = []
 
 
+def _say_not_run(config: pytest.Config, line: str) -> None:
+    """One line for the terminal summary; a pytest-xdist worker hands it to the controller, which
+    prints it (``tests/conftest.py``): a worker's own summary is not shown."""
+    _not_run.append(line)
+    if hasattr(config, "workeroutput"):
+        config.workeroutput.setdefault(SUMMARY_LINES, []).append(line)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Mark this folder's tests; without a browser, set them aside and say why once (terminal summary)."""
     here = Path(__file__).parent
@@ -72,15 +81,15 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         item.add_marker(pytest.mark.browser)
         item.add_marker(pytest.mark.slow)
     reason = _missing()
-    if reason and ours:
+    if PLAYWRIGHT_MISSING:
+        _say_not_run(config, f"browser tests not run: {PLAYWRIGHT_MISSING}")
+    elif reason and ours:
         config.hook.pytest_deselected(items=ours)
         items[:] = [item for item in items if item not in ours]
-        _not_run.append(f"{len(ours)} browser tests not run: {reason}")
+        _say_not_run(config, f"{len(ours)} browser tests not run: {reason}")
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:
-    if PLAYWRIGHT_MISSING and not _not_run:
-        terminalreporter.write_line(f"browser tests not run: {PLAYWRIGHT_MISSING}")
     for line in _not_run:
         terminalreporter.write_line(line)
 
