@@ -140,6 +140,7 @@ class BundlePredictor(Model):
         self._configs: tuple[PreprocessConfig, ...] = (DEFAULT,)  # the model's inputs' preprocessings
         self._min_side = draft_side(DEFAULT.resize_to)  # a JPEG is decoded at reduced scale down to this side
         self._gradcam: explain.GradCamNetwork | None = None
+        self._distribution: explain.DistributionHead | None = None
         self._lock = threading.Lock()
         self._precision: tuple[int, Precision] = (-1, Precision.FP32)
 
@@ -304,7 +305,7 @@ class BundlePredictor(Model):
         outputs, grids = self._outputs_and_grids(prepared)
         index = {lb["id"]: i for i, lb in enumerate(meta.labels)}
         # The maps cover the crop the model saw; a head over several backbones: the largest of theirs.
-        config = explain.explanation_grid(self.features).config if self.head is not None else self._configs[0]
+        config = explain.explanation_grid(self.features).config if meta.frozen_backbone else self._configs[0]
         explanations = []
         for image, row in enumerate(outputs):
             best = self.describe(row)["best_label"]
@@ -331,7 +332,15 @@ class BundlePredictor(Model):
             logits, feature_map = network.run(prepared.inputs[self._configs[0]])
             rows = explain.explained_rows(task_type, network.weight)
             return outputs_from_logits(meta, logits), explain.grad_cam(feature_map, rows)
-        raise ExplainUnavailableError("This model's head is not a linear layer; it cannot be explained.")
+        # A frozen backbone's head that is not one linear layer: regression's distribution head,
+        # explained by integrated gradients (explain.DistributionHead); its own session answers.
+        assert self.network is not None
+        head = self._distribution_head()
+        maps = explain.head_maps(prepared.inputs, self.features)
+        # numpy before the head's session: its threads spin a while after a run (half as fast after).
+        grids = explain.head_cam(maps, self.features, head.attribution_rows(maps.inputs))
+        values = self.network.logits_from_embeddings(maps.inputs)
+        return outputs_from_logits(meta, values), grids
 
     def _gradcam_network(self) -> explain.GradCamNetwork:
         with self._lock:
@@ -339,6 +348,16 @@ class BundlePredictor(Model):
                 meta = self.bundle_meta
                 self._gradcam = explain.GradCamNetwork((self.bundle_dir / meta.weights_file).read_bytes())
             return self._gradcam
+
+    def _distribution_head(self) -> explain.DistributionHead:
+        with self._lock:
+            if self._distribution is None:
+                assert self.network is not None
+                model = (self.bundle_dir / self.bundle_meta.weights_file).read_bytes()
+                self._distribution = explain.DistributionHead.from_onnx(
+                    model, self.network.logits_from_embeddings
+                )
+            return self._distribution
 
     # ---- direct use (the control plane) -----------------------------------------
 
