@@ -337,7 +337,6 @@ class BundlePredictor(Model):
         assert self.network is not None
         head = self._distribution_head()
         maps = explain.head_maps(prepared.inputs, self.features)
-        # numpy before the head's session: its threads spin a while after a run (half as fast after).
         grids = explain.head_cam(maps, self.features, head.attribution_rows(maps.inputs))
         values = self.network.logits_from_embeddings(maps.inputs)
         return outputs_from_logits(meta, values), grids
