@@ -50,14 +50,14 @@ def _training_scenes() -> tuple[list[bytes], np.ndarray]:
     return [_scene(rng, ("disc", "square", None)[label], _centre(rng)) for label in labels], labels
 
 
+def _off_centre(rng: random.Random) -> tuple[int, int]:
+    """A place off the vertical centre line, where an object and its mirror place are far apart."""
+    return rng.choice([rng.randrange(50, 80), rng.randrange(145, 175)]), rng.randrange(50, 175)
+
+
 def _off_centre_cases(rng: random.Random) -> list[tuple[str, tuple[int, int]]]:
-    """Four discs and four squares off the vertical centre line, where the object and its mirror
-    place are far apart."""
-    return [
-        (kind, (rng.choice([rng.randrange(50, 80), rng.randrange(145, 175)]), rng.randrange(50, 175)))
-        for kind in ("disc", "square")
-        for _ in range(4)
-    ]
+    """Four discs and four squares off the vertical centre line."""
+    return [(kind, _off_centre(rng)) for kind in ("disc", "square") for _ in range(4)]
 
 
 def _peak(record: dict[str, object]) -> tuple[float, float]:
@@ -600,7 +600,8 @@ def test_a_distribution_head_read_back_from_onnx_computes_what_torch_does() -> N
     x = rng.standard_normal((160, 12)).astype(np.float32) * 2.0 + 1.0
     y = np.stack([np.sin(x[:, 0]) + x[:, 1] ** 2 / 4, np.abs(x[:, 2])], axis=1).astype(np.float32)
     fitted, model = _distribution_head(x, y)
-    head = explain.DistributionHead.from_onnx(model, _session_run(model))
+    served = _session_run(model)
+    head = explain.DistributionHead.from_onnx(model, served)
     probes = x[:8] + rng.standard_normal((8, 12)).astype(np.float32)
     np.testing.assert_allclose(head.values(probes), fitted.predict(probes), atol=1e-5)
 
@@ -620,10 +621,10 @@ def test_a_distribution_head_read_back_from_onnx_computes_what_torch_does() -> N
     # What it cannot read is refused: a linear layer, or arrays that do not give the served answers.
     with pytest.raises(ExplainUnavailableError):
         explain.DistributionHead.from_onnx(
-            linear_head_onnx(np.ones((2, 12), np.float32), np.zeros(2, np.float32)), _session_run(model)
+            linear_head_onnx(np.ones((2, 12), np.float32), np.zeros(2, np.float32)), served
         )
     with pytest.raises(ExplainUnavailableError):
-        explain.DistributionHead.from_onnx(model, lambda features: _session_run(model)(features) + 0.01)
+        explain.DistributionHead.from_onnx(model, lambda features: served(features) + 0.01)
 
 
 @pytest.fixture(scope="module")
@@ -674,10 +675,7 @@ def test_a_distribution_head_peaks_on_the_object(
     assert predictor.head is None and predictor.network is not None  # served in its own session
 
     check = random.Random(22)
-    cases = [
-        (check.choice([check.randrange(50, 80), check.randrange(145, 175)]), check.randrange(50, 175))
-        for _ in range(6)
-    ]
+    cases = [_off_centre(check) for _ in range(6)]
     images = [_scene(check, "disc", centre, 26) for centre in cases]
     answers = predictor.classify(images, explain=True)
     for (x, y), answer, plain in zip(cases, answers, predictor.classify(images), strict=True):
