@@ -284,8 +284,9 @@ def head_maps(inputs: Array | Mapping[PreprocessConfig, Array], feature_ids: Seq
     """Run the maps backbones of ``feature_ids`` on ``inputs``: the images preprocessed for each
     backbone the features need (keyed by its :class:`~taskvision.preprocess.PreprocessConfig`),
     or one array when they need one backbone."""
-    if isinstance(inputs, np.ndarray) and len(explanation_grid(feature_ids).spans) != 1:
-        raise ValueError(f"{list(feature_ids)} need several preprocessings; one array was given.")
+    needed = features.backbones_needed(feature_ids)
+    if isinstance(inputs, np.ndarray) and len(needed) != 1:
+        raise ValueError(f"{list(feature_ids)} need {len(needed)} preprocessings; one array was given.")
     maps: dict[View, FeatureMaps] = {}
     for fid in feature_ids:
         spec = features.feature_spec(fid)
